@@ -1,0 +1,259 @@
+//! The node daemon: reads the config, enrolls the pods of this node, and keeps
+//! enrollment in step with the config until told to stop.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use notify::Watcher as _;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+    task::JoinHandle,
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    config::{Config, ConfigError, LocalPod, Workload},
+    logging::Chain,
+    netns::{NetNs, NetnsError},
+    proxy::outbound::{self, OutboundError, PodProxy},
+    redirect::{Attachment, RedirectError, Redirector},
+    state::Store,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Redirect(#[from] RedirectError),
+    #[error("cannot watch {}: {source}", path.display())]
+    Watch {
+        path: PathBuf,
+        source: notify::Error,
+    },
+    #[error("cannot install signal handler: {0}")]
+    Signal(std::io::Error),
+}
+
+#[derive(Debug, thiserror::Error)]
+enum EnrollError {
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error(transparent)]
+    Listen(#[from] OutboundError),
+    #[error(transparent)]
+    Redirect(#[from] RedirectError),
+}
+
+/// A pod this agent is capturing.
+struct Enrolled {
+    workload: Workload,
+    attachment: Attachment,
+    listener: JoinHandle<()>,
+}
+
+pub struct Agent {
+    config_path: PathBuf,
+    store: Store,
+    redirector: Redirector,
+    enrolled: HashMap<String, Enrolled>,
+}
+
+impl Agent {
+    /// Loads the config and the eBPF programs. Fails, and nothing is
+    /// attached, if either is unusable.
+    pub fn start(config_path: &Path) -> Result<Self, AgentError> {
+        let config = Config::load(config_path)?;
+        info!(
+            node = %config.node,
+            trust_domain = %config.trust_domain,
+            workloads = config.workloads.len(),
+            local = config.local_workloads().count(),
+            config = %config_path.display(),
+            "warren agent starting"
+        );
+        let redirector = Redirector::load()?;
+        Ok(Self {
+            config_path: config_path.to_owned(),
+            store: Store::new(config),
+            redirector,
+            enrolled: HashMap::new(),
+        })
+    }
+
+    /// Serves until SIGTERM or SIGINT, reloading the config when the file
+    /// changes or on SIGHUP; then withdraws from every pod.
+    pub async fn run(mut self) -> Result<(), AgentError> {
+        let mut hangup = signal(SignalKind::hangup()).map_err(AgentError::Signal)?;
+        let mut terminate = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
+        let mut interrupt = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
+        let (_watcher, mut changed) = watch_file(&self.config_path)?;
+
+        self.reconcile().await;
+        info!("warren agent ready");
+        loop {
+            tokio::select! {
+                _ = hangup.recv() => self.reload("SIGHUP").await,
+                Some(()) = changed.recv() => {
+                    // Editors write in several steps; let them finish.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    while changed.try_recv().is_ok() {}
+                    self.reload("file changed").await;
+                }
+                _ = terminate.recv() => break,
+                _ = interrupt.recv() => break,
+            }
+        }
+        info!("warren agent stopping");
+        self.withdraw_all();
+        Ok(())
+    }
+
+    async fn reload(&mut self, why: &str) {
+        match Config::load(&self.config_path) {
+            Ok(config) if config.node != self.store.current().config().node => {
+                error!(
+                    %why,
+                    old = %self.store.current().config().node,
+                    new = %config.node,
+                    "config reload refused: the node name cannot change while the agent runs; keeping the previous config"
+                );
+            }
+            Ok(config) if config == *self.store.current().config() => {
+                // Unchanged, but a pod that failed to enroll earlier may
+                // enroll now (its namespace has appeared, say).
+                self.reconcile().await;
+            }
+            Ok(config) => {
+                info!(%why, "config reloaded");
+                self.store.publish(config);
+                self.reconcile().await;
+            }
+            Err(error) => {
+                error!(%why, error = %Chain(&error), "config reload failed; keeping the previous config");
+            }
+        }
+    }
+
+    /// Brings enrollment in line with the current snapshot: withdraws pods
+    /// that left (or changed), enrolls pods that are new.
+    async fn reconcile(&mut self) {
+        let snapshot = self.store.current();
+        let wanted: HashMap<String, (&Workload, &LocalPod)> = snapshot
+            .config()
+            .local_workloads()
+            .map(|(w, pod)| (w.qualified_name(), (w, pod)))
+            .collect();
+
+        let stale: Vec<String> = self
+            .enrolled
+            .iter()
+            .filter(|(name, e)| wanted.get(*name).is_none_or(|(w, _)| **w != e.workload))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            if let Some(enrolled) = self.enrolled.remove(&name) {
+                self.withdraw(enrolled);
+            }
+        }
+
+        for (name, (workload, pod)) in wanted {
+            if self.enrolled.contains_key(&name) {
+                continue;
+            }
+            match self.enroll(workload, pod).await {
+                Ok(enrolled) => {
+                    info!(
+                        workload = %name,
+                        identity = %workload.identity,
+                        ip = %workload.ip,
+                        netns = %pod.netns.display(),
+                        cgroup = %pod.cgroup.display(),
+                        "enrolled pod: capturing its outbound TCP connections"
+                    );
+                    self.enrolled.insert(name, enrolled);
+                }
+                Err(error) => error!(
+                    workload = %name,
+                    error = %Chain(&error),
+                    "cannot enroll pod; its traffic is not captured (retried on the next config reload)"
+                ),
+            }
+        }
+    }
+
+    async fn enroll(
+        &mut self,
+        workload: &Workload,
+        pod: &LocalPod,
+    ) -> Result<Enrolled, EnrollError> {
+        let netns = Arc::new(NetNs::open(&pod.netns).await?);
+        // The listener first: capture must never point at a closed port.
+        let listener = outbound::bind(&netns).await?;
+        let attachment = self
+            .redirector
+            .enroll(&pod.cgroup, netns.cookie(), workload.ip)?;
+        let proxy = Arc::new(PodProxy {
+            workload: workload.clone(),
+            netns,
+            original_dsts: self.redirector.original_dsts(),
+            state: self.store.subscribe(),
+        });
+        Ok(Enrolled {
+            workload: workload.clone(),
+            attachment,
+            listener: tokio::spawn(outbound::serve(listener, proxy)),
+        })
+    }
+
+    fn withdraw(&mut self, enrolled: Enrolled) {
+        let name = enrolled.workload.qualified_name();
+        // Capture stops before the listener closes, so no new connection is
+        // sent to a port nobody serves. Connections in flight finish.
+        if let Err(error) = self.redirector.withdraw(enrolled.attachment) {
+            warn!(workload = %name, error = %Chain(&error), "detaching from pod failed");
+        }
+        enrolled.listener.abort();
+        info!(workload = %name, "withdrew from pod: its traffic is no longer captured");
+    }
+
+    fn withdraw_all(&mut self) {
+        let all: Vec<Enrolled> = self.enrolled.drain().map(|(_, e)| e).collect();
+        for enrolled in all {
+            self.withdraw(enrolled);
+        }
+    }
+}
+
+/// Reports changes to `path`. Watches the directory, since editors and
+/// config management replace files rather than write them in place.
+fn watch_file(
+    path: &Path,
+) -> Result<(notify::RecommendedWatcher, mpsc::UnboundedReceiver<()>), AgentError> {
+    let watch_error = |source| AgentError::Watch {
+        path: path.to_owned(),
+        source,
+    };
+    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    let dir = path.parent().unwrap_or(Path::new("/")).to_owned();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let target = path.clone();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Ok(event) = event
+            && !event.kind.is_access()
+            && event.paths.iter().any(|p| p == &target)
+        {
+            let _ = tx.send(());
+        }
+    })
+    .map_err(watch_error)?;
+    watcher
+        .watch(&dir, notify::RecursiveMode::NonRecursive)
+        .map_err(watch_error)?;
+    Ok((watcher, rx))
+}

@@ -1,0 +1,11 @@
+//! warren's node agent. See ARCHITECTURE.md for the data path and how these
+//! modules fit together.
+
+pub mod agent;
+pub mod config;
+pub mod identity;
+pub mod logging;
+pub mod netns;
+pub mod proxy;
+pub mod redirect;
+pub mod state;

@@ -1,0 +1,182 @@
+//! Sockets inside a pod's network namespace.
+//!
+//! The agent lives in the node's network namespace but opens its per-pod
+//! listeners, and its passthrough connections, inside each pod's: a socket
+//! belongs to the namespace of the thread that created it, for its whole
+//! life. So each enrolled pod gets one long-lived thread that has joined the
+//! pod's namespace and creates sockets on request; the sockets are then
+//! driven by tokio like any other.
+
+use std::{
+    fs::File,
+    io,
+    os::fd::{AsFd, AsRawFd},
+    path::{Path, PathBuf},
+    sync::mpsc,
+    thread,
+};
+
+use nix::sched::{CloneFlags, setns};
+use tokio::sync::oneshot;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    #[error("cannot open network namespace {}: {source}", path.display())]
+    Open { path: PathBuf, source: io::Error },
+    #[error("cannot enter network namespace {}: {source}", path.display())]
+    Enter { path: PathBuf, source: nix::Error },
+    #[error("the thread for network namespace {} is gone", path.display())]
+    Gone { path: PathBuf },
+    #[error("cannot read the cookie of network namespace {}: {source}", path.display())]
+    Cookie { path: PathBuf, source: io::Error },
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A handle on a network namespace; cheap to share behind an `Arc`. The
+/// namespace's thread ends when the handle is dropped.
+#[derive(Debug)]
+pub struct NetNs {
+    path: PathBuf,
+    cookie: u64,
+    jobs: mpsc::Sender<Job>,
+}
+
+impl NetNs {
+    pub async fn open(path: &Path) -> Result<Self, NetnsError> {
+        let file = File::open(path).map_err(|source| NetnsError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let (entered_tx, entered) = oneshot::channel();
+        let name = format!(
+            "netns-{}",
+            path.file_name().unwrap_or_default().to_string_lossy()
+        );
+        thread::Builder::new()
+            .name(name)
+            .spawn(move || {
+                let result = setns(file.as_fd(), CloneFlags::CLONE_NEWNET);
+                let ok = result.is_ok();
+                let _ = entered_tx.send(result);
+                if ok {
+                    for job in queue {
+                        job();
+                    }
+                }
+            })
+            .map_err(|source| NetnsError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        let gone = || NetnsError::Gone {
+            path: path.to_owned(),
+        };
+        entered
+            .await
+            .map_err(|_| gone())?
+            .map_err(|source| NetnsError::Enter {
+                path: path.to_owned(),
+                source,
+            })?;
+
+        let mut netns = Self {
+            path: path.to_owned(),
+            cookie: 0,
+            jobs,
+        };
+        netns.cookie = netns
+            .run(|| {
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                    .and_then(|s| netns_cookie(&s))
+            })
+            .await?
+            .map_err(|source| NetnsError::Cookie {
+                path: path.to_owned(),
+                source,
+            })?;
+        Ok(netns)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The kernel's cookie for this namespace, as `bpf_get_netns_cookie()`
+    /// reports it to the eBPF programs.
+    pub fn cookie(&self) -> u64 {
+        self.cookie
+    }
+
+    /// Runs `f` on the namespace's thread: sockets it creates belong to the
+    /// namespace. Keep `f` short (create and configure a socket, no I/O
+    /// waits): one thread serves every request for this namespace.
+    pub async fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> Result<R, NetnsError> {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = tx.send(f());
+        });
+        let gone = || NetnsError::Gone {
+            path: self.path.clone(),
+        };
+        self.jobs.send(job).map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())
+    }
+}
+
+/// `SO_NETNS_COOKIE` (Linux 5.14): the namespace cookie of a socket.
+fn netns_cookie(socket: &impl AsRawFd) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`, which is a
+    // live u64 of exactly that size; the fd is borrowed for the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(cookie)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn joins_our_own_namespace_and_reads_its_cookie() {
+        // Joining the namespace we are already in needs CAP_SYS_ADMIN; skip
+        // (loudly) where the tests do not run as root.
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let netns = NetNs::open(Path::new("/proc/self/ns/net")).await.unwrap();
+        let here =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        assert_eq!(netns.cookie(), netns_cookie(&here).unwrap());
+        assert_eq!(netns.run(|| 6 * 7).await.unwrap(), 42);
+    }
+
+    #[tokio::test]
+    async fn a_missing_namespace_is_named_in_the_error() {
+        let err = NetNs::open(Path::new("/run/netns/does-not-exist"))
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("/run/netns/does-not-exist"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,260 @@
+//! The eBPF side of capture: loads warren's kernel programs, attaches them to
+//! enrolled pods' cgroups, and answers "where was this connection going?".
+//!
+//! Links are bpf_link file descriptors owned by this process: when the agent
+//! exits, however it exits, the kernel detaches them and capture stops. We do
+//! not pin them (yet): a pod whose agent is gone then talks directly rather
+//! than to a listener nobody serves. Policy that must hold while the agent is
+//! down (STRICT mTLS) will need pinned programs; see ARCHITECTURE.md.
+
+use std::{
+    fs::File,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, SockOps, cgroup_sock_addr::CgroupSockAddrLinkId,
+        sock_ops::SockOpsLinkId,
+    },
+};
+use tokio::io::unix::AsyncFd;
+use warren_common::{FlowKey, Ipv4Dst, OUTBOUND_PORT, PodInfo, names};
+
+/// The compiled programs, built from ebpf/ by build.rs.
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/warren-ebpf"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedirectError {
+    #[error("loading warren's eBPF programs failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("the eBPF object has no {0}")]
+    Missing(&'static str),
+    #[error("cannot open cgroup {}: {source}", path.display())]
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("forwarding eBPF logs: {0}")]
+    Log(String),
+}
+
+/// What enrolling one pod attached; hand it back to [`Redirector::withdraw`].
+#[derive(Debug)]
+pub struct Attachment {
+    netns_cookie: u64,
+    connect4: CgroupSockAddrLinkId,
+    sock_ops: SockOpsLinkId,
+}
+
+pub struct Redirector {
+    ebpf: Ebpf,
+    pods: HashMap<MapData, u64, PodInfo>,
+    original_dst: OriginalDsts,
+}
+
+impl Redirector {
+    /// Loads the programs into the kernel (attaching nothing yet) and starts
+    /// forwarding their aya-log records to the agent's log. Needs a tokio
+    /// runtime.
+    pub fn load() -> Result<Self, RedirectError> {
+        let mut ebpf = Ebpf::load(PROGRAMS)?;
+        forward_logs(&mut ebpf)?;
+
+        let connect4: &mut CgroupSockAddr = program(&mut ebpf, names::CONNECT4)?;
+        connect4.load().map_err(|source| RedirectError::Program {
+            name: names::CONNECT4,
+            source,
+        })?;
+        let sock_ops: &mut SockOps = program(&mut ebpf, names::SOCK_OPS)?;
+        sock_ops.load().map_err(|source| RedirectError::Program {
+            name: names::SOCK_OPS,
+            source,
+        })?;
+
+        let pods = HashMap::try_from(take_map(&mut ebpf, names::PODS)?).map_err(|source| {
+            RedirectError::Map {
+                name: names::PODS,
+                source,
+            }
+        })?;
+        let original_dst =
+            HashMap::try_from(take_map(&mut ebpf, names::ORIGINAL_DST)?).map_err(|source| {
+                RedirectError::Map {
+                    name: names::ORIGINAL_DST,
+                    source,
+                }
+            })?;
+        Ok(Self {
+            ebpf,
+            pods,
+            original_dst: OriginalDsts(Arc::new(Mutex::new(original_dst))),
+        })
+    }
+
+    /// Where captured connections' original destinations are looked up.
+    pub fn original_dsts(&self) -> OriginalDsts {
+        self.original_dst.clone()
+    }
+
+    /// Starts capturing the outbound TCP connections of the pod whose cgroup
+    /// is `cgroup` and whose network namespace has `netns_cookie`. Its
+    /// outbound listener must already be up.
+    pub fn enroll(
+        &mut self,
+        cgroup: &Path,
+        netns_cookie: u64,
+        pod_ip: Ipv4Addr,
+    ) -> Result<Attachment, RedirectError> {
+        let cgroup_dir = File::open(cgroup).map_err(|source| RedirectError::Cgroup {
+            path: cgroup.to_owned(),
+            source,
+        })?;
+        // aya attaches through bpf_link (kernel >= 5.7), which takes no mode
+        // flags and always shares the hook with other programs (the CNI's,
+        // say): `Single` is the value that passes no flags.
+        let mode = CgroupAttachMode::Single;
+        let sock_ops = program::<SockOps>(&mut self.ebpf, names::SOCK_OPS)?
+            .attach(&cgroup_dir, mode)
+            .map_err(|source| RedirectError::Program {
+                name: names::SOCK_OPS,
+                source,
+            })?;
+        let connect4 =
+            match program::<CgroupSockAddr>(&mut self.ebpf, names::CONNECT4).and_then(|p| {
+                p.attach(&cgroup_dir, mode)
+                    .map_err(|source| RedirectError::Program {
+                        name: names::CONNECT4,
+                        source,
+                    })
+            }) {
+                Ok(link) => link,
+                Err(e) => {
+                    let _ = program::<SockOps>(&mut self.ebpf, names::SOCK_OPS)?.detach(sock_ops);
+                    return Err(e);
+                }
+            };
+        let attachment = Attachment {
+            netns_cookie,
+            connect4,
+            sock_ops,
+        };
+        // connect4 captures only once the pod is in this map.
+        let info = PodInfo {
+            ip: u32::from(pod_ip),
+            outbound_port: OUTBOUND_PORT,
+            _pad: 0,
+        };
+        if let Err(source) = self.pods.insert(netns_cookie, info, 0) {
+            self.withdraw(attachment)?;
+            return Err(RedirectError::Map {
+                name: names::PODS,
+                source,
+            });
+        }
+        Ok(attachment)
+    }
+
+    /// Stops capture for a pod. Connections already captured keep going.
+    pub fn withdraw(&mut self, attachment: Attachment) -> Result<(), RedirectError> {
+        // Remove the pod first: from that instant connect4 lets it be.
+        match self.pods.remove(&attachment.netns_cookie) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(source) => {
+                return Err(RedirectError::Map {
+                    name: names::PODS,
+                    source,
+                });
+            }
+        }
+        program::<CgroupSockAddr>(&mut self.ebpf, names::CONNECT4)?
+            .detach(attachment.connect4)
+            .map_err(|source| RedirectError::Program {
+                name: names::CONNECT4,
+                source,
+            })?;
+        program::<SockOps>(&mut self.ebpf, names::SOCK_OPS)?
+            .detach(attachment.sock_ops)
+            .map_err(|source| RedirectError::Program {
+                name: names::SOCK_OPS,
+                source,
+            })
+    }
+}
+
+/// Original destinations of captured connections, recorded by the kernel
+/// programs; shared by every outbound listener.
+#[derive(Clone)]
+pub struct OriginalDsts(Arc<Mutex<HashMap<MapData, FlowKey, Ipv4Dst>>>);
+
+impl OriginalDsts {
+    /// Takes (reads and deletes) the original destination of the connection
+    /// that arrived from `port` in the namespace `netns_cookie`.
+    pub fn take(&self, netns_cookie: u64, port: u16) -> Option<SocketAddrV4> {
+        let key = FlowKey::new(netns_cookie, port);
+        let mut map = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let dst = map.get(&key, 0).ok()?;
+        // A leftover entry would only be overwritten by the next connection
+        // from this port; removing it keeps the LRU for live flows.
+        let _ = map.remove(&key);
+        Some(SocketAddrV4::new(Ipv4Addr::from(dst.ip), dst.port))
+    }
+}
+
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, RedirectError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(RedirectError::Missing(name))?
+        .try_into()
+        .map_err(|source| RedirectError::Program { name, source })
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, RedirectError> {
+    ebpf.take_map(name).ok_or(RedirectError::Missing(name))
+}
+
+/// aya-log records from the kernel arrive in a ring buffer; relay them to the
+/// `log` facade, which tracing-subscriber bridges into the agent's log.
+fn forward_logs(ebpf: &mut Ebpf) -> Result<(), RedirectError> {
+    let logger = aya_log::EbpfLogger::init(ebpf).map_err(|e| RedirectError::Log(e.to_string()))?;
+    // SAFETY: the logger owns its ring buffer's fd and returns that same fd
+    // from as_raw_fd() for as long as it lives, which is as long as the
+    // AsyncFd that owns it.
+    let mut logger =
+        unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }
+            .map_err(|e| RedirectError::Log(e.to_string()))?;
+    tokio::spawn(async move {
+        loop {
+            match logger.readable_mut().await {
+                Ok(mut guard) => {
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "stopped forwarding eBPF logs");
+                    return;
+                }
+            }
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,86 @@
+//! Types shared by warren's eBPF programs and its agent.
+//!
+//! Everything here crosses the kernel/user boundary through BPF maps, so every
+//! type is `#[repr(C)]`, has no implicit padding, and keeps multi-byte fields in
+//! host byte order unless its name says otherwise.
+#![no_std]
+#![deny(unsafe_code)] // allowed only for aya::Pod, below
+
+/// Port of the outbound listener the agent opens on 127.0.0.1 inside each
+/// enrolled pod's network namespace (ztunnel uses the same number).
+pub const OUTBOUND_PORT: u16 = 15001;
+
+/// Names of the maps and programs in the eBPF object, so both sides agree.
+pub mod names {
+    /// [`super::PodInfo`] by network-namespace cookie: the enrolled pods.
+    pub const PODS: &str = "PODS";
+    /// [`super::Ipv4Dst`] by socket cookie, from connect() until the SYN is sent.
+    pub const PENDING: &str = "PENDING";
+    /// [`super::Ipv4Dst`] by [`super::FlowKey`]: original destinations of
+    /// captured connections, waiting for the agent to accept them.
+    pub const ORIGINAL_DST: &str = "ORIGINAL_DST";
+    pub const CONNECT4: &str = "warren_connect4";
+    pub const SOCK_OPS: &str = "warren_sock_ops";
+}
+
+/// Capacity of the per-connection maps. They are LRU maps: an entry the agent
+/// never collects (the client gave up before accept) ages out instead of
+/// filling the map.
+pub const FLOW_MAP_ENTRIES: u32 = 65_536;
+/// Capacity of [`names::PODS`]: pods enrolled on one node.
+pub const POD_MAP_ENTRIES: u32 = 4_096;
+
+/// An enrolled pod, as the kernel programs need to know it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodInfo {
+    /// The pod's IPv4 address, host byte order. Connections to it stay local.
+    pub ip: u32,
+    /// Port of the agent's outbound listener in the pod, host byte order.
+    pub outbound_port: u16,
+    pub _pad: u16,
+}
+
+/// An IPv4 socket address, host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv4Dst {
+    pub ip: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Identifies a captured connection as the agent sees it after accept():
+/// the client's network namespace and its local port. Within one namespace
+/// only one connection to the outbound listener can use a given source port,
+/// and the namespace tells apart pods that use the same port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowKey {
+    pub netns_cookie: u64,
+    /// Client's local port, host byte order.
+    pub port: u16,
+    pub _pad: [u16; 3],
+}
+
+impl FlowKey {
+    pub const fn new(netns_cookie: u64, port: u16) -> Self {
+        Self {
+            netns_cookie,
+            port,
+            _pad: [0; 3],
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY (for each impl): plain #[repr(C)] integers with explicit padding
+    // fields, so every bit pattern is valid and there are no hidden bytes.
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::PodInfo {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::Ipv4Dst {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::FlowKey {}
+}

@@ -1,0 +1,128 @@
+//! warren's kernel programs.
+//!
+//! Attached to each enrolled pod's cgroup (and nothing else: no node
+//! interface, no node routing, no iptables):
+//!
+//! - `warren_connect4` (cgroup/connect4) sends an outbound TCP connect() to the
+//!   agent's listener on 127.0.0.1 in the pod's own network namespace, and
+//!   remembers the original destination under the socket's cookie.
+//! - `warren_sock_ops` (sockops, TCP_CONNECT_CB) runs once the source port is
+//!   known and just before the SYN leaves; it moves the original destination
+//!   to a key the agent can compute after accept(): the client's network
+//!   namespace and source port.
+//!
+//! The agent's own sockets are never seen: cgroup programs run for sockets
+//! created by processes in the pod's cgroup, and the agent is not in it.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr},
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::{cgroup_sock_addr, map, sock_ops},
+    maps::{HashMap, LruHashMap},
+    programs::{SockAddrContext, SockOpsContext},
+};
+use aya_log_ebpf::debug;
+use warren_common::{FLOW_MAP_ENTRIES, FlowKey, Ipv4Dst, POD_MAP_ENTRIES, PodInfo};
+
+const AF_INET: u32 = 2;
+const SOCK_STREAM: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
+const LOCALHOST: u32 = 0x7f00_0001;
+/// cgroup/connect4: 1 lets the (possibly rewritten) connect() proceed.
+const ALLOW: i32 = 1;
+
+#[map(name = "PODS")]
+static PODS: HashMap<u64, PodInfo> = HashMap::with_max_entries(POD_MAP_ENTRIES, 0);
+
+#[map(name = "PENDING")]
+static PENDING: LruHashMap<u64, Ipv4Dst> = LruHashMap::with_max_entries(FLOW_MAP_ENTRIES, 0);
+
+#[map(name = "ORIGINAL_DST")]
+static ORIGINAL_DST: LruHashMap<FlowKey, Ipv4Dst> =
+    LruHashMap::with_max_entries(FLOW_MAP_ENTRIES, 0);
+
+#[cgroup_sock_addr(connect4)]
+pub fn warren_connect4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands connect4 programs a valid bpf_sock_addr for
+    // the duration of the call; the verifier checks every field access.
+    let addr: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
+    if addr.user_family != AF_INET || addr.type_ != SOCK_STREAM || addr.protocol != IPPROTO_TCP {
+        return ALLOW;
+    }
+    // SAFETY: plain helper calls on the program's own context.
+    let (netns, cookie) = unsafe {
+        (
+            bpf_get_netns_cookie(ctx.as_ptr()),
+            bpf_get_socket_cookie(ctx.as_ptr()),
+        )
+    };
+    // SAFETY: the value is only read, and PODS entries are plain integers.
+    let Some(pod) = (unsafe { PODS.get(&netns) }).copied() else {
+        // Attached but not (or no longer) enrolled: leave it alone.
+        return ALLOW;
+    };
+
+    let ip = u32::from_be(addr.user_ip4);
+    let port = u16::from_be(addr.user_port as u16);
+    // Loopback, the unspecified address and the pod's own IP stay inside the pod.
+    if ip >> 24 == 127 || ip == 0 || ip == pod.ip {
+        return ALLOW;
+    }
+    let original = Ipv4Dst { ip, port, _pad: 0 };
+    if PENDING.insert(&cookie, &original, 0).is_err() {
+        // Without a record the agent could not forward it; better to let
+        // this one connection through untouched than to break it.
+        return ALLOW;
+    }
+    addr.user_ip4 = LOCALHOST.to_be();
+    addr.user_port = u32::from(pod.outbound_port.to_be());
+    debug!(
+        &ctx,
+        "connect4: captured connect to {:i}:{} (socket {})", ip, port, cookie
+    );
+    ALLOW
+}
+
+#[sock_ops]
+pub fn warren_sock_ops(ctx: SockOpsContext) -> u32 {
+    if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB || ctx.family() != AF_INET {
+        return 0;
+    }
+    // SAFETY: plain helper calls on the program's own context.
+    let (netns, cookie) = unsafe {
+        (
+            bpf_get_netns_cookie(ctx.as_ptr()),
+            bpf_get_socket_cookie(ctx.as_ptr()),
+        )
+    };
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(original) = (unsafe { PENDING.get(&cookie) }).copied() else {
+        return 0;
+    };
+    // sock_ops reports local_port in host byte order.
+    let key = FlowKey::new(netns, ctx.local_port() as u16);
+    if ORIGINAL_DST.insert(&key, &original, 0).is_ok() {
+        debug!(
+            &ctx,
+            "sock_ops: source port {} -> original destination {:i}:{}",
+            key.port,
+            original.ip,
+            original.port
+        );
+    }
+    let _ = PENDING.remove(&cookie);
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,420 @@
+//! Running warren in a lab: agent processes on nodes, `labpod` servers and
+//! clients in pods, and the config files that tie them together.
+//!
+//! Shared by the end-to-end tests and `cargo xtask demo`, so the demo shows
+//! exactly what the tests check.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    io::{BufRead, BufReader},
+    net::{SocketAddr, SocketAddrV4},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdout, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::lab::{Node, Pod};
+
+/// How long to wait for something a process should do promptly.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// Where cargo put a binary of this workspace: `$WARREN_TARGET_DIR/<profile>`
+/// if set (xtask sets it), else next to the running executable (an
+/// integration test runs from `target/<profile>/deps/`).
+pub fn binary(name: &str) -> Result<PathBuf> {
+    let dir = match std::env::var_os("WARREN_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let exe = std::env::current_exe()?;
+            let dir = exe.parent().context("executable has no directory")?;
+            if dir.ends_with("deps") {
+                dir.parent().context("deps has no parent")?.to_owned()
+            } else {
+                dir.to_owned()
+            }
+        }
+    };
+    let path = dir.join(name);
+    if !path.exists() {
+        bail!(
+            "{} not found: build it first (`cargo build -p warren-agent -p warren-tests`; \
+             `cargo xtask test` does)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A workload as the agent's config lists it.
+#[derive(Debug, Clone)]
+pub struct MeshWorkload {
+    pub pod: Pod,
+    pub namespace: String,
+    pub service_account: String,
+}
+
+impl MeshWorkload {
+    pub fn new(pod: &Pod, namespace: &str, service_account: &str) -> Self {
+        Self {
+            pod: pod.clone(),
+            namespace: namespace.into(),
+            service_account: service_account.into(),
+        }
+    }
+
+    pub fn qualified_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.pod.name)
+    }
+}
+
+/// The agent config for `node`, listing `workloads` (on any node).
+pub fn agent_config(node: &Node, workloads: &[MeshWorkload]) -> String {
+    let mut yaml = format!(
+        "node: {}\ntrustDomain: cluster.local\nworkloads:\n",
+        node.name
+    );
+    if workloads.is_empty() {
+        yaml = format!(
+            "node: {}\ntrustDomain: cluster.local\nworkloads: []\n",
+            node.name
+        );
+    }
+    for w in workloads {
+        let _ = write!(
+            yaml,
+            "  - name: {}\n    namespace: {}\n    serviceAccount: {}\n    ip: {}\n    node: {}\n",
+            w.pod.name, w.namespace, w.service_account, w.pod.ip, w.pod.node
+        );
+        if w.pod.node == node.name {
+            let _ = write!(
+                yaml,
+                "    netns: {}\n    cgroup: {}\n",
+                w.pod.netns_path().display(),
+                w.pod.cgroup.display()
+            );
+        }
+    }
+    yaml
+}
+
+/// A warren agent running on a lab node, logging JSON to a file.
+pub struct Agent {
+    child: Option<Child>,
+    config: PathBuf,
+    log: PathBuf,
+    pub node: String,
+}
+
+impl Agent {
+    /// Writes `config` next to the log in `dir`, starts the agent in the
+    /// node's namespace and waits until it is ready.
+    pub fn start(node: &Node, config: &str, dir: &Path) -> Result<Self> {
+        fs::create_dir_all(dir)?;
+        let config_path = dir.join(format!("{}.yaml", node.name));
+        let log = dir.join(format!("{}.log", node.name));
+        fs::write(&config_path, config)?;
+        let log_file = fs::File::create(&log)?;
+        let child = node
+            .try_command(binary("warren")?)?
+            .args(["agent", "--log-format", "json", "--log-level"])
+            .arg("info,warren_ebpf=debug")
+            .arg("--config")
+            .arg(&config_path)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .context("starting warren agent")?;
+        let mut agent = Self {
+            child: Some(child),
+            config: config_path,
+            log,
+            node: node.name.clone(),
+        };
+        agent.wait_for(PATIENCE, |l| l.message() == "warren agent ready")?;
+        Ok(agent)
+    }
+
+    /// Replaces the config file the way config management does (write, then
+    /// rename); the agent notices by itself.
+    pub fn rewrite_config(&self, config: &str) -> Result<()> {
+        let tmp = self.config.with_extension("yaml.new");
+        fs::write(&tmp, config)?;
+        fs::rename(&tmp, &self.config)?;
+        Ok(())
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// Every JSON line logged so far.
+    pub fn lines(&self) -> Vec<LogLine> {
+        fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok().map(LogLine))
+            .collect()
+    }
+
+    /// Waits for a log line matching `pred`; fails (quoting the log) if the
+    /// agent exits or `timeout` passes first.
+    pub fn wait_for(
+        &mut self,
+        timeout: Duration,
+        pred: impl Fn(&LogLine) -> bool,
+    ) -> Result<LogLine> {
+        let mut found = self.wait_for_count(timeout, 1, pred)?;
+        Ok(found.swap_remove(0))
+    }
+
+    /// Waits until `n` log lines match `pred`, and returns them.
+    pub fn wait_for_count(
+        &mut self,
+        timeout: Duration,
+        n: usize,
+        pred: impl Fn(&LogLine) -> bool,
+    ) -> Result<Vec<LogLine>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let found: Vec<LogLine> = self.lines().into_iter().filter(&pred).collect();
+            if found.len() >= n {
+                return Ok(found);
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "agent on {} exited ({status}); log:\n{}",
+                    self.node,
+                    self.log_text()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "agent on {}: expected log line(s) did not come; log:\n{}",
+                    self.node,
+                    self.log_text()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The connections this agent reports having captured.
+    pub fn captures(&self) -> Vec<Capture> {
+        self.lines()
+            .iter()
+            .filter(|l| l.message() == "captured outbound connection")
+            .filter_map(|l| serde_json::from_value(l.0.clone()).ok())
+            .collect()
+    }
+
+    /// Stops the agent with SIGTERM and waits for it to exit.
+    pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("agent already stopped")?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("agent on {} ignored SIGTERM", self.node);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// One JSON log line of the agent.
+#[derive(Debug, Clone)]
+pub struct LogLine(pub Value);
+
+impl LogLine {
+    pub fn message(&self) -> &str {
+        self.0["message"].as_str().unwrap_or_default()
+    }
+
+    pub fn field(&self, name: &str) -> &str {
+        self.0[name].as_str().unwrap_or_default()
+    }
+}
+
+/// "captured outbound connection", as the agent logs it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Capture {
+    pub workload: String,
+    pub src: SocketAddrV4,
+    pub dst: SocketAddrV4,
+    pub dst_workload: String,
+    pub path: String,
+}
+
+/// A `labpod serve` process in a pod.
+pub struct Server {
+    child: Child,
+    events: mpsc::Receiver<Value>,
+    pub name: String,
+    pub addr: SocketAddrV4,
+}
+
+impl Server {
+    pub fn start(pod: &Pod, port: u16) -> Result<Self> {
+        let mut child = pod
+            .try_command(binary("labpod")?)?
+            .args(["serve", "--port", &port.to_string(), "--name", &pod.name])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting labpod serve")?;
+        let events = json_lines(child.stdout.take().context("no stdout")?);
+        let mut server = Self {
+            child,
+            events,
+            name: pod.name.clone(),
+            addr: SocketAddrV4::new(pod.ip, port),
+        };
+        server
+            .next_event()
+            .context("server did not start listening")?;
+        Ok(server)
+    }
+
+    /// The next connection the server finished serving.
+    pub fn next_served(&mut self) -> Result<Served> {
+        loop {
+            let event = self.next_event()?;
+            if event["event"] == "served" {
+                return Ok(serde_json::from_value(event)?);
+            }
+        }
+    }
+
+    fn next_event(&mut self) -> Result<Value> {
+        self.events
+            .recv_timeout(PATIENCE)
+            .with_context(|| format!("no word from the server in {}", self.name))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A connection as the server saw it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Served {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    pub bytes: u64,
+}
+
+/// What `labpod call` reports.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Called {
+    pub server: String,
+    pub local: SocketAddr,
+    pub peer: SocketAddr,
+    pub sent: u64,
+    pub received: u64,
+    pub ok: bool,
+}
+
+/// Options of one `labpod call`.
+#[derive(Debug, Clone, Default)]
+pub struct Call {
+    pub bytes: Option<usize>,
+    pub bind_port: Option<u16>,
+    pub hold_ms: Option<u64>,
+}
+
+impl Call {
+    /// Starts the call from `pod` to `dst` without waiting for it.
+    pub fn spawn(&self, pod: &Pod, dst: SocketAddrV4) -> Result<Child> {
+        let mut cmd = pod.try_command(binary("labpod")?)?;
+        cmd.args(["call", &dst.to_string()]);
+        if let Some(bytes) = self.bytes {
+            cmd.args(["--bytes", &bytes.to_string()]);
+        }
+        if let Some(port) = self.bind_port {
+            cmd.args(["--bind-port", &port.to_string()]);
+        }
+        if let Some(ms) = self.hold_ms {
+            cmd.args(["--hold-ms", &ms.to_string()]);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting labpod call")
+    }
+
+    /// Calls `dst` from `pod` and returns what the client saw; fails if the
+    /// call did not complete with every byte echoed back.
+    pub fn run(&self, pod: &Pod, dst: SocketAddrV4) -> Result<Called> {
+        finish(self.spawn(pod, dst)?)
+    }
+}
+
+/// Waits for a spawned call and parses its report.
+pub fn finish(child: Child) -> Result<Called> {
+    let output = child.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let report = stdout
+        .lines()
+        .find_map(|l| serde_json::from_str::<Called>(l).ok());
+    match report {
+        Some(called) if output.status.success() && called.ok => Ok(called),
+        _ => bail!(
+            "call failed ({}): {}{}",
+            output.status,
+            stdout.trim(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        ),
+    }
+}
+
+fn json_lines(stdout: ChildStdout) -> mpsc::Receiver<Value> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Ok(value) = serde_json::from_str(&line)
+                && tx.send(value).is_err()
+            {
+                return;
+            }
+        }
+    });
+    rx
+}
