@@ -147,9 +147,7 @@ impl Lab {
                 present.join("\n  ")
             )));
         };
-        let mut lab = Lab::plan(prefix, spec, Some(name.to_owned()), cgroup2_mount()?);
-        // A description only: dropping it must not tear the real lab down.
-        lab.persisted = true;
+        let lab = Lab::handle(name, spec)?;
         let mut text = lab.describe();
         let missing: Vec<String> = lab
             .netns_names()
@@ -160,6 +158,28 @@ impl Lab {
             let _ = writeln!(text, "MISSING namespaces: {}", missing.join(", "));
         }
         Ok(Some(text))
+    }
+
+    /// A handle on a running named lab, to run things in it; dropping the
+    /// handle leaves the lab up. None if there is no such lab.
+    pub fn open_named(name: &str) -> Result<Option<Lab>> {
+        validate_name(name)?;
+        match read_state(name)? {
+            Some(spec) => Ok(Some(Lab::handle(name, spec)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn handle(name: &str, spec: LabSpec) -> Result<Lab> {
+        let mut lab = Lab::plan(
+            named_prefix(name),
+            spec,
+            Some(name.to_owned()),
+            cgroup2_mount()?,
+        );
+        // Only a view: dropping it must not tear the real lab down.
+        lab.persisted = true;
+        Ok(lab)
     }
 
     /// Removes namespaces and cgroups (killing their processes) left by test runs whose
@@ -205,6 +225,14 @@ impl Lab {
     /// 0-based node and pod indexes.
     pub fn pod(&self, node: usize, pod: usize) -> &Pod {
         &self.nodes[node].pods[pod]
+    }
+
+    /// The pod called `name` (e.g. `n1p2`), on whichever node.
+    pub fn pod_by_name(&self, name: &str) -> Option<&Pod> {
+        self.nodes
+            .iter()
+            .flat_map(|n| &n.pods)
+            .find(|p| p.name == name)
     }
 
     /// The namespace holding the bridge that connects the nodes.

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 
 /// The last two are only needed to build bpf-linker against Debian's LLVM 22.
 const PACKAGES: &[&str] = &[
