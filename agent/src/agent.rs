@@ -18,11 +18,17 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::{Config, ConfigError, LocalPod, Workload},
+    hbone::pool::{self, Pool},
     logging::Chain,
     netns::{NetNs, NetnsError},
-    proxy::outbound::{self, OutboundError, PodProxy},
+    proxy::{
+        PodProxy,
+        inbound::{self, InboundError, PodInbound},
+        outbound::{self, OutboundError},
+    },
     redirect::{Attachment, RedirectError, Redirector},
     state::Store,
+    tls::{CertificateSource, DevCa, TlsError, TrustBundle},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +37,8 @@ pub enum AgentError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Redirect(#[from] RedirectError),
+    #[error("certificates: {0}")]
+    Tls(#[from] TlsError),
     #[error("cannot watch {}: {source}", path.display())]
     Watch {
         path: PathBuf,
@@ -45,22 +53,29 @@ enum EnrollError {
     #[error(transparent)]
     Netns(#[from] NetnsError),
     #[error(transparent)]
-    Listen(#[from] OutboundError),
+    Outbound(#[from] OutboundError),
+    #[error(transparent)]
+    Inbound(#[from] InboundError),
+    #[error("no certificate: {0}")]
+    Certificate(#[from] TlsError),
     #[error(transparent)]
     Redirect(#[from] RedirectError),
 }
 
-/// A pod this agent is capturing.
+/// A pod this agent is capturing and serving.
 struct Enrolled {
     workload: Workload,
     attachment: Attachment,
-    listener: JoinHandle<()>,
+    listeners: [JoinHandle<()>; 2],
 }
 
 pub struct Agent {
     config_path: PathBuf,
     store: Store,
     redirector: Redirector,
+    certificates: Arc<dyn CertificateSource>,
+    trust: TrustBundle,
+    pool: Arc<Pool>,
     enrolled: HashMap<String, Enrolled>,
 }
 
@@ -77,11 +92,28 @@ impl Agent {
             config = %config_path.display(),
             "warren agent starting"
         );
+        let certificates = DevCa::load_or_create(&config.dev_ca_dir)?;
+        warn!(
+            dir = %config.dev_ca_dir.display(),
+            "USING THE DEVELOPMENT CA: workload certificates are issued by a self-signed root kept \
+             on this machine. Fine for a lab, not for production"
+        );
+        let mut trust = certificates.trust_bundle();
+        if let Some(path) = &config.trust_bundle {
+            let extra = TrustBundle::from_pem_file(path)?;
+            info!(bundle = %path.display(), roots = extra.roots().len(), "trusting the roots of the trust bundle too");
+            trust = trust.merged(&extra);
+        }
         let redirector = Redirector::load()?;
+        let pool = Arc::new(Pool::new(pool::Settings::default()));
+        pool.spawn_reaper();
         Ok(Self {
             config_path: config_path.to_owned(),
             store: Store::new(config),
             redirector,
+            certificates: Arc::new(certificates),
+            trust,
+            pool,
             enrolled: HashMap::new(),
         })
     }
@@ -130,6 +162,12 @@ impl Agent {
                 self.reconcile().await;
             }
             Ok(config) => {
+                let current = self.store.current();
+                if config.dev_ca_dir != current.config().dev_ca_dir
+                    || config.trust_bundle != current.config().trust_bundle
+                {
+                    warn!(%why, "devCaDir and trustBundle changes take effect when the agent restarts");
+                }
                 info!(%why, "config reloaded");
                 self.store.publish(config);
                 self.reconcile().await;
@@ -171,10 +209,11 @@ impl Agent {
                     info!(
                         workload = %name,
                         identity = %workload.identity,
+                        hbone = %std::net::SocketAddr::new(workload.ip.into(), crate::hbone::PORT),
                         ip = %workload.ip,
                         netns = %pod.netns.display(),
                         cgroup = %pod.cgroup.display(),
-                        "enrolled pod: capturing its outbound TCP connections"
+                        "enrolled pod: capturing its outbound TCP connections, serving HBONE"
                     );
                     self.enrolled.insert(name, enrolled);
                 }
@@ -193,21 +232,30 @@ impl Agent {
         pod: &LocalPod,
     ) -> Result<Enrolled, EnrollError> {
         let netns = Arc::new(NetNs::open(&pod.netns).await?);
-        // The listener first: capture must never point at a closed port.
-        let listener = outbound::bind(&netns).await?;
+        let certificate = Arc::new(self.certificates.certificate(&workload.identity).await?);
+        let proxy = Arc::new(PodProxy {
+            workload: workload.clone(),
+            netns: netns.clone(),
+            certificate,
+            trust: self.trust.clone(),
+            original_dsts: self.redirector.original_dsts(),
+            state: self.store.subscribe(),
+            pool: self.pool.clone(),
+        });
+        let inbound = Arc::new(PodInbound::new(proxy.clone()).await?);
+        // Listeners first: capture must never point at a closed port.
+        let hbone_listener = inbound.bind().await?;
+        let outbound_listener = outbound::bind(&proxy).await?;
         let attachment = self
             .redirector
             .enroll(&pod.cgroup, netns.cookie(), workload.ip)?;
-        let proxy = Arc::new(PodProxy {
-            workload: workload.clone(),
-            netns,
-            original_dsts: self.redirector.original_dsts(),
-            state: self.store.subscribe(),
-        });
         Ok(Enrolled {
             workload: workload.clone(),
             attachment,
-            listener: tokio::spawn(outbound::serve(listener, proxy)),
+            listeners: [
+                tokio::spawn(outbound::serve(outbound_listener, proxy)),
+                tokio::spawn(inbound::serve(hbone_listener, inbound)),
+            ],
         })
     }
 
@@ -218,7 +266,9 @@ impl Agent {
         if let Err(error) = self.redirector.withdraw(enrolled.attachment) {
             warn!(workload = %name, error = %Chain(&error), "detaching from pod failed");
         }
-        enrolled.listener.abort();
+        for listener in &enrolled.listeners {
+            listener.abort();
+        }
         info!(workload = %name, "withdrew from pod: its traffic is no longer captured");
     }
 

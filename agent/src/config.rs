@@ -17,6 +17,7 @@ use serde::Deserialize;
 use crate::identity::{SpiffeId, TrustDomain};
 
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+pub const DEFAULT_DEV_CA_DIR: &str = "/var/lib/warren/dev-ca";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -44,6 +45,11 @@ pub struct Config {
     /// The node this agent runs on.
     pub node: String,
     pub trust_domain: TrustDomain,
+    /// Where the development CA keeps its root (created on first use). Every
+    /// agent of a mesh must share it, or they will not trust each other.
+    pub dev_ca_dir: PathBuf,
+    /// Extra roots to trust, besides the CA's own (PEM, one or more).
+    pub trust_bundle: Option<PathBuf>,
     pub workloads: Vec<Workload>,
 }
 
@@ -114,6 +120,10 @@ struct RawConfig {
     #[serde(default)]
     trust_domain: Option<String>,
     #[serde(default)]
+    dev_ca_dir: Option<PathBuf>,
+    #[serde(default)]
+    trust_bundle: Option<PathBuf>,
+    #[serde(default)]
     workloads: Vec<RawWorkload>,
 }
 
@@ -168,6 +178,10 @@ impl RawConfig {
         Ok(Config {
             node: self.node,
             trust_domain,
+            dev_ca_dir: self
+                .dev_ca_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DEV_CA_DIR)),
+            trust_bundle: self.trust_bundle,
             workloads,
         })
     }
@@ -250,6 +264,8 @@ mod tests {
     const GOOD: &str = r#"
 node: node-1
 trustDomain: example.org
+devCaDir: /tmp/dev-ca
+trustBundle: /etc/warren/roots.pem
 workloads:
   - name: client
     namespace: default
@@ -278,6 +294,11 @@ workloads:
         let config = parse(GOOD).unwrap();
         assert_eq!(config.node, "node-1");
         assert_eq!(config.trust_domain.as_str(), "example.org");
+        assert_eq!(config.dev_ca_dir, Path::new("/tmp/dev-ca"));
+        assert_eq!(
+            config.trust_bundle.as_deref(),
+            Some(Path::new("/etc/warren/roots.pem"))
+        );
         assert_eq!(config.workloads.len(), 2);
         let local: Vec<_> = config
             .local_workloads()
@@ -295,6 +316,8 @@ workloads:
     fn trust_domain_defaults_to_cluster_local() {
         let config = parse("node: n\n").unwrap();
         assert_eq!(config.trust_domain.as_str(), "cluster.local");
+        assert_eq!(config.dev_ca_dir, Path::new(DEFAULT_DEV_CA_DIR));
+        assert!(config.trust_bundle.is_none());
         assert!(config.workloads.is_empty());
     }
 

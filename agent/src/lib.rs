@@ -3,9 +3,11 @@
 
 pub mod agent;
 pub mod config;
+pub mod hbone;
 pub mod identity;
 pub mod logging;
 pub mod netns;
 pub mod proxy;
 pub mod redirect;
 pub mod state;
+pub mod tls;

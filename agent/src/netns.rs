@@ -10,6 +10,7 @@
 use std::{
     fs::File,
     io,
+    net::SocketAddr,
     os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
     sync::mpsc,
@@ -17,6 +18,7 @@ use std::{
 };
 
 use nix::sched::{CloneFlags, setns};
+use socket2::{Domain, Socket, Type};
 use tokio::sync::oneshot;
 
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +127,43 @@ impl NetNs {
         };
         self.jobs.send(job).map_err(|_| gone())?;
         rx.await.map_err(|_| gone())
+    }
+}
+
+impl NetNs {
+    /// A listening TCP socket on `addr` in this namespace.
+    pub async fn listen(&self, addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
+        let listener = self
+            .run(move || -> io::Result<std::net::TcpListener> {
+                let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+                // A restarted agent must be able to bind again while
+                // connections of the previous one linger in TIME_WAIT.
+                socket.set_reuse_address(true)?;
+                socket.set_nonblocking(true)?;
+                socket.bind(&addr.into())?;
+                socket.listen(1024)?;
+                Ok(socket.into())
+            })
+            .await
+            .map_err(io::Error::other)??;
+        tokio::net::TcpListener::from_std(listener)
+    }
+
+    /// A TCP connection to `dst` from this namespace (so from the pod's
+    /// address, when the namespace is a pod's).
+    pub async fn connect(&self, dst: SocketAddr) -> io::Result<tokio::net::TcpStream> {
+        let stream = self
+            .run(move || -> io::Result<std::net::TcpStream> {
+                let socket = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
+                socket.set_nonblocking(true)?;
+                socket.set_nodelay(true)?;
+                Ok(socket.into())
+            })
+            .await
+            .map_err(io::Error::other)??;
+        tokio::net::TcpSocket::from_std_stream(stream)
+            .connect(dst)
+            .await
     }
 }
 

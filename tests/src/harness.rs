@@ -72,20 +72,30 @@ impl MeshWorkload {
     pub fn qualified_name(&self) -> String {
         format!("{}/{}", self.namespace, self.pod.name)
     }
+
+    /// Its SPIFFE ID, in the lab's trust domain.
+    pub fn identity(&self) -> String {
+        format!(
+            "spiffe://cluster.local/ns/{}/sa/{}",
+            self.namespace, self.service_account
+        )
+    }
+}
+
+/// The development CA's directory for a lab: shared by its agents, so they
+/// trust each other; removed with the lab.
+pub fn dev_ca_dir(node: &Node) -> PathBuf {
+    crate::lab::files_dir(&node.lab).join("dev-ca")
 }
 
 /// The agent config for `node`, listing `workloads` (on any node).
 pub fn agent_config(node: &Node, workloads: &[MeshWorkload]) -> String {
     let mut yaml = format!(
-        "node: {}\ntrustDomain: cluster.local\nworkloads:\n",
-        node.name
+        "node: {}\ntrustDomain: cluster.local\ndevCaDir: {}\nworkloads:{}\n",
+        node.name,
+        dev_ca_dir(node).display(),
+        if workloads.is_empty() { " []" } else { "" }
     );
-    if workloads.is_empty() {
-        yaml = format!(
-            "node: {}\ntrustDomain: cluster.local\nworkloads: []\n",
-            node.name
-        );
-    }
     for w in workloads {
         let _ = write!(
             yaml,
@@ -303,24 +313,30 @@ impl Server {
             addr: SocketAddrV4::new(pod.ip, port),
         };
         server
-            .next_event()
+            .next_event(PATIENCE)
             .context("server did not start listening")?;
         Ok(server)
     }
 
     /// The next connection the server finished serving.
     pub fn next_served(&mut self) -> Result<Served> {
+        self.next_served_within(PATIENCE)
+    }
+
+    /// Like [`Server::next_served`], for when the answer may be "none".
+    pub fn next_served_within(&mut self, timeout: Duration) -> Result<Served> {
+        let deadline = Instant::now() + timeout;
         loop {
-            let event = self.next_event()?;
+            let event = self.next_event(deadline.saturating_duration_since(Instant::now()))?;
             if event["event"] == "served" {
                 return Ok(serde_json::from_value(event)?);
             }
         }
     }
 
-    fn next_event(&mut self) -> Result<Value> {
+    fn next_event(&mut self, timeout: Duration) -> Result<Value> {
         self.events
-            .recv_timeout(PATIENCE)
+            .recv_timeout(timeout)
             .with_context(|| format!("no word from the server in {}", self.name))
     }
 }

@@ -70,6 +70,8 @@ pub struct Node {
     pub pods: Vec<Pod>,
     /// A "system" cgroup for the node's daemons (the agent), not a pod's.
     pub cgroup: PathBuf,
+    /// The prefix of the lab the node belongs to.
+    pub lab: String,
 }
 
 #[derive(Debug, Clone)]
@@ -301,6 +303,7 @@ impl Lab {
                     .collect();
                 Node {
                     index: i,
+                    lab: prefix.clone(),
                     netns: format!("{prefix}n{i}"),
                     ip: Ipv4Addr::new(10, 10, 0, i as u8),
                     pods,
@@ -506,6 +509,12 @@ fn placed_command(program: impl AsRef<OsStr>, netns: &Path, cgroup: &Path) -> Re
 
 /// Removes everything a lab with this prefix may have created, whether or not it was built
 /// completely, and returns what was removed.
+/// A directory for files that belong to the lab with `prefix` (agent
+/// configs, the development CA), removed with the lab.
+pub fn files_dir(prefix: &str) -> PathBuf {
+    std::env::temp_dir().join("warren-lab").join(prefix)
+}
+
 fn teardown(prefix: &str) -> Result<Vec<String>> {
     let mut removed = Vec::new();
     let cgroup = cgroup2_mount()?.join(CGROUP_PARENT).join(prefix);
@@ -513,6 +522,11 @@ fn teardown(prefix: &str) -> Result<Vec<String>> {
     if cgroup.exists() {
         remove_cgroup(&cgroup)?;
         removed.push(cgroup.display().to_string());
+    }
+    let files = files_dir(prefix);
+    if files.exists() {
+        fs::remove_dir_all(&files).with_context(|| format!("removing {}", files.display()))?;
+        removed.push(files.display().to_string());
     }
     for netns in list_netns()? {
         if belongs_to(prefix, &netns) {

@@ -100,7 +100,7 @@ fn captures_connections_to_other_nodes_and_to_the_same_node() {
         assert_eq!(capture.src.ip(), &client.pod.ip);
         assert_eq!(capture.src.port(), called.local.port());
         assert_eq!(capture.dst_workload, target.qualified_name());
-        assert_eq!(capture.path, "passthrough");
+        assert_eq!(capture.path, "hbone");
     }
 
     // Exactly the two calls were captured: the agent's own connections to

@@ -2,10 +2,16 @@
 //!
 //! The kernel programs send an enrolled pod's outbound connect() to
 //! 127.0.0.1:15001 inside the pod's own network namespace. Here the agent
-//! accepts it, asks the kernel where it was going, and forwards it. For now
-//! every destination takes the passthrough path: plain TCP to the original
-//! destination, from a socket in the pod's namespace so the source address
-//! stays the pod's. (HBONE replaces this for mesh destinations.)
+//! accepts it, asks the kernel where it was going, and forwards it:
+//!
+//! - to a mesh workload: as an HBONE stream (mutual TLS, presenting this
+//!   pod's certificate, expecting the destination's identity) on a pooled
+//!   connection to `<destination>:15008`;
+//! - anywhere else: passthrough, plain TCP to the original destination.
+//!
+//! Either way the agent's socket is made in the pod's namespace, so traffic
+//! leaves from the pod's own address. The agent is not in the pod's cgroup,
+//! so its sockets are not captured again.
 
 use std::{
     io,
@@ -14,26 +20,27 @@ use std::{
     time::{Duration, Instant},
 };
 
-use socket2::{Domain, Socket, Type};
-use tokio::{
-    net::{TcpListener, TcpSocket, TcpStream},
-    sync::watch,
-};
-use tracing::{debug, info, warn};
+use rustls::pki_types::ServerName;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsConnector;
+use tracing::{info, warn};
 use warren_common::OUTBOUND_PORT;
 
+use super::PodProxy;
 use crate::{
     config::Workload,
+    hbone::{
+        self,
+        client::Connection,
+        copy::{Relayed, relay},
+        pool::PoolKey,
+    },
     logging::Chain,
-    netns::{NetNs, NetnsError},
-    redirect::OriginalDsts,
-    state::Snapshot,
+    tls::{self, TlsError},
 };
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboundError {
-    #[error(transparent)]
-    Netns(#[from] NetnsError),
     #[error("cannot listen on {addr} in {netns}: {source}")]
     Listen {
         addr: SocketAddrV4,
@@ -43,44 +50,32 @@ pub enum OutboundError {
     #[error("no original destination recorded for the connection from port {0}")]
     NoOriginalDst(u16),
     #[error("connecting to {dst} failed: {source}")]
-    Connect {
-        dst: SocketAddrV4,
-        source: io::Error,
-    },
+    Connect { dst: SocketAddr, source: io::Error },
+    #[error("the workload has no valid certificate; no tunnel without one")]
+    NoCertificate,
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("TLS handshake with {dst} failed: {reason}")]
+    Handshake { dst: SocketAddr, reason: String },
+    #[error("HTTP/2: {0}")]
+    H2(#[from] h2::Error),
+    #[error("the tunnel was refused: {0}")]
+    Refused(http::StatusCode),
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
 }
 
-/// Everything the listener of one enrolled pod needs.
-pub struct PodProxy {
-    pub workload: Workload,
-    pub netns: Arc<NetNs>,
-    pub original_dsts: OriginalDsts,
-    pub state: watch::Receiver<Arc<Snapshot>>,
-}
-
 /// Opens the outbound listener inside the pod's network namespace.
-pub async fn bind(netns: &NetNs) -> Result<TcpListener, OutboundError> {
+pub async fn bind(pod: &PodProxy) -> Result<TcpListener, OutboundError> {
     let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, OUTBOUND_PORT);
-    let listener = netns
-        .run(move || -> io::Result<std::net::TcpListener> {
-            let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
-            // A restarted agent must be able to bind again while connections
-            // of the previous one linger in TIME_WAIT.
-            socket.set_reuse_address(true)?;
-            socket.set_nonblocking(true)?;
-            socket.bind(&addr.into())?;
-            socket.listen(1024)?;
-            Ok(socket.into())
-        })
-        .await?
-        .and_then(TcpListener::from_std)
+    pod.netns
+        .listen(addr.into())
+        .await
         .map_err(|source| OutboundError::Listen {
             addr,
-            netns: netns.path().display().to_string(),
+            netns: pod.netns.path().display().to_string(),
             source,
-        })?;
-    Ok(listener)
+        })
 }
 
 /// Accepts captured connections until the task is aborted.
@@ -111,59 +106,114 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodProxy>) {
 }
 
 impl PodProxy {
-    async fn forward(&self, mut client: TcpStream, src_port: u16) -> Result<(), OutboundError> {
+    async fn forward(&self, client: TcpStream, src_port: u16) -> Result<(), OutboundError> {
         let dst = self
             .original_dsts
             .take(self.netns.cookie(), src_port)
             .ok_or(OutboundError::NoOriginalDst(src_port))?;
+        client.set_nodelay(true)?;
         let workload = self.workload.qualified_name();
         let src = SocketAddrV4::new(self.workload.ip, src_port);
-        let dst_workload = self
-            .state
-            .borrow()
-            .workload_by_ip(*dst.ip())
-            .map(Workload::qualified_name);
-        info!(
-            %workload,
-            %src,
-            %dst,
-            dst_workload = dst_workload.as_deref().unwrap_or("-"),
-            path = "passthrough",
-            "captured outbound connection"
-        );
+        let dst_workload = self.state.borrow().workload_by_ip(*dst.ip()).cloned();
         let started = Instant::now();
-        let mut upstream = self.connect_from_pod(dst).await?;
-        let (sent, received) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
+        let relayed = match &dst_workload {
+            Some(dst_workload) => self.tunnel(client, src, dst, dst_workload).await?,
+            None => {
+                info!(%workload, %src, %dst, dst_workload = "-", path = "passthrough", "captured outbound connection");
+                self.passthrough(client, dst).await?
+            }
+        };
         info!(
             %workload,
             %src,
             %dst,
-            sent,
-            received,
+            sent = relayed.sent,
+            received = relayed.received,
             duration_ms = started.elapsed().as_millis() as u64,
             "connection closed"
         );
         Ok(())
     }
 
-    /// Connects to `dst` from a socket in the pod's namespace. The agent is
-    /// not in the pod's cgroup, so the kernel programs do not capture it.
-    async fn connect_from_pod(&self, dst: SocketAddrV4) -> Result<TcpStream, OutboundError> {
-        let std_socket = self
-            .netns
-            .run(|| -> io::Result<std::net::TcpStream> {
-                let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
-                socket.set_nonblocking(true)?;
-                Ok(std::net::TcpStream::from(socket))
-            })
-            .await??;
-        let socket = TcpSocket::from_std_stream(std_socket);
-        socket.set_nodelay(true)?;
-        let stream = socket
-            .connect(SocketAddr::V4(dst))
+    async fn passthrough(
+        &self,
+        mut client: TcpStream,
+        dst: SocketAddrV4,
+    ) -> Result<Relayed, OutboundError> {
+        let mut upstream =
+            self.netns
+                .connect(dst.into())
+                .await
+                .map_err(|source| OutboundError::Connect {
+                    dst: dst.into(),
+                    source,
+                })?;
+        let (sent, received) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
+        Ok(Relayed { sent, received })
+    }
+
+    async fn tunnel(
+        &self,
+        client: TcpStream,
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+        dst_workload: &Workload,
+    ) -> Result<Relayed, OutboundError> {
+        let key = PoolKey {
+            src_ip: self.workload.ip.into(),
+            src: self.workload.identity.clone(),
+            dst: dst_workload.identity.clone(),
+            dst_addr: SocketAddr::new((*dst.ip()).into(), hbone::PORT),
+        };
+        let checkout = self
+            .pool
+            .checkout(&key, || self.open_connection(&key))
+            .await?;
+        info!(
+            workload = %self.workload.qualified_name(),
+            %src,
+            %dst,
+            dst_workload = %dst_workload.qualified_name(),
+            identity = %key.src,
+            dst_identity = %key.dst,
+            path = "hbone",
+            connection = checkout.connection_id(),
+            reused = checkout.reused(),
+            "captured outbound connection"
+        );
+        let (response, send) = checkout
+            .connection()
+            .send(hbone::connect_request(dst.into(), src.into()))
+            .await?;
+        if response.status() != http::StatusCode::OK {
+            return Err(OutboundError::Refused(response.status()));
+        }
+        Ok(relay(client, send, response.into_body()).await?)
+    }
+
+    /// A new mutual-TLS HTTP/2 connection to the destination's HBONE port,
+    /// presenting this pod's certificate and accepting only the expected
+    /// destination identity.
+    async fn open_connection(&self, key: &PoolKey) -> Result<Connection, OutboundError> {
+        let certificate = self
+            .valid_certificate()
+            .ok_or(OutboundError::NoCertificate)?;
+        let config = tls::client_config(certificate, &self.trust, std::slice::from_ref(&key.dst))?;
+        let tcp =
+            self.netns
+                .connect(key.dst_addr)
+                .await
+                .map_err(|source| OutboundError::Connect {
+                    dst: key.dst_addr,
+                    source,
+                })?;
+        let tls = TlsConnector::from(config)
+            .connect(ServerName::IpAddress(key.dst_addr.ip().into()), tcp)
             .await
-            .map_err(|source| OutboundError::Connect { dst, source })?;
-        debug!(local = ?stream.local_addr().ok(), %dst, "passthrough connected");
-        Ok(stream)
+            .map_err(|e| OutboundError::Handshake {
+                dst: key.dst_addr,
+                reason: tls::handshake_error(&e),
+            })?;
+        Ok(Connection::handshake(tls, self.pool.settings().keepalive).await?)
     }
 }

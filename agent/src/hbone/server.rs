@@ -1,0 +1,58 @@
+//! The receiving end of HBONE: CONNECT streams on one established connection.
+
+use std::future::Future;
+
+use bytes::Bytes;
+use h2::{RecvStream, SendStream, server::SendResponse};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::{
+    CONNECTION_WINDOW, MAX_FRAME_SIZE, Refusal, SERVER_MAX_HEADER_LIST, SERVER_MAX_STREAMS,
+    STREAM_WINDOW,
+};
+
+/// Serves the HTTP/2 connection on `io` (already authenticated by TLS):
+/// every request is handed to `handler` on its own task. Returns when the
+/// peer closes the connection, or with the error that ended it.
+pub async fn serve<IO, H, F>(io: IO, handler: H) -> Result<(), h2::Error>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+    H: Fn(http::Request<RecvStream>, SendResponse<Bytes>) -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let mut connection = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .max_concurrent_streams(SERVER_MAX_STREAMS)
+        .max_header_list_size(SERVER_MAX_HEADER_LIST)
+        .handshake(io)
+        .await?;
+    // Polling accept() also drives the connection: PINGs, flow control,
+    // the streams' data.
+    while let Some(request) = connection.accept().await {
+        let (request, respond) = request?;
+        tokio::spawn(handler(request, respond));
+    }
+    Ok(())
+}
+
+/// Answers a CONNECT with 200: the tunnel is up, the returned stream carries
+/// bytes to the client.
+pub fn accept(respond: &mut SendResponse<Bytes>) -> Result<SendStream<Bytes>, h2::Error> {
+    let response = http::Response::builder()
+        .status(http::StatusCode::OK)
+        .body(())
+        .expect("a bare 200 is well-formed");
+    respond.send_response(response, false)
+}
+
+/// Answers a CONNECT with the refusal's status and ends the stream.
+pub fn refuse(respond: &mut SendResponse<Bytes>, refusal: &Refusal) {
+    let response = http::Response::builder()
+        .status(refusal.status())
+        .body(())
+        .expect("a bare status is well-formed");
+    // The client may already be gone; nothing more to do then.
+    let _ = respond.send_response(response, true);
+}

@@ -1,0 +1,146 @@
+//! Transparent delivery: the destination application sees the client pod's
+//! address as its peer, not the agent's.
+//!
+//! The agent connects to the application from a socket inside the
+//! destination pod's namespace, bound to the client pod's address
+//! (`IP_TRANSPARENT` allows binding an address that is not local) and marked
+//! with [`MARK`]. The application's replies to that address would normally
+//! leave the pod by its default route; instead:
+//!
+//! - `net.ipv4.tcp_fwmark_accept=1` in the pod makes the accepted socket
+//!   inherit the mark of the SYN that opened it (ours), so every packet the
+//!   application sends on that connection carries the mark;
+//! - a policy rule sends marked packets to a routing table whose only route
+//!   is `local 0.0.0.0/0 dev lo`, so they are delivered to our socket.
+//!
+//! Only the pod's own namespace is touched; unmarked traffic is unaffected.
+
+use std::{
+    io,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+};
+
+use futures_util::TryStreamExt;
+use rtnetlink::{
+    RouteMessageBuilder,
+    packet_route::route::{RouteScope, RouteType},
+    packet_route::rule::RuleAction,
+};
+use socket2::{Domain, Socket, Type};
+use tokio::net::TcpStream;
+
+use crate::netns::{NetNs, NetnsError};
+
+/// Mark on the agent's delivery sockets and, through tcp_fwmark_accept, on
+/// the application's side of those connections.
+pub const MARK: u32 = 0x7772;
+/// Routing table (and rule priority) for marked packets.
+pub const TABLE: u32 = 15008;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransparentError {
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("setting up delivery routing in {netns}: {step}: {source}")]
+    Routing {
+        netns: String,
+        step: &'static str,
+        source: io::Error,
+    },
+}
+
+/// Prepares the pod's namespace for transparent delivery. Idempotent, so a
+/// restarted agent finds it done.
+pub async fn prepare_pod(netns: &NetNs) -> Result<(), TransparentError> {
+    let name = netns.path().display().to_string();
+    netns
+        .run(move || {
+            let fail = |step| {
+                let netns = name.clone();
+                move |source| TransparentError::Routing {
+                    netns,
+                    step,
+                    source,
+                }
+            };
+            // /proc/sys/net shows the namespace of the thread that opens it.
+            std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1")
+                .map_err(fail("net.ipv4.tcp_fwmark_accept"))?;
+            // A throwaway runtime: the netlink socket must be created, and
+            // used, on this thread, which is in the pod's namespace.
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(fail("runtime"))?;
+            runtime.block_on(install_routing()).map_err(fail("netlink"))
+        })
+        .await?
+}
+
+async fn install_routing() -> io::Result<()> {
+    let (connection, handle, _) = rtnetlink::new_connection()?;
+    tokio::spawn(connection);
+    let netlink = |e: rtnetlink::Error| io::Error::other(e.to_string());
+
+    let lo = handle
+        .link()
+        .get()
+        .match_name("lo".to_owned())
+        .execute()
+        .try_next()
+        .await
+        .map_err(netlink)?
+        .ok_or_else(|| io::Error::other("the pod has no lo interface"))?
+        .header
+        .index;
+    let route = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+        .table_id(TABLE)
+        .kind(RouteType::Local)
+        .scope(RouteScope::Host)
+        .output_interface(lo)
+        .build();
+    handle
+        .route()
+        .add(route)
+        .replace()
+        .execute()
+        .await
+        .map_err(netlink)?;
+
+    let rule = handle
+        .rule()
+        .add()
+        .v4()
+        .fw_mark(MARK)
+        .table_id(TABLE)
+        .priority(TABLE)
+        .action(RuleAction::ToTable)
+        .execute()
+        .await;
+    match rule {
+        Ok(()) => Ok(()),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => Ok(()),
+        Err(e) => Err(netlink(e)),
+    }
+}
+
+/// Connects to `dst` (an application in the pod of `netns`) as if from
+/// `src` (the client pod's address).
+pub async fn connect(netns: &NetNs, src: Ipv4Addr, dst: SocketAddr) -> io::Result<TcpStream> {
+    let std_socket = netns
+        .run(move || -> io::Result<std::net::TcpStream> {
+            let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+            socket.set_ip_transparent(true)?;
+            socket.set_mark(MARK)?;
+            socket.set_nonblocking(true)?;
+            socket.set_nodelay(true)?;
+            socket.bind(&SocketAddrV4::new(src, 0).into())?;
+            Ok(socket.into())
+        })
+        .await
+        .map_err(io::Error::other)??;
+    tokio::net::TcpSocket::from_std_stream(std_socket)
+        .connect(dst)
+        .await
+}

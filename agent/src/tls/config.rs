@@ -1,0 +1,87 @@
+//! rustls configurations for the two ends of an HBONE connection.
+
+use std::sync::{Arc, LazyLock};
+
+use rustls::{
+    ClientConfig, CommonState, ServerConfig,
+    client::Resumption,
+    crypto::{CryptoProvider, ring},
+    server::WebPkiClientVerifier,
+    version::TLS13,
+};
+
+use super::{
+    TlsError, TrustBundle, WorkloadCertificate, spiffe_id_of,
+    verify::{ExpectedServer, SameTrustDomain},
+};
+use crate::identity::SpiffeId;
+
+const ALPN_H2: &[u8] = b"h2";
+
+/// ring with only the suites ztunnel offers. Explicit rather than the
+/// process-wide default, which another crate could install differently.
+static PROVIDER: LazyLock<Arc<CryptoProvider>> = LazyLock::new(|| {
+    let mut provider = ring::default_provider();
+    provider.cipher_suites = vec![
+        ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
+        ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
+    ];
+    Arc::new(provider)
+});
+
+pub(super) fn provider() -> Arc<CryptoProvider> {
+    Arc::clone(&PROVIDER)
+}
+
+/// Server side of HBONE for one destination workload: presents `cert` and
+/// requires a client certificate chained to `trust`, from `cert`'s trust
+/// domain.
+pub fn server_config(
+    cert: &WorkloadCertificate,
+    trust: &TrustBundle,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let chain = WebPkiClientVerifier::builder_with_provider(trust.store(), provider()).build()?;
+    let verifier = SameTrustDomain::new(chain, cert.identity().trust_domain().clone());
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&TLS13])?
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_single_cert(cert.chain().to_vec(), cert.key())?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // HBONE clients never resume, so tickets would be wasted bytes.
+    config.send_tls13_tickets = 0;
+    Ok(Arc::new(config))
+}
+
+/// Client side of HBONE, presenting the source workload's `cert`. The server
+/// must chain to `trust` and be one of `expected`; there is no hostname
+/// check, as SPIFFE certificates carry no DNS names.
+pub fn client_config(
+    cert: &WorkloadCertificate,
+    trust: &TrustBundle,
+    expected: &[SpiffeId],
+) -> Result<Arc<ClientConfig>, TlsError> {
+    if expected.is_empty() {
+        return Err(TlsError::NoExpectedIdentity);
+    }
+    let provider = provider();
+    let verifier = ExpectedServer::new(
+        trust.store(),
+        expected.to_vec(),
+        provider.signature_verification_algorithms,
+    );
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_auth_cert(cert.chain().to_vec(), cert.key())?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.enable_sni = false;
+    config.resumption = Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
+/// The SPIFFE ID of the peer of an established connection.
+pub fn peer_identity(conn: &CommonState) -> Option<SpiffeId> {
+    let leaf = conn.peer_certificates()?.first()?;
+    spiffe_id_of(leaf).ok()
+}
