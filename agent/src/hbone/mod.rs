@@ -179,3 +179,6 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod loopback_tests;

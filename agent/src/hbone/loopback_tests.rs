@@ -1,0 +1,292 @@
+//! The tunnel code over real TLS on real loopback sockets, without eBPF or
+//! namespaces: a client workload, a server workload, and an application
+//! behind the server.
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use rustls::pki_types::ServerName;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use super::{
+    check_request,
+    client::{Connection, Keepalive},
+    connect_request,
+    copy::relay,
+    pool::{Pool, PoolKey, Settings},
+    server,
+};
+use crate::tls::{self, CertificateSource, testing};
+
+struct Ends {
+    _ca: testing::TempCa,
+    client: Arc<rustls::ClientConfig>,
+    hbone: SocketAddr,
+    client_id: crate::identity::SpiffeId,
+    server_id: crate::identity::SpiffeId,
+}
+
+/// An HBONE server on loopback that delivers every accepted stream to `app`.
+/// With `frozen`, it completes the handshakes and then stops reading the
+/// connection, as a hung peer would (PINGs go unanswered).
+async fn ends(app: SocketAddr, frozen: bool) -> Ends {
+    let ca = testing::TempCa::new();
+    let client_id = testing::spiffe_id("spiffe://cluster.local/ns/default/sa/sleep");
+    let server_id = testing::spiffe_id("spiffe://cluster.local/ns/shop/sa/web");
+    let trust = ca.trust_bundle();
+    let server_config = tls::server_config(&ca.issue(&server_id).unwrap(), &trust).unwrap();
+    let client = tls::client_config(
+        &ca.issue(&client_id).unwrap(),
+        &trust,
+        std::slice::from_ref(&server_id),
+    )
+    .unwrap();
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hbone = listener.local_addr().unwrap();
+    let acceptor = TlsAcceptor::from(server_config);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let tls = acceptor.accept(tcp).await.unwrap();
+                if frozen {
+                    let _connection = h2::server::handshake(tls).await.unwrap();
+                    std::future::pending::<()>().await;
+                    return;
+                }
+                let _ = server::serve(tls, move |request, mut respond| async move {
+                    let dst = check_request(&request, app.ip()).unwrap();
+                    let upstream = TcpStream::connect(dst).await.unwrap();
+                    let send = server::accept(&mut respond).unwrap();
+                    relay(upstream, send, request.into_body()).await.unwrap();
+                })
+                .await;
+            });
+        }
+    });
+    Ends {
+        _ca: ca,
+        client,
+        hbone,
+        client_id,
+        server_id,
+    }
+}
+
+async fn dial(ends: &Ends, keepalive: Keepalive) -> Connection {
+    let tcp = TcpStream::connect(ends.hbone).await.unwrap();
+    let tls = TlsConnector::from(ends.client.clone())
+        .connect(ServerName::IpAddress(ends.hbone.ip().into()), tcp)
+        .await
+        .unwrap();
+    Connection::handshake(tls, keepalive).await.unwrap()
+}
+
+/// An application that reads until EOF, then answers with what it got.
+async fn counting_app() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut received = Vec::new();
+                tcp.read_to_end(&mut received).await.unwrap();
+                let answer = format!("got {} bytes ending {:?}", received.len(), received.last());
+                tcp.write_all(answer.as_bytes()).await.unwrap();
+            });
+        }
+    });
+    addr
+}
+
+/// A socket pair: what a captured application connection looks like to the
+/// proxy (`proxy_side`) and to the application (`app_side`).
+async fn socket_pair() -> (TcpStream, TcpStream) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_side = TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (proxy_side, _) = listener.accept().await.unwrap();
+    (proxy_side, app_side)
+}
+
+/// Carries `payload` from a client application through one stream and
+/// returns the application's answer.
+async fn exchange(connection: &Connection, app: SocketAddr, payload: &[u8]) -> String {
+    let (proxy_side, mut app_side) = socket_pair().await;
+    let (response, send) = connection
+        .send(connect_request(app, "127.0.0.1:4000".parse().unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), http::StatusCode::OK);
+    let relay = tokio::spawn(relay(proxy_side, send, response.into_body()));
+    app_side.write_all(payload).await.unwrap();
+    // Half-close: the far application sees EOF, and can still answer.
+    app_side.shutdown().await.unwrap();
+    let mut answer = String::new();
+    app_side.read_to_string(&mut answer).await.unwrap();
+    let relayed = relay.await.unwrap().unwrap();
+    assert_eq!(relayed.sent, payload.len() as u64);
+    assert_eq!(relayed.received, answer.len() as u64);
+    answer
+}
+
+#[tokio::test]
+async fn half_close_reaches_the_far_end_and_the_answer_comes_back() {
+    let app = counting_app().await;
+    let ends = ends(app, false).await;
+    let connection = dial(&ends, Keepalive::default()).await;
+    assert_eq!(
+        exchange(&connection, app, b"hello").await,
+        "got 5 bytes ending Some(111)"
+    );
+}
+
+#[tokio::test]
+async fn bulk_data_flows_through_the_windows() {
+    let app = counting_app().await;
+    let ends = ends(app, false).await;
+    let connection = dial(&ends, Keepalive::default()).await;
+    // Several times both flow-control windows, so both must be replenished.
+    let payload: Vec<u8> = (0..48 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+    let answer = exchange(&connection, app, &payload).await;
+    let last = (payload.len() - 1) % 251;
+    assert_eq!(
+        answer,
+        format!("got {} bytes ending Some({last})", payload.len())
+    );
+}
+
+#[tokio::test]
+async fn streams_share_connections_up_to_the_limit() {
+    let app = counting_app().await;
+    let ends = Arc::new(ends(app, false).await);
+    let pool = Pool::new(Settings {
+        max_streams: 2,
+        ..Settings::default()
+    });
+    let key = PoolKey {
+        src_ip: "127.0.0.1".parse().unwrap(),
+        src: ends.client_id.clone(),
+        dst: ends.server_id.clone(),
+        dst_addr: ends.hbone,
+    };
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        let ends = ends.clone();
+        held.push(
+            pool.checkout(&key, || async move {
+                Ok::<_, ()>(dial(&ends, Keepalive::default()).await)
+            })
+            .await
+            .unwrap(),
+        );
+    }
+    assert_eq!(
+        pool.connection_count().await,
+        3,
+        "5 streams, 2 per connection"
+    );
+    let reused: Vec<bool> = held.iter().map(|c| c.reused()).collect();
+    assert_eq!(reused, [false, true, false, true, false]);
+
+    // Every held stream works, on whichever connection it got.
+    for checkout in &held {
+        assert!(
+            exchange(checkout.connection(), app, b"x")
+                .await
+                .starts_with("got 1 bytes")
+        );
+    }
+    // Released slots are reused rather than new connections opened.
+    held.clear();
+    let again = pool
+        .checkout(&key, || async {
+            Err::<Connection, _>("should have reused a connection")
+        })
+        .await
+        .unwrap();
+    assert!(again.reused());
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed() {
+    let app = counting_app().await;
+    let ends = ends(app, false).await;
+    let pool = Pool::new(Settings {
+        idle_timeout: Duration::from_millis(200),
+        ..Settings::default()
+    });
+    let key = PoolKey {
+        src_ip: "127.0.0.1".parse().unwrap(),
+        src: ends.client_id.clone(),
+        dst: ends.server_id.clone(),
+        dst_addr: ends.hbone,
+    };
+    let checkout = pool
+        .checkout(&key, || async {
+            Ok::<_, ()>(dial(&ends, Keepalive::default()).await)
+        })
+        .await
+        .unwrap();
+    pool.evict_idle().await;
+    assert_eq!(pool.connection_count().await, 1, "busy connections stay");
+    drop(checkout);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    pool.evict_idle().await;
+    assert_eq!(pool.connection_count().await, 0);
+}
+
+#[tokio::test]
+async fn a_dead_connection_fails_its_streams_and_is_replaced() {
+    let app = counting_app().await;
+    let hung = ends(app, true).await;
+    let keepalive = Keepalive {
+        interval: Duration::from_millis(100),
+        timeout: Duration::from_millis(200),
+    };
+    let pool = Pool::new(Settings {
+        keepalive,
+        ..Settings::default()
+    });
+    let key = PoolKey {
+        src_ip: "127.0.0.1".parse().unwrap(),
+        src: hung.client_id.clone(),
+        dst: hung.server_id.clone(),
+        dst_addr: hung.hbone,
+    };
+    let checkout = pool
+        .checkout(&key, || async { Ok::<_, ()>(dial(&hung, keepalive).await) })
+        .await
+        .unwrap();
+    // The stream waits for an answer that never comes, until the unanswered
+    // PING declares the connection dead: then it fails, promptly.
+    let started = Instant::now();
+    let result = checkout
+        .connection()
+        .send(connect_request(app, "127.0.0.1:4000".parse().unwrap()))
+        .await;
+    assert!(result.is_err());
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(checkout.connection().is_closed());
+    drop(checkout);
+
+    let replacement = pool
+        .checkout(&key, || async { Ok::<_, ()>(dial(&hung, keepalive).await) })
+        .await
+        .unwrap();
+    assert!(
+        !replacement.reused(),
+        "a dead connection was handed out again"
+    );
+}
