@@ -10,7 +10,7 @@ use std::{
     io::{BufRead, BufReader},
     net::{SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
-    process::{Child, ChildStdout, Stdio},
+    process::{Child, ChildStdout, Command, Stdio},
     sync::mpsc,
     thread,
     time::{Duration, Instant},
@@ -20,7 +20,7 @@ use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::lab::{Node, Pod};
+use crate::lab::{Lab, Node, Pod};
 
 /// How long to wait for something a process should do promptly.
 pub const PATIENCE: Duration = Duration::from_secs(10);
@@ -433,4 +433,62 @@ fn json_lines(stdout: ChildStdout) -> mpsc::Receiver<Value> {
         }
     });
     rx
+}
+
+/// tcpdump on the wire between the nodes (every port of the bridge), to
+/// check what an eavesdropper there would see.
+pub struct WireCapture {
+    child: Child,
+    file: tempfile::NamedTempFile,
+}
+
+impl WireCapture {
+    pub fn start(lab: &Lab) -> Result<Self> {
+        let file = tempfile::NamedTempFile::new()?;
+        // Immediate mode: without it packets wait in the kernel's buffer for
+        // up to a second, and a capture stopped sooner loses them.
+        let mut child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                lab.wire_netns(),
+                "tcpdump",
+                "--immediate-mode",
+            ])
+            .args(["-i", "any", "-U", "-s", "0", "-w"])
+            .arg(file.path())
+            .arg("tcp")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting tcpdump (`cargo xtask setup` installs it)")?;
+        // tcpdump says "listening on any" once it captures.
+        let mut stderr = BufReader::new(child.stderr.take().context("no stderr")?);
+        let mut said = String::new();
+        while !said.contains("listening on") {
+            if stderr.read_line(&mut said)? == 0 {
+                bail!("tcpdump did not start: {said}");
+            }
+        }
+        thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+        Ok(Self { child, file })
+    }
+
+    /// Stops the capture and returns the pcap file's bytes.
+    pub fn finish(mut self) -> Result<Vec<u8>> {
+        // Let the last packets in, then stop cleanly so the file is whole.
+        thread::sleep(Duration::from_millis(200));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        )?;
+        self.child.wait()?;
+        Ok(fs::read(self.file.path())?)
+    }
+}
+
+/// Whether `needle` occurs in `haystack` (e.g. a payload in a capture).
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }

@@ -6,9 +6,8 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    process::{Child, Command, Stdio},
+    process::Child,
     sync::Arc,
-    thread,
     time::Duration,
 };
 
@@ -25,7 +24,10 @@ use warren_agent::{
 };
 use warren_tests::{
     Lab, LabSpec, Pod,
-    harness::{Agent, Call, MeshWorkload, PATIENCE, Server, agent_config, dev_ca_dir, finish},
+    harness::{
+        Agent, Call, MeshWorkload, PATIENCE, Server, WireCapture, agent_config, contains,
+        dev_ca_dir, finish,
+    },
 };
 
 const PORT: u16 = 8080;
@@ -136,10 +138,10 @@ fn nothing_crosses_the_wire_in_clear() {
     // labpod's payload repeats this marker.
     let marker = b"warren-labpod-warren-labpod-";
 
-    let capture = WireCapture::start(&mesh.lab);
+    let capture = WireCapture::start(&mesh.lab).unwrap();
     Call::default().run(&mesh.client.pod, server.addr).unwrap();
     server.next_served().unwrap();
-    let packets = capture.finish();
+    let packets = capture.finish().unwrap();
     assert!(
         !contains(&packets, marker),
         "the payload crossed the wire in clear"
@@ -157,13 +159,13 @@ fn nothing_crosses_the_wire_in_clear() {
 
     // The same capture does see a payload in clear: to a pod outside the
     // mesh, warren passes traffic through as it is.
-    let capture = WireCapture::start(&mesh.lab);
+    let capture = WireCapture::start(&mesh.lab).unwrap();
     Call::default()
         .run(&mesh.client.pod, plain_server.addr)
         .unwrap();
     plain_server.next_served().unwrap();
     assert!(
-        contains(&capture.finish(), marker),
+        contains(&capture.finish().unwrap(), marker),
         "the capture misses payloads"
     );
 }
@@ -450,61 +452,4 @@ impl ServerCertVerifier for AnyServer {
             .signature_verification_algorithms
             .supported_schemes()
     }
-}
-
-/// tcpdump on the wire between the nodes (every port of the bridge).
-struct WireCapture {
-    child: Child,
-    file: tempfile::NamedTempFile,
-}
-
-impl WireCapture {
-    fn start(lab: &Lab) -> Self {
-        let file = tempfile::NamedTempFile::new().unwrap();
-        let mut child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                lab.wire_netns(),
-                "tcpdump",
-                "--immediate-mode",
-                "-i",
-                "any",
-                "-U",
-                "-s",
-                "0",
-                "-w",
-            ])
-            .arg(file.path())
-            .arg("tcp")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("tcpdump (installed by cargo xtask setup)");
-        // tcpdump says "listening on any" once it captures.
-        let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
-        let mut said = String::new();
-        while !said.contains("listening on") {
-            let n = std::io::BufRead::read_line(&mut stderr, &mut said).unwrap();
-            assert!(n > 0, "tcpdump did not start: {said}");
-        }
-        thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
-        Self { child, file }
-    }
-
-    fn finish(mut self) -> Vec<u8> {
-        // Let the last packets in, then stop it cleanly so the file is whole.
-        thread::sleep(Duration::from_millis(200));
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGINT,
-        );
-        let _ = self.child.wait();
-        std::fs::read(self.file.path()).unwrap()
-    }
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
 }
