@@ -453,3 +453,49 @@ impl ServerCertVerifier for AnyServer {
             .supported_schemes()
     }
 }
+
+#[test]
+fn a_trust_bundle_adds_roots_the_agent_accepts() {
+    let mut mesh = Mesh::new();
+    let _server = Server::start(&mesh.server.pod, PORT).unwrap();
+    let ca = mesh.ca();
+    let trust = tls::CertificateSource::trust_bundle(&ca);
+    let server_id: SpiffeId = mesh.server.identity().parse().unwrap();
+    let client_id: SpiffeId = mesh.client.identity().parse().unwrap();
+    // A client whose certificate comes from another organisation's root.
+    let other_ca = testing::TempCa::new();
+    let config = tls::client_config(
+        &other_ca.issue(&client_id).unwrap(),
+        &trust,
+        std::slice::from_ref(&server_id),
+    )
+    .unwrap();
+    let rogue = Rogue::new(&mesh.client.pod);
+    let app = mesh.server_addr().to_string();
+    assert!(
+        rogue
+            .connect(config.clone(), mesh.hbone_addr(), &app)
+            .is_err()
+    );
+
+    // Node 2's agent, restarted with that root in its trust bundle, accepts it.
+    let node = mesh.lab.node(1);
+    let bundle = warren_tests::lab::files_dir(mesh.lab.prefix()).join("bundle.pem");
+    std::fs::write(
+        &bundle,
+        std::fs::read(other_ca.dir().join("root.pem")).unwrap(),
+    )
+    .unwrap();
+    let config_text = agent_config(node, &[mesh.client.clone(), mesh.server.clone()])
+        + &format!("trustBundle: {}\n", bundle.display());
+    mesh.agents[1].stop().unwrap();
+    let dir = warren_tests::lab::files_dir(mesh.lab.prefix()).join("restarted");
+    let mut agent = Agent::start(node, &config_text, &dir).unwrap();
+    agent
+        .wait_for(PATIENCE, |l| {
+            l.message()
+                .starts_with("trusting the roots of the trust bundle")
+        })
+        .unwrap();
+    assert_eq!(rogue.connect(config, mesh.hbone_addr(), &app), Ok(200));
+}
