@@ -5,6 +5,7 @@
 //! - `demo`: a two-node lab with real eBPF capture, narrated, then torn down.
 //! - `lab up|down|status|exec`: a lab that stays up for poking at by hand.
 
+mod bench;
 mod demo;
 mod lab;
 mod setup;
@@ -44,6 +45,8 @@ enum Task {
         #[command(subcommand)]
         action: lab::Action,
     },
+    /// Measure throughput, latency and connection rate with warren against without (needs root).
+    Bench,
 }
 
 fn main() -> Result<()> {
@@ -52,6 +55,7 @@ fn main() -> Result<()> {
         Task::Test { args } => test(&args),
         Task::Demo => demo::run(),
         Task::Lab { action } => lab::run(action),
+        Task::Bench => bench::run(),
     }
 }
 

@@ -5,9 +5,9 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::ExitCode;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 use clap::Parser;
 use serde_json::json;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -26,6 +26,15 @@ enum Cli {
         #[arg(long)]
         name: String,
     },
+    /// Greet every connection with NAME and hang up. The server closing first leaves the
+    /// TIME_WAIT on its side, so that a client making thousands of connections (`connrate`)
+    /// does not run out of ports.
+    Greet {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        name: String,
+    },
     /// Connect, read the greeting, send a pattern, half-close and check the echo.
     Call {
         /// Server address, ADDR:PORT.
@@ -39,17 +48,49 @@ enum Cli {
         #[arg(long)]
         hold_ms: Option<u64>,
     },
+    /// Request/response latency against `serve`: connect once, read the greeting, then
+    /// WARMUP + COUNT round trips of SIZE bytes, timing the last COUNT.
+    Rr {
+        /// Server address, ADDR:PORT.
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 2000)]
+        count: usize,
+        #[arg(long, default_value_t = 200)]
+        warmup: usize,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+    },
+    /// New-connection rate against `greet`: connect, read the greeting until the server hangs
+    /// up, close; one after the other, for SECONDS or MAX connections, whichever comes first.
+    Connrate {
+        /// Server address, ADDR:PORT.
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 1.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 100_000)]
+        max: usize,
+    },
 }
 
 fn main() -> ExitCode {
     let result = match Cli::parse() {
         Cli::Serve { port, name } => serve(port, &name).map(|()| true),
+        Cli::Greet { port, name } => greet(port, &name).map(|()| true),
         Cli::Call {
             addr,
             bytes,
             bind_port,
             hold_ms,
         } => call(addr, bytes, bind_port, hold_ms.map(Duration::from_millis)),
+        Cli::Rr {
+            addr,
+            count,
+            warmup,
+            size,
+        } => round_trips(addr, count, warmup, size).map(|()| true),
+        Cli::Connrate { addr, seconds, max } => {
+            connection_rate(addr, Duration::from_secs_f64(seconds), max).map(|()| true)
+        }
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -93,6 +134,20 @@ fn serve(port: u16, name: &str) -> Result<()> {
                 Err(err) => eprintln!("labpod: connection from {peer:?}: {err}"),
             }
         });
+    }
+    Ok(())
+}
+
+fn greet(port: u16, name: &str) -> Result<()> {
+    let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
+        .with_context(|| format!("listening on port {port}"))?;
+    emit(json!({"event": "listening", "port": listener.local_addr()?.port()}));
+    let greeting = format!("{name}\n");
+    for conn in listener.incoming() {
+        // The client has sent nothing, so closing sends a FIN, not a reset.
+        if let Err(err) = conn.and_then(|mut stream| stream.write_all(greeting.as_bytes())) {
+            eprintln!("labpod: greet: {err}");
+        }
     }
     Ok(())
 }
@@ -160,6 +215,78 @@ fn call(
         );
     }
     Ok(ok)
+}
+
+fn round_trips(addr: SocketAddr, count: usize, warmup: usize, size: usize) -> Result<()> {
+    ensure!(count > 0 && size > 0, "--count and --size must be positive");
+    let stream = connect(addr, None).with_context(|| format!("connecting to {addr}"))?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    stream.set_nodelay(true)?;
+    // Read through this reader from now on: it may hold bytes that came after the greeting.
+    let mut reader = BufReader::new(stream);
+    let mut greeting = String::new();
+    reader
+        .read_line(&mut greeting)
+        .context("reading the greeting")?;
+    ensure!(
+        greeting.ends_with('\n'),
+        "the server closed before greeting"
+    );
+    let request: Vec<u8> = PATTERN.iter().copied().cycle().take(size).collect();
+    let mut response = vec![0; size];
+    let mut micros = Vec::with_capacity(count);
+    for i in 0..warmup + count {
+        let start = Instant::now();
+        reader.get_mut().write_all(&request)?;
+        reader
+            .read_exact(&mut response)
+            .with_context(|| format!("reading echo {i}"))?;
+        let elapsed = start.elapsed();
+        ensure!(response == request, "echo {i} differs from the request");
+        if i >= warmup {
+            micros.push(elapsed.as_secs_f64() * 1e6);
+        }
+    }
+    micros.sort_by(f64::total_cmp);
+    let percentile = |p: f64| micros[((micros.len() - 1) as f64 * p).round() as usize];
+    emit(json!({
+        "event": "rr",
+        "count": count,
+        "size": size,
+        "p50_us": percentile(0.50),
+        "p99_us": percentile(0.99),
+        "mean_us": micros.iter().sum::<f64>() / count as f64,
+        "max_us": micros[count - 1],
+    }));
+    Ok(())
+}
+
+fn connection_rate(addr: SocketAddr, duration: Duration, max: usize) -> Result<()> {
+    let start = Instant::now();
+    let mut connections = 0;
+    while connections < max && start.elapsed() < duration {
+        let mut stream =
+            connect(addr, None).with_context(|| format!("connection {connections}"))?;
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        let mut greeting = String::new();
+        stream
+            .read_to_string(&mut greeting)
+            .with_context(|| format!("connection {connections}: reading the greeting"))?;
+        ensure!(
+            greeting.ends_with('\n'),
+            "connection {connections}: the server hung up without a greeting"
+        );
+        connections += 1;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    emit(json!({
+        "event": "connrate",
+        "connections": connections,
+        "seconds": seconds,
+        "per_second": connections as f64 / seconds,
+    }));
+    Ok(())
 }
 
 fn connect(addr: SocketAddr, bind_port: Option<u16>) -> io::Result<TcpStream> {

@@ -1,0 +1,515 @@
+//! `cargo xtask bench`: what warren costs, against no warren, measured in the same run.
+//!
+//! A 2-node x 2-pod lab; the client is n1p1, the servers n2p1 (other node) and n1p2 (same
+//! node). Two configurations: baseline (no agent at all: plain pod-to-pod TCP) and warren
+//! (an agent per node, every pod enrolled; the bench measures whichever path the agent takes).
+//! Starting or stopping the agents takes a fraction of a second, so the two take turns at
+//! every measurement (B W, W B, ...): a machine that slows down for a while, because someone
+//! else is compiling say, weighs on both alike. Each figure is the median of its rounds, so
+//! that one disturbed measurement does not count. On a noisy machine only the ratios mean
+//! much; every round's figures are in the JSON.
+//!
+//! Metrics: iperf3 throughput with 1 and 4 streams, round-trip latency of 64-byte messages on
+//! one kept-alive connection (`labpod rr`), and sequential new connections per second
+//! (`labpod connrate`). Release builds; results also go to `target/bench/results.json`.
+
+use std::{
+    fs,
+    io::{BufRead, BufReader, Read},
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::{Value, json};
+use warren_tests::{
+    Lab, LabSpec, Pod,
+    harness::{Agent, MeshWorkload, agent_config, binary},
+};
+
+const ROUNDS: usize = 3;
+/// `labpod serve`, for round trips.
+const ECHO_PORT: u16 = 8080;
+/// `labpod greet`, for new connections.
+const GREET_PORT: u16 = 8081;
+const IPERF_PORT: u16 = 5201;
+const IPERF_SECONDS: u32 = 2;
+const RR_COUNT: u32 = 2000;
+const CONNRATE_SECONDS: f64 = 1.0;
+/// A bound, in case connections get very cheap.
+const CONNRATE_MAX: u32 = 50_000;
+/// For any one command of the bench: iperf3 runs for IPERF_SECONDS, the others for about 1s.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Config {
+    Baseline,
+    Warren,
+}
+
+/// One measurement, yielding the figures of the [`METRICS`] that name it, in their order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    OneStream,
+    FourStreams,
+    RoundTrips,
+    NewConnections,
+}
+
+const PROBES: [Probe; 4] = [
+    Probe::OneStream,
+    Probe::FourStreams,
+    Probe::RoundTrips,
+    Probe::NewConnections,
+];
+
+struct Metric {
+    label: &'static str,
+    key: &'static str,
+    higher_is_better: bool,
+    probe: Probe,
+}
+
+const METRICS: [Metric; 5] = [
+    Metric {
+        label: "throughput 1 stream (Gbit/s)",
+        key: "throughput_1_stream_gbit_s",
+        higher_is_better: true,
+        probe: Probe::OneStream,
+    },
+    Metric {
+        label: "throughput 4 streams (Gbit/s)",
+        key: "throughput_4_streams_gbit_s",
+        higher_is_better: true,
+        probe: Probe::FourStreams,
+    },
+    Metric {
+        label: "latency p50 (us)",
+        key: "latency_p50_us",
+        higher_is_better: false,
+        probe: Probe::RoundTrips,
+    },
+    Metric {
+        label: "latency p99 (us)",
+        key: "latency_p99_us",
+        higher_is_better: false,
+        probe: Probe::RoundTrips,
+    },
+    Metric {
+        label: "connections/s",
+        key: "connections_per_s",
+        higher_is_better: true,
+        probe: Probe::NewConnections,
+    },
+];
+
+/// Per metric, one figure per round.
+type Series = [Vec<f64>; METRICS.len()];
+
+/// A client-server pair and the figures measured for it.
+struct Target<'a> {
+    name: &'static str,
+    server: &'a Pod,
+    baseline: Series,
+    warren: Series,
+}
+
+pub fn run() -> Result<()> {
+    let bin_dir = crate::workspace_root().join("target/release");
+    // SAFETY: nothing has spawned a thread yet, so no one reads the environment concurrently.
+    // harness::binary() reads this variable to find the release builds.
+    unsafe { std::env::set_var("WARREN_BIN_DIR", &bin_dir) };
+    crate::setup::run(true)?;
+    println!("building warren and labpod (release)...");
+    crate::cargo(
+        &[
+            "build",
+            "--release",
+            "-p",
+            "warren-agent",
+            "-p",
+            "warren-tests",
+            "--bins",
+        ],
+        &[],
+    )?;
+
+    let lab = Lab::up(LabSpec {
+        nodes: 2,
+        pods_per_node: 2,
+    })?;
+    let client = lab.pod(0, 0);
+    let mut targets = [
+        Target::new("cross-node", lab.pod(1, 0)),
+        Target::new("same-node", lab.pod(0, 1)),
+    ];
+    // Each server pod runs an echo and a greeter; they are killed when this is dropped.
+    let mut servers = Vec::new();
+    for target in &targets {
+        for (mode, port) in [("serve", ECHO_PORT), ("greet", GREET_PORT)] {
+            let mut cmd = target.server.try_command(binary("labpod")?)?;
+            cmd.args([
+                mode,
+                "--port",
+                &port.to_string(),
+                "--name",
+                &target.server.name,
+            ]);
+            servers.push(start_server(cmd, "listening")?);
+        }
+    }
+    let mut agents = Agents {
+        lab: &lab,
+        mesh: lab
+            .nodes()
+            .iter()
+            .flat_map(|node| &node.pods)
+            .map(|pod| MeshWorkload::new(pod, "default", &pod.name))
+            .collect(),
+        dir: std::env::temp_dir().join("warren-bench").join(lab.prefix()),
+        running: Vec::new(),
+    };
+
+    for round in 0..ROUNDS {
+        println!("round {}/{ROUNDS}", round + 1);
+        for (k, &probe) in PROBES.iter().enumerate() {
+            // Who goes first alternates, so that neither always follows the other.
+            let order = if (round + k) % 2 == 0 {
+                [Config::Baseline, Config::Warren]
+            } else {
+                [Config::Warren, Config::Baseline]
+            };
+            for config in order {
+                agents.set(config, &targets)?;
+                for target in &mut targets {
+                    let figures = measure(probe, client, target.server)
+                        .with_context(|| format!("{probe:?}, {config:?}, {}", target.name))?;
+                    target.record(config, probe, figures);
+                }
+            }
+        }
+    }
+    agents.set(Config::Baseline, &targets)?;
+
+    print_table(client, &targets);
+    let path = crate::workspace_root().join("target/bench/results.json");
+    fs::create_dir_all(path.parent().expect("a file path has a parent"))?;
+    fs::write(
+        &path,
+        serde_json::to_string_pretty(&to_json(client, &targets))?,
+    )?;
+    println!("\nresults: {}", path.display());
+    let _ = fs::remove_dir_all(&agents.dir);
+    Ok(())
+}
+
+impl<'a> Target<'a> {
+    fn new(name: &'static str, server: &'a Pod) -> Self {
+        Self {
+            name,
+            server,
+            baseline: Default::default(),
+            warren: Default::default(),
+        }
+    }
+
+    fn record(&mut self, config: Config, probe: Probe, figures: Vec<f64>) {
+        let series = match config {
+            Config::Baseline => &mut self.baseline,
+            Config::Warren => &mut self.warren,
+        };
+        let slots = (0..METRICS.len()).filter(|&m| METRICS[m].probe == probe);
+        for (m, figure) in slots.zip(figures) {
+            series[m].push(figure);
+        }
+    }
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    if sorted.len() % 2 == 1 {
+        sorted[mid]
+    } else {
+        (sorted[mid - 1] + sorted[mid]) / 2.0
+    }
+}
+
+/// Warren on (an agent on every node, every pod enrolled) or off (no agent at all).
+struct Agents<'a> {
+    lab: &'a Lab,
+    mesh: Vec<MeshWorkload>,
+    /// Their configs and logs.
+    dir: PathBuf,
+    running: Vec<Agent>,
+}
+
+impl Agents<'_> {
+    fn set(&mut self, config: Config, targets: &[Target]) -> Result<()> {
+        match config {
+            Config::Warren if self.running.is_empty() => {
+                for node in self.lab.nodes() {
+                    let agent_config = agent_config(node, &self.mesh);
+                    self.running
+                        .push(Agent::start(node, &agent_config, &self.dir)?);
+                }
+            }
+            Config::Baseline if !self.running.is_empty() => {
+                self.check_captured(targets)?;
+                for mut agent in self.running.drain(..) {
+                    agent.stop()?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The warren figures are only warren's if the agent really carried the connections.
+    fn check_captured(&self, targets: &[Target]) -> Result<()> {
+        // The client's node, node-1, was started first.
+        let agent = &self.running[0];
+        let captures = agent.captures();
+        for target in targets {
+            ensure!(
+                captures.iter().any(|c| *c.dst.ip() == target.server.ip),
+                "the agent on {} captured no connection to {}; log: {}",
+                agent.node,
+                target.server.ip,
+                agent.log_path().display()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Runs `probe` from `client` to `server`.
+fn measure(probe: Probe, client: &Pod, server: &Pod) -> Result<Vec<f64>> {
+    Ok(match probe {
+        Probe::OneStream => vec![iperf(client, server, 1)?],
+        Probe::FourStreams => vec![iperf(client, server, 4)?],
+        Probe::RoundTrips => {
+            let (p50, p99) = latency(client, server)?;
+            vec![p50, p99]
+        }
+        Probe::NewConnections => vec![connection_rate(client, server)?],
+    })
+}
+
+/// Gbit/s received by an iperf3 server in `server` from `streams` parallel streams.
+fn iperf(client: &Pod, server: &Pod, streams: u32) -> Result<f64> {
+    let port = IPERF_PORT.to_string();
+    let mut iperf_server = server.try_command("iperf3")?;
+    iperf_server.args(["-s", "-1", "-p", &port, "--forceflush"]);
+    let mut iperf_server = start_server(iperf_server, "Server listening")?;
+    let mut cmd = client.try_command("iperf3")?;
+    cmd.args(["-c", &server.ip.to_string(), "-p", &port, "-J"])
+        .args(["-t", &IPERF_SECONDS.to_string()])
+        .args(["-P", &streams.to_string()])
+        .args(["--connect-timeout", "5000"]);
+    let report: Value = serde_json::from_str(&output_within(cmd, COMMAND_TIMEOUT)?)
+        .context("parsing iperf3 -J output")?;
+    // A one-off server exits once its client is done.
+    wait_within(&mut iperf_server.child, COMMAND_TIMEOUT).context("iperf3 -s")?;
+    report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|bits| bits / 1e9)
+        .with_context(|| format!("no end.sum_received.bits_per_second in {report}"))
+}
+
+/// Median and 99th percentile round trip, in microseconds.
+fn latency(client: &Pod, server: &Pod) -> Result<(f64, f64)> {
+    let mut cmd = client.try_command(binary("labpod")?)?;
+    cmd.args(["rr", &format!("{}:{ECHO_PORT}", server.ip)])
+        .args(["--count", &RR_COUNT.to_string()]);
+    let report = last_json_line(&output_within(cmd, COMMAND_TIMEOUT)?)?;
+    let field = |name: &str| {
+        report[name]
+            .as_f64()
+            .with_context(|| format!("no {name} in {report}"))
+    };
+    Ok((field("p50_us")?, field("p99_us")?))
+}
+
+/// New connections per second, one after the other.
+fn connection_rate(client: &Pod, server: &Pod) -> Result<f64> {
+    let mut cmd = client.try_command(binary("labpod")?)?;
+    cmd.args(["connrate", &format!("{}:{GREET_PORT}", server.ip)])
+        .args(["--seconds", &CONNRATE_SECONDS.to_string()])
+        .args(["--max", &CONNRATE_MAX.to_string()]);
+    let report = last_json_line(&output_within(cmd, COMMAND_TIMEOUT)?)?;
+    report["per_second"]
+        .as_f64()
+        .with_context(|| format!("no per_second in {report}"))
+}
+
+/// A server process in a pod; dropping it kills it.
+struct Background {
+    child: Child,
+    /// Its stdout, read by a thread as long as this is kept.
+    stdout: mpsc::Receiver<String>,
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `cmd` and waits until a line of its stdout contains `ready`.
+fn start_server(mut cmd: Command, ready: &str) -> Result<Background> {
+    let shown = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {shown}"))?;
+    let stdout = line_channel(child.stdout.take().context("no stdout")?);
+    let server = Background { child, stdout };
+    let deadline = Instant::now() + COMMAND_TIMEOUT;
+    loop {
+        match server
+            .stdout
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            Ok(line) if line.contains(ready) => return Ok(server),
+            Ok(_) => {}
+            Err(_) => bail!("{shown} did not say {ready:?} within {COMMAND_TIMEOUT:?}"),
+        }
+    }
+}
+
+/// Runs `cmd` to completion and returns its stdout; kills it after `timeout`.
+fn output_within(mut cmd: Command, timeout: Duration) -> Result<String> {
+    let shown = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {shown}"))?;
+    // Read while it runs, so that a full pipe cannot stall it.
+    let stdout = read_all(child.stdout.take().context("no stdout")?);
+    let stderr = read_all(child.stderr.take().context("no stderr")?);
+    let status = wait_within(&mut child, timeout).with_context(|| shown.clone())?;
+    let stdout = stdout.join().expect("the reader does not panic");
+    let stderr = stderr.join().expect("the reader does not panic");
+    ensure!(
+        status.success(),
+        "{shown} failed ({status}): {}{}",
+        stdout.trim(),
+        stderr.trim()
+    );
+    Ok(stdout)
+}
+
+fn wait_within(child: &mut Child, timeout: Duration) -> Result<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("still running after {timeout:?}, killed");
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn read_all(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<String> {
+    thread::spawn(move || {
+        let mut text = String::new();
+        let _ = pipe.read_to_string(&mut text);
+        text
+    })
+}
+
+fn line_channel(pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+fn last_json_line(stdout: &str) -> Result<Value> {
+    stdout
+        .lines()
+        .rev()
+        .find_map(|line| serde_json::from_str(line).ok())
+        .with_context(|| format!("no JSON report in {stdout:?}"))
+}
+
+fn print_table(client: &Pod, targets: &[Target]) {
+    println!(
+        "\n{:<34}{:>12}{:>12}{:>8}",
+        "metric", "baseline", "warren", "ratio"
+    );
+    for target in targets {
+        println!(
+            "{} ({} -> {})",
+            target.name, client.name, target.server.name
+        );
+        for (m, metric) in METRICS.iter().enumerate() {
+            let (baseline, warren) = (median(&target.baseline[m]), median(&target.warren[m]));
+            println!(
+                "  {:<32}{baseline:>12.2}{warren:>12.2}{:>8.2}",
+                metric.label,
+                warren / baseline
+            );
+        }
+    }
+    println!(
+        "Medians of {ROUNDS} rounds. ratio = warren / baseline: higher is better for throughput \
+         and connections/s, lower is better for latency."
+    );
+}
+
+fn to_json(client: &Pod, targets: &[Target]) -> Value {
+    let targets: Vec<Value> = targets
+        .iter()
+        .map(|target| {
+            let metrics: serde_json::Map<String, Value> = METRICS
+                .iter()
+                .enumerate()
+                .map(|(m, metric)| {
+                    let (baseline, warren) =
+                        (median(&target.baseline[m]), median(&target.warren[m]));
+                    let value = json!({
+                        "baseline": baseline,
+                        "warren": warren,
+                        "ratio": warren / baseline,
+                        "higher_is_better": metric.higher_is_better,
+                        "baseline_rounds": target.baseline[m],
+                        "warren_rounds": target.warren[m],
+                    });
+                    (metric.key.to_owned(), value)
+                })
+                .collect();
+            json!({
+                "name": target.name,
+                "client": client.name,
+                "server": target.server.name,
+                "metrics": metrics,
+            })
+        })
+        .collect();
+    json!({
+        "rounds": ROUNDS,
+        "iperf_seconds": IPERF_SECONDS,
+        "rr_count": RR_COUNT,
+        "connrate_seconds": CONNRATE_SECONDS,
+        "targets": targets,
+    })
+}
