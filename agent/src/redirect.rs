@@ -57,9 +57,17 @@ pub enum RedirectError {
 #[derive(Debug)]
 pub struct Attachment {
     netns_cookie: u64,
-    connect4: CgroupSockAddrLinkId,
-    sock_ops: SockOpsLinkId,
+    links: Vec<Link>,
 }
+
+#[derive(Debug)]
+enum Link {
+    SockAddr(&'static str, CgroupSockAddrLinkId),
+    SockOps(SockOpsLinkId),
+}
+
+/// The connect hooks, each attached to every enrolled pod's cgroup.
+const SOCK_ADDR_PROGRAMS: [&str; 2] = [names::CONNECT4, names::CONNECT6];
 
 pub struct Redirector {
     ebpf: Ebpf,
@@ -75,11 +83,12 @@ impl Redirector {
         let mut ebpf = Ebpf::load(PROGRAMS)?;
         forward_logs(&mut ebpf)?;
 
-        let connect4: &mut CgroupSockAddr = program(&mut ebpf, names::CONNECT4)?;
-        connect4.load().map_err(|source| RedirectError::Program {
-            name: names::CONNECT4,
-            source,
-        })?;
+        for name in SOCK_ADDR_PROGRAMS {
+            let connect: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            connect
+                .load()
+                .map_err(|source| RedirectError::Program { name, source })?;
+        }
         let sock_ops: &mut SockOps = program(&mut ebpf, names::SOCK_OPS)?;
         sock_ops.load().map_err(|source| RedirectError::Program {
             name: names::SOCK_OPS,
@@ -124,43 +133,23 @@ impl Redirector {
             path: cgroup.to_owned(),
             source,
         })?;
-        // aya attaches through bpf_link (kernel >= 5.7), which takes no mode
-        // flags and always shares the hook with other programs (the CNI's,
-        // say): `Single` is the value that passes no flags.
-        let mode = CgroupAttachMode::Single;
-        let sock_ops = program::<SockOps>(&mut self.ebpf, names::SOCK_OPS)?
-            .attach(&cgroup_dir, mode)
-            .map_err(|source| RedirectError::Program {
-                name: names::SOCK_OPS,
-                source,
-            })?;
-        let connect4 =
-            match program::<CgroupSockAddr>(&mut self.ebpf, names::CONNECT4).and_then(|p| {
-                p.attach(&cgroup_dir, mode)
-                    .map_err(|source| RedirectError::Program {
-                        name: names::CONNECT4,
-                        source,
-                    })
-            }) {
-                Ok(link) => link,
-                Err(e) => {
-                    let _ = program::<SockOps>(&mut self.ebpf, names::SOCK_OPS)?.detach(sock_ops);
-                    return Err(e);
-                }
-            };
-        let attachment = Attachment {
+        let mut attachment = Attachment {
             netns_cookie,
-            connect4,
-            sock_ops,
+            links: Vec::with_capacity(3),
         };
-        // connect4 captures only once the pod is in this map.
+        if let Err(e) = self.attach_all(&cgroup_dir, &mut attachment) {
+            // The attach error is the one worth reporting; undo what we can.
+            let _ = self.detach_all(attachment);
+            return Err(e);
+        }
+        // The connect hooks capture only once the pod is in this map.
         let info = PodInfo {
             ip: u32::from(pod_ip),
             outbound_port: OUTBOUND_PORT,
             _pad: 0,
         };
         if let Err(source) = self.pods.insert(netns_cookie, info, 0) {
-            self.withdraw(attachment)?;
+            let _ = self.detach_all(attachment);
             return Err(RedirectError::Map {
                 name: names::PODS,
                 source,
@@ -169,30 +158,68 @@ impl Redirector {
         Ok(attachment)
     }
 
+    fn attach_all(
+        &mut self,
+        cgroup: &File,
+        attachment: &mut Attachment,
+    ) -> Result<(), RedirectError> {
+        // aya attaches through bpf_link (kernel >= 5.7), which takes no mode
+        // flags and always shares the hook with other programs (the CNI's,
+        // say): `Single` is the value that passes no flags.
+        let mode = CgroupAttachMode::Single;
+        let name = names::SOCK_OPS;
+        let link = program::<SockOps>(&mut self.ebpf, name)?
+            .attach(cgroup, mode)
+            .map_err(|source| RedirectError::Program { name, source })?;
+        attachment.links.push(Link::SockOps(link));
+        for name in SOCK_ADDR_PROGRAMS {
+            let link = program::<CgroupSockAddr>(&mut self.ebpf, name)?
+                .attach(cgroup, mode)
+                .map_err(|source| RedirectError::Program { name, source })?;
+            attachment.links.push(Link::SockAddr(name, link));
+        }
+        Ok(())
+    }
+
     /// Stops capture for a pod. Connections already captured keep going.
     pub fn withdraw(&mut self, attachment: Attachment) -> Result<(), RedirectError> {
-        // Remove the pod first: from that instant connect4 lets it be.
-        match self.pods.remove(&attachment.netns_cookie) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(source) => {
-                return Err(RedirectError::Map {
-                    name: names::PODS,
-                    source,
-                });
+        // Remove the pod first: from that instant the hooks let it be.
+        let removed = match self.pods.remove(&attachment.netns_cookie) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(RedirectError::Map {
+                name: names::PODS,
+                source,
+            }),
+        };
+        // Detach even if that failed: the links are what capture.
+        let detached = self.detach_all(attachment);
+        removed.and(detached)
+    }
+
+    /// Detaches every link, reporting the first failure.
+    fn detach_all(&mut self, attachment: Attachment) -> Result<(), RedirectError> {
+        let mut result = Ok(());
+        for link in attachment.links {
+            let detached = match link {
+                Link::SockOps(id) => {
+                    program::<SockOps>(&mut self.ebpf, names::SOCK_OPS).and_then(|p| {
+                        p.detach(id).map_err(|source| RedirectError::Program {
+                            name: names::SOCK_OPS,
+                            source,
+                        })
+                    })
+                }
+                Link::SockAddr(name, id) => program::<CgroupSockAddr>(&mut self.ebpf, name)
+                    .and_then(|p| {
+                        p.detach(id)
+                            .map_err(|source| RedirectError::Program { name, source })
+                    }),
+            };
+            if result.is_ok() {
+                result = detached;
             }
         }
-        program::<CgroupSockAddr>(&mut self.ebpf, names::CONNECT4)?
-            .detach(attachment.connect4)
-            .map_err(|source| RedirectError::Program {
-                name: names::CONNECT4,
-                source,
-            })?;
-        program::<SockOps>(&mut self.ebpf, names::SOCK_OPS)?
-            .detach(attachment.sock_ops)
-            .map_err(|source| RedirectError::Program {
-                name: names::SOCK_OPS,
-                source,
-            })
+        result
     }
 }
 

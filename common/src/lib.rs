@@ -20,6 +20,7 @@ pub mod names {
     /// captured connections, waiting for the agent to accept them.
     pub const ORIGINAL_DST: &str = "ORIGINAL_DST";
     pub const CONNECT4: &str = "warren_connect4";
+    pub const CONNECT6: &str = "warren_connect6";
     pub const SOCK_OPS: &str = "warren_sock_ops";
 }
 

@@ -6,6 +6,7 @@
 //! - `warren_connect4` (cgroup/connect4) sends an outbound TCP connect() to the
 //!   agent's listener on 127.0.0.1 in the pod's own network namespace, and
 //!   remembers the original destination under the socket's cookie.
+//!   `warren_connect6` does the same for IPv4-mapped IPv6 destinations.
 //! - `warren_sock_ops` (sockops, TCP_CONNECT_CB) runs once the source port is
 //!   known and just before the SYN leaves; it moves the original destination
 //!   to a key the agent can compute after accept(): the client's network
@@ -31,8 +32,11 @@ const AF_INET: u32 = 2;
 const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
 const LOCALHOST: u32 = 0x7f00_0001;
-/// cgroup/connect4: 1 lets the (possibly rewritten) connect() proceed.
+/// cgroup/connect4 and connect6: 1 lets the (possibly rewritten) connect()
+/// proceed, 0 makes it fail with EPERM.
 const ALLOW: i32 = 1;
+const DENY: i32 = 0;
+const AF_INET6: u32 = 10;
 
 #[map(name = "PODS")]
 static PODS: HashMap<u64, PodInfo> = HashMap::with_max_entries(POD_MAP_ENTRIES, 0);
@@ -49,9 +53,61 @@ pub fn warren_connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel hands connect4 programs a valid bpf_sock_addr for
     // the duration of the call; the verifier checks every field access.
     let addr: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
-    if addr.user_family != AF_INET || addr.type_ != SOCK_STREAM || addr.protocol != IPPROTO_TCP {
+    if addr.type_ != SOCK_STREAM || addr.protocol != IPPROTO_TCP {
         return ALLOW;
     }
+    let ip = u32::from_be(addr.user_ip4);
+    let port = u16::from_be(addr.user_port as u16);
+    match capture(&ctx, ip, port) {
+        Verdict::Leave => ALLOW,
+        Verdict::Deny => DENY,
+        Verdict::Redirect(listener_port) => {
+            addr.user_ip4 = LOCALHOST.to_be();
+            addr.user_port = u32::from(listener_port.to_be());
+            ALLOW
+        }
+    }
+}
+
+/// IPv6 sockets reach IPv4 destinations through IPv4-mapped addresses
+/// (`::ffff:10.244.2.2`; Java does this by default). Those are captured like
+/// connect4's; native IPv6 destinations are not (yet) and pass untouched.
+#[cgroup_sock_addr(connect6)]
+pub fn warren_connect6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: as in warren_connect4.
+    let addr: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
+    if addr.type_ != SOCK_STREAM || addr.protocol != IPPROTO_TCP {
+        return ALLOW;
+    }
+    let ip6 = addr.user_ip6;
+    if ip6[0] != 0 || ip6[1] != 0 || u32::from_be(ip6[2]) != 0xffff {
+        return ALLOW;
+    }
+    let ip = u32::from_be(ip6[3]);
+    let port = u16::from_be(addr.user_port as u16);
+    match capture(&ctx, ip, port) {
+        Verdict::Leave => ALLOW,
+        Verdict::Deny => DENY,
+        Verdict::Redirect(listener_port) => {
+            addr.user_ip6[3] = LOCALHOST.to_be();
+            addr.user_port = u32::from(listener_port.to_be());
+            ALLOW
+        }
+    }
+}
+
+enum Verdict {
+    /// Not ours to touch.
+    Leave,
+    /// Send to the agent's listener on this port.
+    Redirect(u16),
+    /// Refuse the connect(): it should be captured but cannot be.
+    Deny,
+}
+
+/// Decides about a TCP connect() to `ip:port` (host order) and, when it is
+/// to be captured, records the original destination.
+fn capture(ctx: &SockAddrContext, ip: u32, port: u16) -> Verdict {
     // SAFETY: plain helper calls on the program's own context.
     let (netns, cookie) = unsafe {
         (
@@ -62,33 +118,30 @@ pub fn warren_connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the value is only read, and PODS entries are plain integers.
     let Some(pod) = (unsafe { PODS.get(&netns) }).copied() else {
         // Attached but not (or no longer) enrolled: leave it alone.
-        return ALLOW;
+        return Verdict::Leave;
     };
-
-    let ip = u32::from_be(addr.user_ip4);
-    let port = u16::from_be(addr.user_port as u16);
     // Loopback, the unspecified address and the pod's own IP stay inside the pod.
     if ip >> 24 == 127 || ip == 0 || ip == pod.ip {
-        return ALLOW;
+        return Verdict::Leave;
     }
     let original = Ipv4Dst { ip, port, _pad: 0 };
     if PENDING.insert(&cookie, &original, 0).is_err() {
-        // Without a record the agent could not forward it; better to let
-        // this one connection through untouched than to break it.
-        return ALLOW;
+        // Without a record the agent could not forward it, and letting it
+        // through would send it in clear: fail closed.
+        return Verdict::Deny;
     }
-    addr.user_ip4 = LOCALHOST.to_be();
-    addr.user_port = u32::from(pod.outbound_port.to_be());
     debug!(
-        &ctx,
-        "connect4: captured connect to {:i}:{} (socket {})", ip, port, cookie
+        ctx,
+        "connect: captured connect to {:i}:{} (socket {})", ip, port, cookie
     );
-    ALLOW
+    Verdict::Redirect(pod.outbound_port)
 }
 
 #[sock_ops]
 pub fn warren_sock_ops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB || ctx.family() != AF_INET {
+    if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB
+        || (ctx.family() != AF_INET && ctx.family() != AF_INET6)
+    {
         return 0;
     }
     // SAFETY: plain helper calls on the program's own context.

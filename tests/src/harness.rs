@@ -377,9 +377,9 @@ pub struct Call {
 
 impl Call {
     /// Starts the call from `pod` to `dst` without waiting for it.
-    pub fn spawn(&self, pod: &Pod, dst: SocketAddrV4) -> Result<Child> {
+    pub fn spawn(&self, pod: &Pod, dst: impl Into<SocketAddr>) -> Result<Child> {
         let mut cmd = pod.try_command(binary("labpod")?)?;
-        cmd.args(["call", &dst.to_string()]);
+        cmd.args(["call", &dst.into().to_string()]);
         if let Some(bytes) = self.bytes {
             cmd.args(["--bytes", &bytes.to_string()]);
         }
@@ -398,7 +398,7 @@ impl Call {
 
     /// Calls `dst` from `pod` and returns what the client saw; fails if the
     /// call did not complete with every byte echoed back.
-    pub fn run(&self, pod: &Pod, dst: SocketAddrV4) -> Result<Called> {
+    pub fn run(&self, pod: &Pod, dst: impl Into<SocketAddr>) -> Result<Called> {
         finish(self.spawn(pod, dst)?)
     }
 }

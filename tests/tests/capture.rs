@@ -347,3 +347,29 @@ fn a_broken_pod_or_a_bad_reload_does_not_stop_the_others() {
     );
     assert_eq!(agent.captures().len(), 2);
 }
+
+#[test]
+fn ipv6_sockets_to_ipv4_mapped_addresses_are_captured_too() {
+    let scene = Scene::new(2, 1);
+    let client = scene.workload(0, 0, "default", "sleep");
+    let server_pod = scene.lab.pod(1, 0);
+    let agent = scene.agent(0, std::slice::from_ref(&client));
+    let mut server = Server::start(server_pod, PORT).unwrap();
+
+    // What Java and other dual-stack clients do: an AF_INET6 socket to
+    // ::ffff:10.244.2.2. It must not slip past capture.
+    let mapped = std::net::SocketAddrV6::new(server_pod.ip.to_ipv6_mapped(), PORT, 0, 0);
+    let called = Call::default().run(&client.pod, mapped).unwrap();
+    assert_eq!(
+        called.local.ip(),
+        IpAddr::V6(std::net::Ipv4Addr::LOCALHOST.to_ipv6_mapped()),
+        "not captured: {called:?}"
+    );
+    assert_eq!(
+        ip(server.next_served().unwrap().peer),
+        IpAddr::V4(client.pod.ip)
+    );
+    let captures = agent.captures();
+    assert_eq!(captures.len(), 1);
+    assert_eq!(captures[0].dst, server.addr);
+}
