@@ -5,7 +5,7 @@ use std::{
     collections::HashMap,
     path::{Path, PathBuf},
     sync::Arc,
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use notify::Watcher as _;
@@ -66,7 +66,9 @@ enum EnrollError {
 struct Enrolled {
     workload: Workload,
     attachment: Attachment,
-    listeners: [JoinHandle<()>; 2],
+    proxy: Arc<PodProxy>,
+    /// Outbound listener, HBONE listener, certificate renewal.
+    tasks: [JoinHandle<()>; 3],
 }
 
 pub struct Agent {
@@ -92,7 +94,8 @@ impl Agent {
             config = %config_path.display(),
             "warren agent starting"
         );
-        let certificates = DevCa::load_or_create(&config.dev_ca_dir)?;
+        let certificates =
+            DevCa::load_or_create(&config.dev_ca_dir)?.with_validity(config.certificate_ttl);
         warn!(
             dir = %config.dev_ca_dir.display(),
             "USING THE DEVELOPMENT CA: workload certificates are issued by a self-signed root kept \
@@ -142,7 +145,7 @@ impl Agent {
             }
         }
         info!("warren agent stopping");
-        self.withdraw_all();
+        self.withdraw_all().await;
         Ok(())
     }
 
@@ -165,8 +168,9 @@ impl Agent {
                 let current = self.store.current();
                 if config.dev_ca_dir != current.config().dev_ca_dir
                     || config.trust_bundle != current.config().trust_bundle
+                    || config.certificate_ttl != current.config().certificate_ttl
                 {
-                    warn!(%why, "devCaDir and trustBundle changes take effect when the agent restarts");
+                    warn!(%why, "devCaDir, trustBundle and certificateTtl changes take effect when the agent restarts");
                 }
                 info!(%why, "config reloaded");
                 self.store.publish(config);
@@ -196,7 +200,7 @@ impl Agent {
             .collect();
         for name in stale {
             if let Some(enrolled) = self.enrolled.remove(&name) {
-                self.withdraw(enrolled);
+                self.withdraw(enrolled).await;
             }
         }
 
@@ -232,16 +236,16 @@ impl Agent {
         pod: &LocalPod,
     ) -> Result<Enrolled, EnrollError> {
         let netns = Arc::new(NetNs::open(&pod.netns).await?);
-        let certificate = Arc::new(self.certificates.certificate(&workload.identity).await?);
-        let proxy = Arc::new(PodProxy {
-            workload: workload.clone(),
-            netns: netns.clone(),
+        let certificate = self.certificates.certificate(&workload.identity).await?;
+        let proxy = Arc::new(PodProxy::new(
+            workload.clone(),
+            netns.clone(),
             certificate,
-            trust: self.trust.clone(),
-            original_dsts: self.redirector.original_dsts(),
-            state: self.store.subscribe(),
-            pool: self.pool.clone(),
-        });
+            self.trust.clone(),
+            self.redirector.original_dsts(),
+            self.store.subscribe(),
+            self.pool.clone(),
+        ));
         let inbound = Arc::new(PodInbound::new(proxy.clone()).await?);
         // Listeners first: capture must never point at a closed port.
         let hbone_listener = inbound.bind().await?;
@@ -252,33 +256,92 @@ impl Agent {
         Ok(Enrolled {
             workload: workload.clone(),
             attachment,
-            listeners: [
+            proxy: proxy.clone(),
+            tasks: [
                 tokio::spawn(outbound::serve(outbound_listener, proxy)),
-                tokio::spawn(inbound::serve(hbone_listener, inbound)),
+                tokio::spawn(inbound::serve(hbone_listener, inbound.clone())),
+                tokio::spawn(renew_certificates(inbound, self.certificates.clone())),
             ],
         })
     }
 
-    fn withdraw(&mut self, enrolled: Enrolled) {
+    async fn withdraw(&mut self, enrolled: Enrolled) {
         let name = enrolled.workload.qualified_name();
-        // Capture stops before the listener closes, so no new connection is
+        // Capture stops before the listeners close, so no new connection is
         // sent to a port nobody serves. Connections in flight finish.
         if let Err(error) = self.redirector.withdraw(enrolled.attachment) {
             warn!(workload = %name, error = %Chain(&error), "detaching from pod failed");
         }
-        for listener in &enrolled.listeners {
-            listener.abort();
+        for task in &enrolled.tasks {
+            task.abort();
         }
+        // Wait until the listeners are closed, so that a pod enrolled again
+        // right away (its config changed) can bind the same addresses.
+        for task in enrolled.tasks {
+            let _ = task.await;
+        }
+        enrolled.proxy.retire_connections().await;
         info!(workload = %name, "withdrew from pod: its traffic is no longer captured");
     }
 
-    fn withdraw_all(&mut self) {
+    async fn withdraw_all(&mut self) {
         let all: Vec<Enrolled> = self.enrolled.drain().map(|(_, e)| e).collect();
         for enrolled in all {
-            self.withdraw(enrolled);
+            self.withdraw(enrolled).await;
         }
     }
 }
+
+/// Keeps a pod's certificate fresh: renews it at about half its lifetime
+/// (with jitter, so that pods enrolled together do not renew together), and
+/// retries with backoff when that fails, while the old one stays in use.
+async fn renew_certificates(inbound: Arc<PodInbound>, source: Arc<dyn CertificateSource>) {
+    let pod = &inbound.pod;
+    let name = pod.workload.qualified_name();
+    let mut backoff = RETRY_MIN;
+    loop {
+        let current = pod.certificate();
+        let lifetime = current
+            .not_after()
+            .duration_since(current.not_before())
+            .unwrap_or_default();
+        let jitter = lifetime.mul_f64(rand::random::<f64>() * 0.05);
+        let wait = current
+            .refresh_at()
+            .duration_since(SystemTime::now())
+            .unwrap_or_default()
+            .saturating_sub(jitter);
+        tokio::time::sleep(wait).await;
+        let renewed = match source.certificate(&pod.workload.identity).await {
+            Ok(certificate) => inbound.renew(certificate).await,
+            Err(error) => Err(error),
+        };
+        match renewed {
+            Ok(()) => {
+                backoff = RETRY_MIN;
+                let certificate = pod.certificate();
+                let valid_for = certificate
+                    .not_after()
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default();
+                info!(
+                    workload = %name,
+                    identity = %certificate.identity(),
+                    valid_for_s = valid_for.as_secs(),
+                    "certificate renewed"
+                );
+            }
+            Err(error) => {
+                warn!(workload = %name, error = %Chain(&error), retry_in = ?backoff, "certificate renewal failed; keeping the current one");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RETRY_MAX);
+            }
+        }
+    }
+}
+
+const RETRY_MIN: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// Reports changes to `path`. Watches the directory, since editors and
 /// config management replace files rather than write them in place.

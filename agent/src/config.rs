@@ -10,6 +10,7 @@ use std::{
     collections::HashMap,
     net::Ipv4Addr,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use serde::Deserialize;
@@ -18,6 +19,9 @@ use crate::identity::{SpiffeId, TrustDomain};
 
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 pub const DEFAULT_DEV_CA_DIR: &str = "/var/lib/warren/dev-ca";
+pub const DEFAULT_CERTIFICATE_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Shorter lifetimes would renew faster than connections can be set up.
+pub const MIN_CERTIFICATE_TTL: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -50,6 +54,8 @@ pub struct Config {
     pub dev_ca_dir: PathBuf,
     /// Extra roots to trust, besides the CA's own (PEM, one or more).
     pub trust_bundle: Option<PathBuf>,
+    /// How long workload certificates live; they are renewed at about half.
+    pub certificate_ttl: Duration,
     pub workloads: Vec<Workload>,
 }
 
@@ -124,6 +130,8 @@ struct RawConfig {
     #[serde(default)]
     trust_bundle: Option<PathBuf>,
     #[serde(default)]
+    certificate_ttl: Option<String>,
+    #[serde(default)]
     workloads: Vec<RawWorkload>,
 }
 
@@ -152,6 +160,24 @@ impl RawConfig {
             TrustDomain::new(self.trust_domain.as_deref().unwrap_or(DEFAULT_TRUST_DOMAIN))
                 .map_err(|e| ("trustDomain".into(), e.to_string()))?;
 
+        let certificate_ttl = match &self.certificate_ttl {
+            None => DEFAULT_CERTIFICATE_TTL,
+            Some(text) => {
+                let ttl = humantime::parse_duration(text).map_err(|e| {
+                    (
+                        "certificateTtl".to_owned(),
+                        format!("{text:?} is not a duration like 24h or 90s: {e}"),
+                    )
+                })?;
+                if ttl < MIN_CERTIFICATE_TTL {
+                    return Err((
+                        "certificateTtl".into(),
+                        format!("{text} is shorter than the minimum, {MIN_CERTIFICATE_TTL:?}"),
+                    ));
+                }
+                ttl
+            }
+        };
         let mut by_name = HashMap::new();
         let mut by_ip = HashMap::new();
         let mut workloads = Vec::with_capacity(self.workloads.len());
@@ -182,6 +208,7 @@ impl RawConfig {
                 .dev_ca_dir
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DEV_CA_DIR)),
             trust_bundle: self.trust_bundle,
+            certificate_ttl,
             workloads,
         })
     }
@@ -266,6 +293,7 @@ node: node-1
 trustDomain: example.org
 devCaDir: /tmp/dev-ca
 trustBundle: /etc/warren/roots.pem
+certificateTtl: 1h 30m
 workloads:
   - name: client
     namespace: default

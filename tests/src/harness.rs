@@ -477,8 +477,17 @@ impl WireCapture {
 
     /// Stops the capture and returns the pcap file's bytes.
     pub fn finish(mut self) -> Result<Vec<u8>> {
-        // Let the last packets in, then stop cleanly so the file is whole.
-        thread::sleep(Duration::from_millis(200));
+        // Let the last packets in (tcpdump writes each as it reads it: wait
+        // until the file stops growing), then stop cleanly.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let mut last = (0, Instant::now());
+        while Instant::now() < deadline && last.1.elapsed() < Duration::from_millis(300) {
+            thread::sleep(Duration::from_millis(50));
+            let size = fs::metadata(self.file.path())?.len();
+            if size != last.0 {
+                last = (size, Instant::now());
+            }
+        }
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGINT,

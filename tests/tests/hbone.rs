@@ -8,6 +8,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     process::Child,
     sync::Arc,
+    thread,
     time::Duration,
 };
 
@@ -44,6 +45,11 @@ impl Mesh {
     /// Two nodes, two pods each. n1p1 (default/sleep) is the client; n2p1
     /// (shop/web) and n1p2 (default/web) serve. n2p2 is outside the mesh.
     fn new() -> Self {
+        Self::with_config("")
+    }
+
+    /// Like [`Mesh::new`], with `extra` appended to every agent's config.
+    fn with_config(extra: &str) -> Self {
         assert!(
             nix::unistd::geteuid().is_root(),
             "the end-to-end tests need root (eBPF, namespaces, cgroups): run `cargo xtask test`"
@@ -61,7 +67,10 @@ impl Mesh {
         let agents = lab
             .nodes()
             .iter()
-            .map(|node| Agent::start(node, &agent_config(node, &mesh), &dir).expect("agent start"))
+            .map(|node| {
+                let config = agent_config(node, &mesh) + extra;
+                Agent::start(node, &config, &dir).expect("agent start")
+            })
             .collect();
         Self {
             lab,
@@ -83,6 +92,21 @@ impl Mesh {
     /// The development CA the agents share (created by the first of them).
     fn ca(&self) -> DevCa {
         DevCa::load_or_create(&dev_ca_dir(self.lab.node(0))).expect("the lab's dev CA")
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        // The logs go with the lab; show what the agents complained about.
+        if thread::panicking() {
+            for agent in &self.agents {
+                for line in agent.lines() {
+                    if line.0["level"] != "INFO" && line.0["level"] != "DEBUG" {
+                        eprintln!("{}: {}", agent.node, line.0);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -498,4 +522,53 @@ fn a_trust_bundle_adds_roots_the_agent_accepts() {
         })
         .unwrap();
     assert_eq!(rogue.connect(config, mesh.hbone_addr(), &app), Ok(200));
+}
+
+#[test]
+fn certificates_are_renewed_without_breaking_connections() {
+    // Certificates of 4 s, renewed every 2 s or so, on both ends.
+    let mut mesh = Mesh::with_config("certificateTtl: 4s\n");
+    let mut server = Server::start(&mesh.server.pod, PORT).unwrap();
+
+    // One connection held open across several renewals...
+    let long = Call {
+        hold_ms: Some(6000),
+        bytes: Some(64 * 1024),
+        ..Call::default()
+    }
+    .spawn(&mesh.client.pod, server.addr)
+    .unwrap();
+    // ...while new connections keep coming, before and after each renewal.
+    for _ in 0..12 {
+        Call::default().run(&mesh.client.pod, server.addr).unwrap();
+        thread::sleep(Duration::from_millis(500));
+    }
+    let long = finish(long).unwrap();
+    assert_eq!(long.received, 64 * 1024);
+    for _ in 0..13 {
+        server.next_served().unwrap();
+    }
+
+    for agent in &mut mesh.agents {
+        agent
+            .wait_for_count(PATIENCE, 2, |l| l.message() == "certificate renewed")
+            .unwrap();
+    }
+    // Tunnels were re-established with the new certificates: no connection
+    // outlives the certificate it was made with.
+    let connections = mesh.agents[1]
+        .lines()
+        .iter()
+        .filter(|l| l.message() == "HBONE connection accepted")
+        .count();
+    assert!(
+        connections >= 3,
+        "only {connections} TLS connections in 6 s of renewals"
+    );
+    let failures: Vec<_> = mesh.agents[0]
+        .lines()
+        .into_iter()
+        .filter(|l| l.message() == "outbound connection failed")
+        .collect();
+    assert!(failures.is_empty(), "{failures:?}");
 }

@@ -107,9 +107,21 @@ impl Connection {
         &self,
         request: http::Request<()>,
     ) -> Result<(http::Response<RecvStream>, SendStream<Bytes>), h2::Error> {
-        let mut send = self.send.clone().ready().await?;
-        let (response, stream) = send.send_request(request, false)?;
-        Ok((response.await?, stream))
+        let result: Result<_, h2::Error> = async {
+            let mut send = self.send.clone().ready().await?;
+            let (response, stream) = send.send_request(request, false)?;
+            Ok((response.await?, stream))
+        }
+        .await;
+        if let Err(e) = &result
+            && (e.is_go_away() || e.is_io())
+        {
+            // The peer is going away (a GOAWAY, say after renewing its
+            // certificate) or the connection broke: it takes no new streams,
+            // though its driver runs on until the old ones finish.
+            self.closed.store(true, Ordering::Release);
+        }
+        result
     }
 }
 

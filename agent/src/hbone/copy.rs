@@ -26,8 +26,10 @@ pub struct Relayed {
     pub received: u64,
 }
 
-/// Relays until both directions have finished. On error in either direction
-/// the stream is reset and the socket dropped (which closes it).
+/// Relays until both directions have finished. On an error on the socket
+/// side the stream is reset (CANCEL); on an error on the stream side the
+/// socket and the stream handles are dropped, which closes the socket and
+/// resets the stream too.
 pub async fn relay<S>(
     socket: S,
     mut send: SendStream<Bytes>,

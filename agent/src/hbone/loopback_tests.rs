@@ -63,12 +63,16 @@ async fn ends(app: SocketAddr, frozen: bool) -> Ends {
                     std::future::pending::<()>().await;
                     return;
                 }
-                let _ = server::serve(tls, move |request, mut respond| async move {
-                    let dst = check_request(&request, app.ip()).unwrap();
-                    let upstream = TcpStream::connect(dst).await.unwrap();
-                    let send = server::accept(&mut respond).unwrap();
-                    relay(upstream, send, request.into_body()).await.unwrap();
-                })
+                let _ = server::serve(
+                    tls,
+                    std::future::pending(),
+                    move |request, mut respond| async move {
+                        let dst = check_request(&request, app.ip()).unwrap();
+                        let upstream = TcpStream::connect(dst).await.unwrap();
+                        let send = server::accept(&mut respond).unwrap();
+                        relay(upstream, send, request.into_body()).await.unwrap();
+                    },
+                )
                 .await;
             });
         }
@@ -176,6 +180,7 @@ async fn streams_share_connections_up_to_the_limit() {
         ..Settings::default()
     });
     let key = PoolKey {
+        src_netns: 1,
         src_ip: "127.0.0.1".parse().unwrap(),
         src: ends.client_id.clone(),
         dst: ends.server_id.clone(),
@@ -228,6 +233,7 @@ async fn idle_connections_are_closed() {
         ..Settings::default()
     });
     let key = PoolKey {
+        src_netns: 1,
         src_ip: "127.0.0.1".parse().unwrap(),
         src: ends.client_id.clone(),
         dst: ends.server_id.clone(),
@@ -239,11 +245,11 @@ async fn idle_connections_are_closed() {
         })
         .await
         .unwrap();
-    pool.evict_idle().await;
+    pool.evict_idle();
     assert_eq!(pool.connection_count().await, 1, "busy connections stay");
     drop(checkout);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    pool.evict_idle().await;
+    pool.evict_idle();
     assert_eq!(pool.connection_count().await, 0);
 }
 
@@ -260,6 +266,7 @@ async fn a_dead_connection_fails_its_streams_and_is_replaced() {
         ..Settings::default()
     });
     let key = PoolKey {
+        src_netns: 1,
         src_ip: "127.0.0.1".parse().unwrap(),
         src: hung.client_id.clone(),
         dst: hung.server_id.clone(),

@@ -34,6 +34,10 @@ pub const MAX_FRAME_SIZE: u32 = 1024 * 1024;
 pub const SERVER_MAX_STREAMS: u32 = 200;
 pub const SERVER_MAX_HEADER_LIST: u32 = 64 * 1024;
 pub const CLIENT_MAX_HEADER_LIST: u32 = 16 * 1024;
+/// Opening a tunnel connection (TCP, TLS and HTTP/2 handshakes), and
+/// waiting for the answer to a CONNECT, take at most this long: a peer that
+/// stalls must not hold up the streams queued behind it.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Keepalive: a connection whose PING is not answered in time is dead.
 pub const PING_INTERVAL: Duration = Duration::from_secs(10);
 pub const PING_TIMEOUT: Duration = Duration::from_secs(20);
@@ -49,10 +53,9 @@ pub enum Refusal {
     WrongPod { dst: IpAddr, pod: IpAddr },
     #[error("destination port {0} is one of the proxy's own ports")]
     ProxyPort(u16),
+    /// Authorization policy said no (enforced in a later step).
     #[error("denied by policy: {0}")]
     Denied(String),
-    #[error("no workload {0} on this node")]
-    NoWorkload(IpAddr),
     #[error("connecting to the application at {dst} failed: {reason}")]
     Unreachable { dst: SocketAddr, reason: String },
 }
@@ -66,7 +69,7 @@ impl Refusal {
             | Self::WrongPod { .. }
             | Self::ProxyPort(_) => StatusCode::BAD_REQUEST,
             Self::Denied(_) => StatusCode::UNAUTHORIZED,
-            Self::NoWorkload(_) | Self::Unreachable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unreachable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }
@@ -159,7 +162,11 @@ mod tests {
             assert_eq!(refusal.status().as_u16(), status, "{refusal}");
         }
         assert_eq!(Refusal::Denied("x".into()).status().as_u16(), 401);
-        assert_eq!(Refusal::NoWorkload(pod).status().as_u16(), 503);
+        let unreachable = Refusal::Unreachable {
+            dst: "10.244.2.2:8080".parse().unwrap(),
+            reason: "connection refused".into(),
+        };
+        assert_eq!(unreachable.status().as_u16(), 503);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Sharing HBONE client connections between streams.
 //!
-//! Connections are keyed by who speaks to whom, from where: (source address,
-//! source identity, destination identity, destination address). Streams of
+//! Connections are keyed by who speaks to whom, from where: (source
+//! namespace and address, source identity, destination identity, destination
+//! address). Streams of
 //! different source workloads never share a connection, since each presents
 //! its own client certificate. A connection takes up to
 //! [`Settings::max_streams`] streams at once; the next one opens another
@@ -24,6 +25,9 @@ use crate::identity::SpiffeId;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
+    /// The network namespace the connection's socket lives in: a pod that is
+    /// replaced under the same address must not reuse the old pod's sockets.
+    pub src_netns: u64,
     pub src_ip: IpAddr,
     pub src: SpiffeId,
     pub dst: SpiffeId,
@@ -156,14 +160,18 @@ impl Pool {
 
     /// Closes connections that have carried no stream for the idle timeout,
     /// and forgets dead ones. Streams in flight keep their connection.
-    pub async fn evict_idle(&self) {
+    pub fn evict_idle(&self) {
         let slots: Vec<(PoolKey, Slot)> = lock(&self.slots)
             .iter()
             .map(|(k, s)| (k.clone(), s.clone()))
             .collect();
         let now = Instant::now();
         for (key, slot) in slots {
-            let mut connections = slot.lock().await;
+            // A key whose lock is held is opening a connection: it is busy,
+            // not idle, and waiting for it would stall the reaper.
+            let Ok(mut connections) = slot.try_lock() else {
+                continue;
+            };
             connections.retain(|c| {
                 let idle = c.active.load(Ordering::Acquire) == 0
                     && now.duration_since(*lock(&c.idle_since)) >= self.settings.idle_timeout;
@@ -218,7 +226,7 @@ impl Pool {
             loop {
                 tokio::time::sleep(period).await;
                 match pool.upgrade() {
-                    Some(pool) => pool.evict_idle().await,
+                    Some(pool) => pool.evict_idle(),
                     None => return,
                 }
             }

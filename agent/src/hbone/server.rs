@@ -12,13 +12,17 @@ use super::{
 };
 
 /// Serves the HTTP/2 connection on `io` (already authenticated by TLS):
-/// every request is handed to `handler` on its own task. Returns when the
-/// peer closes the connection, or with the error that ended it.
-pub async fn serve<IO, H, F>(io: IO, handler: H) -> Result<(), h2::Error>
+/// every request is handed to `handler` on its own task. When `wind_down`
+/// completes (the certificate this connection was made with has been
+/// replaced, say), the client is told to go away (GOAWAY) and streams in
+/// flight finish. Returns when the connection is over, or with the error
+/// that ended it.
+pub async fn serve<IO, H, F, W>(io: IO, wind_down: W, handler: H) -> Result<(), h2::Error>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
     H: Fn(http::Request<RecvStream>, SendResponse<Bytes>) -> F,
     F: Future<Output = ()> + Send + 'static,
+    W: Future<Output = ()>,
 {
     let mut connection = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
@@ -28,13 +32,25 @@ where
         .max_header_list_size(SERVER_MAX_HEADER_LIST)
         .handshake(io)
         .await?;
+    let mut wind_down = std::pin::pin!(wind_down);
+    let mut winding_down = false;
     // Polling accept() also drives the connection: PINGs, flow control,
     // the streams' data.
-    while let Some(request) = connection.accept().await {
-        let (request, respond) = request?;
-        tokio::spawn(handler(request, respond));
+    loop {
+        tokio::select! {
+            request = connection.accept() => match request {
+                Some(request) => {
+                    let (request, respond) = request?;
+                    tokio::spawn(handler(request, respond));
+                }
+                None => return Ok(()),
+            },
+            () = &mut wind_down, if !winding_down => {
+                winding_down = true;
+                connection.graceful_shutdown();
+            }
+        }
     }
-    Ok(())
 }
 
 /// Answers a CONNECT with 200: the tunnel is up, the returned stream carries

@@ -9,13 +9,16 @@
 use std::{
     io,
     net::{IpAddr, SocketAddr},
-    sync::Arc,
+    sync::{Arc, RwLock},
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
 use h2::{RecvStream, server::SendResponse};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    time::timeout,
+};
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
@@ -24,7 +27,7 @@ use crate::{
     hbone::{self, Refusal, copy::relay, server},
     identity::SpiffeId,
     logging::Chain,
-    tls::{self, TlsError},
+    tls::{self, TlsError, WorkloadCertificate},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -42,20 +45,30 @@ pub enum InboundError {
 }
 
 /// Everything the inbound side of one pod needs: the pod, and the TLS server
-/// configuration built from its certificate.
+/// configuration built from its current certificate.
 pub struct PodInbound {
     pub pod: Arc<PodProxy>,
-    pub acceptor: TlsAcceptor,
+    acceptor: RwLock<TlsAcceptor>,
 }
 
 impl PodInbound {
     pub async fn new(pod: Arc<PodProxy>) -> Result<Self, InboundError> {
         transparent::prepare_pod(&pod.netns).await?;
-        let config = tls::server_config(&pod.certificate, &pod.trust)?;
+        let config = tls::server_config(&pod.certificate(), &pod.trust)?;
         Ok(Self {
             pod,
-            acceptor: TlsAcceptor::from(config),
+            acceptor: RwLock::new(TlsAcceptor::from(config)),
         })
+    }
+
+    /// Switches the pod, both ways, to a renewed certificate. A certificate
+    /// that cannot make a server configuration is refused, and the old one
+    /// stays in use.
+    pub async fn renew(&self, certificate: WorkloadCertificate) -> Result<(), TlsError> {
+        let acceptor = TlsAcceptor::from(tls::server_config(&certificate, &self.pod.trust)?);
+        *self.acceptor.write().unwrap_or_else(|p| p.into_inner()) = acceptor;
+        self.pod.renew(certificate).await;
+        Ok(())
     }
 
     pub async fn bind(&self) -> Result<TcpListener, InboundError> {
@@ -95,11 +108,23 @@ impl PodInbound {
             return;
         }
         let _ = tcp.set_nodelay(true);
-        let tls = match self.acceptor.accept(tcp).await {
-            Ok(tls) => tls,
-            Err(error) => {
+        let acceptor = self
+            .acceptor
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        // Subscribed before the handshake, so a renewal during it counts.
+        let mut renewed = self.pod.certificate_changes();
+        renewed.mark_unchanged();
+        let tls = match timeout(hbone::CONNECT_TIMEOUT, acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(error)) => {
                 let error = tls::handshake_error(&error);
                 warn!(%workload, %peer, %error, "HBONE connection refused: TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                warn!(%workload, %peer, "HBONE connection refused: TLS handshake timed out");
                 return;
             }
         };
@@ -111,7 +136,12 @@ impl PodInbound {
         info!(%workload, %peer, %peer_identity, "HBONE connection accepted");
         let this = self.clone();
         let identity = peer_identity.clone();
-        let result = server::serve(tls, move |request, respond| {
+        // No connection outlives the certificate it was made with: when it is
+        // renewed, the client is asked to go away and reconnect.
+        let wind_down = async move {
+            let _ = renewed.changed().await;
+        };
+        let result = server::serve(tls, wind_down, move |request, respond| {
             this.clone()
                 .stream(identity.clone(), peer, request, respond)
         })
@@ -148,7 +178,13 @@ impl PodInbound {
         // The application sees the address the tunnel came from: the client
         // pod's own (its agent dials from inside the client pod).
         let IpAddr::V4(src_ip) = peer.ip() else {
-            server::refuse(&mut respond, &Refusal::BadAuthority(peer.to_string()));
+            // Pods are IPv4 here; an IPv6 peer cannot be one of them.
+            let refusal = Refusal::Unreachable {
+                dst,
+                reason: format!("cannot deliver as {peer}: only IPv4 clients are supported"),
+            };
+            warn!(%workload, %peer_identity, %dst, status = 503, reason = %refusal, "HBONE stream refused");
+            server::refuse(&mut respond, &refusal);
             return;
         };
         let app = match transparent::connect(&self.pod.netns, src_ip, dst).await {
@@ -170,10 +206,13 @@ impl PodInbound {
                 return;
             }
         };
+        // `src` is the address the tunnel came from; what the client claims
+        // in its `forwarded` header is logged apart, as a claim.
         info!(
             %workload,
             %peer_identity,
-            src = %forwarded.unwrap_or(peer),
+            src = %peer,
+            claimed_src = %forwarded.map_or_else(|| "-".to_owned(), |f| f.to_string()),
             %dst,
             "accepted HBONE stream"
         );

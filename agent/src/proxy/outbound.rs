@@ -21,9 +21,12 @@ use std::{
 };
 
 use rustls::pki_types::ServerName;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    time::timeout,
+};
 use tokio_rustls::TlsConnector;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use warren_common::OUTBOUND_PORT;
 
 use super::PodProxy;
@@ -47,8 +50,6 @@ pub enum OutboundError {
         netns: String,
         source: io::Error,
     },
-    #[error("no original destination recorded for the connection from port {0}")]
-    NoOriginalDst(u16),
     #[error("connecting to {dst} failed: {source}")]
     Connect { dst: SocketAddr, source: io::Error },
     #[error("the workload has no valid certificate; no tunnel without one")]
@@ -59,8 +60,10 @@ pub enum OutboundError {
     Handshake { dst: SocketAddr, reason: String },
     #[error("HTTP/2: {0}")]
     H2(#[from] h2::Error),
-    #[error("the tunnel was refused: {0}")]
+    #[error("the destination's agent refused the tunnel: {0}")]
     Refused(http::StatusCode),
+    #[error("timed out {0}")]
+    Timeout(&'static str),
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
 }
@@ -83,18 +86,7 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodProxy>) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                let pod = pod.clone();
-                tokio::spawn(async move {
-                    let port = peer.port();
-                    if let Err(error) = pod.forward(stream, port).await {
-                        warn!(
-                            workload = %pod.workload.qualified_name(),
-                            src_port = port,
-                            error = %Chain(&error),
-                            "outbound connection failed"
-                        );
-                    }
-                });
+                tokio::spawn(pod.clone().forward(stream, peer.port()));
             }
             Err(error) => {
                 // Out of file descriptors and the like: back off, keep serving.
@@ -106,33 +98,39 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodProxy>) {
 }
 
 impl PodProxy {
-    async fn forward(&self, client: TcpStream, src_port: u16) -> Result<(), OutboundError> {
-        let dst = self
-            .original_dsts
-            .take(self.netns.cookie(), src_port)
-            .ok_or(OutboundError::NoOriginalDst(src_port))?;
-        client.set_nodelay(true)?;
+    async fn forward(self: Arc<Self>, client: TcpStream, src_port: u16) {
         let workload = self.workload.qualified_name();
         let src = SocketAddrV4::new(self.workload.ip, src_port);
+        let Some(dst) = self.original_dsts.take(self.netns.cookie(), src_port) else {
+            // Evicted from the kernel's table before we got to it: we do not
+            // know where it was going, so it goes nowhere.
+            warn!(%workload, %src, "outbound connection dropped: no original destination recorded");
+            return;
+        };
+        let _ = client.set_nodelay(true);
         let dst_workload = self.state.borrow().workload_by_ip(*dst.ip()).cloned();
         let started = Instant::now();
-        let relayed = match &dst_workload {
-            Some(dst_workload) => self.tunnel(client, src, dst, dst_workload).await?,
+        let result = match &dst_workload {
+            Some(dst_workload) => self.tunnel(client, src, dst, dst_workload).await,
             None => {
                 info!(%workload, %src, %dst, dst_workload = "-", path = "passthrough", "captured outbound connection");
-                self.passthrough(client, dst).await?
+                self.passthrough(client, dst).await
             }
         };
-        info!(
-            %workload,
-            %src,
-            %dst,
-            sent = relayed.sent,
-            received = relayed.received,
-            duration_ms = started.elapsed().as_millis() as u64,
-            "connection closed"
-        );
-        Ok(())
+        match result {
+            Ok(relayed) => info!(
+                %workload,
+                %src,
+                %dst,
+                sent = relayed.sent,
+                received = relayed.received,
+                duration_ms = started.elapsed().as_millis() as u64,
+                "connection closed"
+            ),
+            Err(error) => {
+                warn!(%workload, %src, %dst, error = %Chain(&error), "outbound connection failed")
+            }
+        }
     }
 
     async fn passthrough(
@@ -160,15 +158,31 @@ impl PodProxy {
         dst_workload: &Workload,
     ) -> Result<Relayed, OutboundError> {
         let key = PoolKey {
+            src_netns: self.netns.cookie(),
             src_ip: self.workload.ip.into(),
             src: self.workload.identity.clone(),
             dst: dst_workload.identity.clone(),
             dst_addr: SocketAddr::new((*dst.ip()).into(), hbone::PORT),
         };
-        let checkout = self
-            .pool
-            .checkout(&key, || self.open_connection(&key))
-            .await?;
+        // The connection may turn out to be going away (its peer renewed its
+        // certificate a moment ago, say); then one more is tried.
+        let mut attempts = 0;
+        let (checkout, response, send) = loop {
+            attempts += 1;
+            let checkout = self
+                .pool
+                .checkout(&key, || self.open_connection(&key))
+                .await?;
+            let request = hbone::connect_request(dst.into(), src.into());
+            match timeout(hbone::CONNECT_TIMEOUT, checkout.connection().send(request)).await {
+                Ok(Ok((response, send))) => break (checkout, response, send),
+                Ok(Err(e)) if attempts == 1 && checkout.connection().is_closed() => {
+                    debug!(connection = checkout.connection_id(), error = %e, "tunnel connection went away; trying another");
+                }
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => return Err(OutboundError::Timeout("waiting for the answer to CONNECT")),
+            }
+        };
         info!(
             workload = %self.workload.qualified_name(),
             %src,
@@ -181,10 +195,6 @@ impl PodProxy {
             reused = checkout.reused(),
             "captured outbound connection"
         );
-        let (response, send) = checkout
-            .connection()
-            .send(hbone::connect_request(dst.into(), src.into()))
-            .await?;
         if response.status() != http::StatusCode::OK {
             return Err(OutboundError::Refused(response.status()));
         }
@@ -195,10 +205,16 @@ impl PodProxy {
     /// presenting this pod's certificate and accepting only the expected
     /// destination identity.
     async fn open_connection(&self, key: &PoolKey) -> Result<Connection, OutboundError> {
+        timeout(hbone::CONNECT_TIMEOUT, self.handshakes(key))
+            .await
+            .map_err(|_| OutboundError::Timeout("opening the tunnel connection"))?
+    }
+
+    async fn handshakes(&self, key: &PoolKey) -> Result<Connection, OutboundError> {
         let certificate = self
             .valid_certificate()
             .ok_or(OutboundError::NoCertificate)?;
-        let config = tls::client_config(certificate, &self.trust, std::slice::from_ref(&key.dst))?;
+        let config = tls::client_config(&certificate, &self.trust, std::slice::from_ref(&key.dst))?;
         let tcp =
             self.netns
                 .connect(key.dst_addr)
