@@ -2,6 +2,7 @@
 //! modules fit together.
 
 pub mod agent;
+pub mod ca;
 pub mod config;
 pub mod hbone;
 pub mod identity;

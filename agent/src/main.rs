@@ -6,7 +6,9 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 use warren_agent::{
     agent::Agent,
+    ca,
     config::Config,
+    identity::TrustDomain,
     logging::{self, Chain, LogFormat},
 };
 
@@ -36,6 +38,28 @@ enum Command {
     },
     /// Check a config file and print what it describes.
     CheckConfig { config: PathBuf },
+    /// The mesh CA's tools.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Make the CA's signing certificate: for a lab, a root and an
+    /// intermediate; with --csr, an intermediate key and a certificate signing
+    /// request for your organisation's root to sign.
+    Init {
+        /// Where to write the files (existing key files are never overwritten).
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = warren_agent::config::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+        /// Plug into your organisation's PKI instead of making a lab root.
+        #[arg(long)]
+        csr: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -50,6 +74,40 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
             run_agent(config)
+        }
+        Command::Ca {
+            command:
+                CaCommand::Init {
+                    dir,
+                    trust_domain,
+                    csr,
+                },
+        } => {
+            let made = TrustDomain::new(&trust_domain)
+                .map_err(|e| e.to_string())
+                .and_then(|td| {
+                    let made = if csr {
+                        ca::init::csr(&dir, &td)
+                    } else {
+                        ca::init::lab(&dir, &td)
+                    };
+                    made.map_err(|e| Chain(&e).to_string())
+                });
+            match made {
+                Ok(summary) => {
+                    println!("{summary}");
+                    println!(
+                        "(The CA service, `warren ca serve`, and agents that request their \
+                         certificates from it come in the next step; until then agents use \
+                         their development CA.)"
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("warren: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::CheckConfig { config: path } => match Config::load(&path) {
             Ok(config) => {
