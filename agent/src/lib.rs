@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod ca;
 pub mod config;
+pub mod files;
 pub mod hbone;
 pub mod identity;
 pub mod logging;

@@ -118,24 +118,13 @@ struct Target<'a> {
 }
 
 pub fn run() -> Result<()> {
-    let bin_dir = crate::workspace_root().join("target/release");
-    // SAFETY: nothing has spawned a thread yet, so no one reads the environment concurrently.
-    // harness::binary() reads this variable to find the release builds.
-    unsafe { std::env::set_var("WARREN_BIN_DIR", &bin_dir) };
     crate::setup::run(true)?;
     println!("building warren and labpod (release)...");
-    crate::cargo(
-        &[
-            "build",
-            "--release",
-            "-p",
-            "warren-agent",
-            "-p",
-            "warren-tests",
-            "--bins",
-        ],
-        &[],
-    )?;
+    let bin_dir = crate::build(crate::Profile::Release)?;
+    // SAFETY: xtask has spawned no thread yet (only child processes, waited
+    // for), so no one reads the environment concurrently. harness::binary()
+    // reads this variable to find the release builds.
+    unsafe { std::env::set_var("WARREN_BIN_DIR", &bin_dir) };
 
     let lab = Lab::up(LabSpec {
         nodes: 2,

@@ -20,7 +20,7 @@ const MARKER: &[u8] = b"warren-labpod-warren-labpod-";
 pub fn run() -> Result<()> {
     crate::setup::run(true)?;
     println!("building warren and the lab tools...");
-    crate::build()?;
+    crate::build(crate::Profile::Debug)?;
 
     let lab = Lab::up(LabSpec {
         nodes: 2,

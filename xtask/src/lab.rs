@@ -94,7 +94,7 @@ fn files_dir(name: &str) -> PathBuf {
 
 fn up(name: &str, spec: LabSpec) -> Result<()> {
     crate::setup::run(true)?;
-    crate::build()?;
+    crate::build(crate::Profile::Debug)?;
     let lab = Lab::up_named(name, spec)?;
     let workloads: Vec<MeshWorkload> = lab
         .nodes()

@@ -62,7 +62,7 @@ fn main() -> Result<()> {
 fn test(args: &[String]) -> Result<()> {
     setup::run(true)?;
     println!("\n== building the agent and the lab tools");
-    build()?;
+    build(Profile::Debug)?;
     println!("\n== unit tests");
     cargo(
         &[
@@ -81,20 +81,31 @@ fn test(args: &[String]) -> Result<()> {
     cargo(&["test", "-p", "warren-tests", "--"], args)
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Profile {
+    Debug,
+    Release,
+}
+
 /// Builds the `warren` and `labpod` binaries; returns the directory holding them.
-fn build() -> Result<PathBuf> {
-    cargo(
-        &[
-            "build",
-            "-p",
-            "warren-agent",
-            "-p",
-            "warren-tests",
-            "--bins",
-        ],
-        &[],
-    )?;
-    Ok(workspace_root().join("target/debug"))
+fn build(profile: Profile) -> Result<PathBuf> {
+    let mut args = vec![
+        "build",
+        "-p",
+        "warren-agent",
+        "-p",
+        "warren-tests",
+        "--bins",
+    ];
+    if profile == Profile::Release {
+        args.push("--release");
+    }
+    cargo(&args, &[])?;
+    let dir = match profile {
+        Profile::Debug => "target/debug",
+        Profile::Release => "target/release",
+    };
+    Ok(workspace_root().join(dir))
 }
 
 fn cargo(args: &[&str], extra: &[String]) -> Result<()> {

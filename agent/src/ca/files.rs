@@ -2,7 +2,7 @@
 
 use std::{
     fs,
-    io::{self, Read, Write},
+    io::Read,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
 };
@@ -75,33 +75,16 @@ pub(super) fn refuse_existing(paths: &[&Path]) -> Result<(), CaError> {
     }
 }
 
-/// Creates `path` holding `contents`, never replacing an existing file.
-///
-/// The file is written under a temporary name with its final mode and only
-/// then given its name: a key is never readable by others, not even briefly,
-/// and a crash never leaves a half-written file under the real name.
+/// Creates `path` holding `contents` (see [`crate::files::create_new`]),
+/// never replacing an existing file.
 pub(super) fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError> {
-    let write_error = |source| CaError::Write {
-        path: path.to_owned(),
-        source,
-    };
-    let dir = match path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent,
-        _ => Path::new("."),
-    };
-    let mut temp = tempfile::Builder::new()
-        .prefix(".warren-ca-")
-        .permissions(fs::Permissions::from_mode(mode))
-        .tempfile_in(dir)
-        .map_err(write_error)?;
-    temp.write_all(contents).map_err(write_error)?;
-    temp.as_file().sync_all().map_err(write_error)?;
-    match temp.persist_noclobber(path) {
-        Ok(_) => Ok(()),
-        Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => {
-            Err(CaError::Exists(vec![path.to_owned()]))
-        }
-        Err(e) => Err(write_error(e.error)),
+    match crate::files::create_new(path, contents, mode) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(CaError::Exists(vec![path.to_owned()])),
+        Err(source) => Err(CaError::Write {
+            path: path.to_owned(),
+            source,
+        }),
     }
 }
 

@@ -5,7 +5,7 @@
 use std::{
     fmt, fs,
     future::{self, Future},
-    io::{self, Write},
+    io,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     pin::Pin,
@@ -69,7 +69,7 @@ impl DevCa {
             Some(pem) => pem,
             None => {
                 let mine = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?.serialize_pem();
-                publish(dir, &key_path, mine.as_bytes(), 0o600)?
+                publish(&key_path, mine.as_bytes(), 0o600)?
             }
         };
         warn_if_readable_by_others(&key_path);
@@ -87,7 +87,7 @@ impl DevCa {
             Some(pem) => pem,
             None => {
                 let mine = root_params(&key)?.self_signed(&key)?.pem();
-                publish(dir, &cert_path, mine.as_bytes(), 0o644)?
+                publish(&cert_path, mine.as_bytes(), 0o644)?
             }
         };
         let root = certificates_from_pem(&cert_pem, "development CA root")
@@ -250,26 +250,16 @@ fn read_if_exists(path: &Path) -> Result<Option<Vec<u8>>, TlsError> {
 
 /// Creates `path` with `contents` unless it exists by now, and returns what
 /// the file holds afterwards: ours, or that of whoever created it first.
-fn publish(dir: &Path, path: &Path, contents: &[u8], mode: u32) -> Result<Vec<u8>, TlsError> {
+fn publish(path: &Path, contents: &[u8], mode: u32) -> Result<Vec<u8>, TlsError> {
     let write_error = |source| TlsError::Write {
         path: path.to_owned(),
         source,
     };
-    // Created with its final mode, so the key is never readable by others,
-    // not even briefly; and complete on disk before it gets its name.
-    let mut temp = tempfile::Builder::new()
-        .prefix(".warren-ca-")
-        .permissions(fs::Permissions::from_mode(mode))
-        .tempfile_in(dir)
-        .map_err(write_error)?;
-    temp.write_all(contents).map_err(write_error)?;
-    temp.as_file().sync_all().map_err(write_error)?;
-    match temp.persist_noclobber(path) {
-        Ok(_) => Ok(contents.to_vec()),
-        Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => {
-            read_if_exists(path)?.ok_or_else(|| write_error(e.error))
-        }
-        Err(e) => Err(write_error(e.error)),
+    if crate::files::create_new(path, contents, mode).map_err(write_error)? {
+        Ok(contents.to_vec())
+    } else {
+        read_if_exists(path)?
+            .ok_or_else(|| write_error(io::Error::other("it existed a moment ago and is gone now")))
     }
 }
 
