@@ -435,8 +435,8 @@ fn json_lines(stdout: ChildStdout) -> mpsc::Receiver<Value> {
     rx
 }
 
-/// tcpdump on the wire between the nodes (every port of the bridge), to
-/// check what an eavesdropper there would see.
+/// tcpdump on the wire, at node-1's port of the bridge (everything between
+/// node-1 and the other nodes), to check what an eavesdropper there would see.
 pub struct WireCapture {
     child: Child,
     file: tempfile::NamedTempFile,
@@ -455,7 +455,7 @@ impl WireCapture {
                 "tcpdump",
                 "--immediate-mode",
             ])
-            .args(["-i", "any", "-U", "-s", "0", "-w"])
+            .args(["-i", "n1", "-U", "-s", "0", "-w"])
             .arg(file.path())
             .arg("tcp")
             .stdin(Stdio::null())
@@ -463,7 +463,7 @@ impl WireCapture {
             .stderr(Stdio::piped())
             .spawn()
             .context("starting tcpdump (`cargo xtask setup` installs it)")?;
-        // tcpdump says "listening on any" once it captures.
+        // tcpdump says "listening on n1" once it captures.
         let mut stderr = BufReader::new(child.stderr.take().context("no stderr")?);
         let mut said = String::new();
         while !said.contains("listening on") {
