@@ -15,8 +15,10 @@ use std::{
 
 use bytes::Bytes;
 use h2::{RecvStream, server::SendResponse};
+use socket2::{SockRef, TcpKeepalive};
 use tokio::{
     net::{TcpListener, TcpStream},
+    sync::Semaphore,
     time::timeout,
 };
 use tokio_rustls::TlsAcceptor;
@@ -29,6 +31,10 @@ use crate::{
     logging::Chain,
     tls::{self, TlsError, WorkloadCertificate},
 };
+
+/// Concurrent HBONE connections one pod accepts (each carries up to 200
+/// streams, so this is far above what a healthy mesh needs).
+pub const MAX_CONNECTIONS_PER_POD: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InboundError {
@@ -87,10 +93,26 @@ impl PodInbound {
 
 /// Accepts HBONE connections until the task is aborted.
 pub async fn serve(listener: TcpListener, inbound: Arc<PodInbound>) {
+    // One peer opening connection after connection must not use up the
+    // agent's file descriptors, which every pod shares.
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS_PER_POD));
     loop {
         match listener.accept().await {
             Ok((tcp, peer)) => {
-                tokio::spawn(inbound.clone().connection(tcp, peer));
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    warn!(
+                        workload = %inbound.pod.workload.qualified_name(),
+                        %peer,
+                        limit = MAX_CONNECTIONS_PER_POD,
+                        "HBONE connection refused: too many connections to this pod"
+                    );
+                    continue;
+                };
+                let inbound = inbound.clone();
+                tokio::spawn(async move {
+                    inbound.connection(tcp, peer).await;
+                    drop(slot);
+                });
             }
             Err(error) => {
                 warn!(workload = %inbound.pod.workload.qualified_name(), error = %Chain(&error), "accept failed");
@@ -108,6 +130,13 @@ impl PodInbound {
             return;
         }
         let _ = tcp.set_nodelay(true);
+        // A client whose node vanished never closes its connections; TCP
+        // keepalive finds out (in about 90 s) and frees them.
+        let keepalive = TcpKeepalive::new()
+            .with_time(Duration::from_secs(60))
+            .with_interval(Duration::from_secs(10))
+            .with_retries(3);
+        let _ = SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
         let acceptor = self
             .acceptor
             .read()
