@@ -63,22 +63,69 @@ fn test(args: &[String]) -> Result<()> {
     setup::run(true)?;
     println!("\n== building the agent and the lab tools");
     build(Profile::Debug)?;
+    let mut tally = Tally::default();
     println!("\n== unit tests");
-    cargo(
-        &[
-            "test",
-            "-p",
-            "warren-agent",
-            "-p",
-            "warren-common",
-            "-p",
-            "xtask",
-            "--",
-        ],
-        args,
-    )?;
+    let unit = [
+        "test",
+        "-p",
+        "warren-agent",
+        "-p",
+        "warren-common",
+        "-p",
+        "xtask",
+        "--",
+    ];
+    let unit = cargo_test(&unit, args, &mut tally);
     println!("\n== end-to-end tests (lab of network namespaces, real eBPF, real agents)");
-    cargo(&["test", "-p", "warren-tests", "--"], args)
+    let e2e =
+        unit.and_then(|()| cargo_test(&["test", "-p", "warren-tests", "--"], args, &mut tally));
+    // One line for the whole run, last, so that it is what a reader (or CI)
+    // sees at the end rather than the doc-tests' "0 passed".
+    println!("\ntests: {} passed, {} failed", tally.passed, tally.failed);
+    e2e
+}
+
+/// Test counts over several `cargo test` runs.
+#[derive(Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+}
+
+/// Runs `cargo test`, passing its output through and counting its results.
+fn cargo_test(args: &[&str], extra: &[String], tally: &mut Tally) -> Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut child = Command::new(cargo)
+        .args(args)
+        .args(extra)
+        .current_dir(workspace_root())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running cargo")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line?;
+        println!("{line}");
+        // "test result: ok. 7 passed; 0 failed; 0 ignored; ..."
+        if let Some(counts) = line.strip_prefix("test result: ") {
+            for part in counts.split(';') {
+                let mut words = part.split_whitespace().rev();
+                let (Some(what), Some(n)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                match (what, n.parse::<u64>()) {
+                    ("passed", Ok(n)) => tally.passed += n,
+                    ("failed", Ok(n)) => tally.failed += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("`cargo {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
