@@ -36,7 +36,7 @@ pub use authority::Authority;
 
 use crate::{
     identity::{IdentityError, SpiffeId, TrustDomain},
-    tls::TlsError,
+    tls::{TlsError, x509_time::from_x509 as system_time},
 };
 
 /// Workload certificates live a day by default, as Istio's do.
@@ -220,23 +220,7 @@ fn list(paths: &[PathBuf]) -> String {
 
 /// A time as certificates hold it: whole seconds.
 fn x509_time(time: SystemTime) -> Result<OffsetDateTime, CaError> {
-    let seconds = match time.duration_since(SystemTime::UNIX_EPOCH) {
-        Ok(after) => i64::try_from(after.as_secs()).ok(),
-        Err(before) => i64::try_from(before.duration().as_secs()).ok().map(|s| -s),
-    };
-    seconds
-        .and_then(|s| OffsetDateTime::from_unix_timestamp(s).ok())
-        .ok_or(CaError::Clock)
-}
-
-/// Converts a certificate's time, which may lie before 1970 or far ahead.
-fn system_time(unix_seconds: i64) -> Option<SystemTime> {
-    let offset = Duration::from_secs(unix_seconds.unsigned_abs());
-    if unix_seconds >= 0 {
-        SystemTime::UNIX_EPOCH.checked_add(offset)
-    } else {
-        SystemTime::UNIX_EPOCH.checked_sub(offset)
-    }
+    crate::tls::x509_time::to_x509(time).ok_or(CaError::Clock)
 }
 
 /// The file names `init` writes and `Authority::self_signed` uses.

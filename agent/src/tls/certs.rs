@@ -10,7 +10,7 @@ use rustls::{
 };
 use x509_parser::{certificate::X509Certificate, extensions::GeneralName};
 
-use super::{TlsError, config::provider, system_time};
+use super::{TlsError, config::provider, x509_time};
 use crate::identity::SpiffeId;
 
 /// A workload's certificate chain (leaf first) and private key.
@@ -213,8 +213,8 @@ pub(super) fn validity_of(cert: &CertificateDer<'_>) -> Result<(SystemTime, Syst
     let validity = x509.validity();
     let out_of_range = || TlsError::BadCertificate("validity out of range".into());
     Ok((
-        system_time(validity.not_before.timestamp()).ok_or_else(out_of_range)?,
-        system_time(validity.not_after.timestamp()).ok_or_else(out_of_range)?,
+        x509_time::from_x509(validity.not_before.timestamp()).ok_or_else(out_of_range)?,
+        x509_time::from_x509(validity.not_after.timestamp()).ok_or_else(out_of_range)?,
     ))
 }
 

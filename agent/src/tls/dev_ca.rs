@@ -226,15 +226,9 @@ fn root_params(key: &KeyPair) -> Result<CertificateParams, TlsError> {
 }
 
 fn x509_time(time: SystemTime) -> Result<OffsetDateTime, TlsError> {
-    let seconds = match time.duration_since(SystemTime::UNIX_EPOCH) {
-        Ok(after) => i64::try_from(after.as_secs()).ok(),
-        Err(before) => i64::try_from(before.duration().as_secs()).ok().map(|s| -s),
-    };
-    seconds
-        .and_then(|s| OffsetDateTime::from_unix_timestamp(s).ok())
-        .ok_or(TlsError::Validity(
-            "a date is outside what certificates can hold",
-        ))
+    super::x509_time::to_x509(time).ok_or(TlsError::Validity(
+        "a date is outside what certificates can hold",
+    ))
 }
 
 fn read_if_exists(path: &Path) -> Result<Option<Vec<u8>>, TlsError> {

@@ -17,11 +17,12 @@ mod config;
 mod dev_ca;
 pub mod testing;
 mod verify;
+pub(crate) mod x509_time;
 
 #[cfg(test)]
 mod tests;
 
-use std::{future::Future, io, path::PathBuf, pin::Pin, time::SystemTime};
+use std::{future::Future, io, path::PathBuf, pin::Pin};
 
 pub use certs::{TrustBundle, WorkloadCertificate, spiffe_id_of};
 pub use config::{client_config, peer_identity, server_config};
@@ -131,14 +132,4 @@ pub trait CertificateSource: Send + Sync + 'static {
 
     /// Roots that certificates from this source chain to.
     fn trust_bundle(&self) -> TrustBundle;
-}
-
-/// Converts an X.509 time, which may lie before 1970 or far ahead.
-fn system_time(unix_seconds: i64) -> Option<SystemTime> {
-    let offset = std::time::Duration::from_secs(unix_seconds.unsigned_abs());
-    if unix_seconds >= 0 {
-        SystemTime::UNIX_EPOCH.checked_add(offset)
-    } else {
-        SystemTime::UNIX_EPOCH.checked_sub(offset)
-    }
 }
