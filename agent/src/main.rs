@@ -147,8 +147,8 @@ async fn run_agent(config: PathBuf) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
+            // Logged (stderr, in the chosen format), not also printed.
             tracing::error!(error = %Chain(&error), "warren agent failed");
-            eprintln!("warren: {}", Chain(&error));
             ExitCode::FAILURE
         }
     }
