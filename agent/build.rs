@@ -1,5 +1,6 @@
 //! Compiles the eBPF programs (ebpf/) for the BPF target so the agent can
-//! embed the object file (`$OUT_DIR/warren-ebpf`).
+//! embed the object file (`$OUT_DIR/warren-ebpf`), and generates the gRPC
+//! code of the CA's API (proto/ca.proto, Istio's certificate service).
 //!
 //! This is what aya-build does, minus one thing: aya-build relays all of the
 //! inner cargo's output as `cargo:warning` lines, which cargo then replays on
@@ -10,6 +11,29 @@
 use std::{env, path::PathBuf, process::Command};
 
 fn main() {
+    build_ebpf();
+    build_ca_api();
+}
+
+/// Rust code for Istio's certificate API (server and client), with the protoc
+/// of `protoc-bin-vendored` so that nothing has to be installed.
+fn build_ca_api() {
+    let proto_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("proto");
+    let proto = proto_dir.join("ca.proto");
+    println!("cargo:rerun-if-changed={}", proto.display());
+    let protoc = protoc_bin_vendored::protoc_bin_path()
+        .unwrap_or_else(|e| panic!("no vendored protoc for this host: {e}"));
+    let includes = protoc_bin_vendored::include_path()
+        .unwrap_or_else(|e| panic!("no vendored protobuf includes: {e}"));
+    // prost-build finds protoc through this variable. Setting it is sound
+    // here: a build script runs this on its only thread.
+    unsafe { env::set_var("PROTOC", protoc) };
+    tonic_prost_build::configure()
+        .compile_protos(&[&proto], &[&proto_dir, &includes])
+        .unwrap_or_else(|e| panic!("cannot generate the CA API from {}: {e}", proto.display()));
+}
+
+fn build_ebpf() {
     let ebpf_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../ebpf");
     let common_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../common");
     for dir in [&ebpf_dir, &common_dir] {

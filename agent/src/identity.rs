@@ -1,5 +1,10 @@
 //! Workload identities: SPIFFE IDs of the form
-//! `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+//! `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`; and the
+//! identities of warren's own parts: nodes
+//! (`spiffe://<trust-domain>/warren/node/<node>`, [`NodeId`]) and the CA
+//! service (`spiffe://<trust-domain>/warren/ca`, [`ca_service_id`]). Their
+//! paths cannot be mistaken for each other, so a node credential is never a
+//! workload identity and the reverse.
 //!
 //! Parsed and validated once, at the edge (config, certificates), so the rest
 //! of the agent handles only well-formed identities.
@@ -18,6 +23,10 @@ pub enum IdentityError {
         "{0:?} is not a workload SPIFFE ID (expected spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>)"
     )]
     Shape(String),
+    #[error("node name {0:?} is not a valid DNS subdomain: {1}")]
+    NodeName(String, &'static str),
+    #[error("{0:?} is not a node SPIFFE ID (expected spiffe://<trust-domain>/warren/node/<node>)")]
+    NodeShape(String),
 }
 
 /// A SPIFFE trust domain, e.g. `cluster.local`.
@@ -126,6 +135,65 @@ impl FromStr for SpiffeId {
     }
 }
 
+/// The identity of a node's agent towards the CA: which node it is, so the CA
+/// can tell which workloads' certificates it may have.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId {
+    trust_domain: TrustDomain,
+    name: String,
+}
+
+impl NodeId {
+    /// Node names are Kubernetes node names: RFC 1123 subdomains.
+    pub fn new(trust_domain: TrustDomain, name: &str) -> Result<Self, IdentityError> {
+        check_dns_name(name, 253, true).map_err(|why| IdentityError::NodeName(name.into(), why))?;
+        Ok(Self {
+            trust_domain,
+            name: name.to_owned(),
+        })
+    }
+
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
+    /// The node's name, as workloads' `node` fields name it.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "spiffe://{}/warren/node/{}",
+            self.trust_domain, self.name
+        )
+    }
+}
+
+impl FromStr for NodeId {
+    type Err = IdentityError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let shape = || IdentityError::NodeShape(s.to_owned());
+        let rest = s.strip_prefix("spiffe://").ok_or_else(shape)?;
+        let (domain, path) = rest.split_once('/').ok_or_else(shape)?;
+        let name = path.strip_prefix("warren/node/").ok_or_else(shape)?;
+        if name.contains('/') {
+            return Err(shape());
+        }
+        Self::new(TrustDomain::new(domain)?, name)
+    }
+}
+
+/// The URI SAN of the CA service's own TLS certificate, which its clients
+/// require.
+pub fn ca_service_id(trust_domain: &TrustDomain) -> String {
+    format!("spiffe://{trust_domain}/warren/ca")
+}
+
 fn check_dns_name(name: &str, max: usize, dots: bool) -> Result<(), &'static str> {
     if name.is_empty() {
         return Err("it is empty");
@@ -207,6 +275,28 @@ mod tests {
         assert!(err.to_string().contains("namespace \"Default\""), "{err}");
         let err = TrustDomain::new("exa mple").unwrap_err();
         assert!(err.to_string().contains("trust domain"), "{err}");
+    }
+
+    #[test]
+    fn node_ids_parse_and_validate() {
+        let node = NodeId::new(td(), "node-1.example").unwrap();
+        assert_eq!(
+            node.to_string(),
+            "spiffe://cluster.local/warren/node/node-1.example"
+        );
+        assert_eq!(node.to_string().parse::<NodeId>().unwrap(), node);
+        for bad in [
+            "spiffe://cluster.local/warren/node/",
+            "spiffe://cluster.local/warren/node/Node1",
+            "spiffe://cluster.local/warren/node/a/b",
+            "spiffe://cluster.local/warren/ca",
+            "spiffe://cluster.local/ns/a/sa/b",
+            "http://cluster.local/warren/node/a",
+        ] {
+            assert!(bad.parse::<NodeId>().is_err(), "{bad:?} was accepted");
+        }
+        // A node identity is never a workload identity.
+        assert!(node.to_string().parse::<SpiffeId>().is_err());
     }
 
     #[test]

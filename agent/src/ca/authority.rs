@@ -165,15 +165,38 @@ impl Authority {
             reason,
         })?;
         let ttl = self.policy.ttl(requested_ttl);
-        let leaf = self.issue(&request.key, request.key.is_rsa(), &request.id, ttl)?;
+        let leaf = self.issue(
+            &request.key,
+            request.key.is_rsa(),
+            &request.id.to_string(),
+            ttl,
+        )?;
         Ok(iter::once(&leaf).chain(&self.chain).map(to_pem).collect())
+    }
+
+    /// The signing certificate, then any intermediates above it.
+    pub fn chain(&self) -> &[CertificateDer<'static>] {
+        &self.chain
+    }
+
+    /// A credential for one of warren's own parts (a node, the CA service),
+    /// whose identity `uri` the caller has decided on: a fresh P-256 key made
+    /// here, and its certificate, valid `ttl` (never past the signing
+    /// certificate). No CSR and no policy: this is the CA's operator acting.
+    pub fn issue_credential(&self, uri: &str, ttl: Duration) -> Result<Credential, CaError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let leaf = self.issue(&key, false, uri, ttl)?;
+        Ok(Credential {
+            chain: iter::once(leaf).chain(self.chain.iter().cloned()).collect(),
+            key,
+        })
     }
 
     fn issue(
         &self,
         key: &impl PublicKeyData,
         rsa: bool,
-        id: &SpiffeId,
+        uri: &str,
         ttl: Duration,
     ) -> Result<CertificateDer<'static>, CaError> {
         let now = SystemTime::now();
@@ -193,7 +216,7 @@ impl Authority {
         // only in the URI SAN (which rcgen then marks critical, as RFC 5280
         // asks of a certificate without a subject).
         params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(Ia5String::try_from(id.to_string())?)];
+        params.subject_alt_names = vec![SanType::URI(Ia5String::try_from(uri)?)];
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = if rsa {
             vec![
@@ -224,7 +247,7 @@ impl Authority {
         let id = SpiffeId::new(self.policy.trust_domain.clone(), "warren-ca", "self-test")
             .map_err(|e| e.to_string())?;
         let leaf = self
-            .issue(&key, false, &id, Duration::from_secs(60))
+            .issue(&key, false, &id.to_string(), Duration::from_secs(60))
             .map_err(|e| e.to_string())?;
 
         let mut store = RootCertStore::empty();
@@ -249,6 +272,36 @@ impl Authority {
             .verify_client_cert(&leaf, &self.chain, now)
             .map_err(|e| e.to_string())?;
         Ok(())
+    }
+}
+
+/// A certificate chain (leaf first, ending at the signing certificate) and
+/// its private key. Debug output leaves the key out.
+pub struct Credential {
+    pub chain: Vec<CertificateDer<'static>>,
+    key: KeyPair,
+}
+
+impl Credential {
+    pub fn key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(self.key.serialize_der().into())
+    }
+
+    pub fn chain_pem(&self) -> String {
+        self.chain.iter().map(to_pem).collect()
+    }
+
+    /// The private key as PEM (PKCS#8), for writing to a 0600 file.
+    pub fn key_pem(&self) -> String {
+        self.key.serialize_pem()
+    }
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credential")
+            .field("chain_len", &self.chain.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -395,7 +448,7 @@ fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&bytes)
 }
 
-fn to_pem(der: &CertificateDer<'_>) -> String {
+pub(super) fn to_pem(der: &CertificateDer<'_>) -> String {
     let block = pem::Pem::new("CERTIFICATE", der.to_vec());
     pem::encode_config(
         &block,

@@ -171,7 +171,7 @@ impl TrustBundle {
         &self.roots
     }
 
-    pub(super) fn store(&self) -> Arc<RootCertStore> {
+    pub(crate) fn store(&self) -> Arc<RootCertStore> {
         Arc::clone(&self.store)
     }
 }

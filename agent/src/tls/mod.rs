@@ -72,6 +72,8 @@ pub enum TlsError {
     RootExpired { path: PathBuf },
     #[error("cannot make a certificate: {0}")]
     Generate(#[from] rcgen::Error),
+    #[error("certificate authority: {0}")]
+    CertificateAuthority(String),
     #[error("invalid certificate validity: {0}")]
     Validity(&'static str),
     #[error("TLS configuration: {0}")]

@@ -1,0 +1,204 @@
+//! The agent's side of the CA API: a client of Istio's certificate service
+//! (warren's CA or istiod), authenticated as its node, and [`CsrSource`], a
+//! [`CertificateSource`] that gets each workload certificate from it.
+//!
+//! Private keys are made here, one per certificate, and never leave the
+//! process: the CA sees only the CSR.
+
+use std::{future::Future, io, pin::Pin, sync::Arc, time::Duration};
+
+use hyper_util::rt::TokioIo;
+use rcgen::{
+    CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA256, SanType,
+    string::Ia5String,
+};
+use rustls::{ClientConfig, pki_types::ServerName};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tonic::transport::{Channel, Endpoint};
+use x509_parser::{certificate::X509Certificate, prelude::FromDer};
+
+use super::{
+    pb::{
+        IstioCertificateRequest, istio_certificate_service_client::IstioCertificateServiceClient,
+    },
+    transport::{self, NodeCredential, TransportError},
+};
+use crate::{
+    identity::SpiffeId,
+    tls::{CertificateSource, TlsError, TrustBundle, WorkloadCertificate},
+};
+
+/// Connecting (TCP and TLS) and each request take at most this long, so that
+/// a stalled CA shows up as an error the caller can retry.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("CA address {0:?} is not usable")]
+    Address(String),
+    #[error("cannot connect to the CA: {0}")]
+    Connect(#[source] tonic::transport::Error),
+    #[error("the CA request failed: {}: {}", .0.code(), .0.message())]
+    Request(#[source] tonic::Status),
+    #[error("the CA's answer is unusable: {0}")]
+    BadAnswer(String),
+}
+
+impl ClientError {
+    /// The gRPC status of a failed request: the CA's answer, or tonic's
+    /// (e.g. `Unavailable`) when the connection failed.
+    pub fn status(&self) -> Option<&tonic::Status> {
+        match self {
+            Self::Request(status) => Some(status),
+            _ => None,
+        }
+    }
+}
+
+/// A connection to the CA (reconnected as needed), cheap to clone.
+#[derive(Clone, Debug)]
+pub struct CaClient {
+    channel: Channel,
+}
+
+impl CaClient {
+    /// Connects to the CA at `addr` (`host:port`) as the node of `credential`;
+    /// the CA must chain to `roots` and present the CA service's identity.
+    ///
+    /// With TLS 1.3 the server checks the client's certificate after the
+    /// client considers the handshake done, so a refused credential may show
+    /// only at the first request.
+    pub async fn connect(
+        addr: &str,
+        credential: &NodeCredential,
+        roots: &TrustBundle,
+    ) -> Result<Self, ClientError> {
+        let tls = transport::client_config(credential, roots)?;
+        // The URI only satisfies tonic: the connector below decides where to go.
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|_| ClientError::Address(addr.to_owned()))?
+            .timeout(TIMEOUT);
+        let addr = addr.to_owned();
+        let channel = endpoint
+            .connect_with_connector(tower::service_fn(move |_| {
+                connect_tls(addr.clone(), Arc::clone(&tls))
+            }))
+            .await
+            .map_err(ClientError::Connect)?;
+        Ok(Self { channel })
+    }
+
+    /// Asks for a certificate for the PEM CSR `csr_pem`, valid `ttl` (the CA
+    /// may shorten it); returns the PEM chain as the CA sent it, leaf first.
+    pub async fn create_certificate(
+        &self,
+        csr_pem: &str,
+        ttl: Duration,
+    ) -> Result<Vec<String>, ClientError> {
+        let request = IstioCertificateRequest {
+            csr: csr_pem.to_owned(),
+            validity_duration: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
+            metadata: None,
+        };
+        let response = IstioCertificateServiceClient::new(self.channel.clone())
+            .create_certificate(request)
+            .await
+            .map_err(ClientError::Request)?;
+        let chain = response.into_inner().cert_chain;
+        if chain.is_empty() {
+            return Err(ClientError::BadAnswer("empty certificate chain".into()));
+        }
+        Ok(chain)
+    }
+}
+
+async fn connect_tls(
+    addr: String,
+    tls: Arc<ClientConfig>,
+) -> io::Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>> {
+    let connect = async {
+        let tcp = TcpStream::connect(&addr).await?;
+        tcp.set_nodelay(true)?;
+        // No SNI is sent and the verifier checks the SPIFFE ID instead, so
+        // the name only satisfies the API.
+        let name = ServerName::try_from("warren-ca").expect("a valid DNS name");
+        TlsConnector::from(tls).connect(name, tcp).await
+    };
+    match tokio::time::timeout(TIMEOUT, connect).await {
+        Ok(stream) => stream.map(TokioIo::new),
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("connecting to the CA at {addr} took longer than {TIMEOUT:?}"),
+        )),
+    }
+}
+
+/// Workload certificates from a CA: a fresh ECDSA P-256 key per certificate,
+/// a CSR with only the workload's URI SAN, the chain the CA returns.
+#[derive(Debug, Clone)]
+pub struct CsrSource {
+    client: CaClient,
+    roots: TrustBundle,
+    ttl: Duration,
+}
+
+impl CsrSource {
+    /// `roots` are what certificates from this CA chain to (published by the
+    /// CA's operator); `ttl` the lifetime asked for.
+    pub fn new(client: CaClient, roots: TrustBundle, ttl: Duration) -> Self {
+        Self { client, roots, ttl }
+    }
+
+    async fn issue(&self, id: &SpiffeId) -> Result<WorkloadCertificate, TlsError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = vec![SanType::URI(Ia5String::try_from(id.to_string())?)];
+        let csr = params.serialize_request(&key)?.pem()?;
+        let mut chain = self
+            .client
+            .create_certificate(&csr, self.ttl)
+            .await
+            .map_err(|e| TlsError::CertificateAuthority(e.to_string()))?;
+        // Istio's CAs end the chain with the root; peers have it already.
+        if chain.len() > 1 && chain.last().is_some_and(|pem| is_self_signed(pem)) {
+            chain.pop();
+        }
+        let certificate = WorkloadCertificate::from_pem(
+            chain.concat().as_bytes(),
+            key.serialize_pem().as_bytes(),
+        )?;
+        if certificate.identity() != id {
+            return Err(TlsError::CertificateAuthority(format!(
+                "asked for {id}, got a certificate for {}",
+                certificate.identity()
+            )));
+        }
+        Ok(certificate)
+    }
+}
+
+impl CertificateSource for CsrSource {
+    fn certificate(
+        &self,
+        id: &SpiffeId,
+    ) -> Pin<Box<dyn Future<Output = Result<WorkloadCertificate, TlsError>> + Send + '_>> {
+        let id = id.clone();
+        Box::pin(async move { self.issue(&id).await })
+    }
+
+    fn trust_bundle(&self) -> TrustBundle {
+        self.roots.clone()
+    }
+}
+
+fn is_self_signed(pem_text: &str) -> bool {
+    let Ok(block) = pem::parse(pem_text) else {
+        return false;
+    };
+    X509Certificate::from_der(block.contents())
+        .is_ok_and(|(_, cert)| cert.issuer().as_raw() == cert.subject().as_raw())
+}
