@@ -13,8 +13,12 @@
 //! the requester may have that identity (node authorization) is decided by the
 //! caller, through the `authorize` argument of [`Authority::sign`].
 //!
-//! Nothing here logs: the caller logs refusals, with the reasons these errors
-//! give. No error or `Debug` output contains a private key.
+//! The signing core does not log: the caller logs refusals, with the reasons
+//! these errors give. No error or `Debug` output contains a private key.
+//!
+//! Around it: [`service`] serves it as Istio's certificate API to nodes
+//! authenticated over mutual TLS ([`transport`]), and [`client`] is the
+//! agent's side of that API.
 
 mod authority;
 pub mod client;

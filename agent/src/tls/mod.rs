@@ -10,7 +10,7 @@
 //! domain. Authorization beyond that happens above TLS, on `peer_identity`.
 //!
 //! Certificates come from a [`CertificateSource`]: the development CA
-//! ([`DevCa`]) today, a CSR-based CA client later.
+//! ([`DevCa`]) today, the CA service's client (`ca::client::CsrSource`) next.
 
 mod certs;
 mod config;
