@@ -52,6 +52,9 @@ use crate::{
 /// A client that does not finish its handshake in this time is dropped, so
 /// that stalled connections cannot pile up.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Requests larger than this are refused before they are decoded; the
+/// policy's CSR limit (16 KiB by default) refuses smaller ones with a reason.
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -122,7 +125,10 @@ impl CaServer {
             Some((Ok::<_, io::Error>(stream), accepted))
         });
         let result = tonic::transport::Server::builder()
-            .add_service(IstioCertificateServiceServer::new(self.handler))
+            .add_service(
+                IstioCertificateServiceServer::new(self.handler)
+                    .max_decoding_message_size(MAX_REQUEST_BYTES),
+            )
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await;
         accept.abort();

@@ -263,14 +263,13 @@ async fn lifetimes_are_capped_by_the_policy() {
     }
 }
 
-#[tokio::test]
-async fn a_client_without_a_node_credential_cannot_connect() {
-    let ca = Served::start().await;
+/// Connects with `config`, says hello in HTTP/2 and reads: the error the
+/// server's refusal causes. With TLS 1.3 the client's side of the handshake
+/// may complete; the server's refusal then arrives as an alert at the first
+/// read.
+async fn refusal(ca: &Served, config: std::sync::Arc<rustls::ClientConfig>) -> std::io::Error {
     let tcp = TcpStream::connect(ca.addr).await.unwrap();
-    let config = transport::anonymous_client_config(&ca.roots, &td());
     let name = ServerName::try_from("warren-ca").unwrap();
-    // TLS 1.3: the client's side of the handshake may complete; the server's
-    // refusal arrives as an alert at the first read.
     let outcome = async {
         let mut tls = TlsConnector::from(config).connect(name, tcp).await?;
         tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await?;
@@ -278,11 +277,51 @@ async fn a_client_without_a_node_credential_cannot_connect() {
         tls.read(&mut buf).await
     }
     .await;
-    let error = outcome.expect_err("the CA answered a client without a credential");
+    outcome.expect_err("the CA answered a client it should have refused")
+}
+
+#[tokio::test]
+async fn a_client_without_a_node_credential_cannot_connect() {
+    let ca = Served::start().await;
+    let error = refusal(&ca, transport::test_client_config(&ca.roots, &td(), None)).await;
     assert!(
         format!("{error:?}").contains("CertificateRequired"),
         "{error:?}"
     );
+
+    // A workload's certificate from the same CA is not a node credential.
+    let workload = ca
+        .issuer
+        .issue_credential(&sleep().to_string(), HOUR)
+        .unwrap();
+    let config = transport::test_client_config(
+        &ca.roots,
+        &td(),
+        Some((workload.chain.clone(), workload.key())),
+    );
+    let error = refusal(&ca, config).await;
+    assert!(
+        format!("{error:?}").contains("CertificateUnknown"),
+        "{error:?}"
+    );
+}
+
+#[tokio::test]
+async fn oversized_requests_are_refused() {
+    let ca = Served::start().await;
+    let client = ca.client("node-1").await;
+    // Over the policy's CSR limit: refused with the CA's reason.
+    let big = "A".repeat(20 * 1024);
+    let refused = status(client.create_certificate(&big, HOUR).await.unwrap_err());
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("20480 bytes"), "{refused:?}");
+    // Over the message limit: refused by gRPC before it is decoded.
+    let huge = "A".repeat(1024 * 1024);
+    let refused = status(client.create_certificate(&huge, HOUR).await.unwrap_err());
+    assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
+    // And the connection is still good.
+    let (csr, _) = csr_for(&sleep());
+    client.create_certificate(&csr, HOUR).await.unwrap();
 }
 
 #[tokio::test]

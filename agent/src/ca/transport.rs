@@ -338,12 +338,14 @@ impl fmt::Display for Refusal {
 
 impl Error for Refusal {}
 
-/// A client that presents no certificate at all, for tests of the server's
-/// refusal.
+/// A client that presents `certificate` (chain and key), or none at all,
+/// without the checks `NodeCredential` makes: for tests of the server's
+/// refusals.
 #[cfg(test)]
-pub(super) fn anonymous_client_config(
+pub(super) fn test_client_config(
     roots: &TrustBundle,
     trust_domain: &TrustDomain,
+    certificate: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 ) -> Arc<ClientConfig> {
     let provider = provider();
     let verifier = CaServer {
@@ -351,12 +353,17 @@ pub(super) fn anonymous_client_config(
         expected: ca_service_id(trust_domain),
         provider: Arc::clone(&provider),
     };
-    let mut config = ClientConfig::builder_with_provider(provider)
+    let builder = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&TLS13])
         .expect("TLS 1.3 is supported")
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
+        .with_custom_certificate_verifier(Arc::new(verifier));
+    let mut config = match certificate {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, key)
+            .expect("a valid test certificate"),
+        None => builder.with_no_client_auth(),
+    };
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Arc::new(config)
 }
