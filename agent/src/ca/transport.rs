@@ -119,7 +119,7 @@ pub(super) fn server_config(
     trust_domain: TrustDomain,
 ) -> Result<Arc<ServerConfig>, TransportError> {
     let chain = WebPkiClientVerifier::builder_with_provider(roots.store(), provider()).build()?;
-    let verifier = NodeClient {
+    let verifier = ExpectNode {
         chain,
         trust_domain,
     };
@@ -138,7 +138,7 @@ pub(super) fn client_config(
     roots: &TrustBundle,
 ) -> Result<Arc<ClientConfig>, TransportError> {
     let provider = provider();
-    let verifier = CaServer {
+    let verifier = ExpectCaService {
         roots: roots.store(),
         expected: ca_service_id(credential.node.trust_domain()),
         provider: Arc::clone(&provider),
@@ -190,12 +190,12 @@ pub(super) fn node_of(cert: &CertificateDer<'_>) -> Result<NodeId, String> {
 /// Server side: webpki's client checks (chain, expiry, clientAuth), then the
 /// client must be a node of our trust domain.
 #[derive(Debug)]
-struct NodeClient {
+struct ExpectNode {
     chain: Arc<dyn ClientCertVerifier>,
     trust_domain: TrustDomain,
 }
 
-impl ClientCertVerifier for NodeClient {
+impl ClientCertVerifier for ExpectNode {
     fn client_auth_mandatory(&self) -> bool {
         true
     }
@@ -248,13 +248,13 @@ impl ClientCertVerifier for NodeClient {
 /// Client side: the server must chain to our roots and carry the CA
 /// service's identity.
 #[derive(Debug)]
-struct CaServer {
+struct ExpectCaService {
     roots: Arc<RootCertStore>,
     expected: String,
     provider: Arc<CryptoProvider>,
 }
 
-impl ServerCertVerifier for CaServer {
+impl ServerCertVerifier for ExpectCaService {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -348,7 +348,7 @@ pub(super) fn test_client_config(
     certificate: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 ) -> Arc<ClientConfig> {
     let provider = provider();
-    let verifier = CaServer {
+    let verifier = ExpectCaService {
         roots: roots.store(),
         expected: ca_service_id(trust_domain),
         provider: Arc::clone(&provider),
