@@ -157,8 +157,8 @@ fn main() -> ExitCode {
             match run_ca(&signing, &workloads, &listen, max_ttl) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
+                    // Logged (stderr, in the chosen format), not also printed.
                     tracing::error!(error = %e, "warren ca serve failed");
-                    eprintln!("warren: {e}");
                     ExitCode::FAILURE
                 }
             }
