@@ -7,26 +7,17 @@
 //! DNS names to check, as with workload certificates.
 
 use std::{
-    error::Error,
     fmt, fs,
     path::{Path, PathBuf},
     sync::Arc,
 };
 
 use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError,
-    RootCertStore, ServerConfig, SignatureScheme,
-    client::{
-        Resumption,
-        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
-        verify_server_cert_signed_by_trust_anchor,
-    },
-    crypto::{CryptoProvider, ring, verify_tls12_signature, verify_tls13_signature},
-    pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject},
-    server::{
-        ParsedCertificate, WebPkiClientVerifier,
-        danger::{ClientCertVerified, ClientCertVerifier},
-    },
+    ClientConfig, ServerConfig,
+    client::Resumption,
+    crypto::{CryptoProvider, ring},
+    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    server::WebPkiClientVerifier,
     version::TLS13,
 };
 use x509_parser::{certificate::X509Certificate, extensions::GeneralName, prelude::FromDer};
@@ -34,7 +25,10 @@ use x509_parser::{certificate::X509Certificate, extensions::GeneralName, prelude
 use super::Credential;
 use crate::{
     identity::{NodeId, TrustDomain, ca_service_id},
-    tls::TrustBundle,
+    tls::{
+        TrustBundle,
+        verify::{CheckedClient, CheckedServer, PeerCheck, Refused},
+    },
 };
 
 /// File names of a node credential, as `warren ca node-credential` writes them.
@@ -119,10 +113,7 @@ pub(super) fn server_config(
     trust_domain: TrustDomain,
 ) -> Result<Arc<ServerConfig>, TransportError> {
     let chain = WebPkiClientVerifier::builder_with_provider(roots.store(), provider()).build()?;
-    let verifier = ExpectNode {
-        chain,
-        trust_domain,
-    };
+    let verifier = CheckedClient::new(chain, NodeOf(trust_domain));
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&TLS13])?
         .with_client_cert_verifier(Arc::new(verifier))
@@ -137,13 +128,8 @@ pub(super) fn client_config(
     credential: &NodeCredential,
     roots: &TrustBundle,
 ) -> Result<Arc<ClientConfig>, TransportError> {
-    let provider = provider();
-    let verifier = ExpectCaService {
-        roots: roots.store(),
-        expected: ca_service_id(credential.node.trust_domain()),
-        provider: Arc::clone(&provider),
-    };
-    let mut config = ClientConfig::builder_with_provider(provider)
+    let verifier = ca_service_verifier(roots, credential.node.trust_domain());
+    let mut config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
@@ -187,156 +173,51 @@ pub(super) fn node_of(cert: &CertificateDer<'_>) -> Result<NodeId, String> {
     }
 }
 
-/// Server side: webpki's client checks (chain, expiry, clientAuth), then the
-/// client must be a node of our trust domain.
+/// Server side: the client must be a node of our trust domain.
 #[derive(Debug)]
-struct ExpectNode {
-    chain: Arc<dyn ClientCertVerifier>,
-    trust_domain: TrustDomain,
-}
+struct NodeOf(TrustDomain);
 
-impl ClientCertVerifier for ExpectNode {
-    fn client_auth_mandatory(&self) -> bool {
-        true
-    }
-
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.chain.root_hint_subjects()
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        self.chain
-            .verify_client_cert(end_entity, intermediates, now)?;
-        let node = node_of(end_entity).map_err(refuse)?;
-        if node.trust_domain() != &self.trust_domain {
-            return Err(refuse(format!(
-                "{node} is not of this CA's trust domain {}",
-                self.trust_domain
-            )));
+impl PeerCheck for NodeOf {
+    fn check(&self, leaf: &CertificateDer<'_>) -> Result<(), Refused> {
+        let node = node_of(leaf)?;
+        if node.trust_domain() == &self.0 {
+            Ok(())
+        } else {
+            Err(format!("{node} is not of this CA's trust domain {}", self.0).into())
         }
-        Ok(ClientCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.chain.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.chain.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.chain.supported_verify_schemes()
     }
 }
 
-/// Client side: the server must chain to our roots and carry the CA
-/// service's identity.
+/// Client side: the server must be the CA service (of our trust domain).
 #[derive(Debug)]
-struct ExpectCaService {
-    roots: Arc<RootCertStore>,
-    expected: String,
-    provider: Arc<CryptoProvider>,
-}
+struct IsCaService(String);
 
-impl ServerCertVerifier for ExpectCaService {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.provider.signature_verification_algorithms.all,
-        )?;
-        let uris = uri_sans(end_entity).map_err(refuse)?;
-        if uris != [self.expected.as_str()] {
-            return Err(refuse(format!(
+impl PeerCheck for IsCaService {
+    fn check(&self, leaf: &CertificateDer<'_>) -> Result<(), Refused> {
+        let uris = uri_sans(leaf)?;
+        if uris == [self.0.as_str()] {
+            Ok(())
+        } else {
+            Err(format!(
                 "server presented {uris:?}, but the CA service is {}",
-                self.expected
-            )));
+                self.0
+            )
+            .into())
         }
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
     }
 }
 
-/// Carries our reason through rustls as a certificate error (a
-/// certificate_unknown alert to the peer), readable in rustls' message.
-fn refuse(why: String) -> rustls::Error {
-    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(Refusal(why)))))
+/// Checks the CA service's certificate as a client (node agent) does.
+fn ca_service_verifier(
+    roots: &TrustBundle,
+    trust_domain: &TrustDomain,
+) -> CheckedServer<IsCaService> {
+    CheckedServer::new(
+        roots.store(),
+        provider().signature_verification_algorithms,
+        IsCaService(ca_service_id(trust_domain)),
+    )
 }
-
-struct Refusal(String);
-
-impl fmt::Debug for Refusal {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl fmt::Display for Refusal {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl Error for Refusal {}
 
 /// A client that presents `certificate` (chain and key), or none at all,
 /// without the checks `NodeCredential` makes: for tests of the server's
@@ -347,13 +228,8 @@ pub(super) fn test_client_config(
     trust_domain: &TrustDomain,
     certificate: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 ) -> Arc<ClientConfig> {
-    let provider = provider();
-    let verifier = ExpectCaService {
-        roots: roots.store(),
-        expected: ca_service_id(trust_domain),
-        provider: Arc::clone(&provider),
-    };
-    let builder = ClientConfig::builder_with_provider(provider)
+    let verifier = ca_service_verifier(roots, trust_domain);
+    let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&TLS13])
         .expect("TLS 1.3 is supported")
         .dangerous()

@@ -12,7 +12,7 @@ use rustls::{
 
 use super::{
     TlsError, TrustBundle, WorkloadCertificate, spiffe_id_of,
-    verify::{ExpectedServer, SameTrustDomain},
+    verify::{CheckedClient, CheckedServer, InTrustDomain, OneOf},
 };
 use crate::identity::SpiffeId;
 
@@ -41,7 +41,7 @@ pub fn server_config(
     trust: &TrustBundle,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let chain = WebPkiClientVerifier::builder_with_provider(trust.store(), provider()).build()?;
-    let verifier = SameTrustDomain::new(chain, cert.identity().trust_domain().clone());
+    let verifier = CheckedClient::new(chain, InTrustDomain(cert.identity().trust_domain().clone()));
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&TLS13])?
         .with_client_cert_verifier(Arc::new(verifier))
@@ -64,10 +64,10 @@ pub fn client_config(
         return Err(TlsError::NoExpectedIdentity);
     }
     let provider = provider();
-    let verifier = ExpectedServer::new(
+    let verifier = CheckedServer::new(
         trust.store(),
-        expected.to_vec(),
         provider.signature_verification_algorithms,
+        OneOf(expected.to_vec()),
     );
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&TLS13])?

@@ -16,7 +16,7 @@ mod certs;
 mod config;
 mod dev_ca;
 pub mod testing;
-mod verify;
+pub(crate) mod verify;
 pub(crate) mod x509_time;
 
 #[cfg(test)]

@@ -112,10 +112,10 @@ fn raw_client(
     cert: Option<(CertificateDer<'static>, PrivateKeyDer<'static>)>,
 ) -> Arc<ClientConfig> {
     let provider = config::provider();
-    let verifier = verify::ExpectedServer::new(
+    let verifier = verify::CheckedServer::new(
         trust.store(),
-        vec![expected],
         provider.signature_verification_algorithms,
+        verify::OneOf(vec![expected]),
     );
     let builder = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&TLS13])
@@ -275,10 +275,10 @@ async fn tls12_client_is_refused() {
     let server = server_config(&ca.issue(&httpbin()).unwrap(), &trust).unwrap();
     // Stock ring with its TLS 1.2 suites, offering nothing newer.
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = verify::ExpectedServer::new(
+    let verifier = verify::CheckedServer::new(
         trust.store(),
-        vec![httpbin()],
         provider.signature_verification_algorithms,
+        verify::OneOf(vec![httpbin()]),
     );
     let cert = ca.issue(&sleep()).unwrap();
     let client = ClientConfig::builder_with_provider(provider)

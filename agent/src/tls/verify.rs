@@ -1,6 +1,7 @@
 //! Peer certificate checks. Chains are verified by rustls' webpki code
-//! (signatures, expiry, key usage); these add what SPIFFE asks on top, in
-//! place of the hostname check that SPIFFE certificates have nothing for.
+//! (signatures, expiry, key usage); a [`PeerCheck`] then says what the leaf
+//! must be, in place of the hostname check that SPIFFE certificates have
+//! nothing for. HBONE uses the checks below; the CA's transport has its own.
 
 use std::{error::Error, fmt, sync::Arc};
 
@@ -22,30 +23,38 @@ use rustls::{
 use super::{TlsError, spiffe_id_of};
 use crate::identity::{SpiffeId, TrustDomain};
 
-/// Client side: the server must chain to our roots and be one of the
-/// identities expected for the destination.
-#[derive(Debug)]
-pub(super) struct ExpectedServer {
-    roots: Arc<RootCertStore>,
-    expected: Vec<SpiffeId>,
-    algorithms: WebPkiSupportedAlgorithms,
+/// Why a peer's leaf certificate is refused, in words for the logs.
+pub(crate) type Refused = Box<dyn Error + Send + Sync>;
+
+/// What a peer's leaf certificate must be, once its chain is verified.
+pub(crate) trait PeerCheck: fmt::Debug + Send + Sync {
+    fn check(&self, leaf: &CertificateDer<'_>) -> Result<(), Refused>;
 }
 
-impl ExpectedServer {
-    pub(super) fn new(
+/// Client side: the server must chain to `roots` (no hostname check), then
+/// pass `check`.
+#[derive(Debug)]
+pub(crate) struct CheckedServer<C> {
+    roots: Arc<RootCertStore>,
+    algorithms: WebPkiSupportedAlgorithms,
+    check: C,
+}
+
+impl<C> CheckedServer<C> {
+    pub(crate) fn new(
         roots: Arc<RootCertStore>,
-        expected: Vec<SpiffeId>,
         algorithms: WebPkiSupportedAlgorithms,
+        check: C,
     ) -> Self {
         Self {
             roots,
-            expected,
             algorithms,
+            check,
         }
     }
 }
 
-impl ServerCertVerifier for ExpectedServer {
+impl<C: PeerCheck> ServerCertVerifier for CheckedServer<C> {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -62,13 +71,7 @@ impl ServerCertVerifier for ExpectedServer {
             now,
             self.algorithms.all,
         )?;
-        let presented = spiffe_id_of(end_entity).map_err(refuse)?;
-        if !self.expected.contains(&presented) {
-            return Err(refuse(TlsError::UnexpectedPeer {
-                presented,
-                expected: self.expected.clone(),
-            }));
-        }
+        self.check.check(end_entity).map_err(refuse)?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -96,23 +99,20 @@ impl ServerCertVerifier for ExpectedServer {
 }
 
 /// Server side: rustls' client verifier (chain, expiry, clientAuth usage),
-/// then the client's SPIFFE ID must be in our own trust domain.
+/// then `check`. A client certificate is mandatory.
 #[derive(Debug)]
-pub(super) struct SameTrustDomain {
+pub(crate) struct CheckedClient<C> {
     chain: Arc<dyn ClientCertVerifier>,
-    trust_domain: TrustDomain,
+    check: C,
 }
 
-impl SameTrustDomain {
-    pub(super) fn new(chain: Arc<dyn ClientCertVerifier>, trust_domain: TrustDomain) -> Self {
-        Self {
-            chain,
-            trust_domain,
-        }
+impl<C> CheckedClient<C> {
+    pub(crate) fn new(chain: Arc<dyn ClientCertVerifier>, check: C) -> Self {
+        Self { chain, check }
     }
 }
 
-impl ClientCertVerifier for SameTrustDomain {
+impl<C: PeerCheck> ClientCertVerifier for CheckedClient<C> {
     fn client_auth_mandatory(&self) -> bool {
         true
     }
@@ -129,13 +129,7 @@ impl ClientCertVerifier for SameTrustDomain {
     ) -> Result<ClientCertVerified, rustls::Error> {
         self.chain
             .verify_client_cert(end_entity, intermediates, now)?;
-        let presented = spiffe_id_of(end_entity).map_err(refuse)?;
-        if presented.trust_domain() != &self.trust_domain {
-            return Err(refuse(TlsError::ForeignTrustDomain {
-                presented,
-                expected: self.trust_domain.clone(),
-            }));
-        }
+        self.check.check(end_entity).map_err(refuse)?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -162,15 +156,52 @@ impl ClientCertVerifier for SameTrustDomain {
     }
 }
 
+/// HBONE client: the server is one of the identities expected for the
+/// destination.
+#[derive(Debug)]
+pub(super) struct OneOf(pub(super) Vec<SpiffeId>);
+
+impl PeerCheck for OneOf {
+    fn check(&self, leaf: &CertificateDer<'_>) -> Result<(), Refused> {
+        let presented = spiffe_id_of(leaf)?;
+        if self.0.contains(&presented) {
+            Ok(())
+        } else {
+            Err(Box::new(TlsError::UnexpectedPeer {
+                presented,
+                expected: self.0.clone(),
+            }))
+        }
+    }
+}
+
+/// HBONE server: the client is a workload of our own trust domain.
+#[derive(Debug)]
+pub(super) struct InTrustDomain(pub(super) TrustDomain);
+
+impl PeerCheck for InTrustDomain {
+    fn check(&self, leaf: &CertificateDer<'_>) -> Result<(), Refused> {
+        let presented = spiffe_id_of(leaf)?;
+        if presented.trust_domain() == &self.0 {
+            Ok(())
+        } else {
+            Err(Box::new(TlsError::ForeignTrustDomain {
+                presented,
+                expected: self.0.clone(),
+            }))
+        }
+    }
+}
+
 /// Carries our reason through rustls as a certificate error, which makes
 /// rustls send a certificate_unknown alert, as ztunnel does.
-fn refuse(why: TlsError) -> rustls::Error {
+fn refuse(why: Refused) -> rustls::Error {
     rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(Refusal(why)))))
 }
 
 /// rustls shows a certificate error's payload with `Debug`; this makes that
 /// the readable message.
-struct Refusal(TlsError);
+struct Refusal(Refused);
 
 impl fmt::Debug for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -186,6 +217,6 @@ impl fmt::Display for Refusal {
 
 impl Error for Refusal {
     fn source(&self) -> Option<&(dyn Error + 'static)> {
-        Some(&self.0)
+        Some(self.0.as_ref())
     }
 }
