@@ -126,6 +126,17 @@ impl SigningFiles {
     }
 }
 
+/// Sets up the daemons' logs; says why on stderr if it cannot.
+fn init_logging(format: LogFormat, filter: &str) -> bool {
+    match logging::init(format, filter) {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("warren: {e}");
+            false
+        }
+    }
+}
+
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Agent {
@@ -133,8 +144,7 @@ fn main() -> ExitCode {
             log_format,
             log_level,
         } => {
-            if let Err(e) = logging::init(log_format, &log_level) {
-                eprintln!("warren: {e}");
+            if !init_logging(log_format, &log_level) {
                 return ExitCode::FAILURE;
             }
             run_agent(config)
@@ -150,8 +160,7 @@ fn main() -> ExitCode {
                     log_level,
                 },
         } => {
-            if let Err(e) = logging::init(log_format, &log_level) {
-                eprintln!("warren: {e}");
+            if !init_logging(log_format, &log_level) {
                 return ExitCode::FAILURE;
             }
             match run_ca(&signing, &workloads, &listen, max_ttl) {

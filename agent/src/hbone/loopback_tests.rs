@@ -86,6 +86,19 @@ async fn ends(app: SocketAddr, frozen: bool) -> Ends {
     }
 }
 
+impl Ends {
+    /// The pool key of connections from the client workload to the server.
+    fn pool_key(&self) -> PoolKey {
+        PoolKey {
+            src_netns: 1,
+            src_ip: "127.0.0.1".parse().unwrap(),
+            src: self.client_id.clone(),
+            dst: self.server_id.clone(),
+            dst_addr: self.hbone,
+        }
+    }
+}
+
 async fn dial(ends: &Ends, keepalive: Keepalive) -> Connection {
     let tcp = TcpStream::connect(ends.hbone).await.unwrap();
     let tls = TlsConnector::from(ends.client.clone())
@@ -179,13 +192,7 @@ async fn streams_share_connections_up_to_the_limit() {
         max_streams: 2,
         ..Settings::default()
     });
-    let key = PoolKey {
-        src_netns: 1,
-        src_ip: "127.0.0.1".parse().unwrap(),
-        src: ends.client_id.clone(),
-        dst: ends.server_id.clone(),
-        dst_addr: ends.hbone,
-    };
+    let key = ends.pool_key();
     let mut held = Vec::new();
     for _ in 0..5 {
         let ends = ends.clone();
@@ -232,13 +239,7 @@ async fn idle_connections_are_closed() {
         idle_timeout: Duration::from_millis(200),
         ..Settings::default()
     });
-    let key = PoolKey {
-        src_netns: 1,
-        src_ip: "127.0.0.1".parse().unwrap(),
-        src: ends.client_id.clone(),
-        dst: ends.server_id.clone(),
-        dst_addr: ends.hbone,
-    };
+    let key = ends.pool_key();
     let checkout = pool
         .checkout(&key, || async {
             Ok::<_, ()>(dial(&ends, Keepalive::default()).await)
@@ -265,13 +266,7 @@ async fn a_dead_connection_fails_its_streams_and_is_replaced() {
         keepalive,
         ..Settings::default()
     });
-    let key = PoolKey {
-        src_netns: 1,
-        src_ip: "127.0.0.1".parse().unwrap(),
-        src: hung.client_id.clone(),
-        dst: hung.server_id.clone(),
-        dst_addr: hung.hbone,
-    };
+    let key = hung.pool_key();
     let checkout = pool
         .checkout(&key, || async { Ok::<_, ()>(dial(&hung, keepalive).await) })
         .await
