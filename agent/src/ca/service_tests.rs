@@ -23,11 +23,12 @@ use super::{
     client::{CaClient, ClientError, CsrSource},
     init,
     service::CaServer,
+    tests::{id, sleep, td},
     transport::{self, NodeCredential},
 };
 use crate::{
     config::Config,
-    identity::{NodeId, SpiffeId, TrustDomain},
+    identity::{NodeId, SpiffeId},
     tls::{self, CertificateSource, TrustBundle, WorkloadCertificate},
 };
 
@@ -43,18 +44,6 @@ workloads:
   - {name: web-1, namespace: shop, serviceAccount: web, ip: 10.244.2.2, node: node-2}
   - {name: sleep-3, namespace: default, serviceAccount: sleep, ip: 10.244.3.2, node: node-3}
 ";
-
-fn td() -> TrustDomain {
-    TrustDomain::new("cluster.local").unwrap()
-}
-
-fn id(s: &str) -> SpiffeId {
-    s.parse().unwrap()
-}
-
-fn sleep() -> SpiffeId {
-    id("spiffe://cluster.local/ns/default/sa/sleep")
-}
 
 fn web() -> SpiffeId {
     id("spiffe://cluster.local/ns/shop/sa/web")

@@ -39,15 +39,15 @@ const P521_CSR: &str = include_str!("testdata/p521.csr");
 
 const HOUR: Duration = Duration::from_secs(3600);
 
-fn td() -> TrustDomain {
+pub(super) fn td() -> TrustDomain {
     TrustDomain::new("cluster.local").unwrap()
 }
 
-fn id(s: &str) -> SpiffeId {
+pub(super) fn id(s: &str) -> SpiffeId {
     s.parse().unwrap()
 }
 
-fn sleep() -> SpiffeId {
+pub(super) fn sleep() -> SpiffeId {
     id("spiffe://cluster.local/ns/default/sa/sleep")
 }
 
