@@ -5,7 +5,7 @@ use std::{
     collections::HashMap,
     path::{Path, PathBuf},
     sync::Arc,
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use notify::Watcher as _;
@@ -17,7 +17,11 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    config::{Config, ConfigError, LocalPod, Workload},
+    ca::{
+        client::{CaClient, ClientError, CsrSource},
+        transport::{self, NodeCredential, TransportError},
+    },
+    config::{CaSettings, Config, ConfigError, Issuer, LocalPod, Workload},
     hbone::pool::{self, Pool},
     logging::Chain,
     netns::{NetNs, NetnsError},
@@ -27,9 +31,14 @@ use crate::{
         outbound::{self, OutboundError},
     },
     redirect::{Attachment, RedirectError, Redirector},
+    renewal,
     state::Store,
-    tls::{CertificateSource, DevCa, TlsError, TrustBundle},
+    tls::{CertificateSource, DevCa, TlsError, TrustBundle, WorkloadCertificate},
 };
+
+/// How long enrollment waits for a pod's first certificate before going on
+/// without it (the pod then gets no tunnels until one is issued).
+const FIRST_CERTIFICATE_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -39,6 +48,23 @@ pub enum AgentError {
     Redirect(#[from] RedirectError),
     #[error("certificates: {0}")]
     Tls(#[from] TlsError),
+    #[error("node credential in {}: {source}", dir.display())]
+    NodeCredential {
+        dir: PathBuf,
+        source: TransportError,
+    },
+    #[error(
+        "node credential in {} is for {credential}, but this agent is node {node} of {trust_domain}",
+        dir.display()
+    )]
+    WrongNode {
+        dir: PathBuf,
+        credential: String,
+        node: String,
+        trust_domain: String,
+    },
+    #[error("CA client: {0}")]
+    CaClient(#[from] ClientError),
     #[error("cannot watch {}: {source}", path.display())]
     Watch {
         path: PathBuf,
@@ -56,7 +82,7 @@ enum EnrollError {
     Outbound(#[from] OutboundError),
     #[error(transparent)]
     Inbound(#[from] InboundError),
-    #[error("no certificate: {0}")]
+    #[error("certificate unusable: {0}")]
     Certificate(#[from] TlsError),
     #[error(transparent)]
     Redirect(#[from] RedirectError),
@@ -76,7 +102,8 @@ pub struct Agent {
     store: Store,
     redirector: Redirector,
     certificates: Arc<dyn CertificateSource>,
-    trust: TrustBundle,
+    /// The development CA's root, trusted besides the trust bundle file.
+    dev_root: Option<TrustBundle>,
     pool: Arc<Pool>,
     enrolled: HashMap<String, Enrolled>,
 }
@@ -94,28 +121,34 @@ impl Agent {
             config = %config_path.display(),
             "warren agent starting"
         );
-        let certificates =
-            DevCa::load_or_create(&config.dev_ca_dir)?.with_validity(config.certificate_ttl);
-        warn!(
-            dir = %config.dev_ca_dir.display(),
-            "USING THE DEVELOPMENT CA: workload certificates are issued by a self-signed root kept \
-             on this machine. Fine for a lab, not for production"
-        );
-        let mut trust = certificates.trust_bundle();
-        if let Some(path) = &config.trust_bundle {
-            let extra = TrustBundle::from_pem_file(path)?;
-            info!(bundle = %path.display(), roots = extra.roots().len(), "trusting the roots of the trust bundle too");
-            trust = trust.merged(&extra);
-        }
+        let dev_ca = match &config.issuer {
+            Issuer::DevCa { dir } => {
+                warn!(
+                    dir = %dir.display(),
+                    "USING THE DEVELOPMENT CA: workload certificates are issued by a self-signed \
+                     root kept on this machine. Fine for a lab, not for production"
+                );
+                Some(DevCa::load_or_create(dir)?.with_validity(config.certificate_ttl))
+            }
+            Issuer::Ca(_) => None,
+        };
+        let dev_root = dev_ca.as_ref().map(DevCa::trust_bundle);
+        let trust = load_trust(&config, dev_root.as_ref())?;
+        let store = Store::new(config.clone(), trust);
+        let certificates: Arc<dyn CertificateSource> = match (dev_ca, &config.issuer) {
+            (Some(dev_ca), _) => Arc::new(dev_ca),
+            (None, Issuer::Ca(ca)) => Arc::new(ca_source(&config, ca, &store)?),
+            (None, Issuer::DevCa { .. }) => unreachable!("the development CA was loaded above"),
+        };
         let redirector = Redirector::load()?;
         let pool = Arc::new(Pool::new(pool::Settings::default()));
         pool.spawn_reaper();
         Ok(Self {
             config_path: config_path.to_owned(),
-            store: Store::new(config),
+            store,
             redirector,
-            certificates: Arc::new(certificates),
-            trust,
+            certificates,
+            dev_root,
             pool,
             enrolled: HashMap::new(),
         })
@@ -127,23 +160,40 @@ impl Agent {
         let mut hangup = signal(SignalKind::hangup()).map_err(AgentError::Signal)?;
         let mut terminate = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
         let mut interrupt = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
-        let (_watcher, mut changed) = watch_file(&self.config_path)?;
+        let (tx, mut changed) = mpsc::unbounded_channel();
+        let mut watched = self.watched_files();
+        let mut watcher = watch_files(&watched, tx.clone())?;
 
         self.reconcile().await;
         info!("warren agent ready");
         loop {
             tokio::select! {
-                _ = hangup.recv() => self.reload("SIGHUP").await,
-                Some(()) = changed.recv() => {
+                _ = hangup.recv() => {
+                    self.reload("SIGHUP").await;
+                    self.reload_trust("SIGHUP").await;
+                }
+                Some(path) = changed.recv() => {
                     // Editors write in several steps; let them finish.
                     tokio::time::sleep(Duration::from_millis(100)).await;
-                    while changed.try_recv().is_ok() {}
-                    self.reload("file changed").await;
+                    let mut paths = vec![path];
+                    while let Ok(path) = changed.try_recv() {
+                        paths.push(path);
+                    }
+                    if paths.contains(&watched[0]) {
+                        self.reload("file changed").await;
+                    }
+                    // The config may name another trust bundle now.
+                    self.reload_trust("file changed").await;
                 }
                 _ = terminate.recv() => break,
                 _ = interrupt.recv() => break,
             }
+            if self.watched_files() != watched {
+                watched = self.watched_files();
+                watcher = watch_files(&watched, tx.clone())?;
+            }
         }
+        drop(watcher);
         info!("warren agent stopping");
         self.withdraw_all().await;
         Ok(())
@@ -166,11 +216,10 @@ impl Agent {
             }
             Ok(config) => {
                 let current = self.store.current();
-                if config.dev_ca_dir != current.config().dev_ca_dir
-                    || config.trust_bundle != current.config().trust_bundle
+                if config.issuer != current.config().issuer
                     || config.certificate_ttl != current.config().certificate_ttl
                 {
-                    warn!(%why, "devCaDir, trustBundle and certificateTtl changes take effect when the agent restarts");
+                    warn!(%why, "devCaDir, ca and certificateTtl changes take effect when the agent restarts");
                 }
                 info!(%why, "config reloaded");
                 self.store.publish(config);
@@ -180,6 +229,46 @@ impl Agent {
                 error!(%why, error = %Chain(&error), "config reload failed; keeping the previous config");
             }
         }
+    }
+
+    /// Reads the trust bundle again and, if its roots changed, publishes
+    /// them. Tunnels stay up; if a root was removed, connections checked
+    /// against the old roots are retired (their streams finish).
+    async fn reload_trust(&mut self, why: &str) {
+        let current = self.store.current();
+        let trust = match load_trust(current.config(), self.dev_root.as_ref()) {
+            Ok(trust) => trust,
+            Err(error) => {
+                error!(%why, error = %Chain(&error), "trust bundle reload failed; keeping the previous roots");
+                return;
+            }
+        };
+        let old = current.trust();
+        if trust.roots() == old.roots() {
+            return;
+        }
+        let added = trust
+            .roots()
+            .iter()
+            .filter(|r| !old.roots().contains(r))
+            .count();
+        let removed = old
+            .roots()
+            .iter()
+            .filter(|r| !trust.roots().contains(r))
+            .count();
+        info!(%why, roots = trust.roots().len(), added, removed, "trust bundle reloaded");
+        self.store.publish_trust(trust);
+        if removed > 0 {
+            self.pool.retire(|_| true).await;
+        }
+    }
+
+    /// The config file, then the trust bundle file if there is one.
+    fn watched_files(&self) -> Vec<PathBuf> {
+        let mut files = vec![self.config_path.clone()];
+        files.extend(self.store.current().config().trust_bundle_path());
+        files
     }
 
     /// Brings enrollment in line with the current snapshot: withdraws pods
@@ -204,15 +293,24 @@ impl Agent {
             }
         }
 
-        for (name, (workload, pod)) in wanted {
-            if self.enrolled.contains_key(&name) {
-                continue;
-            }
-            match self.enroll(workload, pod).await {
+        let new: Vec<(String, &Workload, &LocalPod)> = wanted
+            .into_iter()
+            .filter(|(name, _)| !self.enrolled.contains_key(name))
+            .map(|(name, (workload, pod))| (name, workload, pod))
+            .collect();
+        // Asked for together: a slow CA delays enrollment once, not per pod.
+        let certificates = futures_util::future::join_all(
+            new.iter()
+                .map(|(_, workload, _)| first_certificate(&*self.certificates, workload)),
+        )
+        .await;
+        for ((name, workload, pod), certificate) in new.into_iter().zip(certificates) {
+            match self.enroll(workload, pod, certificate).await {
                 Ok(enrolled) => {
                     info!(
                         workload = %name,
                         identity = %workload.identity,
+                        certificate = if enrolled.proxy.certificate().is_some() { "issued" } else { "none yet" },
                         hbone = %std::net::SocketAddr::new(workload.ip.into(), crate::hbone::PORT),
                         ip = %workload.ip,
                         netns = %pod.netns.display(),
@@ -230,23 +328,26 @@ impl Agent {
         }
     }
 
+    /// Captures the pod and serves it; with no `certificate` (the CA did not
+    /// answer in time), it gets no tunnels until renewal obtains one.
     async fn enroll(
         &mut self,
         workload: &Workload,
         pod: &LocalPod,
+        certificate: Option<WorkloadCertificate>,
     ) -> Result<Enrolled, EnrollError> {
         let netns = Arc::new(NetNs::open(&pod.netns).await?);
-        let certificate = self.certificates.certificate(&workload.identity).await?;
         let proxy = Arc::new(PodProxy::new(
             workload.clone(),
             netns.clone(),
-            certificate,
-            self.trust.clone(),
             self.redirector.original_dsts(),
             self.store.subscribe(),
             self.pool.clone(),
         ));
         let inbound = Arc::new(PodInbound::new(proxy.clone()).await?);
+        if let Some(certificate) = certificate {
+            inbound.renew(certificate).await?;
+        }
         // Listeners first: capture must never point at a closed port.
         let hbone_listener = inbound.bind().await?;
         let outbound_listener = outbound::bind(&proxy).await?;
@@ -260,7 +361,7 @@ impl Agent {
             tasks: [
                 tokio::spawn(outbound::serve(outbound_listener, proxy)),
                 tokio::spawn(inbound::serve(hbone_listener, inbound.clone())),
-                tokio::spawn(renew_certificates(inbound, self.certificates.clone())),
+                tokio::spawn(renewal::keep_fresh(inbound, self.certificates.clone())),
             ],
         })
     }
@@ -292,81 +393,115 @@ impl Agent {
     }
 }
 
-/// Keeps a pod's certificate fresh: renews it at about half its lifetime
-/// (with jitter, so that pods enrolled together do not renew together), and
-/// retries with backoff when that fails, while the old one stays in use.
-async fn renew_certificates(inbound: Arc<PodInbound>, source: Arc<dyn CertificateSource>) {
-    let pod = &inbound.pod;
-    let name = pod.workload.qualified_name();
-    let mut backoff = RETRY_MIN;
-    loop {
-        let current = pod.certificate();
-        let lifetime = current
-            .not_after()
-            .duration_since(current.not_before())
-            .unwrap_or_default();
-        let jitter = lifetime.mul_f64(rand::random::<f64>() * 0.05);
-        let wait = current
-            .refresh_at()
-            .duration_since(SystemTime::now())
-            .unwrap_or_default()
-            .saturating_sub(jitter);
-        tokio::time::sleep(wait).await;
-        let renewed = match source.certificate(&pod.workload.identity).await {
-            Ok(certificate) => inbound.renew(certificate).await,
-            Err(error) => Err(error),
-        };
-        match renewed {
-            Ok(()) => {
-                backoff = RETRY_MIN;
-                let certificate = pod.certificate();
-                let valid_for = certificate
-                    .not_after()
-                    .duration_since(SystemTime::now())
-                    .unwrap_or_default();
-                info!(
-                    workload = %name,
-                    identity = %certificate.identity(),
-                    valid_for_s = valid_for.as_secs(),
-                    "certificate renewed"
-                );
-            }
-            Err(error) => {
-                warn!(workload = %name, error = %Chain(&error), retry_in = ?backoff, "certificate renewal failed; keeping the current one");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(RETRY_MAX);
-            }
-        }
-    }
+/// A workload's first certificate, if the CA gives one in time; a failure
+/// is logged, and renewal keeps asking.
+async fn first_certificate(
+    source: &dyn CertificateSource,
+    workload: &Workload,
+) -> Option<WorkloadCertificate> {
+    let error = match tokio::time::timeout(
+        FIRST_CERTIFICATE_WAIT,
+        source.certificate(&workload.identity),
+    )
+    .await
+    {
+        Ok(Ok(certificate)) => return Some(certificate),
+        Ok(Err(error)) => Chain(&error).to_string(),
+        Err(_) => format!("no answer within {FIRST_CERTIFICATE_WAIT:?}"),
+    };
+    error!(
+        workload = %workload.qualified_name(),
+        identity = %workload.identity,
+        %error,
+        "no certificate for the workload: it gets no tunnels until the CA issues one"
+    );
+    None
 }
 
-const RETRY_MIN: Duration = Duration::from_secs(1);
-const RETRY_MAX: Duration = Duration::from_secs(60);
+/// The roots to trust: the trust bundle file's, and the development CA's.
+fn load_trust(config: &Config, dev_root: Option<&TrustBundle>) -> Result<TrustBundle, TlsError> {
+    let file = config
+        .trust_bundle_path()
+        .map(|path| TrustBundle::from_pem_file(&path))
+        .transpose()?;
+    Ok(match (file, dev_root) {
+        (Some(file), Some(dev_root)) => dev_root.merged(&file),
+        (Some(file), None) => file,
+        (None, Some(dev_root)) => dev_root.clone(),
+        (None, None) => unreachable!("a CA service always comes with a trust bundle"),
+    })
+}
 
-/// Reports changes to `path`. Watches the directory, since editors and
-/// config management replace files rather than write them in place.
-fn watch_file(
-    path: &Path,
-) -> Result<(notify::RecommendedWatcher, mpsc::UnboundedReceiver<()>), AgentError> {
-    let watch_error = |source| AgentError::Watch {
-        path: path.to_owned(),
+/// Certificates from the CA service, asked for as this node. The node
+/// credential is read now, to fail at start if it is unusable, and again
+/// at each connection to the CA, so that a renewed one needs no restart;
+/// the CA must chain to the current trust bundle.
+fn ca_source(config: &Config, ca: &CaSettings, store: &Store) -> Result<CsrSource, AgentError> {
+    let dir = ca.node_credential.clone();
+    let credential = NodeCredential::load(&dir).map_err(|source| AgentError::NodeCredential {
+        dir: dir.clone(),
         source,
+    })?;
+    let node = credential.node();
+    if node.name() != config.node || *node.trust_domain() != config.trust_domain {
+        return Err(AgentError::WrongNode {
+            dir,
+            credential: node.to_string(),
+            node: config.node.clone(),
+            trust_domain: config.trust_domain.to_string(),
+        });
+    }
+    info!(ca = %ca.address, node = %node, "workload certificates come from the CA service");
+    let state = store.subscribe();
+    let tls = move || {
+        let credential = NodeCredential::load(&dir)?;
+        transport::client_config(&credential, state.borrow().trust())
     };
-    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
-    let dir = path.parent().unwrap_or(Path::new("/")).to_owned();
-    let (tx, rx) = mpsc::unbounded_channel();
-    let target = path.clone();
+    let client = CaClient::lazy(&ca.address, Arc::new(tls))?;
+    Ok(CsrSource::new(client, config.certificate_ttl))
+}
+
+/// Reports which of `paths` changed. Watches their directories, since
+/// editors and config management replace files rather than write them in
+/// place.
+fn watch_files(
+    paths: &[PathBuf],
+    tx: mpsc::UnboundedSender<PathBuf>,
+) -> Result<notify::RecommendedWatcher, AgentError> {
+    let targets: Vec<PathBuf> = paths
+        .iter()
+        .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()))
+        .collect();
+    let originals = paths.to_vec();
+    let watched = targets.clone();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if let Ok(event) = event
-            && !event.kind.is_access()
-            && event.paths.iter().any(|p| p == &target)
-        {
-            let _ = tx.send(());
+        let Ok(event) = event else { return };
+        if event.kind.is_access() {
+            return;
+        }
+        for (target, original) in watched.iter().zip(&originals) {
+            if event.paths.contains(target) {
+                let _ = tx.send(original.clone());
+            }
         }
     })
-    .map_err(watch_error)?;
-    watcher
-        .watch(&dir, notify::RecursiveMode::NonRecursive)
-        .map_err(watch_error)?;
-    Ok((watcher, rx))
+    .map_err(|source| AgentError::Watch {
+        path: paths[0].clone(),
+        source,
+    })?;
+    let mut dirs: Vec<&Path> = Vec::new();
+    for (target, path) in targets.iter().zip(paths) {
+        let dir = target.parent().unwrap_or(Path::new("/"));
+        if dirs.contains(&dir) {
+            continue;
+        }
+        dirs.push(dir);
+        watcher
+            .watch(dir, notify::RecursiveMode::NonRecursive)
+            .map_err(|source| AgentError::Watch {
+                path: path.clone(),
+                source,
+            })?;
+    }
+    Ok(watcher)
 }

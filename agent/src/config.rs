@@ -49,14 +49,49 @@ pub struct Config {
     /// The node this agent runs on.
     pub node: String,
     pub trust_domain: TrustDomain,
-    /// Where the development CA keeps its root (created on first use). Every
-    /// agent of a mesh must share it, or they will not trust each other.
-    pub dev_ca_dir: PathBuf,
-    /// Extra roots to trust, besides the CA's own (PEM, one or more).
+    /// Where workload certificates come from.
+    pub issuer: Issuer,
+    /// Roots to trust (PEM, one or more), reloaded when the file changes.
+    /// With the development CA, trusted besides its own root.
     pub trust_bundle: Option<PathBuf>,
     /// How long workload certificates live; they are renewed at about half.
     pub certificate_ttl: Duration,
     pub workloads: Vec<Workload>,
+}
+
+/// Who signs this node's workload certificates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Issuer {
+    /// A self-signed root kept in `dir`, created on first use. Every agent of
+    /// a mesh must share it, or they will not trust each other. Labs only.
+    DevCa { dir: PathBuf },
+    /// A CA service speaking Istio's certificate API (`warren ca serve`, or
+    /// istiod), reached as this node.
+    Ca(CaSettings),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaSettings {
+    /// `host:port` of the CA service.
+    pub address: String,
+    /// Directory of the node's credential (`node.pem`, `node-key.pem`, and
+    /// `ca-roots.pem`), as `warren ca node-credential` writes it. Read at
+    /// each connection to the CA, so a renewed credential needs no restart.
+    pub node_credential: PathBuf,
+}
+
+impl Config {
+    /// The file holding the roots to trust, if any: `trustBundle`, or with a
+    /// CA service and no `trustBundle`, the roots of the node credential.
+    pub fn trust_bundle_path(&self) -> Option<PathBuf> {
+        match (&self.trust_bundle, &self.issuer) {
+            (Some(path), _) => Some(path.clone()),
+            (None, Issuer::Ca(ca)) => {
+                Some(ca.node_credential.join(crate::ca::transport::NODE_ROOTS))
+            }
+            (None, Issuer::DevCa { .. }) => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -132,7 +167,16 @@ struct RawConfig {
     #[serde(default)]
     certificate_ttl: Option<String>,
     #[serde(default)]
+    ca: Option<RawCa>,
+    #[serde(default)]
     workloads: Vec<RawWorkload>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawCa {
+    address: String,
+    node_credential: PathBuf,
 }
 
 #[derive(Deserialize)]
@@ -178,6 +222,18 @@ impl RawConfig {
                 ttl
             }
         };
+        let issuer = match (self.ca, self.dev_ca_dir) {
+            (Some(_), Some(_)) => {
+                return Err((
+                    "devCaDir".into(),
+                    "cannot be used with `ca`: certificates come from one or the other".into(),
+                ));
+            }
+            (Some(ca), None) => Issuer::Ca(ca.validate()?),
+            (None, dir) => Issuer::DevCa {
+                dir: dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DEV_CA_DIR)),
+            },
+        };
         let mut by_name = HashMap::new();
         let mut by_ip = HashMap::new();
         let mut workloads = Vec::with_capacity(self.workloads.len());
@@ -204,12 +260,35 @@ impl RawConfig {
         Ok(Config {
             node: self.node,
             trust_domain,
-            dev_ca_dir: self
-                .dev_ca_dir
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_DEV_CA_DIR)),
+            issuer,
             trust_bundle: self.trust_bundle,
             certificate_ttl,
             workloads,
+        })
+    }
+}
+
+impl RawCa {
+    fn validate(self) -> Result<CaSettings, Invalid> {
+        let port = self
+            .address
+            .rsplit_once(':')
+            .map(|(host, port)| (host, port.parse::<u16>()));
+        if !matches!(port, Some((host, Ok(port))) if !host.is_empty() && port != 0) {
+            return Err((
+                "ca.address".into(),
+                format!("{:?} is not host:port (e.g. 10.0.0.1:15012)", self.address),
+            ));
+        }
+        if self.node_credential.as_os_str().is_empty() {
+            return Err((
+                "ca.nodeCredential".into(),
+                "must name the directory of this node's credential".into(),
+            ));
+        }
+        Ok(CaSettings {
+            address: self.address,
+            node_credential: self.node_credential,
         })
     }
 }
@@ -322,7 +401,12 @@ workloads:
         let config = parse(GOOD).unwrap();
         assert_eq!(config.node, "node-1");
         assert_eq!(config.trust_domain.as_str(), "example.org");
-        assert_eq!(config.dev_ca_dir, Path::new("/tmp/dev-ca"));
+        assert_eq!(
+            config.issuer,
+            Issuer::DevCa {
+                dir: "/tmp/dev-ca".into()
+            }
+        );
         assert_eq!(
             config.trust_bundle.as_deref(),
             Some(Path::new("/etc/warren/roots.pem"))
@@ -344,9 +428,40 @@ workloads:
     fn trust_domain_defaults_to_cluster_local() {
         let config = parse("node: n\n").unwrap();
         assert_eq!(config.trust_domain.as_str(), "cluster.local");
-        assert_eq!(config.dev_ca_dir, Path::new(DEFAULT_DEV_CA_DIR));
-        assert!(config.trust_bundle.is_none());
+        assert_eq!(
+            config.issuer,
+            Issuer::DevCa {
+                dir: DEFAULT_DEV_CA_DIR.into()
+            }
+        );
+        assert!(config.trust_bundle_path().is_none());
         assert!(config.workloads.is_empty());
+    }
+
+    #[test]
+    fn a_ca_service_replaces_the_development_ca() {
+        let text = GOOD.replace(
+            "devCaDir: /tmp/dev-ca\ntrustBundle: /etc/warren/roots.pem\n",
+            "ca:\n  address: ca.example:15012\n  nodeCredential: /etc/warren/node\n",
+        );
+        let config = parse(&text).unwrap();
+        assert_eq!(
+            config.issuer,
+            Issuer::Ca(CaSettings {
+                address: "ca.example:15012".into(),
+                node_credential: "/etc/warren/node".into(),
+            })
+        );
+        // The node credential's roots, unless a trust bundle is named.
+        assert_eq!(
+            config.trust_bundle_path().unwrap(),
+            Path::new("/etc/warren/node/ca-roots.pem")
+        );
+        let named = parse(&format!("{text}trustBundle: /etc/roots.pem\n")).unwrap();
+        assert_eq!(
+            named.trust_bundle_path().unwrap(),
+            Path::new("/etc/roots.pem")
+        );
     }
 
     #[test]
@@ -407,6 +522,18 @@ workloads:
                 "missing field `node`",
             ),
             ("node: [\n".to_string(), "agent.yaml"),
+            (
+                format!("{GOOD}ca: {{address: ca:15012, nodeCredential: /n}}\n"),
+                "devCaDir: cannot be used with `ca`",
+            ),
+            (
+                "node: n\nca: {address: ca.example, nodeCredential: /n}\n".to_string(),
+                "ca.address: \"ca.example\" is not host:port",
+            ),
+            (
+                "node: n\nca: {address: ca:15012}\n".to_string(),
+                "missing field `nodeCredential`",
+            ),
         ];
         for (text, expected) in cases {
             let message = error(&text);

@@ -1,4 +1,4 @@
-//! Creating files that may hold secrets (CA keys, roots).
+//! Creating and replacing files that may hold secrets (CA keys, roots).
 
 use std::{
     fs,
@@ -32,6 +32,24 @@ pub fn create_new(path: &Path, contents: &[u8], mode: u32) -> io::Result<bool> {
     }
 }
 
+/// Puts `contents` at `path` in one step, replacing any file there: readers
+/// see the old file or the new one, never a mix, and a key is never readable
+/// by others (see [`create_new`]).
+pub fn replace(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    let mut temp = tempfile::Builder::new()
+        .prefix(".warren-")
+        .permissions(fs::Permissions::from_mode(mode))
+        .tempfile_in(dir)?;
+    temp.write_all(contents)?;
+    temp.as_file().sync_all()?;
+    temp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -48,6 +66,20 @@ mod tests {
             0o600
         );
         // No temporary file is left behind.
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn replaces_with_the_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key.pem");
+        assert!(create_new(&path, b"first", 0o644).unwrap());
+        replace(&path, b"second", 0o600).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"second");
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 }

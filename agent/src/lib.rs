@@ -11,5 +11,6 @@ pub mod logging;
 pub mod netns;
 pub mod proxy;
 pub mod redirect;
+pub mod renewal;
 pub mod state;
 pub mod tls;

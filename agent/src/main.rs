@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use warren_agent::{
     agent::Agent,
     ca::{self, Authority, Policy},
-    config::Config,
+    config::{Config, Issuer},
     identity::{NodeId, TrustDomain},
     logging::{self, Chain, LogFormat},
 };
@@ -93,6 +93,11 @@ enum CaCommand {
         /// How long the credential is valid.
         #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
         ttl: Duration,
+        /// Replace the credential in --out (to renew it, or after a CA
+        /// rotation); the agent uses the new one from its next connection to
+        /// the CA.
+        #[arg(long)]
+        replace: bool,
     },
 }
 
@@ -180,8 +185,9 @@ fn main() -> ExitCode {
                     out,
                     trust_domain,
                     ttl,
+                    replace,
                 },
-        } => match node_credential(&signing, &node, &out, &trust_domain, ttl) {
+        } => match node_credential(&signing, &node, &out, &trust_domain, ttl, replace) {
             Ok(summary) => {
                 println!("{summary}");
                 ExitCode::SUCCESS
@@ -212,11 +218,6 @@ fn main() -> ExitCode {
             match made {
                 Ok(summary) => {
                     println!("{summary}");
-                    println!(
-                        "(`warren ca serve` serves this CA; agents that request their \
-                         certificates from it come in the next step; until then agents use \
-                         their development CA.)"
-                    );
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -234,6 +235,22 @@ fn main() -> ExitCode {
                     config.trust_domain,
                     config.workloads.len()
                 );
+                match &config.issuer {
+                    Issuer::DevCa { dir } => {
+                        println!(
+                            "  certificates from the development CA in {}",
+                            dir.display()
+                        )
+                    }
+                    Issuer::Ca(ca) => println!(
+                        "  certificates from the CA at {}, as the node of {}",
+                        ca.address,
+                        ca.node_credential.display()
+                    ),
+                }
+                if let Some(bundle) = config.trust_bundle_path() {
+                    println!("  trusting the roots in {}", bundle.display());
+                }
                 for w in &config.workloads {
                     let place = if w.local.is_some() { "local" } else { "remote" };
                     println!(
@@ -331,6 +348,7 @@ fn node_credential(
     out: &std::path::Path,
     trust_domain: &str,
     ttl: Duration,
+    replace: bool,
 ) -> Result<String, String> {
     let trust_domain = TrustDomain::new(trust_domain).map_err(|e| e.to_string())?;
     let node = NodeId::new(trust_domain.clone(), node).map_err(|e| e.to_string())?;
@@ -338,7 +356,7 @@ fn node_credential(
     let credential = authority
         .issue_credential(&node.to_string(), ttl)
         .map_err(|e| Chain(&e).to_string())?;
-    ca::write_node_credential(out, &credential, authority.roots())
+    ca::write_node_credential(out, &credential, authority.roots(), replace)
         .map_err(|e| Chain(&e).to_string())?;
     Ok(format!(
         "Wrote the credential of {node} to {}: {}, {} (private key, mode 0600), {}.\n\

@@ -1,32 +1,47 @@
 //! The agent's view of the mesh: one immutable snapshot at a time, published
 //! by whoever learns about workloads (the config file today, Kubernetes
-//! discovery later) and read by the proxy and the eBPF loader.
+//! discovery later) or roots (the trust bundle file), and read by the proxy
+//! and the eBPF loader.
 
 use std::{collections::HashMap, net::Ipv4Addr, sync::Arc};
 
 use tokio::sync::watch;
 
-use crate::config::{Config, Workload};
+use crate::{
+    config::{Config, Workload},
+    tls::TrustBundle,
+};
 
 #[derive(Debug)]
 pub struct Snapshot {
     config: Config,
     by_ip: HashMap<Ipv4Addr, usize>,
+    /// The roots peers' certificates must chain to.
+    trust: Arc<TrustBundle>,
 }
 
 impl Snapshot {
-    pub fn new(config: Config) -> Self {
+    fn new(config: Config, trust: Arc<TrustBundle>) -> Self {
         let by_ip = config
             .workloads
             .iter()
             .enumerate()
             .map(|(i, w)| (w.ip, i))
             .collect();
-        Self { config, by_ip }
+        Self {
+            config,
+            by_ip,
+            trust,
+        }
     }
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The current trust bundle; a new `Arc` whenever it changes.
+    pub fn trust(&self) -> &Arc<TrustBundle> {
+        &self.trust
     }
 
     /// The mesh workload with address `ip`, if any.
@@ -41,13 +56,22 @@ pub struct Store {
 }
 
 impl Store {
-    pub fn new(config: Config) -> Self {
-        let (tx, _) = watch::channel(Arc::new(Snapshot::new(config)));
+    pub fn new(config: Config, trust: TrustBundle) -> Self {
+        let (tx, _) = watch::channel(Arc::new(Snapshot::new(config, Arc::new(trust))));
         Self { tx }
     }
 
+    /// A new config; the trust bundle stays.
     pub fn publish(&self, config: Config) {
-        self.tx.send_replace(Arc::new(Snapshot::new(config)));
+        let trust = self.current().trust.clone();
+        self.tx.send_replace(Arc::new(Snapshot::new(config, trust)));
+    }
+
+    /// A new trust bundle; the config stays.
+    pub fn publish_trust(&self, trust: TrustBundle) {
+        let config = self.current().config.clone();
+        self.tx
+            .send_replace(Arc::new(Snapshot::new(config, Arc::new(trust))));
     }
 
     pub fn current(&self) -> Arc<Snapshot> {
@@ -64,6 +88,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+    use crate::tls::testing::TempCa;
 
     #[test]
     fn finds_workloads_by_ip_in_the_latest_snapshot() {
@@ -76,7 +101,7 @@ mod tests {
             )
             .unwrap()
         };
-        let store = Store::new(config("10.0.0.1"));
+        let store = Store::new(config("10.0.0.1"), TempCa::new().trust_bundle());
         let reader = store.subscribe();
         let a = Ipv4Addr::new(10, 0, 0, 1);
         assert_eq!(store.current().workload_by_ip(a).unwrap().name, "a");

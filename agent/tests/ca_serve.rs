@@ -116,7 +116,7 @@ async fn a_ca_process_serves_its_nodes() {
             Err(e) => panic!("the CA did not come up: {e}"),
         }
     };
-    let source = CsrSource::new(client, roots, Duration::from_secs(48 * 3600));
+    let source = CsrSource::new(client, Duration::from_secs(48 * 3600));
 
     let sleep = "spiffe://cluster.local/ns/default/sa/sleep"
         .parse()

@@ -26,7 +26,7 @@ use warren_agent::{
 use warren_tests::{
     Lab, LabSpec, Pod,
     harness::{
-        Agent, Call, MeshWorkload, PATIENCE, Server, WireCapture, agent_config, contains,
+        Agent, Call, LogLine, MeshWorkload, PATIENCE, Server, WireCapture, agent_config, contains,
         dev_ca_dir, finish,
     },
 };
@@ -239,7 +239,7 @@ fn refused_clients_and_requests_are_refused_with_a_reason() {
     .unwrap();
     let server_id: SpiffeId = mesh.server.identity().parse().unwrap();
     let expect_server = std::slice::from_ref(&server_id);
-    let trust = tls::CertificateSource::trust_bundle(&ca);
+    let trust = ca.trust_bundle();
     let good = ca.issue(&client_id).unwrap();
     let rogue = Rogue::new(&mesh.client.pod);
     let hbone = mesh.hbone_addr();
@@ -479,11 +479,11 @@ impl ServerCertVerifier for AnyServer {
 }
 
 #[test]
-fn a_trust_bundle_adds_roots_the_agent_accepts() {
+fn the_trust_bundle_is_reloaded_live_without_breaking_tunnels() {
     let mut mesh = Mesh::new();
-    let _server = Server::start(&mesh.server.pod, PORT).unwrap();
+    let mut server = Server::start(&mesh.server.pod, PORT).unwrap();
     let ca = mesh.ca();
-    let trust = tls::CertificateSource::trust_bundle(&ca);
+    let trust = ca.trust_bundle();
     let server_id: SpiffeId = mesh.server.identity().parse().unwrap();
     let client_id: SpiffeId = mesh.client.identity().parse().unwrap();
     // A client whose certificate comes from another organisation's root.
@@ -502,7 +502,18 @@ fn a_trust_bundle_adds_roots_the_agent_accepts() {
             .is_err()
     );
 
-    // Node 2's agent, restarted with that root in its trust bundle, accepts it.
+    // A tunnel in use while the roots change underneath it.
+    let long = Call {
+        hold_ms: Some(3000),
+        bytes: Some(64 * 1024),
+        ..Call::default()
+    }
+    .spawn(&mesh.client.pod, server.addr)
+    .unwrap();
+    server.next_served().unwrap();
+
+    // Node 2's agent is given a trust bundle with that root: it trusts it
+    // from then on, without a restart.
     let node = mesh.lab.node(1);
     let bundle = warren_tests::lab::files_dir(mesh.lab.prefix()).join("bundle.pem");
     std::fs::write(
@@ -510,18 +521,52 @@ fn a_trust_bundle_adds_roots_the_agent_accepts() {
         std::fs::read(other_ca.dir().join("root.pem")).unwrap(),
     )
     .unwrap();
-    let config_text = agent_config(node, &[mesh.client.clone(), mesh.server.clone()])
-        + &format!("trustBundle: {}\n", bundle.display());
-    mesh.agents[1].stop().unwrap();
-    let dir = warren_tests::lab::files_dir(mesh.lab.prefix()).join("restarted");
-    let mut agent = Agent::start(node, &config_text, &dir).unwrap();
-    agent
+    let workloads = [mesh.client.clone(), mesh.server.clone()];
+    let with_bundle =
+        agent_config(node, &workloads) + &format!("trustBundle: {}\n", bundle.display());
+    let reloaded = |added: u64, removed: u64| {
+        move |l: &LogLine| {
+            l.message() == "trust bundle reloaded"
+                && l.0["added"] == added
+                && l.0["removed"] == removed
+        }
+    };
+    mesh.agents[1].rewrite_config(&with_bundle).unwrap();
+    mesh.agents[1].wait_for(PATIENCE, reloaded(1, 0)).unwrap();
+    assert_eq!(
+        rogue.connect(config.clone(), mesh.hbone_addr(), &app),
+        Ok(200)
+    );
+
+    // A broken bundle is refused, and the roots in force stay.
+    std::fs::write(&bundle, "not a certificate").unwrap();
+    mesh.agents[1]
         .wait_for(PATIENCE, |l| {
-            l.message()
-                .starts_with("trusting the roots of the trust bundle")
+            l.message() == "trust bundle reload failed; keeping the previous roots"
+                && l.field("error").contains(&bundle.display().to_string())
         })
         .unwrap();
-    assert_eq!(rogue.connect(config, mesh.hbone_addr(), &app), Ok(200));
+    assert_eq!(
+        rogue.connect(config.clone(), mesh.hbone_addr(), &app),
+        Ok(200)
+    );
+
+    // Without the bundle, that root is no longer trusted.
+    mesh.agents[1]
+        .rewrite_config(&agent_config(node, &workloads))
+        .unwrap();
+    mesh.agents[1].wait_for(PATIENCE, reloaded(0, 1)).unwrap();
+    assert!(rogue.connect(config, mesh.hbone_addr(), &app).is_err());
+
+    // The tunnel in use throughout delivered every byte.
+    let long = finish(long).unwrap();
+    assert_eq!(long.received, 64 * 1024);
+    let failures: Vec<_> = mesh.agents[0]
+        .lines()
+        .into_iter()
+        .filter(|l| l.message() == "outbound connection failed")
+        .collect();
+    assert!(failures.is_empty(), "{failures:?}");
 }
 
 #[test]

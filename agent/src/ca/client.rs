@@ -58,6 +58,10 @@ impl ClientError {
     }
 }
 
+/// Makes the TLS configuration for each new connection to the CA, so that a
+/// renewed node credential or a changed trust bundle needs no restart.
+pub type TlsSource = Arc<dyn Fn() -> Result<Arc<ClientConfig>, TransportError> + Send + Sync>;
+
 /// A connection to the CA (reconnected as needed), cheap to clone.
 #[derive(Clone, Debug)]
 pub struct CaClient {
@@ -77,17 +81,18 @@ impl CaClient {
         roots: &TrustBundle,
     ) -> Result<Self, ClientError> {
         let tls = transport::client_config(credential, roots)?;
-        // The URI only satisfies tonic: the connector below decides where to go.
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|_| ClientError::Address(addr.to_owned()))?
-            .timeout(TIMEOUT);
-        let addr = addr.to_owned();
-        let channel = endpoint
-            .connect_with_connector(tower::service_fn(move |_| {
-                connect_tls(addr.clone(), Arc::clone(&tls))
-            }))
+        let channel = endpoint(addr)?
+            .connect_with_connector(connector(addr, Arc::new(move || Ok(tls.clone()))))
             .await
             .map_err(ClientError::Connect)?;
+        Ok(Self { channel })
+    }
+
+    /// A client that connects at its first request, and again whenever the
+    /// connection is lost, each time with a configuration from `tls`: the CA
+    /// may be down when the agent starts, or restart with a new certificate.
+    pub fn lazy(addr: &str, tls: TlsSource) -> Result<Self, ClientError> {
+        let channel = endpoint(addr)?.connect_with_connector_lazy(connector(addr, tls));
         Ok(Self { channel })
     }
 
@@ -115,10 +120,39 @@ impl CaClient {
     }
 }
 
-async fn connect_tls(
-    addr: String,
-    tls: Arc<ClientConfig>,
-) -> io::Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>> {
+fn endpoint(addr: &str) -> Result<Endpoint, ClientError> {
+    // The URI only satisfies tonic: the connector decides where to go.
+    Ok(Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|_| ClientError::Address(addr.to_owned()))?
+        .timeout(TIMEOUT)
+        .connect_timeout(TIMEOUT))
+}
+
+type CaStream = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+
+fn connector(
+    addr: &str,
+    tls: TlsSource,
+) -> impl tower::Service<
+    http::Uri,
+    Response = CaStream,
+    Error = io::Error,
+    Future = impl Future<Output = io::Result<CaStream>> + Send,
+> + Send
++ Clone
++ 'static {
+    let addr = addr.to_owned();
+    tower::service_fn(move |_| {
+        let addr = addr.clone();
+        let tls = tls();
+        async move {
+            let tls = tls.map_err(|e| io::Error::other(e.to_string()))?;
+            connect_tls(addr, tls).await
+        }
+    })
+}
+
+async fn connect_tls(addr: String, tls: Arc<ClientConfig>) -> io::Result<CaStream> {
     let connect = async {
         let tcp = TcpStream::connect(&addr).await?;
         tcp.set_nodelay(true)?;
@@ -141,15 +175,13 @@ async fn connect_tls(
 #[derive(Debug, Clone)]
 pub struct CsrSource {
     client: CaClient,
-    roots: TrustBundle,
     ttl: Duration,
 }
 
 impl CsrSource {
-    /// `roots` are what certificates from this CA chain to (published by the
-    /// CA's operator); `ttl` the lifetime asked for.
-    pub fn new(client: CaClient, roots: TrustBundle, ttl: Duration) -> Self {
-        Self { client, roots, ttl }
+    /// Certificates from `client`'s CA, asked to live `ttl`.
+    pub fn new(client: CaClient, ttl: Duration) -> Self {
+        Self { client, ttl }
     }
 
     async fn issue(&self, id: &SpiffeId) -> Result<WorkloadCertificate, TlsError> {
@@ -188,10 +220,6 @@ impl CertificateSource for CsrSource {
     ) -> Pin<Box<dyn Future<Output = Result<WorkloadCertificate, TlsError>> + Send + '_>> {
         let id = id.clone();
         Box::pin(async move { self.issue(&id).await })
-    }
-
-    fn trust_bundle(&self) -> TrustBundle {
-        self.roots.clone()
     }
 }
 

@@ -39,6 +39,16 @@ openssl x509 -req -in ca.csr -CA root.pem -CAkey root-key.pem -CAcreateserial \\
   -days 365 -sha256 -extfile warren-intermediate.ext -out ca-cert.pem
 ";
 
+/// The last steps, the same for both paths.
+const AGENTS: &str = "\
+Then, for each node, make its credential (same --ca-cert, --ca-key and --roots):
+  warren ca node-credential ... --node <node name> --out /etc/warren/node
+copy that directory to the node, and give its agent, instead of devCaDir:
+  ca:
+    address: <CA host>:15012
+    nodeCredential: /etc/warren/node
+";
+
 /// For a lab: a root, and an intermediate signed by it that the CA signs
 /// with, written to `dir` (`root.pem`, `root-key.pem`, `ca-cert.pem`,
 /// `ca-key.pem`; keys with mode 0600). Returns what was made and what to run
@@ -86,8 +96,10 @@ pub fn lab(dir: &Path, trust_domain: &TrustDomain) -> Result<String, CaError> {
          \x20               (valid until {ca_until})\n\
          \x20 ca-key.pem    the intermediate's key (mode 0600): the CA's signing key\n\
          \n\
-         Next, start the CA:\n\
-         \x20 warren ca serve --ca-cert {ca_cert} --ca-key {ca_key} --roots {root_cert}\n\
+         Next, start the CA (mesh.yaml: the workloads, in the agent's config format):\n\
+         \x20 warren ca serve --ca-cert {ca_cert} --ca-key {ca_key} --roots {root_cert} \\\n\
+         \x20   --workloads mesh.yaml\n\
+         {AGENTS}\
          \n\
          This root is for a lab. In production, make only the intermediate's key and a CSR\n\
          (the CSR mode of `warren ca init`) and have your organisation's PKI sign it.\n",
@@ -138,7 +150,9 @@ pub fn csr(dir: &Path, trust_domain: &TrustDomain) -> Result<String, CaError> {
          \x20  that workloads must trust as {roots}.\n\
          3. Start the CA. It first checks that the certificate is a CA, matches the key\n\
          \x20  and chains to the roots:\n\
-         \x20  warren ca serve --ca-cert {cert} --ca-key {key} --roots {roots}\n",
+         \x20  warren ca serve --ca-cert {cert} --ca-key {key} --roots {roots} \\\n\
+         \x20    --workloads mesh.yaml\n\
+         {AGENTS}",
         dir = dir.display(),
         key = key_path.display(),
         cert = cert_path.display(),

@@ -248,30 +248,39 @@ mod names {
 }
 
 /// Writes a node credential into `dir` as `warren ca node-credential` does:
-/// the chain, the key (mode 0600) and the roots, never overwriting a file.
+/// the chain, the key (mode 0600) and the roots. Refuses to replace an
+/// existing credential unless `replace` (renewing it), and then replaces each
+/// file in one step.
 pub fn write_node_credential(
     dir: &std::path::Path,
     credential: &Credential,
     roots: &crate::tls::TrustBundle,
+    replace: bool,
 ) -> Result<(), CaError> {
     use transport::{NODE_CERT, NODE_KEY, NODE_ROOTS};
-    let targets = [NODE_KEY, NODE_CERT, NODE_ROOTS].map(|name| dir.join(name));
-    let existing: Vec<PathBuf> = targets.iter().filter(|p| p.exists()).cloned().collect();
-    if !existing.is_empty() {
-        return Err(CaError::Exists(existing));
-    }
-    files::create_dir(dir)?;
     let roots_pem: String = roots.roots().iter().map(authority::to_pem).collect();
-    files::write_new(
-        &targets[0],
-        credential.key_pem().as_bytes(),
-        files::KEY_MODE,
-    )?;
-    files::write_new(
-        &targets[1],
-        credential.chain_pem().as_bytes(),
-        files::PUBLIC_MODE,
-    )?;
-    files::write_new(&targets[2], roots_pem.as_bytes(), files::PUBLIC_MODE)?;
+    let contents = [
+        (NODE_KEY, credential.key_pem(), files::KEY_MODE),
+        (NODE_CERT, credential.chain_pem(), files::PUBLIC_MODE),
+        (NODE_ROOTS, roots_pem, files::PUBLIC_MODE),
+    ]
+    .map(|(name, text, mode)| (dir.join(name), text, mode));
+    files::create_dir(dir)?;
+    if !replace {
+        let existing: Vec<&std::path::Path> = contents.iter().map(|(p, ..)| p.as_path()).collect();
+        files::refuse_existing(&existing)?;
+    }
+    for (path, text, mode) in &contents {
+        if replace {
+            crate::files::replace(path, text.as_bytes(), *mode).map_err(|source| {
+                CaError::Write {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+        } else {
+            files::write_new(path, text.as_bytes(), *mode)?;
+        }
+    }
     Ok(())
 }

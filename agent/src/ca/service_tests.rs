@@ -346,7 +346,7 @@ async fn a_credential_from_another_ca_is_refused() {
 async fn csr_source_certificates_work_for_hbone() {
     let ca = Served::start().await;
     let client = ca.client("node-1").await;
-    let source = CsrSource::new(client, ca.roots.clone(), HOUR);
+    let source = CsrSource::new(client, HOUR);
     let httpbin = id("spiffe://cluster.local/ns/default/sa/httpbin");
     let client_cert = source.certificate(&sleep()).await.unwrap();
     let server_cert = source.certificate(&httpbin).await.unwrap();
@@ -360,7 +360,7 @@ async fn csr_source_certificates_work_for_hbone() {
         "{refused}"
     );
 
-    let trust = source.trust_bundle();
+    let trust = ca.roots.clone();
     let server = tls::server_config(&server_cert, &trust).unwrap();
     let client = tls::client_config(&client_cert, &trust, std::slice::from_ref(&httpbin)).unwrap();
     let (near, far) = tokio::io::duplex(64 * 1024);

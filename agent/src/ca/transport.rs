@@ -124,7 +124,7 @@ pub(super) fn server_config(
 
 /// A node agent's side: presents its node credential; the server must chain
 /// to `roots` and be the CA service of the credential's trust domain.
-pub(super) fn client_config(
+pub fn client_config(
     credential: &NodeCredential,
     roots: &TrustBundle,
 ) -> Result<Arc<ClientConfig>, TransportError> {

@@ -23,7 +23,7 @@ use super::{
     pool::{Pool, PoolKey, Settings},
     server,
 };
-use crate::tls::{self, CertificateSource, testing};
+use crate::tls::{self, testing};
 
 struct Ends {
     _ca: testing::TempCa,

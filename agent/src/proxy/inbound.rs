@@ -9,8 +9,8 @@
 use std::{
     io,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, RwLock},
-    time::{Duration, Instant},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
 };
 
 use bytes::Bytes;
@@ -29,7 +29,7 @@ use crate::{
     hbone::{self, Refusal, copy::relay, server},
     identity::SpiffeId,
     logging::Chain,
-    tls::{self, TlsError, WorkloadCertificate},
+    tls::{self, TlsError, TrustBundle, WorkloadCertificate},
 };
 
 /// Concurrent HBONE connections one pod accepts (each carries up to 200
@@ -51,30 +51,59 @@ pub enum InboundError {
 }
 
 /// Everything the inbound side of one pod needs: the pod, and the TLS server
-/// configuration built from its current certificate.
+/// configuration made from its current certificate and roots.
 pub struct PodInbound {
     pub pod: Arc<PodProxy>,
-    acceptor: RwLock<TlsAcceptor>,
+    acceptor: Mutex<Option<Acceptor>>,
+}
+
+/// A TLS acceptor and what it was made from, to tell when it is stale.
+struct Acceptor {
+    certificate: Arc<WorkloadCertificate>,
+    trust: Arc<TrustBundle>,
+    tls: TlsAcceptor,
 }
 
 impl PodInbound {
     pub async fn new(pod: Arc<PodProxy>) -> Result<Self, InboundError> {
         transparent::prepare_pod(&pod.netns).await?;
-        let config = tls::server_config(&pod.certificate(), &pod.trust)?;
         Ok(Self {
             pod,
-            acceptor: RwLock::new(TlsAcceptor::from(config)),
+            acceptor: Mutex::new(None),
         })
     }
 
-    /// Switches the pod, both ways, to a renewed certificate. A certificate
-    /// that cannot make a server configuration is refused, and the old one
-    /// stays in use.
+    /// Switches the pod, both ways, to a new certificate. A certificate that
+    /// cannot make a server configuration is refused, and the old one stays
+    /// in use.
     pub async fn renew(&self, certificate: WorkloadCertificate) -> Result<(), TlsError> {
-        let acceptor = TlsAcceptor::from(tls::server_config(&certificate, &self.pod.trust)?);
-        *self.acceptor.write().unwrap_or_else(|p| p.into_inner()) = acceptor;
+        let certificate = Arc::new(certificate);
+        self.acceptor(&certificate, &self.pod.trust())?;
         self.pod.renew(certificate).await;
         Ok(())
+    }
+
+    /// The TLS acceptor for `certificate` and `trust`, made once and reused
+    /// until either changes.
+    fn acceptor(
+        &self,
+        certificate: &Arc<WorkloadCertificate>,
+        trust: &Arc<TrustBundle>,
+    ) -> Result<TlsAcceptor, TlsError> {
+        let mut cached = self.acceptor.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(current) = &*cached
+            && Arc::ptr_eq(&current.certificate, certificate)
+            && Arc::ptr_eq(&current.trust, trust)
+        {
+            return Ok(current.tls.clone());
+        }
+        let tls = TlsAcceptor::from(tls::server_config(certificate, trust)?);
+        *cached = Some(Acceptor {
+            certificate: certificate.clone(),
+            trust: trust.clone(),
+            tls: tls.clone(),
+        });
+        Ok(tls)
     }
 
     pub async fn bind(&self) -> Result<TcpListener, InboundError> {
@@ -125,10 +154,18 @@ pub async fn serve(listener: TcpListener, inbound: Arc<PodInbound>) {
 impl PodInbound {
     async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
         let workload = self.pod.workload.qualified_name();
-        if self.pod.valid_certificate().is_none() {
+        let Some(certificate) = self.pod.valid_certificate() else {
             warn!(%workload, %peer, "HBONE connection refused: the workload has no valid certificate");
             return;
-        }
+        };
+        let trust = self.pod.trust();
+        let acceptor = match self.acceptor(&certificate, &trust) {
+            Ok(acceptor) => acceptor,
+            Err(error) => {
+                warn!(%workload, %peer, error = %Chain(&error), "HBONE connection refused: no TLS configuration");
+                return;
+            }
+        };
         let _ = tcp.set_nodelay(true);
         // A client whose node vanished never closes its connections; TCP
         // keepalive finds out (in about 90 s) and frees them.
@@ -137,14 +174,11 @@ impl PodInbound {
             .with_interval(Duration::from_secs(10))
             .with_retries(3);
         let _ = SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
-        let acceptor = self
-            .acceptor
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        // Subscribed before the handshake, so a renewal during it counts.
+        // Subscribed before the handshake, so a change during it counts.
         let mut renewed = self.pod.certificate_changes();
         renewed.mark_unchanged();
+        let mut state = self.pod.state.clone();
+        state.mark_unchanged();
         let tls = match timeout(hbone::CONNECT_TIMEOUT, acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(error)) => {
@@ -165,10 +199,28 @@ impl PodInbound {
         info!(%workload, %peer, %peer_identity, "HBONE connection accepted");
         let this = self.clone();
         let identity = peer_identity.clone();
-        // No connection outlives the certificate it was made with: when it is
-        // renewed, the client is asked to go away and reconnect.
+        // No connection outlives the certificate it was made with, or the
+        // roots it was checked against: when the certificate is renewed or
+        // expires, or a root is no longer trusted, the client is asked to go
+        // away (its streams finish) and reconnect.
+        let expires_in = certificate
+            .not_after()
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
         let wind_down = async move {
-            let _ = renewed.changed().await;
+            let root_removed = async {
+                while state.changed().await.is_ok() {
+                    if !state.borrow().trust().includes(&trust) {
+                        return;
+                    }
+                }
+                std::future::pending::<()>().await;
+            };
+            tokio::select! {
+                _ = renewed.changed() => {}
+                () = tokio::time::sleep(expires_in) => {}
+                () = root_removed => {}
+            }
         };
         let result = server::serve(tls, wind_down, move |request, respond| {
             this.clone()

@@ -26,21 +26,22 @@ use crate::{
 pub struct PodProxy {
     pub workload: Workload,
     pub netns: Arc<NetNs>,
-    pub trust: TrustBundle,
     pub original_dsts: OriginalDsts,
+    /// The mesh and the roots to trust.
     pub state: watch::Receiver<Arc<Snapshot>>,
     pub pool: Arc<Pool>,
-    /// The pod's current certificate; replaced when renewed, and watched by
-    /// the inbound side to retire connections made with the old one.
-    certificate: watch::Sender<Arc<WorkloadCertificate>>,
+    /// The pod's certificate, none until the CA has issued one; replaced when
+    /// renewed, and watched by the inbound side to retire connections made
+    /// with the old one.
+    certificate: watch::Sender<Option<Arc<WorkloadCertificate>>>,
 }
 
 impl PodProxy {
+    /// A pod without a certificate yet: it gets no tunnels until
+    /// [`renew`](Self::renew) gives it one.
     pub fn new(
         workload: Workload,
         netns: Arc<NetNs>,
-        certificate: WorkloadCertificate,
-        trust: TrustBundle,
         original_dsts: OriginalDsts,
         state: watch::Receiver<Arc<Snapshot>>,
         pool: Arc<Pool>,
@@ -48,44 +49,48 @@ impl PodProxy {
         Self {
             workload,
             netns,
-            trust,
             original_dsts,
             state,
             pool,
-            certificate: watch::Sender::new(Arc::new(certificate)),
+            certificate: watch::Sender::new(None),
         }
     }
 
-    /// The pod's certificate, valid or not (to decide when to renew it).
-    pub fn certificate(&self) -> Arc<WorkloadCertificate> {
+    /// The pod's latest certificate, valid or not (to decide when to renew it).
+    pub fn certificate(&self) -> Option<Arc<WorkloadCertificate>> {
         self.certificate.borrow().clone()
     }
 
     /// Notified when the certificate is replaced.
-    pub fn certificate_changes(&self) -> watch::Receiver<Arc<WorkloadCertificate>> {
+    pub fn certificate_changes(&self) -> watch::Receiver<Option<Arc<WorkloadCertificate>>> {
         self.certificate.subscribe()
     }
 
     /// The pod's certificate, if it is valid now: a workload without one
     /// gets no tunnels (fail closed).
-    fn valid_certificate(&self) -> Option<Arc<WorkloadCertificate>> {
-        let certificate = self.certificate();
-        let now = SystemTime::now();
-        (certificate.not_before() <= now && now < certificate.not_after()).then_some(certificate)
+    pub fn valid_certificate(&self) -> Option<Arc<WorkloadCertificate>> {
+        self.certificate()
+            .filter(|c| c.is_valid_at(SystemTime::now()))
+    }
+
+    /// The roots peers must chain to, as of now.
+    pub fn trust(&self) -> Arc<TrustBundle> {
+        self.state.borrow().trust().clone()
     }
 
     /// Puts a renewed certificate in place. New connections, both ways, use
     /// it; pooled outbound connections opened with the old one are retired
     /// (their streams finish), and inbound ones are asked to wind down.
-    pub async fn renew(&self, certificate: WorkloadCertificate) {
-        self.certificate.send_replace(Arc::new(certificate));
+    pub async fn renew(&self, certificate: Arc<WorkloadCertificate>) {
+        self.certificate.send_replace(Some(certificate));
         let (cookie, identity) = (self.netns.cookie(), &self.workload.identity);
         self.pool
             .retire(|key| key.src_netns == cookie && &key.src == identity)
             .await;
     }
 
-    /// Retires this pod's pooled outbound connections (it is leaving).
+    /// Retires this pod's pooled outbound connections (it is leaving, or its
+    /// certificate expired).
     pub async fn retire_connections(&self) {
         let cookie = self.netns.cookie();
         self.pool.retire(|key| key.src_netns == cookie).await;

@@ -214,7 +214,8 @@ impl PodProxy {
         let certificate = self
             .valid_certificate()
             .ok_or(OutboundError::NoCertificate)?;
-        let config = tls::client_config(&certificate, &self.trust, std::slice::from_ref(&key.dst))?;
+        let config =
+            tls::client_config(&certificate, &self.trust(), std::slice::from_ref(&key.dst))?;
         let tcp =
             self.netns
                 .connect(key.dst_addr)

@@ -70,6 +70,11 @@ impl WorkloadCertificate {
         self.not_before
     }
 
+    /// Whether `time` is within the certificate's validity.
+    pub fn is_valid_at(&self, time: SystemTime) -> bool {
+        self.not_before <= time && time < self.not_after
+    }
+
     pub fn not_after(&self) -> SystemTime {
         self.not_after
     }
@@ -169,6 +174,11 @@ impl TrustBundle {
 
     pub fn roots(&self) -> &[CertificateDer<'static>] {
         &self.roots
+    }
+
+    /// Whether every root of `other` is also in this bundle.
+    pub fn includes(&self, other: &TrustBundle) -> bool {
+        other.roots.iter().all(|root| self.roots.contains(root))
     }
 
     pub(crate) fn store(&self) -> Arc<RootCertStore> {

@@ -170,6 +170,11 @@ impl DevCa {
         Ok((cert.der().clone(), key.into()))
     }
 
+    /// The CA's root, as a bundle.
+    pub fn trust_bundle(&self) -> TrustBundle {
+        self.bundle.clone()
+    }
+
     pub fn root(&self) -> CertificateDer<'static> {
         self.root.clone()
     }
@@ -190,10 +195,6 @@ impl CertificateSource for DevCa {
     ) -> Pin<Box<dyn Future<Output = Result<WorkloadCertificate, TlsError>> + Send + '_>> {
         // Signing takes well under a millisecond: not worth a blocking thread.
         Box::pin(future::ready(self.issue(id)))
-    }
-
-    fn trust_bundle(&self) -> TrustBundle {
-        self.bundle.clone()
     }
 }
 

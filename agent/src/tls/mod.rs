@@ -131,7 +131,4 @@ pub trait CertificateSource: Send + Sync + 'static {
         &self,
         id: &SpiffeId,
     ) -> Pin<Box<dyn Future<Output = Result<WorkloadCertificate, TlsError>> + Send + '_>>;
-
-    /// Roots that certificates from this source chain to.
-    fn trust_bundle(&self) -> TrustBundle;
 }
