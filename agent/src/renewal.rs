@@ -62,7 +62,7 @@ pub async fn keep_fresh(inbound: Arc<PodInbound>, source: Arc<dyn CertificateSou
         };
         let retry_max = current
             .as_ref()
-            .map_or(RETRY_MAX, |c| RETRY_MAX.min(lifetime(c) / 4))
+            .map_or(RETRY_MAX, |c| RETRY_MAX.min(c.lifetime() / 4))
             .max(RETRY_MIN);
         let mut retry_in = backoff;
         backoff = (backoff * 2).min(retry_max);
@@ -124,19 +124,12 @@ async fn expired(inbound: &PodInbound, certificate: &WorkloadCertificate) {
 /// How long until `certificate` should be renewed: its refresh time, less a
 /// little jitter so that pods enrolled together do not renew together.
 fn until_renewal(certificate: &WorkloadCertificate) -> Duration {
-    let jitter = lifetime(certificate).mul_f64(rand::random::<f64>() * 0.05);
+    let jitter = certificate.lifetime().mul_f64(rand::random::<f64>() * 0.05);
     certificate
         .refresh_at()
         .duration_since(SystemTime::now())
         .unwrap_or_default()
         .saturating_sub(jitter)
-}
-
-fn lifetime(certificate: &WorkloadCertificate) -> Duration {
-    certificate
-        .not_after()
-        .duration_since(certificate.not_before())
-        .unwrap_or_default()
 }
 
 fn remaining(certificate: &WorkloadCertificate) -> Duration {

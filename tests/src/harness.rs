@@ -5,6 +5,7 @@
 //! exactly what the tests check.
 
 use std::{
+    ffi::OsStr,
     fmt::Write as _,
     fs,
     io::{BufRead, BufReader},
@@ -88,12 +89,42 @@ pub fn dev_ca_dir(node: &Node) -> PathBuf {
     crate::lab::files_dir(&node.lab).join("dev-ca")
 }
 
-/// The agent config for `node`, listing `workloads` (on any node).
+/// The agent config for `node`, listing `workloads` (on any node), with
+/// certificates from the lab's development CA.
 pub fn agent_config(node: &Node, workloads: &[MeshWorkload]) -> String {
+    let issuer = format!("devCaDir: {}\n", dev_ca_dir(node).display());
+    config_yaml(&node.name, &issuer, Some(node), workloads)
+}
+
+/// The agent config for `node`, with certificates from the CA service at
+/// `ca` and the node credential in `credential`.
+pub fn ca_agent_config(
+    node: &Node,
+    workloads: &[MeshWorkload],
+    ca: SocketAddrV4,
+    credential: &Path,
+) -> String {
+    let issuer = format!(
+        "ca:\n  address: {ca}\n  nodeCredential: {}\n",
+        credential.display()
+    );
+    config_yaml(&node.name, &issuer, Some(node), workloads)
+}
+
+/// What the CA service is told about the mesh (`--workloads`): which node
+/// runs which workload.
+pub fn ca_workloads(workloads: &[MeshWorkload]) -> String {
+    config_yaml("warren-ca", "", None, workloads)
+}
+
+fn config_yaml(
+    node_name: &str,
+    issuer: &str,
+    node: Option<&Node>,
+    workloads: &[MeshWorkload],
+) -> String {
     let mut yaml = format!(
-        "node: {}\ntrustDomain: cluster.local\ndevCaDir: {}\nworkloads:{}\n",
-        node.name,
-        dev_ca_dir(node).display(),
+        "node: {node_name}\ntrustDomain: cluster.local\n{issuer}workloads:{}\n",
         if workloads.is_empty() { " []" } else { "" }
     );
     for w in workloads {
@@ -102,7 +133,7 @@ pub fn agent_config(node: &Node, workloads: &[MeshWorkload]) -> String {
             "  - name: {}\n    namespace: {}\n    serviceAccount: {}\n    ip: {}\n    node: {}\n",
             w.pod.name, w.namespace, w.service_account, w.pod.ip, w.pod.node
         );
-        if w.pod.node == node.name {
+        if node.is_some_and(|node| w.pod.node == node.name) {
             let _ = write!(
                 yaml,
                 "    netns: {}\n    cgroup: {}\n",
@@ -114,52 +145,38 @@ pub fn agent_config(node: &Node, workloads: &[MeshWorkload]) -> String {
     yaml
 }
 
-/// A warren agent running on a lab node, logging JSON to a file.
-pub struct Agent {
+/// A `warren` process (agent or CA) on a lab node, logging JSON to a file.
+pub struct Daemon {
     child: Option<Child>,
-    config: PathBuf,
     log: PathBuf,
-    pub node: String,
+    /// Who this is, in failure messages: "agent on node-1", "CA".
+    pub name: String,
 }
 
-impl Agent {
-    /// Writes `config` next to the log in `dir`, starts the agent in the
-    /// node's namespace and waits until it is ready.
-    pub fn start(node: &Node, config: &str, dir: &Path) -> Result<Self> {
-        fs::create_dir_all(dir)?;
-        let config_path = dir.join(format!("{}.yaml", node.name));
-        let log = dir.join(format!("{}.log", node.name));
-        fs::write(&config_path, config)?;
+impl Daemon {
+    /// Starts `warren <args>` in `node`'s namespace, logging to `log`.
+    fn start(node: &Node, name: String, args: &[&OsStr], log: PathBuf) -> Result<Self> {
         let log_file = fs::File::create(&log)?;
         let child = node
             .try_command(binary("warren")?)?
-            .args(["agent", "--log-format", "json", "--log-level"])
-            .arg("info,warren_ebpf=debug")
-            .arg("--config")
-            .arg(&config_path)
+            .args(args)
+            .args([
+                "--log-format",
+                "json",
+                "--log-level",
+                "info,warren_ebpf=debug",
+            ])
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
-            .context("starting warren agent")?;
-        let mut agent = Self {
+            .with_context(|| format!("starting {name}"))?;
+        Ok(Self {
             child: Some(child),
-            config: config_path,
             log,
-            node: node.name.clone(),
-        };
-        agent.wait_for(PATIENCE, |l| l.message() == "warren agent ready")?;
-        Ok(agent)
-    }
-
-    /// Replaces the config file the way config management does (write, then
-    /// rename); the agent notices by itself.
-    pub fn rewrite_config(&self, config: &str) -> Result<()> {
-        let tmp = self.config.with_extension("yaml.new");
-        fs::write(&tmp, config)?;
-        fs::rename(&tmp, &self.config)?;
-        Ok(())
+            name,
+        })
     }
 
     pub fn log_path(&self) -> &Path {
@@ -176,7 +193,7 @@ impl Agent {
     }
 
     /// Waits for a log line matching `pred`; fails (quoting the log) if the
-    /// agent exits or `timeout` passes first.
+    /// process exits or `timeout` passes first.
     pub fn wait_for(
         &mut self,
         timeout: Duration,
@@ -204,16 +221,12 @@ impl Agent {
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
-                bail!(
-                    "agent on {} exited ({status}); log:\n{}",
-                    self.node,
-                    self.log_text()
-                );
+                bail!("{} exited ({status}); log:\n{}", self.name, self.log_text());
             }
             if Instant::now() > deadline {
                 bail!(
-                    "agent on {}: expected log line(s) did not come; log:\n{}",
-                    self.node,
+                    "{}: expected log line(s) did not come; log:\n{}",
+                    self.name,
                     self.log_text()
                 );
             }
@@ -225,18 +238,20 @@ impl Agent {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// The connections this agent reports having captured.
-    pub fn captures(&self) -> Vec<Capture> {
+    /// The lines logged at WARN or ERROR.
+    pub fn complaints(&self) -> Vec<LogLine> {
         self.lines()
-            .iter()
-            .filter(|l| l.message() == "captured outbound connection")
-            .filter_map(|l| serde_json::from_value(l.0.clone()).ok())
+            .into_iter()
+            .filter(|l| l.0["level"] == "WARN" || l.0["level"] == "ERROR")
             .collect()
     }
 
-    /// Stops the agent with SIGTERM and waits for it to exit.
+    /// Stops the process with SIGTERM and waits for it to exit.
     pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
-        let mut child = self.child.take().context("agent already stopped")?;
+        let mut child = self
+            .child
+            .take()
+            .with_context(|| format!("{} already stopped", self.name))?;
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
@@ -248,14 +263,14 @@ impl Agent {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                bail!("agent on {} ignored SIGTERM", self.node);
+                bail!("{} ignored SIGTERM", self.name);
             }
             thread::sleep(Duration::from_millis(20));
         }
     }
 }
 
-impl Drop for Agent {
+impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -264,7 +279,191 @@ impl Drop for Agent {
     }
 }
 
-/// One JSON log line of the agent.
+/// A warren agent running on a lab node.
+pub struct Agent {
+    daemon: Daemon,
+    config: PathBuf,
+    pub node: String,
+}
+
+impl Agent {
+    /// Writes `config` next to the log in `dir`, starts the agent in the
+    /// node's namespace and waits until it is ready.
+    pub fn start(node: &Node, config: &str, dir: &Path) -> Result<Self> {
+        fs::create_dir_all(dir)?;
+        let config_path = dir.join(format!("{}.yaml", node.name));
+        fs::write(&config_path, config)?;
+        let args = [
+            OsStr::new("agent"),
+            OsStr::new("--config"),
+            config_path.as_os_str(),
+        ];
+        let daemon = Daemon::start(
+            node,
+            format!("agent on {}", node.name),
+            &args,
+            dir.join(format!("{}.log", node.name)),
+        )?;
+        let mut agent = Self {
+            daemon,
+            config: config_path,
+            node: node.name.clone(),
+        };
+        agent.wait_for(PATIENCE, |l| l.message() == "warren agent ready")?;
+        Ok(agent)
+    }
+
+    /// Replaces the config file the way config management does (write, then
+    /// rename); the agent notices by itself.
+    pub fn rewrite_config(&self, config: &str) -> Result<()> {
+        let tmp = self.config.with_extension("yaml.new");
+        fs::write(&tmp, config)?;
+        fs::rename(&tmp, &self.config)?;
+        Ok(())
+    }
+
+    /// The connections this agent reports having captured.
+    pub fn captures(&self) -> Vec<Capture> {
+        self.lines()
+            .iter()
+            .filter(|l| l.message() == "captured outbound connection")
+            .filter_map(|l| serde_json::from_value(l.0.clone()).ok())
+            .collect()
+    }
+}
+
+impl std::ops::Deref for Agent {
+    type Target = Daemon;
+
+    fn deref(&self) -> &Daemon {
+        &self.daemon
+    }
+}
+
+impl std::ops::DerefMut for Agent {
+    fn deref_mut(&mut self) -> &mut Daemon {
+        &mut self.daemon
+    }
+}
+
+/// A lab CA's signing files, as `warren ca init` makes them: a root and an
+/// intermediate that signs.
+#[derive(Debug, Clone)]
+pub struct LabCa {
+    pub dir: PathBuf,
+}
+
+impl LabCa {
+    /// Runs `warren ca init --dir dir`.
+    pub fn init(dir: &Path) -> Result<Self> {
+        let output = Command::new(binary("warren")?)
+            .args(["ca", "init", "--dir"])
+            .arg(dir)
+            .output()?;
+        if !output.status.success() {
+            bail!(
+                "warren ca init failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(Self {
+            dir: dir.to_owned(),
+        })
+    }
+
+    pub fn root(&self) -> PathBuf {
+        self.dir.join("root.pem")
+    }
+
+    /// `--ca-cert`, `--ca-key` and `--roots` for this CA, publishing `roots`.
+    fn signing_args(&self, roots: &Path) -> Vec<std::ffi::OsString> {
+        vec![
+            "--ca-cert".into(),
+            self.dir.join("ca-cert.pem").into(),
+            "--ca-key".into(),
+            self.dir.join("ca-key.pem").into(),
+            "--roots".into(),
+            roots.into(),
+        ]
+    }
+
+    /// Runs `warren ca node-credential` for `node` into `out`; `replace` to
+    /// renew one there.
+    pub fn node_credential(
+        &self,
+        node: &Node,
+        roots: &Path,
+        out: &Path,
+        replace: bool,
+    ) -> Result<()> {
+        let output = Command::new(binary("warren")?)
+            .args(["ca", "node-credential", "--node", &node.name, "--out"])
+            .arg(out)
+            .args(self.signing_args(roots))
+            .args(replace.then_some("--replace"))
+            .output()?;
+        if !output.status.success() {
+            bail!(
+                "warren ca node-credential failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `warren ca serve` on a lab node, listening on the node's address.
+pub struct CaService {
+    daemon: Daemon,
+    pub addr: SocketAddrV4,
+}
+
+/// The CA service's port.
+pub const CA_PORT: u16 = 15012;
+
+impl CaService {
+    /// Serves `ca`'s signing certificate, publishing `roots`, for the mesh
+    /// in the `workloads` file; waits until it listens.
+    pub fn start(
+        node: &Node,
+        ca: &LabCa,
+        roots: &Path,
+        workloads: &Path,
+        log: PathBuf,
+    ) -> Result<Self> {
+        let addr = SocketAddrV4::new(node.ip, CA_PORT);
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "ca".into(),
+            "serve".into(),
+            "--listen".into(),
+            addr.to_string().into(),
+        ];
+        args.extend(ca.signing_args(roots));
+        args.extend(["--workloads".into(), workloads.into()]);
+        let args: Vec<&OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        let mut daemon = Daemon::start(node, "CA".into(), &args, log)?;
+        daemon.wait_for(PATIENCE, |l| {
+            l.message() == "warren CA serving istio.v1.auth.IstioCertificateService"
+        })?;
+        Ok(Self { daemon, addr })
+    }
+}
+
+impl std::ops::Deref for CaService {
+    type Target = Daemon;
+
+    fn deref(&self) -> &Daemon {
+        &self.daemon
+    }
+}
+
+impl std::ops::DerefMut for CaService {
+    fn deref_mut(&mut self) -> &mut Daemon {
+        &mut self.daemon
+    }
+}
+
+/// One JSON log line of a daemon.
 #[derive(Debug, Clone)]
 pub struct LogLine(pub Value);
 
@@ -373,6 +572,7 @@ pub struct Call {
     pub bytes: Option<usize>,
     pub bind_port: Option<u16>,
     pub hold_ms: Option<u64>,
+    pub spread_ms: Option<u64>,
 }
 
 impl Call {
@@ -388,6 +588,9 @@ impl Call {
         }
         if let Some(ms) = self.hold_ms {
             cmd.args(["--hold-ms", &ms.to_string()]);
+        }
+        if let Some(ms) = self.spread_ms {
+            cmd.args(["--spread-ms", &ms.to_string()]);
         }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())

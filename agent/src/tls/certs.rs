@@ -1,7 +1,12 @@
 //! Certificates and keys as the rest of the agent holds them, parsed and
 //! checked once when they arrive.
 
-use std::{fmt, fs, path::Path, sync::Arc, time::SystemTime};
+use std::{
+    fmt, fs,
+    path::Path,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use rustls::{
     RootCertStore,
@@ -22,6 +27,10 @@ pub struct WorkloadCertificate {
     key: PrivateKeyDer<'static>,
     not_before: SystemTime,
     not_after: SystemTime,
+    /// When this process got it, or `not_before` if that is later. CAs
+    /// backdate `not_before` (minutes, against clock skew), so the lifetime
+    /// that counts for renewal starts here.
+    received: SystemTime,
 }
 
 impl WorkloadCertificate {
@@ -45,6 +54,7 @@ impl WorkloadCertificate {
             key,
             not_before,
             not_after,
+            received: SystemTime::now().max(not_before),
         })
     }
 
@@ -79,14 +89,18 @@ impl WorkloadCertificate {
         self.not_after
     }
 
+    /// How long it was valid for when it was received (less than
+    /// `not_after - not_before` if it was backdated).
+    pub fn lifetime(&self) -> Duration {
+        self.not_after
+            .duration_since(self.received)
+            .unwrap_or_default()
+    }
+
     /// When to replace this certificate: half-way through its lifetime, as
     /// ztunnel does, which leaves the other half to ride out CA outages.
     pub fn refresh_at(&self) -> SystemTime {
-        let lifetime = self
-            .not_after
-            .duration_since(self.not_before)
-            .unwrap_or_default();
-        self.not_before + lifetime / 2
+        self.received + self.lifetime() / 2
     }
 
     pub(super) fn key(&self) -> PrivateKeyDer<'static> {
@@ -102,6 +116,7 @@ impl Clone for WorkloadCertificate {
             key: self.key.clone_key(),
             not_before: self.not_before,
             not_after: self.not_after,
+            received: self.received,
         }
     }
 }

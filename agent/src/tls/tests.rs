@@ -384,6 +384,23 @@ fn issued_certificate_round_trips_through_pem() {
 }
 
 #[test]
+fn renewal_is_due_half_way_from_receipt_however_far_backdated() {
+    let ca = TempCa::new();
+    let ten_seconds = DevCa::load_or_create(ca.dir())
+        .unwrap()
+        .with_validity(Duration::from_secs(10));
+    let cert = ten_seconds.issue(&sleep()).unwrap();
+    // Backdated by minutes, yet due in about 5 s, not at once.
+    assert!(cert.not_before() + Duration::from_secs(60) < SystemTime::now());
+    let due = cert.refresh_at().duration_since(SystemTime::now()).unwrap();
+    assert!(
+        (Duration::from_secs(4)..=Duration::from_secs(5)).contains(&due),
+        "{due:?}"
+    );
+    assert!(cert.lifetime() <= Duration::from_secs(10));
+}
+
+#[test]
 fn issued_certificates_last_the_validity() {
     let ca = TempCa::new();
     let cert = ca.issue(&sleep()).unwrap();

@@ -47,6 +47,9 @@ enum Cli {
         /// Pause between the greeting and sending, to keep connections in flight.
         #[arg(long)]
         hold_ms: Option<u64>,
+        /// Send in 64 KiB pieces spread evenly over this long: a long transfer.
+        #[arg(long)]
+        spread_ms: Option<u64>,
     },
     /// Request/response latency against `serve`: connect once, read the greeting, then
     /// WARMUP + COUNT round trips of SIZE bytes, timing the last COUNT.
@@ -81,7 +84,14 @@ fn main() -> ExitCode {
             bytes,
             bind_port,
             hold_ms,
-        } => call(addr, bytes, bind_port, hold_ms.map(Duration::from_millis)),
+            spread_ms,
+        } => call(
+            addr,
+            bytes,
+            bind_port,
+            hold_ms.map(Duration::from_millis),
+            spread_ms.map(Duration::from_millis),
+        ),
         Cli::Rr {
             addr,
             count,
@@ -163,6 +173,7 @@ fn call(
     bytes: usize,
     bind_port: Option<u16>,
     hold: Option<Duration>,
+    spread: Option<Duration>,
 ) -> Result<bool> {
     let stream = connect(addr, bind_port).with_context(|| format!("connecting to {addr}"))?;
     // Taken now: once both sides have closed, the socket no longer knows its peer.
@@ -184,7 +195,17 @@ fn call(
     // socket buffers cannot deadlock both ends.
     let received = thread::scope(|scope| -> Result<Vec<u8>> {
         let writer = scope.spawn(|| -> io::Result<()> {
-            (&stream).write_all(&sent)?;
+            match spread {
+                None => (&stream).write_all(&sent)?,
+                Some(spread) => {
+                    const PIECE: usize = 64 * 1024;
+                    let pause = spread / sent.len().div_ceil(PIECE).max(1) as u32;
+                    for piece in sent.chunks(PIECE) {
+                        (&stream).write_all(piece)?;
+                        thread::sleep(pause);
+                    }
+                }
+            }
             stream.shutdown(Shutdown::Write)
         });
         let mut received = Vec::new();
