@@ -48,20 +48,10 @@ pub enum AgentError {
     Redirect(#[from] RedirectError),
     #[error("certificates: {0}")]
     Tls(#[from] TlsError),
-    #[error("node credential in {}: {source}", dir.display())]
+    #[error("{}: {source}", dir.display())]
     NodeCredential {
         dir: PathBuf,
         source: TransportError,
-    },
-    #[error(
-        "node credential in {} is for {credential}, but this agent is node {node} of {trust_domain}",
-        dir.display()
-    )]
-    WrongNode {
-        dir: PathBuf,
-        credential: String,
-        node: String,
-        trust_domain: String,
     },
     #[error("CA client: {0}")]
     CaClient(#[from] ClientError),
@@ -438,19 +428,14 @@ fn load_trust(config: &Config, dev_root: Option<&TrustBundle>) -> Result<TrustBu
 /// the CA must chain to the current trust bundle.
 fn ca_source(config: &Config, ca: &CaSettings, store: &Store) -> Result<CsrSource, AgentError> {
     let dir = ca.node_credential.clone();
-    let credential = NodeCredential::load(&dir).map_err(|source| AgentError::NodeCredential {
+    let node = config.node_id().map_err(|e| AgentError::NodeCredential {
+        dir: dir.clone(),
+        source: TransportError::Credential(e.to_string()),
+    })?;
+    NodeCredential::load_for(&dir, &node).map_err(|source| AgentError::NodeCredential {
         dir: dir.clone(),
         source,
     })?;
-    let node = credential.node();
-    if node.name() != config.node || *node.trust_domain() != config.trust_domain {
-        return Err(AgentError::WrongNode {
-            dir,
-            credential: node.to_string(),
-            node: config.node.clone(),
-            trust_domain: config.trust_domain.to_string(),
-        });
-    }
     info!(ca = %ca.address, node = %node, "workload certificates come from the CA service");
     let state = store.subscribe();
     let tls = move || {

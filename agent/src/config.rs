@@ -15,7 +15,7 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::identity::{SpiffeId, TrustDomain};
+use crate::identity::{NodeId, SpiffeId, TrustDomain};
 
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 pub const DEFAULT_DEV_CA_DIR: &str = "/var/lib/warren/dev-ca";
@@ -65,8 +65,8 @@ pub enum Issuer {
     /// A self-signed root kept in `dir`, created on first use. Every agent of
     /// a mesh must share it, or they will not trust each other. Labs only.
     DevCa { dir: PathBuf },
-    /// A CA service speaking Istio's certificate API (`warren ca serve`, or
-    /// istiod), reached as this node.
+    /// A CA service speaking Istio's certificate API (`warren ca serve`),
+    /// reached as this node.
     Ca(CaSettings),
 }
 
@@ -81,6 +81,11 @@ pub struct CaSettings {
 }
 
 impl Config {
+    /// This agent's node identity, as its node credential must name it.
+    pub fn node_id(&self) -> Result<NodeId, crate::identity::IdentityError> {
+        NodeId::new(self.trust_domain.clone(), &self.node)
+    }
+
     /// The file holding the roots to trust, if any: `trustBundle`, or with a
     /// CA service and no `trustBundle`, the roots of the node credential.
     pub fn trust_bundle_path(&self) -> Option<PathBuf> {

@@ -10,6 +10,7 @@ use warren_agent::{
     config::{Config, Issuer},
     identity::{NodeId, TrustDomain},
     logging::{self, Chain, LogFormat},
+    tls::TrustBundle,
 };
 
 #[derive(Parser)]
@@ -228,6 +229,13 @@ fn main() -> ExitCode {
         }
         Command::CheckConfig { config: path } => match Config::load(&path) {
             Ok(config) => {
+                let certificates = match check_certificate_files(&config) {
+                    Ok(lines) => lines,
+                    Err(e) => {
+                        eprintln!("warren: {}: {e}", path.display());
+                        return ExitCode::FAILURE;
+                    }
+                };
                 println!(
                     "{}: ok: node {}, trust domain {}, {} workloads",
                     path.display(),
@@ -235,21 +243,8 @@ fn main() -> ExitCode {
                     config.trust_domain,
                     config.workloads.len()
                 );
-                match &config.issuer {
-                    Issuer::DevCa { dir } => {
-                        println!(
-                            "  certificates from the development CA in {}",
-                            dir.display()
-                        )
-                    }
-                    Issuer::Ca(ca) => println!(
-                        "  certificates from the CA at {}, as the node of {}",
-                        ca.address,
-                        ca.node_credential.display()
-                    ),
-                }
-                if let Some(bundle) = config.trust_bundle_path() {
-                    println!("  trusting the roots in {}", bundle.display());
+                for line in certificates {
+                    println!("  {line}");
                 }
                 for w in &config.workloads {
                     let place = if w.local.is_some() { "local" } else { "remote" };
@@ -269,6 +264,37 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+/// Checks the files the config names for certificates (node credential,
+/// trust bundle) as the agent will at start; says what it found.
+fn check_certificate_files(config: &Config) -> Result<Vec<String>, String> {
+    let mut found = Vec::new();
+    match &config.issuer {
+        Issuer::DevCa { dir } => found.push(format!(
+            "certificates from the development CA in {} (labs only)",
+            dir.display()
+        )),
+        Issuer::Ca(ca) => {
+            let node = config.node_id().map_err(|e| e.to_string())?;
+            ca::transport::NodeCredential::load_for(&ca.node_credential, &node)
+                .map_err(|e| format!("{}: {e}", ca.node_credential.display()))?;
+            found.push(format!(
+                "certificates from the CA at {}, with the node credential of {node} in {}",
+                ca.address,
+                ca.node_credential.display()
+            ));
+        }
+    }
+    if let Some(bundle) = config.trust_bundle_path() {
+        let roots = TrustBundle::from_pem_file(&bundle).map_err(|e| Chain(&e).to_string())?;
+        found.push(format!(
+            "trusting the {} root(s) in {}",
+            roots.roots().len(),
+            bundle.display()
+        ));
+    }
+    Ok(found)
 }
 
 #[tokio::main]
@@ -356,8 +382,13 @@ fn node_credential(
     let credential = authority
         .issue_credential(&node.to_string(), ttl)
         .map_err(|e| Chain(&e).to_string())?;
-    ca::write_node_credential(out, &credential, authority.roots(), replace)
-        .map_err(|e| Chain(&e).to_string())?;
+    ca::write_node_credential(out, &credential, authority.roots(), replace).map_err(|e| {
+        let hint = match e {
+            ca::CaError::Exists(_) => "; or renew it with --replace",
+            _ => "",
+        };
+        format!("{}{hint}", Chain(&e))
+    })?;
     Ok(format!(
         "Wrote the credential of {node} to {}: {}, {} (private key, mode 0600), {}.\n\
          Give them to that node's agent, and to no one else.",

@@ -143,3 +143,88 @@ async fn a_ca_process_serves_its_nodes() {
     );
     assert!(!log.contains("PRIVATE KEY"), "{log}");
 }
+
+/// Runs `warren args` in `dir`; returns whether it succeeded, and what it
+/// printed on stdout and stderr.
+fn warren_output(args: &[&str], dir: &Path) -> (bool, String) {
+    let output = Command::new(WARREN)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    (output.status.success(), text)
+}
+
+#[test]
+fn node_credentials_are_checked_before_the_agent_relies_on_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    warren(&["ca", "init", "--dir", "ca"], dir);
+    let credential = |node: &str, extra: &[&str]| {
+        let mut args = vec![
+            "ca",
+            "node-credential",
+            "--ca-cert",
+            "ca/ca-cert.pem",
+            "--ca-key",
+            "ca/ca-key.pem",
+            "--roots",
+            "ca/root.pem",
+            "--node",
+            node,
+            "--out",
+            "node",
+        ];
+        args.extend(extra);
+        warren_output(&args, dir)
+    };
+    let config = |node: &str| {
+        fs::write(
+            dir.join("agent.yaml"),
+            format!("node: {node}\nca: {{address: \"127.0.0.1:15012\", nodeCredential: node}}\n"),
+        )
+        .unwrap();
+        warren_output(&["check-config", "agent.yaml"], dir)
+    };
+
+    assert!(credential("node-1", &[]).0);
+    let (ok, text) = config("node-1");
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("with the node credential of spiffe://cluster.local/warren/node/node-1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("trusting the 1 root(s) in node/ca-roots.pem"),
+        "{text}"
+    );
+
+    // Another node's credential.
+    let (ok, text) = config("node-2");
+    assert!(!ok);
+    assert!(
+        text.contains("it is for spiffe://cluster.local/warren/node/node-1, but this agent is spiffe://cluster.local/warren/node/node-2"),
+        "{text}"
+    );
+
+    // A key others can read.
+    let key = dir.join("node/node-key.pem");
+    fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let (ok, text) = config("node-1");
+    assert!(!ok);
+    assert!(
+        text.contains("readable by group or others (mode 0644)"),
+        "{text}"
+    );
+
+    // Never overwritten by mistake; renewed on purpose.
+    let (ok, text) = credential("node-2", &[]);
+    assert!(!ok);
+    assert!(text.contains("renew it with --replace"), "{text}");
+    let (ok, text) = credential("node-2", &["--replace"]);
+    assert!(ok, "{text}");
+    let (ok, text) = config("node-2");
+    assert!(ok, "{text}");
+}

@@ -1,14 +1,16 @@
-//! `cargo xtask demo`: two nodes, two pods each, an agent per node, and a few
-//! conversations between pods, told in plain words. Everything is real: eBPF
-//! programs in the pods' cgroups, processes in network namespaces, mutual TLS
-//! between the agents, bytes on veths. Every claim printed is checked first.
-//! The lab is torn down at the end, also on failure.
+//! `cargo xtask demo`: two nodes, two pods each, an agent per node, the mesh
+//! CA, and a few conversations between pods, told in plain words. Everything
+//! is real: eBPF programs in the pods' cgroups, processes in network
+//! namespaces, a CA signing CSRs over mutual TLS, mutual TLS between the
+//! agents, bytes on veths. Every claim printed is checked first. The lab is
+//! torn down at the end, also on failure.
 
 use anyhow::{Context, Result, ensure};
 use warren_tests::{
     Lab, LabSpec,
     harness::{
-        Agent, Call, Capture, MeshWorkload, PATIENCE, Server, WireCapture, agent_config, contains,
+        Agent, CA_PORT, CaService, Call, Capture, LabCa, MeshWorkload, PATIENCE, Server,
+        WireCapture, ca_agent_config, ca_workloads, contains,
     },
 };
 
@@ -37,19 +39,55 @@ pub fn run() -> Result<()> {
     let mesh = [sleep.clone(), local_web.clone(), remote_web.clone()];
 
     let dir = warren_tests::lab::files_dir(lab.prefix());
+    let signing = LabCa::init(&dir.join("ca"))?;
+    let workloads = dir.join("ca-workloads.yaml");
+    std::fs::write(&workloads, ca_workloads(&mesh))?;
+    let mut ca = CaService::start(
+        lab.node(0),
+        &signing,
+        &signing.root(),
+        &workloads,
+        dir.join("ca.log"),
+    )?;
+    println!(
+        "\nThe mesh CA (`warren ca serve`) runs on node-1 at {}. It signs with an intermediate \
+         of a root made for this lab by `warren ca init` (in production: an intermediate of your \
+         organisation's root).",
+        ca.addr
+    );
+
     let mut agents = Vec::new();
     for node in lab.nodes() {
-        agents.push(Agent::start(node, &agent_config(node, &mesh), &dir)?);
+        let credential = dir.join("credentials").join(&node.name);
+        signing.node_credential(node, &signing.root(), &credential, false)?;
+        let ca_addr = std::net::SocketAddrV4::new(lab.node(0).ip, CA_PORT);
+        let config = ca_agent_config(node, &mesh, ca_addr, &credential);
+        agents.push(Agent::start(node, &config, &dir)?);
     }
     println!(
-        "\nA warren agent runs on each node, with certificates from a development CA (a root \
-         generated for this lab). Enrolled: {} and {} on node-1, {} on node-2; {} on node-2 \
-         is not enrolled.",
+        "A warren agent runs on each node. Enrolled: {} and {} on node-1, {} on node-2; {} on \
+         node-2 is not enrolled.",
         sleep.qualified_name(),
         local_web.qualified_name(),
         remote_web.qualified_name(),
         outsider.name
     );
+    for workload in &mesh {
+        let identity = workload.identity();
+        let node = workload.pod.node.clone();
+        let signed = ca.wait_for(PATIENCE, |l| {
+            l.message() == "signed a workload certificate"
+                && l.field("identity") == identity
+                && l.field("node") == node
+        })?;
+        println!(
+            "   {node}'s agent made a key for {} (it never leaves the node), sent a CSR as \
+             {node}, and the CA signed {} for {}s: it knows that workload runs on {node}.",
+            workload.qualified_name(),
+            identity,
+            signed.0["requested_seconds"]
+        );
+    }
 
     let mut remote_server = Server::start(&remote_web.pod, PORT)?;
     let mut local_server = Server::start(&local_web.pod, PORT)?;
@@ -100,7 +138,11 @@ pub fn run() -> Result<()> {
     for agent in &mut agents {
         agent.stop()?;
     }
-    println!("\nAgents stopped (their eBPF programs detached with them); tearing the lab down.");
+    ca.stop()?;
+    println!(
+        "\nAgents and CA stopped (the agents' eBPF programs detached with them); tearing the lab \
+         down."
+    );
     drop(lab);
     println!("Demo complete.");
     Ok(())

@@ -40,10 +40,11 @@ openssl x509 -req -in ca.csr -CA root.pem -CAkey root-key.pem -CAcreateserial \\
 ";
 
 /// The last steps, the same for both paths.
-const AGENTS: &str = "\
+const AGENTS: &str = "
 Then, for each node, make its credential (same --ca-cert, --ca-key and --roots):
-  warren ca node-credential ... --node <node name> --out /etc/warren/node
-copy that directory to the node, and give its agent, instead of devCaDir:
+  warren ca node-credential ... --node <node name> --out /etc/warren/nodes/<node name>
+copy that directory to the node as /etc/warren/node (keep node-key.pem mode 0600),
+and give the node's agent, instead of devCaDir:
   ca:
     address: <CA host>:15012
     nodeCredential: /etc/warren/node

@@ -144,7 +144,7 @@ pub enum CaError {
 
     // The CA's own files and state.
     #[error(
-        "CA key {} is readable by group or others (mode {mode:04o}); run `chmod 600 {}`",
+        "private key {} is readable by group or others (mode {mode:04o}); run `chmod 600 {}`",
         path.display(),
         path.display()
     )]

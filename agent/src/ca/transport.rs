@@ -65,6 +65,12 @@ impl NodeCredential {
     /// Reads a PEM chain (leaf first) and its PEM private key; the leaf must
     /// name exactly one node.
     pub fn from_pem(chain_pem: &[u8], key_pem: &[u8]) -> Result<Self, TransportError> {
+        let key = PrivateKeyDer::from_pem_slice(key_pem)
+            .map_err(|e| TransportError::Credential(format!("private key: {e}")))?;
+        Self::new(chain_pem, key)
+    }
+
+    fn new(chain_pem: &[u8], key: PrivateKeyDer<'static>) -> Result<Self, TransportError> {
         let chain = CertificateDer::pem_slice_iter(chain_pem)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| TransportError::Credential(format!("certificate chain: {e}")))?;
@@ -72,18 +78,29 @@ impl NodeCredential {
             .first()
             .ok_or_else(|| TransportError::Credential("no PEM certificate in the chain".into()))?;
         let node = node_of(leaf).map_err(TransportError::Credential)?;
-        let key = PrivateKeyDer::from_pem_slice(key_pem)
-            .map_err(|e| TransportError::Credential(format!("private key: {e}")))?;
         Ok(Self { node, chain, key })
     }
 
-    /// Reads `node.pem` and `node-key.pem` from `dir`.
+    /// Reads `node.pem` and `node-key.pem` from `dir`, refusing a key that
+    /// group or others can read.
     pub fn load(dir: &Path) -> Result<Self, TransportError> {
-        let read = |name: &str| {
-            let path = dir.join(name);
-            fs::read(&path).map_err(|source| TransportError::Read { path, source })
-        };
-        Self::from_pem(&read(NODE_CERT)?, &read(NODE_KEY)?)
+        let path = dir.join(NODE_CERT);
+        let chain = fs::read(&path).map_err(|source| TransportError::Read { path, source })?;
+        let key = super::files::read_private_key(&dir.join(NODE_KEY))
+            .map_err(|e| TransportError::Credential(e.to_string()))?;
+        Self::new(&chain, key)
+    }
+
+    /// Like [`load`](Self::load), and checks that the credential is `node`'s.
+    pub fn load_for(dir: &Path, node: &NodeId) -> Result<Self, TransportError> {
+        let credential = Self::load(dir)?;
+        if credential.node != *node {
+            return Err(TransportError::Credential(format!(
+                "it is for {}, but this agent is {node}",
+                credential.node
+            )));
+        }
+        Ok(credential)
     }
 
     pub fn node(&self) -> &NodeId {
