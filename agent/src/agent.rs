@@ -8,7 +8,6 @@ use std::{
     time::Duration,
 };
 
-use notify::Watcher as _;
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
@@ -34,6 +33,7 @@ use crate::{
     renewal,
     state::Store,
     tls::{CertificateSource, DevCa, TlsError, TrustBundle, WorkloadCertificate},
+    watch::{WatchError, watch_files},
 };
 
 /// How long enrollment waits for a pod's first certificate before going on
@@ -55,11 +55,8 @@ pub enum AgentError {
     },
     #[error("CA client: {0}")]
     CaClient(#[from] ClientError),
-    #[error("cannot watch {}: {source}", path.display())]
-    Watch {
-        path: PathBuf,
-        source: notify::Error,
-    },
+    #[error(transparent)]
+    Watch(#[from] WatchError),
     #[error("cannot install signal handler: {0}")]
     Signal(std::io::Error),
 }
@@ -444,49 +441,4 @@ fn ca_source(config: &Config, ca: &CaSettings, store: &Store) -> Result<CsrSourc
     };
     let client = CaClient::lazy(&ca.address, Arc::new(tls))?;
     Ok(CsrSource::new(client, config.certificate_ttl))
-}
-
-/// Reports which of `paths` changed. Watches their directories, since
-/// editors and config management replace files rather than write them in
-/// place.
-fn watch_files(
-    paths: &[PathBuf],
-    tx: mpsc::UnboundedSender<PathBuf>,
-) -> Result<notify::RecommendedWatcher, AgentError> {
-    let targets: Vec<PathBuf> = paths
-        .iter()
-        .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()))
-        .collect();
-    let originals = paths.to_vec();
-    let watched = targets.clone();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let Ok(event) = event else { return };
-        if event.kind.is_access() {
-            return;
-        }
-        for (target, original) in watched.iter().zip(&originals) {
-            if event.paths.contains(target) {
-                let _ = tx.send(original.clone());
-            }
-        }
-    })
-    .map_err(|source| AgentError::Watch {
-        path: paths[0].clone(),
-        source,
-    })?;
-    let mut dirs: Vec<&Path> = Vec::new();
-    for (target, path) in targets.iter().zip(paths) {
-        let dir = target.parent().unwrap_or(Path::new("/"));
-        if dirs.contains(&dir) {
-            continue;
-        }
-        dirs.push(dir);
-        watcher
-            .watch(dir, notify::RecursiveMode::NonRecursive)
-            .map_err(|source| AgentError::Watch {
-                path: path.clone(),
-                source,
-            })?;
-    }
-    Ok(watcher)
 }

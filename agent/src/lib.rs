@@ -14,3 +14,4 @@ pub mod redirect;
 pub mod renewal;
 pub mod state;
 pub mod tls;
+pub mod watch;

@@ -11,6 +11,7 @@ use warren_agent::{
     identity::{NodeId, TrustDomain},
     logging::{self, Chain, LogFormat},
     tls::TrustBundle,
+    watch,
 };
 
 #[derive(Parser)]
@@ -342,6 +343,10 @@ async fn run_ca(
     }
     let server =
         ca::service::CaServer::new(authority, &config).map_err(|e| Chain(&e).to_string())?;
+    let placements = server.placements();
+    let (tx, changed) = tokio::sync::mpsc::unbounded_channel();
+    let _watcher = watch::watch_files(&[workloads.to_owned()], tx).map_err(|e| e.to_string())?;
+    tokio::spawn(reload_workloads(workloads.to_owned(), placements, changed));
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
@@ -366,6 +371,41 @@ async fn run_ca(
         .serve(listener, shutdown)
         .await
         .map_err(|e| Chain(&e).to_string())
+}
+
+/// Keeps the CA's view of the cluster in step with its workloads file: on
+/// change, and on SIGHUP. A file that does not load is refused, and the view
+/// in force stays.
+async fn reload_workloads(
+    path: std::path::PathBuf,
+    placements: ca::service::Placements,
+    mut changed: tokio::sync::mpsc::UnboundedReceiver<std::path::PathBuf>,
+) {
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .expect("a SIGHUP handler can be installed");
+    loop {
+        let why = tokio::select! {
+            Some(_) = changed.recv() => "file changed",
+            _ = hangup.recv() => "SIGHUP",
+        };
+        // Editors write in several steps; let them finish.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        while changed.try_recv().is_ok() {}
+        let loaded = Config::load(&path).map_err(|e| Chain(&e).to_string());
+        match loaded.and_then(|config| {
+            placements
+                .update(&config)
+                .map(|()| config.workloads.len())
+                .map_err(|e| Chain(&e).to_string())
+        }) {
+            Ok(workloads) => tracing::info!(%why, workloads, "CA workloads reloaded"),
+            Err(error) => tracing::error!(
+                %why,
+                %error,
+                "CA workloads reload failed; keeping the previous ones"
+            ),
+        }
+    }
 }
 
 fn node_credential(

@@ -17,7 +17,7 @@ use std::{
     future::Future,
     io,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, RwLock},
     task::{Context, Poll},
     time::{Duration, SystemTime},
 };
@@ -45,7 +45,7 @@ use super::{
 };
 use crate::{
     config::Config,
-    identity::{NodeId, SpiffeId, ca_service_id},
+    identity::{NodeId, SpiffeId, TrustDomain, ca_service_id},
     tls::handshake_error,
 };
 
@@ -81,35 +81,32 @@ impl CaServer {
     /// which node runs which identities.
     pub fn new(authority: Authority, workloads: &Config) -> Result<Self, ServiceError> {
         let trust_domain = authority.policy().trust_domain.clone();
-        if workloads.trust_domain != trust_domain {
-            return Err(ServiceError::TrustDomainMismatch {
-                config: workloads.trust_domain.to_string(),
-                ca: trust_domain.to_string(),
-            });
-        }
+        let placements = Placements {
+            trust_domain: trust_domain.clone(),
+            current: Arc::new(RwLock::new(Arc::new(HashMap::new()))),
+        };
+        placements.update(workloads)?;
+
         let lifetime = authority
             .not_after()
             .duration_since(SystemTime::now())
             .unwrap_or_default();
         let own = authority.issue_credential(&ca_service_id(&trust_domain), lifetime)?;
         let tls = transport::server_config(&own, authority.roots(), trust_domain)?;
-
-        let mut placements: HashMap<SpiffeId, BTreeSet<String>> = HashMap::new();
-        for workload in &workloads.workloads {
-            placements
-                .entry(workload.identity.clone())
-                .or_default()
-                .insert(workload.node.clone());
-        }
         let root = root_above(authority.chain(), authority.roots().roots());
         Ok(Self {
             tls,
             handler: Handler {
                 authority: Arc::new(authority),
-                placements: Arc::new(placements),
+                placements,
                 root,
             },
         })
+    }
+
+    /// A handle to replace the CA's view of the cluster while it serves.
+    pub fn placements(&self) -> Placements {
+        self.handler.placements.clone()
     }
 
     /// Serves on `listener` until `shutdown` completes.
@@ -231,10 +228,46 @@ impl AsyncWrite for NodeStream {
     }
 }
 
+/// The CA's view of the cluster: for each workload identity, the nodes that
+/// run a workload with it. Cheap to clone; every clone sees updates.
+#[derive(Clone)]
+pub struct Placements {
+    trust_domain: TrustDomain,
+    current: Arc<RwLock<Arc<HashMap<SpiffeId, BTreeSet<String>>>>>,
+}
+
+impl Placements {
+    /// Replaces the view with `workloads`' (which must be of the CA's trust
+    /// domain). Requests under way finish with the view they started with.
+    pub fn update(&self, workloads: &Config) -> Result<(), ServiceError> {
+        if workloads.trust_domain != self.trust_domain {
+            return Err(ServiceError::TrustDomainMismatch {
+                config: workloads.trust_domain.to_string(),
+                ca: self.trust_domain.to_string(),
+            });
+        }
+        let mut placements: HashMap<SpiffeId, BTreeSet<String>> = HashMap::new();
+        for workload in &workloads.workloads {
+            placements
+                .entry(workload.identity.clone())
+                .or_default()
+                .insert(workload.node.clone());
+        }
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(placements);
+        Ok(())
+    }
+
+    fn get(&self) -> Arc<HashMap<SpiffeId, BTreeSet<String>>> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
 struct Handler {
     authority: Arc<Authority>,
-    /// For each workload identity, the nodes that run a workload with it.
-    placements: Arc<HashMap<SpiffeId, BTreeSet<String>>>,
+    placements: Placements,
     /// The root the signing chain ends at, appended to every response
     /// (None when the signing certificate is itself the root).
     root: Option<String>,
@@ -244,7 +277,7 @@ impl Handler {
     /// Whether `node` may obtain `id`; if not, why, in words that name both.
     fn authorize(&self, node: &NodeId, id: &SpiffeId) -> Result<(), String> {
         let here = node.name();
-        match self.placements.get(id) {
+        match self.placements.get().get(id) {
             Some(nodes) if nodes.contains(here) => Ok(()),
             Some(nodes) => Err(format!(
                 "node {here} runs no workload with this identity (it runs on {})",
