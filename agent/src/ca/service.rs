@@ -233,8 +233,10 @@ impl AsyncWrite for NodeStream {
 #[derive(Clone)]
 pub struct Placements {
     trust_domain: TrustDomain,
-    current: Arc<RwLock<Arc<HashMap<SpiffeId, BTreeSet<String>>>>>,
+    current: Arc<RwLock<Arc<NodesById>>>,
 }
+
+type NodesById = HashMap<SpiffeId, BTreeSet<String>>;
 
 impl Placements {
     /// Replaces the view with `workloads`' (which must be of the CA's trust
@@ -246,7 +248,7 @@ impl Placements {
                 ca: self.trust_domain.to_string(),
             });
         }
-        let mut placements: HashMap<SpiffeId, BTreeSet<String>> = HashMap::new();
+        let mut placements = NodesById::new();
         for workload in &workloads.workloads {
             placements
                 .entry(workload.identity.clone())
@@ -257,7 +259,7 @@ impl Placements {
         Ok(())
     }
 
-    fn get(&self) -> Arc<HashMap<SpiffeId, BTreeSet<String>>> {
+    fn get(&self) -> Arc<NodesById> {
         self.current
             .read()
             .unwrap_or_else(|p| p.into_inner())
