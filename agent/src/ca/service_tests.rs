@@ -208,6 +208,24 @@ async fn bad_requests_are_invalid_arguments() {
         "{refused:?}"
     );
 
+    // An extra identity rides along with a legitimate one.
+    let (csr, _) = csr_with(vec![
+        SanType::URI(Ia5String::try_from(sleep().to_string()).unwrap()),
+        SanType::URI(Ia5String::try_from(web().to_string()).unwrap()),
+    ]);
+    let refused = status(client.create_certificate(&csr, HOUR).await.unwrap_err());
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("2 URI SANs"), "{refused:?}");
+
+    // A key too weak to sign with (made by OpenSSL: see testdata/README.md).
+    let weak = include_str!("testdata/rsa1024.csr");
+    let refused = status(client.create_certificate(weak, HOUR).await.unwrap_err());
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().contains("RSA of 1024 bits"),
+        "{refused:?}"
+    );
+
     for garbage in [
         "",
         "not a CSR",
