@@ -41,6 +41,12 @@ impl CaMesh {
     /// The CA (a lab root and intermediate) serving on node 1; both agents
     /// get their workloads' certificates from it, living `ttl`.
     fn start(ttl: &str) -> Self {
+        Self::start_with(ttl, true)
+    }
+
+    /// Like [`CaMesh::start`]; without `ca_running`, the CA is not started
+    /// (its files are made).
+    fn start_with(ttl: &str, ca_running: bool) -> Self {
         assert!(
             nix::unistd::geteuid().is_root(),
             "the end-to-end tests need root (eBPF, namespaces, cgroups): run `cargo xtask test`"
@@ -68,7 +74,9 @@ impl CaMesh {
             ca_workloads(&[mesh.client.clone(), mesh.server.clone()]),
         )
         .unwrap();
-        mesh.start_ca(&signing, &signing.root());
+        if ca_running {
+            mesh.start_ca(&signing, &signing.root());
+        }
         for i in 0..2 {
             let node = mesh.lab.node(i);
             signing
@@ -248,6 +256,51 @@ fn a_ca_outage_is_ridden_out_until_certificates_expire() {
     mesh.start_ca(&signing, &signing.root());
     for (agent, before) in mesh.agents.iter_mut().zip(before) {
         agent.wait_for_count(PATIENCE, before + 1, renewed).unwrap();
+    }
+    Call::default().run(&mesh.client.pod, server.addr).unwrap();
+    assert_eq!(server.next_served().unwrap().peer.ip(), mesh.client.pod.ip);
+}
+
+#[test]
+fn agents_started_while_the_ca_is_down_fail_closed_then_recover() {
+    let mut mesh = CaMesh::start_with("1h", false);
+    let mut server = Server::start(&mesh.server.pod, PORT).unwrap();
+    // Pods are enrolled, so that their traffic cannot leave in clear...
+    for (agent, workload) in mesh.agents.iter_mut().zip([&mesh.client, &mesh.server]) {
+        let enrolled = agent
+            .wait_for(PATIENCE, |l| {
+                l.message().starts_with("enrolled pod")
+                    && l.field("workload") == workload.qualified_name()
+            })
+            .unwrap();
+        assert_eq!(enrolled.field("certificate"), "none yet");
+        agent
+            .wait_for(PATIENCE, |l| {
+                l.message()
+                    == "no certificate: the workload gets no tunnels until the CA issues one"
+            })
+            .unwrap();
+    }
+    // ...but without a certificate they get no tunnels: nothing reaches the
+    // server, in clear or otherwise.
+    assert!(Call::default().run(&mesh.client.pod, server.addr).is_err());
+    assert!(server.next_served_within(Duration::from_secs(1)).is_err());
+    mesh.agents[0]
+        .wait_for(PATIENCE, |l| {
+            l.message() == "outbound connection failed"
+                && l.field("error").contains("no valid certificate")
+        })
+        .unwrap();
+
+    // The CA comes up: the agents, retrying with backoff, get certificates.
+    let signing = mesh.signing.clone();
+    mesh.start_ca(&signing, &signing.root());
+    for agent in &mut mesh.agents {
+        agent
+            .wait_for(Duration::from_secs(20), |l| {
+                l.message() == "certificate issued"
+            })
+            .unwrap();
     }
     Call::default().run(&mesh.client.pod, server.addr).unwrap();
     assert_eq!(server.next_served().unwrap().peer.ip(), mesh.client.pod.ip);

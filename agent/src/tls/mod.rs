@@ -9,8 +9,8 @@
 //! *destination* workload's certificate and accepts clients of its own trust
 //! domain. Authorization beyond that happens above TLS, on `peer_identity`.
 //!
-//! Certificates come from a [`CertificateSource`]: the development CA
-//! ([`DevCa`]) today, the CA service's client (`ca::client::CsrSource`) next.
+//! Certificates come from a [`CertificateSource`]: the CA service's client
+//! (`ca::client::CsrSource`), or for labs the development CA ([`DevCa`]).
 
 mod certs;
 mod config;
