@@ -5,7 +5,7 @@ use std::{
     collections::HashMap,
     path::{Path, PathBuf},
     sync::Arc,
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use tokio::{
@@ -35,6 +35,9 @@ use crate::{
     tls::{CertificateSource, DevCa, TlsError, TrustBundle, WorkloadCertificate},
     watch::{WatchError, watch_files},
 };
+
+/// A node credential closer than this to its expiry is warned about at start.
+const CREDENTIAL_WARNING: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// How long enrollment waits for a pod's first certificate before going on
 /// without it (the pod then gets no tunnels until one is issued).
@@ -69,8 +72,6 @@ enum EnrollError {
     Outbound(#[from] OutboundError),
     #[error(transparent)]
     Inbound(#[from] InboundError),
-    #[error("certificate unusable: {0}")]
-    Certificate(#[from] TlsError),
     #[error(transparent)]
     Redirect(#[from] RedirectError),
 }
@@ -176,8 +177,19 @@ impl Agent {
                 _ = interrupt.recv() => break,
             }
             if self.watched_files() != watched {
-                watched = self.watched_files();
-                watcher = watch_files(&watched, tx.clone())?;
+                // A trust bundle in a directory that does not exist (yet)
+                // cannot be watched; its reload failed and was logged. The
+                // old watch stays, and this is tried again after the next
+                // change or SIGHUP.
+                match watch_files(&self.watched_files(), tx.clone()) {
+                    Ok(new) => {
+                        watched = self.watched_files();
+                        watcher = new;
+                    }
+                    Err(error) => {
+                        warn!(error = %Chain(&error), "cannot watch the trust bundle file")
+                    }
+                }
             }
         }
         drop(watcher);
@@ -187,7 +199,7 @@ impl Agent {
     }
 
     async fn reload(&mut self, why: &str) {
-        match Config::load(&self.config_path) {
+        match Config::load(&self.config_path).map(|c| self.keep_running_issuer(c, why)) {
             Ok(config) if config.node != self.store.current().config().node => {
                 error!(
                     %why,
@@ -202,12 +214,6 @@ impl Agent {
                 self.reconcile().await;
             }
             Ok(config) => {
-                let current = self.store.current();
-                if config.issuer != current.config().issuer
-                    || config.certificate_ttl != current.config().certificate_ttl
-                {
-                    warn!(%why, "devCaDir, ca and certificateTtl changes take effect when the agent restarts");
-                }
                 info!(%why, "config reloaded");
                 self.store.publish(config);
                 self.reconcile().await;
@@ -216,6 +222,25 @@ impl Agent {
                 error!(%why, error = %Chain(&error), "config reload failed; keeping the previous config");
             }
         }
+    }
+
+    /// `config` with the certificate settings the agent runs with: where
+    /// certificates come from, and their lifetime, change only at a restart
+    /// (the CA client, its credential and the pods' certificates were made
+    /// from them). Says so whenever the file asks for something else.
+    fn keep_running_issuer(&self, mut config: Config, why: &str) -> Config {
+        let running = self.store.current();
+        let running = running.config();
+        if config.issuer != running.issuer || config.certificate_ttl != running.certificate_ttl {
+            warn!(
+                %why,
+                "devCaDir, ca and certificateTtl changes take effect when the agent restarts; \
+                 until then it keeps the ones it started with"
+            );
+            config.issuer = running.issuer.clone();
+            config.certificate_ttl = running.certificate_ttl;
+        }
+        config
     }
 
     /// Reads the trust bundle again and, if its roots changed, publishes
@@ -332,8 +357,16 @@ impl Agent {
             self.pool.clone(),
         ));
         let inbound = Arc::new(PodInbound::new(proxy.clone()).await?);
-        if let Some(certificate) = certificate {
-            inbound.renew(certificate).await?;
+        if let Some(certificate) = certificate
+            && let Err(error) = inbound.renew(certificate).await
+        {
+            // Captured all the same, so its traffic cannot leave in clear;
+            // renewal asks again.
+            error!(
+                workload = %workload.qualified_name(),
+                error = %Chain(&error),
+                "certificate unusable: the workload gets no tunnels until the CA issues another"
+            );
         }
         // Listeners first: capture must never point at a closed port.
         let hbone_listener = inbound.bind().await?;
@@ -368,7 +401,7 @@ impl Agent {
         for task in enrolled.tasks {
             let _ = task.await;
         }
-        enrolled.proxy.retire_connections().await;
+        enrolled.proxy.withdraw().await;
         info!(workload = %name, "withdrew from pod: its traffic is no longer captured");
     }
 
@@ -415,7 +448,13 @@ fn load_trust(config: &Config, dev_root: Option<&TrustBundle>) -> Result<TrustBu
         (Some(file), Some(dev_root)) => dev_root.merged(&file),
         (Some(file), None) => file,
         (None, Some(dev_root)) => dev_root.clone(),
-        (None, None) => unreachable!("a CA service always comes with a trust bundle"),
+        // The config always names a bundle with a CA service, and the
+        // issuer stays the one the agent started with.
+        (None, None) => {
+            return Err(TlsError::NoCertificate {
+                what: "trust bundle",
+            });
+        }
     })
 }
 
@@ -429,14 +468,26 @@ fn ca_source(config: &Config, ca: &CaSettings, store: &Store) -> Result<CsrSourc
         dir: dir.clone(),
         source: TransportError::Credential(e.to_string()),
     })?;
-    NodeCredential::load_for(&dir, &node).map_err(|source| AgentError::NodeCredential {
-        dir: dir.clone(),
-        source,
-    })?;
+    let credential =
+        NodeCredential::load_for(&dir, &node).map_err(|source| AgentError::NodeCredential {
+            dir: dir.clone(),
+            source,
+        })?;
+    let left = credential
+        .not_after()
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
+    if left < CREDENTIAL_WARNING {
+        warn!(
+            dir = %dir.display(),
+            expires_in_h = left.as_secs() / 3600,
+            "the node credential expires soon; renew it with `warren ca node-credential --replace`"
+        );
+    }
     info!(ca = %ca.address, node = %node, "workload certificates come from the CA service");
     let state = store.subscribe();
     let tls = move || {
-        let credential = NodeCredential::load(&dir)?;
+        let credential = NodeCredential::load_for(&dir, &node)?;
         transport::client_config(&credential, state.borrow().trust())
     };
     let client = CaClient::lazy(&ca.address, Arc::new(tls))?;

@@ -15,7 +15,8 @@ pub struct WatchError {
 
 /// Reports which of `paths` changed. Watches their directories, since
 /// editors and config management replace files rather than write them in
-/// place.
+/// place, and Kubernetes updates a mounted ConfigMap or Secret by swapping a
+/// `..data` symlink in its directory, an event that names no file of ours.
 pub fn watch_files(
     paths: &[PathBuf],
     tx: mpsc::UnboundedSender<PathBuf>,
@@ -32,7 +33,13 @@ pub fn watch_files(
             return;
         }
         for (target, original) in watched.iter().zip(&originals) {
-            if event.paths.contains(target) {
+            let swapped = |path: &PathBuf| {
+                path.parent() == target.parent()
+                    && path
+                        .file_name()
+                        .is_some_and(|name| name.to_string_lossy().starts_with(".."))
+            };
+            if event.paths.iter().any(|p| p == target || swapped(p)) {
                 let _ = tx.send(original.clone());
             }
         }
@@ -56,4 +63,43 @@ pub fn watch_files(
             })?;
     }
     Ok(watcher)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{fs, time::Duration};
+
+    use super::*;
+
+    async fn next(rx: &mut mpsc::UnboundedReceiver<PathBuf>) -> Option<PathBuf> {
+        tokio::time::timeout(Duration::from_secs(2), rx.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    #[tokio::test]
+    async fn replaced_files_and_swapped_kubernetes_mounts_are_noticed() {
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = dir.path().join("ca-roots.pem");
+        fs::write(&bundle, "one").unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let _watcher = watch_files(std::slice::from_ref(&bundle), tx).unwrap();
+
+        // Replaced by rename, as config management does.
+        let new = dir.path().join("ca-roots.pem.new");
+        fs::write(&new, "two").unwrap();
+        fs::rename(&new, &bundle).unwrap();
+        assert_eq!(next(&mut rx).await.as_ref(), Some(&bundle));
+        while rx.try_recv().is_ok() {}
+
+        // A file that is not ours is ignored.
+        fs::write(dir.path().join("other.log"), "noise").unwrap();
+        assert_eq!(next(&mut rx).await, None);
+
+        // Kubernetes: the `..data` symlink is swapped to a new directory.
+        std::os::unix::fs::symlink("..2026", dir.path().join("..data_tmp")).unwrap();
+        fs::rename(dir.path().join("..data_tmp"), dir.path().join("..data")).unwrap();
+        assert_eq!(next(&mut rx).await.as_ref(), Some(&bundle));
+    }
 }

@@ -368,15 +368,32 @@ impl Rogue {
         hbone: SocketAddr,
         authority: &str,
     ) -> Result<u16, String> {
+        let connection = self.open(config, hbone)?;
+        self.send(&connection, authority)
+    }
+
+    /// Opens an HBONE connection (TCP, TLS, HTTP/2).
+    fn open(
+        &self,
+        config: Arc<rustls::ClientConfig>,
+        hbone: SocketAddr,
+    ) -> Result<Connection, String> {
         self.runtime.block_on(async {
             let tcp = self.netns.connect(hbone).await.map_err(|e| e.to_string())?;
             let tls = tokio_rustls::TlsConnector::from(config)
                 .connect(ServerName::IpAddress(hbone.ip().into()), tcp)
                 .await
                 .map_err(|e| e.to_string())?;
-            let connection = Connection::handshake(tls, Default::default())
+            Connection::handshake(tls, Default::default())
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    /// Sends one CONNECT for `authority` on `connection`: the response
+    /// status, or why there was none.
+    fn send(&self, connection: &Connection, authority: &str) -> Result<u16, String> {
+        self.runtime.block_on(async {
             let request = http::Request::builder()
                 .method(http::Method::CONNECT)
                 .uri(authority)
@@ -481,7 +498,7 @@ impl ServerCertVerifier for AnyServer {
 #[test]
 fn the_trust_bundle_is_reloaded_live_without_breaking_tunnels() {
     let mut mesh = Mesh::new();
-    let mut server = Server::start(&mesh.server.pod, PORT).unwrap();
+    let server = Server::start(&mesh.server.pod, PORT).unwrap();
     let ca = mesh.ca();
     let trust = ca.trust_bundle();
     let server_id: SpiffeId = mesh.server.identity().parse().unwrap();
@@ -503,14 +520,13 @@ fn the_trust_bundle_is_reloaded_live_without_breaking_tunnels() {
     );
 
     // A tunnel in use while the roots change underneath it.
-    let long = Call {
-        hold_ms: Some(3000),
-        bytes: Some(64 * 1024),
+    let mut long = Call {
+        spread_ms: Some(5000),
+        bytes: Some(1 << 20),
         ..Call::default()
     }
     .spawn(&mesh.client.pod, server.addr)
     .unwrap();
-    server.next_served().unwrap();
 
     // Node 2's agent is given a trust bundle with that root: it trusts it
     // from then on, without a restart.
@@ -537,6 +553,9 @@ fn the_trust_bundle_is_reloaded_live_without_breaking_tunnels() {
         rogue.connect(config.clone(), mesh.hbone_addr(), &app),
         Ok(200)
     );
+    // A connection made under that root, held open.
+    let held = rogue.open(config.clone(), mesh.hbone_addr()).unwrap();
+    assert_eq!(rogue.send(&held, &app), Ok(200));
 
     // A broken bundle is refused, and the roots in force stay.
     std::fs::write(&bundle, "not a certificate").unwrap();
@@ -557,10 +576,26 @@ fn the_trust_bundle_is_reloaded_live_without_breaking_tunnels() {
         .unwrap();
     mesh.agents[1].wait_for(PATIENCE, reloaded(0, 1)).unwrap();
     assert!(rogue.connect(config, mesh.hbone_addr(), &app).is_err());
+    // The connection made under the removed root is told to go away: it
+    // takes no new stream.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !held.is_closed() && std::time::Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        held.is_closed(),
+        "a connection under a removed root stays open"
+    );
+    assert!(rogue.send(&held, &app).is_err());
 
-    // The tunnel in use throughout delivered every byte.
+    // The tunnel in use throughout delivered every byte, and was still
+    // sending when the last reload came.
+    assert!(
+        long.try_wait().unwrap().is_none(),
+        "the transfer ended too soon"
+    );
     let long = finish(long).unwrap();
-    assert_eq!(long.received, 64 * 1024);
+    assert_eq!(long.received, 1 << 20);
     let failures: Vec<_> = mesh.agents[0]
         .lines()
         .into_iter()

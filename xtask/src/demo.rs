@@ -81,11 +81,11 @@ pub fn run() -> Result<()> {
                 && l.field("node") == node
         })?;
         println!(
-            "   {node}'s agent made a key for {} (it never leaves the node), sent a CSR as \
-             {node}, and the CA signed {} for {}s: it knows that workload runs on {node}.",
+            "   {node}'s agent made a key for {} (it never leaves the node) and sent a CSR \
+             as {node}, asking for {} s; the CA signed {}, knowing that workload runs on {node}.",
             workload.qualified_name(),
+            signed.0["requested_seconds"],
             identity,
-            signed.0["requested_seconds"]
         );
     }
 

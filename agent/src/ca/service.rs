@@ -46,12 +46,14 @@ use super::{
 use crate::{
     config::Config,
     identity::{NodeId, SpiffeId, TrustDomain, ca_service_id},
-    tls::handshake_error,
+    tls::{handshake_error, validity_of},
 };
 
 /// A client that does not finish its handshake in this time is dropped, so
 /// that stalled connections cannot pile up.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections are closed (gracefully) after this long.
+const MAX_CONNECTION_AGE: Duration = Duration::from_secs(15 * 60);
 /// Requests larger than this are refused before they are decoded; the
 /// policy's CSR limit (16 KiB by default) refuses smaller ones with a reason.
 const MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -122,6 +124,9 @@ impl CaServer {
             Some((Ok::<_, io::Error>(stream), accepted))
         });
         let result = tonic::transport::Server::builder()
+            // Clients reconnect now and then, so that a renewed node
+            // credential or a rotated root comes into use.
+            .max_connection_age(MAX_CONNECTION_AGE)
             .add_service(
                 IstioCertificateServiceServer::new(self.handler)
                     .max_decoding_message_size(MAX_REQUEST_BYTES),
@@ -165,16 +170,18 @@ async fn accept_loop(
                     return;
                 }
             };
-            // The verifier accepted exactly one node identity; read it back.
-            let node = tls
+            // The verifier accepted exactly one node identity; read it back,
+            // and when its credential expires.
+            let leaf = tls
                 .get_ref()
                 .1
                 .peer_certificates()
-                .and_then(|chain| chain.first())
-                .map(transport::node_of);
+                .and_then(|chain| chain.first());
+            let node = leaf.map(|leaf| (transport::node_of(leaf), validity_of(leaf)));
             match node {
-                Some(Ok(node)) => {
-                    let _ = streams.send(NodeStream { tls, node }).await;
+                Some((Ok(node), Ok((_, not_after)))) => {
+                    let peer = Peer { node, not_after };
+                    let _ = streams.send(NodeStream { tls, peer }).await;
                 }
                 _ => warn!(%peer, "CA client without a node identity after its handshake"),
             }
@@ -186,17 +193,22 @@ async fn accept_loop(
 /// the node into each request's extensions.
 struct NodeStream {
     tls: TlsStream<TcpStream>,
-    node: NodeId,
+    peer: Peer,
 }
 
+/// The node a connection authenticated as. Its credential is checked at the
+/// handshake, but connections last: each request checks it is still valid.
 #[derive(Clone)]
-struct Peer(NodeId);
+struct Peer {
+    node: NodeId,
+    not_after: SystemTime,
+}
 
 impl Connected for NodeStream {
     type ConnectInfo = Peer;
 
     fn connect_info(&self) -> Peer {
-        Peer(self.node.clone())
+        self.peer.clone()
     }
 }
 
@@ -298,12 +310,22 @@ impl IstioCertificateService for Handler {
         &self,
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
-        let Some(Peer(node)) = request.extensions().get::<Peer>().cloned() else {
+        let Some(Peer { node, not_after }) = request.extensions().get::<Peer>().cloned() else {
             // Every connection comes through `accept_loop`, which sets it.
             return Err(Status::unauthenticated(
                 "no node identity on this connection",
             ));
         };
+        if SystemTime::now() >= not_after {
+            warn!(
+                node = node.name(),
+                "refused: the node credential has expired"
+            );
+            return Err(Status::unauthenticated(format!(
+                "the node credential of {node} expired at {}",
+                humantime::format_rfc3339_seconds(not_after)
+            )));
+        }
         // The metadata field is accepted, for Istio's clients, and ignored.
         let request = request.into_inner();
         let Ok(seconds) = u64::try_from(request.validity_duration) else {

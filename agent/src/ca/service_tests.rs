@@ -117,8 +117,12 @@ impl Served {
 }
 
 fn credential_from(issuer: &Authority, node: &str) -> NodeCredential {
+    credential_for(issuer, node, HOUR)
+}
+
+fn credential_for(issuer: &Authority, node: &str, ttl: Duration) -> NodeCredential {
     let node = NodeId::new(td(), node).unwrap();
-    let credential = issuer.issue_credential(&node.to_string(), HOUR).unwrap();
+    let credential = issuer.issue_credential(&node.to_string(), ttl).unwrap();
     NodeCredential::from_pem(
         credential.chain_pem().as_bytes(),
         credential.key_pem().as_bytes(),
@@ -243,6 +247,22 @@ async fn bad_requests_are_invalid_arguments() {
     // The service survives all of it.
     let (csr, _) = csr_for(&sleep());
     client.create_certificate(&csr, HOUR).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_node_credential_that_expires_on_an_open_connection_is_refused() {
+    let ca = Served::start().await;
+    let short = credential_for(&ca.issuer, "node-1", Duration::from_secs(2));
+    let client = CaClient::connect(&ca.addr.to_string(), &short, &ca.roots)
+        .await
+        .unwrap();
+    let (csr, _) = csr_for(&sleep());
+    client.create_certificate(&csr, HOUR).await.unwrap();
+    // Same connection, after the credential's end (whole seconds: 1 to 2 s).
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let refused = status(client.create_certificate(&csr, HOUR).await.unwrap_err());
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    assert!(refused.message().contains("expired"), "{refused:?}");
 }
 
 #[tokio::test]

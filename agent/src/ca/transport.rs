@@ -10,6 +10,7 @@ use std::{
     fmt, fs,
     path::{Path, PathBuf},
     sync::Arc,
+    time::SystemTime,
 };
 
 use rustls::{
@@ -59,6 +60,7 @@ pub struct NodeCredential {
     node: NodeId,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
+    not_after: SystemTime,
 }
 
 impl NodeCredential {
@@ -78,7 +80,20 @@ impl NodeCredential {
             .first()
             .ok_or_else(|| TransportError::Credential("no PEM certificate in the chain".into()))?;
         let node = node_of(leaf).map_err(TransportError::Credential)?;
-        Ok(Self { node, chain, key })
+        let (_, not_after) =
+            crate::tls::validity_of(leaf).map_err(|e| TransportError::Credential(e.to_string()))?;
+        if not_after <= SystemTime::now() {
+            return Err(TransportError::Credential(format!(
+                "it expired at {}; make a new one with `warren ca node-credential --replace`",
+                humantime::format_rfc3339_seconds(not_after)
+            )));
+        }
+        Ok(Self {
+            node,
+            chain,
+            key,
+            not_after,
+        })
     }
 
     /// Reads `node.pem` and `node-key.pem` from `dir`, refusing a key that
@@ -105,6 +120,10 @@ impl NodeCredential {
 
     pub fn node(&self) -> &NodeId {
         &self.node
+    }
+
+    pub fn not_after(&self) -> SystemTime {
+        self.not_after
     }
 }
 

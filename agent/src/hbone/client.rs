@@ -6,7 +6,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use bytes::Bytes;
@@ -44,6 +44,9 @@ pub struct Connection {
     send: SendRequest<Bytes>,
     closed: Arc<AtomicBool>,
     driver: JoinHandle<()>,
+    /// When the certificates it was made with (either end's) expire; it
+    /// takes no new streams from then on.
+    valid_until: Option<SystemTime>,
 }
 
 impl Connection {
@@ -93,13 +96,25 @@ impl Connection {
             send,
             closed,
             driver,
+            valid_until: None,
         })
     }
 
+    /// Takes no new streams after `time` (when a certificate it was made with
+    /// expires).
+    pub fn valid_until(mut self, time: SystemTime) -> Self {
+        self.valid_until = Some(time);
+        self
+    }
+
     /// Whether the connection has ended (closed, failed, or its keepalive
-    /// went unanswered). A closed connection takes no new streams.
+    /// went unanswered) or outlived its certificates. Such a connection takes
+    /// no new streams.
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
+            || self
+                .valid_until
+                .is_some_and(|until| SystemTime::now() >= until)
     }
 
     /// Sends `request` (a CONNECT) and waits for the response headers.

@@ -50,6 +50,10 @@ pub enum InboundError {
     Transparent(#[from] transparent::TransparentError),
 }
 
+/// A certificate valid for less than this from now is refused: it would be
+/// due for renewal at once.
+const MIN_USABLE_LIFETIME: Duration = Duration::from_secs(1);
+
 /// Everything the inbound side of one pod needs: the pod, and the TLS server
 /// configuration made from its current certificate and roots.
 pub struct PodInbound {
@@ -77,6 +81,16 @@ impl PodInbound {
     /// cannot make a server configuration is refused, and the old one stays
     /// in use.
     pub async fn renew(&self, certificate: WorkloadCertificate) -> Result<(), TlsError> {
+        // A clock far off the CA's, or a CA whose own certificate is about
+        // to expire, can hand out a certificate that is useless here; the
+        // current one is better kept.
+        let now = SystemTime::now();
+        if !certificate.is_valid_at(now) || certificate.lifetime() < MIN_USABLE_LIFETIME {
+            return Err(TlsError::Unusable {
+                not_before: humantime::format_rfc3339_seconds(certificate.not_before()).to_string(),
+                not_after: humantime::format_rfc3339_seconds(certificate.not_after()).to_string(),
+            });
+        }
         let certificate = Arc::new(certificate);
         self.acceptor(&certificate, &self.pod.trust())?;
         self.pod.renew(certificate).await;
@@ -154,11 +168,19 @@ pub async fn serve(listener: TcpListener, inbound: Arc<PodInbound>) {
 impl PodInbound {
     async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
         let workload = self.pod.workload.qualified_name();
-        let Some(certificate) = self.pod.valid_certificate() else {
+        // Subscribed before reading, so that a renewal or a root removal
+        // from now on ends this connection.
+        let mut renewed = self.pod.certificate_changes();
+        let mut state = self.pod.state.clone();
+        let certificate = renewed
+            .borrow_and_update()
+            .clone()
+            .filter(|c| c.is_valid_at(SystemTime::now()));
+        let Some(certificate) = certificate else {
             warn!(%workload, %peer, "HBONE connection refused: the workload has no valid certificate");
             return;
         };
-        let trust = self.pod.trust();
+        let trust = state.borrow_and_update().trust().clone();
         let acceptor = match self.acceptor(&certificate, &trust) {
             Ok(acceptor) => acceptor,
             Err(error) => {
@@ -174,11 +196,6 @@ impl PodInbound {
             .with_interval(Duration::from_secs(10))
             .with_retries(3);
         let _ = SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
-        // Subscribed before the handshake, so a change during it counts.
-        let mut renewed = self.pod.certificate_changes();
-        renewed.mark_unchanged();
-        let mut state = self.pod.state.clone();
-        state.mark_unchanged();
         let tls = match timeout(hbone::CONNECT_TIMEOUT, acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(error)) => {
@@ -199,12 +216,16 @@ impl PodInbound {
         info!(%workload, %peer, %peer_identity, "HBONE connection accepted");
         let this = self.clone();
         let identity = peer_identity.clone();
-        // No connection outlives the certificate it was made with, or the
-        // roots it was checked against: when the certificate is renewed or
-        // expires, or a root is no longer trusted, the client is asked to go
-        // away (its streams finish) and reconnect.
-        let expires_in = certificate
-            .not_after()
+        // No connection takes new streams after the certificates it was made
+        // with, or the roots it was checked against: when either end's
+        // certificate expires, ours is renewed, or a root is no longer
+        // trusted, the client is asked to go away (its streams finish) and
+        // reconnect.
+        let not_after = tls::peer_not_after(tls.get_ref().1)
+            .map_or(certificate.not_after(), |peer| {
+                peer.min(certificate.not_after())
+            });
+        let expires_in = not_after
             .duration_since(SystemTime::now())
             .unwrap_or_default();
         let wind_down = async move {

@@ -89,8 +89,15 @@ impl PodProxy {
             .await;
     }
 
-    /// Retires this pod's pooled outbound connections (it is leaving, or its
-    /// certificate expired).
+    /// The pod is leaving: it has no certificate from now on (its inbound
+    /// connections wind down), and its pooled connections are retired.
+    pub async fn withdraw(&self) {
+        self.certificate.send_replace(None);
+        self.retire_connections().await;
+    }
+
+    /// Retires this pod's pooled outbound connections (its certificate
+    /// expired).
     pub async fn retire_connections(&self) {
         let cookie = self.netns.cookie();
         self.pool.retire(|key| key.src_netns == cookie).await;

@@ -231,6 +231,13 @@ impl PodProxy {
                 dst: key.dst_addr,
                 reason: tls::handshake_error(&e),
             })?;
-        Ok(Connection::handshake(tls, self.pool.settings().keepalive).await?)
+        // No stream rides it once either end's certificate has expired.
+        let valid_until = tls::peer_not_after(tls.get_ref().1)
+            .map_or(certificate.not_after(), |peer| {
+                peer.min(certificate.not_after())
+            });
+        Ok(Connection::handshake(tls, self.pool.settings().keepalive)
+            .await?
+            .valid_until(valid_until))
     }
 }

@@ -233,7 +233,7 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, TlsError> {
     }
 }
 
-pub(super) fn validity_of(cert: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime), TlsError> {
+pub(crate) fn validity_of(cert: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime), TlsError> {
     let x509 = parse(cert)?;
     let validity = x509.validity();
     let out_of_range = || TlsError::BadCertificate("validity out of range".into());

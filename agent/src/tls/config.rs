@@ -1,6 +1,9 @@
 //! rustls configurations for the two ends of an HBONE connection.
 
-use std::sync::{Arc, LazyLock};
+use std::{
+    sync::{Arc, LazyLock},
+    time::SystemTime,
+};
 
 use rustls::{
     ClientConfig, CommonState, ServerConfig,
@@ -84,4 +87,13 @@ pub fn client_config(
 pub fn peer_identity(conn: &CommonState) -> Option<SpiffeId> {
     let leaf = conn.peer_certificates()?.first()?;
     spiffe_id_of(leaf).ok()
+}
+
+/// When the peer's certificate expires: no connection should carry new
+/// streams after that.
+pub fn peer_not_after(conn: &CommonState) -> Option<SystemTime> {
+    let leaf = conn.peer_certificates()?.first()?;
+    super::certs::validity_of(leaf)
+        .ok()
+        .map(|(_, not_after)| not_after)
 }

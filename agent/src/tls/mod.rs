@@ -24,8 +24,9 @@ mod tests;
 
 use std::{future::Future, io, path::PathBuf, pin::Pin};
 
+pub(crate) use certs::validity_of;
 pub use certs::{TrustBundle, WorkloadCertificate, spiffe_id_of};
-pub use config::{client_config, peer_identity, server_config};
+pub use config::{client_config, peer_identity, peer_not_after, server_config};
 pub use dev_ca::{DEFAULT_VALIDITY, DevCa};
 
 use crate::identity::{IdentityError, SpiffeId, TrustDomain};
@@ -74,6 +75,14 @@ pub enum TlsError {
     Generate(#[from] rcgen::Error),
     #[error("certificate authority: {0}")]
     CertificateAuthority(String),
+    #[error(
+        "certificate valid from {not_before} to {not_after} is not usable now (is this \
+         machine's clock right?)"
+    )]
+    Unusable {
+        not_before: String,
+        not_after: String,
+    },
     #[error("invalid certificate validity: {0}")]
     Validity(&'static str),
     #[error("TLS configuration: {0}")]
