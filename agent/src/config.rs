@@ -15,7 +15,10 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::identity::{NodeId, SpiffeId, TrustDomain};
+use crate::{
+    identity::{NodeId, SpiffeId, TrustDomain},
+    policy::{DEFAULT_ROOT_NAMESPACE, Labels},
+};
 
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 pub const DEFAULT_DEV_CA_DIR: &str = "/var/lib/warren/dev-ca";
@@ -56,6 +59,11 @@ pub struct Config {
     pub trust_bundle: Option<PathBuf>,
     /// How long workload certificates live; they are renewed at about half.
     pub certificate_ttl: Duration,
+    /// A directory of Istio policy documents (PeerAuthentication,
+    /// AuthorizationPolicy), reloaded when it changes.
+    pub policy_dir: Option<PathBuf>,
+    /// Where mesh-wide policies live.
+    pub root_namespace: String,
     pub workloads: Vec<Workload>,
 }
 
@@ -108,6 +116,8 @@ pub struct Workload {
     pub identity: SpiffeId,
     pub ip: Ipv4Addr,
     pub node: String,
+    /// The pod's labels, which policy selectors match.
+    pub labels: Labels,
     /// Present exactly for the workloads on this agent's node.
     pub local: Option<LocalPod>,
 }
@@ -174,6 +184,10 @@ struct RawConfig {
     #[serde(default)]
     ca: Option<RawCa>,
     #[serde(default)]
+    policy_dir: Option<PathBuf>,
+    #[serde(default)]
+    root_namespace: Option<String>,
+    #[serde(default)]
     workloads: Vec<RawWorkload>,
 }
 
@@ -192,6 +206,8 @@ struct RawWorkload {
     service_account: String,
     ip: Ipv4Addr,
     node: String,
+    #[serde(default)]
+    labels: Labels,
     #[serde(default)]
     netns: Option<PathBuf>,
     #[serde(default)]
@@ -227,6 +243,12 @@ impl RawConfig {
                 ttl
             }
         };
+        let root_namespace = self
+            .root_namespace
+            .unwrap_or_else(|| DEFAULT_ROOT_NAMESPACE.to_owned());
+        if root_namespace.trim().is_empty() {
+            return Err(("rootNamespace".into(), "must not be empty".into()));
+        }
         let issuer = match (self.ca, self.dev_ca_dir) {
             (Some(_), Some(_)) => {
                 return Err((
@@ -266,6 +288,8 @@ impl RawConfig {
             node: self.node,
             trust_domain,
             issuer,
+            policy_dir: self.policy_dir,
+            root_namespace,
             trust_bundle: self.trust_bundle,
             certificate_ttl,
             workloads,
@@ -363,6 +387,7 @@ impl RawWorkload {
             identity,
             ip: self.ip,
             node: self.node,
+            labels: self.labels,
             local,
         })
     }

@@ -9,6 +9,7 @@ pub mod hbone;
 pub mod identity;
 pub mod logging;
 pub mod netns;
+pub mod policy;
 pub mod proxy;
 pub mod redirect;
 pub mod renewal;
