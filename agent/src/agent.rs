@@ -24,6 +24,7 @@ use crate::{
     hbone::pool::{self, Pool},
     logging::Chain,
     netns::{NetNs, NetnsError},
+    policy::Policies,
     proxy::{
         PodProxy,
         inbound::{self, InboundError, PodInbound},
@@ -60,6 +61,8 @@ pub enum AgentError {
     CaClient(#[from] ClientError),
     #[error(transparent)]
     Watch(#[from] WatchError),
+    #[error("cannot read the policy directory {} (see the log)", .0.display())]
+    Policies(PathBuf),
     #[error("cannot install signal handler: {0}")]
     Signal(std::io::Error),
 }
@@ -122,7 +125,9 @@ impl Agent {
         };
         let dev_root = dev_ca.as_ref().map(DevCa::trust_bundle);
         let trust = load_trust(&config, dev_root.as_ref())?;
-        let store = Store::new(config.clone(), trust);
+        let policies = load_policies(&config, "start")
+            .ok_or_else(|| AgentError::Policies(config.policy_dir.clone().unwrap_or_default()))?;
+        let store = Store::new(config.clone(), trust, policies);
         let certificates: Arc<dyn CertificateSource> = match (dev_ca, &config.issuer) {
             (Some(dev_ca), _) => Arc::new(dev_ca),
             (None, Issuer::Ca(ca)) => Arc::new(ca_source(&config, ca, &store)?),
@@ -159,6 +164,7 @@ impl Agent {
                 _ = hangup.recv() => {
                     self.reload("SIGHUP").await;
                     self.reload_trust("SIGHUP").await;
+                    self.reload_policies("SIGHUP");
                 }
                 Some(path) = changed.recv() => {
                     // Editors write in several steps; let them finish.
@@ -170,8 +176,10 @@ impl Agent {
                     if paths.contains(&watched[0]) {
                         self.reload("file changed").await;
                     }
-                    // The config may name another trust bundle now.
+                    // The config may name another trust bundle or policy
+                    // directory now; both reloads do nothing if unchanged.
                     self.reload_trust("file changed").await;
+                    self.reload_policies("file changed");
                 }
                 _ = terminate.recv() => break,
                 _ = interrupt.recv() => break,
@@ -276,10 +284,28 @@ impl Agent {
         }
     }
 
-    /// The config file, then the trust bundle file if there is one.
+    /// Reads the policy directory again and, if the policies changed,
+    /// publishes them: new connections follow them at once. Documents that
+    /// do not validate are left out (and logged); a directory that cannot be
+    /// read leaves the policies in force.
+    fn reload_policies(&mut self, why: &str) {
+        let current = self.store.current();
+        let Some(policies) = load_policies(current.config(), why) else {
+            error!(%why, "policy reload failed; keeping the policies in force");
+            return;
+        };
+        if policies != *current.policies() {
+            self.store.publish_policies(policies);
+        }
+    }
+
+    /// The config file, then the trust bundle file and the policy directory
+    /// if there are.
     fn watched_files(&self) -> Vec<PathBuf> {
+        let current = self.store.current();
         let mut files = vec![self.config_path.clone()];
-        files.extend(self.store.current().config().trust_bundle_path());
+        files.extend(current.config().trust_bundle_path());
+        files.extend(current.config().policy_dir.clone());
         files
     }
 
@@ -436,6 +462,35 @@ async fn first_certificate(
         "no certificate for the workload: it gets no tunnels until the CA issues one"
     );
     None
+}
+
+/// The policies of the config's policy directory (none without one),
+/// logging the documents refused and the warnings; None if the directory
+/// cannot be read.
+fn load_policies(config: &Config, why: &str) -> Option<Policies> {
+    let Some(dir) = &config.policy_dir else {
+        return Some(Policies::none(&config.root_namespace));
+    };
+    let loaded = Policies::load_dir(dir, &config.root_namespace);
+    for error in &loaded.errors {
+        error!(%why, error = %error, "policy refused; the other policies apply");
+    }
+    for warning in &loaded.warnings {
+        warn!(%why, "{warning}");
+    }
+    if loaded.errors.iter().any(|e| e.file == *dir) {
+        return None;
+    }
+    let (peer_authentications, authorization_policies) = loaded.policies.counts();
+    info!(
+        %why,
+        dir = %dir.display(),
+        peer_authentications,
+        authorization_policies,
+        refused = loaded.errors.len(),
+        "policies loaded"
+    );
+    Some(loaded.policies)
 }
 
 /// The roots to trust: the trust bundle file's, and the development CA's.

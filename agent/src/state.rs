@@ -9,6 +9,7 @@ use tokio::sync::watch;
 
 use crate::{
     config::{Config, Workload},
+    policy::Policies,
     tls::TrustBundle,
 };
 
@@ -18,10 +19,11 @@ pub struct Snapshot {
     by_ip: HashMap<Ipv4Addr, usize>,
     /// The roots peers' certificates must chain to.
     trust: Arc<TrustBundle>,
+    policies: Arc<Policies>,
 }
 
 impl Snapshot {
-    fn new(config: Config, trust: Arc<TrustBundle>) -> Self {
+    fn new(config: Config, trust: Arc<TrustBundle>, policies: Arc<Policies>) -> Self {
         let by_ip = config
             .workloads
             .iter()
@@ -32,6 +34,7 @@ impl Snapshot {
             config,
             by_ip,
             trust,
+            policies,
         }
     }
 
@@ -42,6 +45,11 @@ impl Snapshot {
     /// The current trust bundle; a new `Arc` whenever it changes.
     pub fn trust(&self) -> &Arc<TrustBundle> {
         &self.trust
+    }
+
+    /// The security policies in force.
+    pub fn policies(&self) -> &Policies {
+        &self.policies
     }
 
     /// The mesh workload with address `ip`, if any.
@@ -56,22 +64,34 @@ pub struct Store {
 }
 
 impl Store {
-    pub fn new(config: Config, trust: TrustBundle) -> Self {
-        let (tx, _) = watch::channel(Arc::new(Snapshot::new(config, Arc::new(trust))));
+    pub fn new(config: Config, trust: TrustBundle, policies: Policies) -> Self {
+        let snapshot = Snapshot::new(config, Arc::new(trust), Arc::new(policies));
+        let (tx, _) = watch::channel(Arc::new(snapshot));
         Self { tx }
     }
 
-    /// A new config; the trust bundle stays.
+    /// A new config; trust bundle and policies stay.
     pub fn publish(&self, config: Config) {
-        let trust = self.current().trust.clone();
-        self.tx.send_replace(Arc::new(Snapshot::new(config, trust)));
+        let current = self.current();
+        let (trust, policies) = (current.trust.clone(), current.policies.clone());
+        self.tx
+            .send_replace(Arc::new(Snapshot::new(config, trust, policies)));
     }
 
-    /// A new trust bundle; the config stays.
+    /// A new trust bundle; the rest stays.
     pub fn publish_trust(&self, trust: TrustBundle) {
-        let config = self.current().config.clone();
+        let current = self.current();
+        let (config, policies) = (current.config.clone(), current.policies.clone());
         self.tx
-            .send_replace(Arc::new(Snapshot::new(config, Arc::new(trust))));
+            .send_replace(Arc::new(Snapshot::new(config, Arc::new(trust), policies)));
+    }
+
+    /// New policies; the rest stays.
+    pub fn publish_policies(&self, policies: Policies) {
+        let current = self.current();
+        let (config, trust) = (current.config.clone(), current.trust.clone());
+        self.tx
+            .send_replace(Arc::new(Snapshot::new(config, trust, Arc::new(policies))));
     }
 
     pub fn current(&self) -> Arc<Snapshot> {
@@ -101,7 +121,11 @@ mod tests {
             )
             .unwrap()
         };
-        let store = Store::new(config("10.0.0.1"), TempCa::new().trust_bundle());
+        let store = Store::new(
+            config("10.0.0.1"),
+            TempCa::new().trust_bundle(),
+            Policies::default(),
+        );
         let reader = store.subscribe();
         let a = Ipv4Addr::new(10, 0, 0, 1);
         assert_eq!(store.current().workload_by_ip(a).unwrap().name, "a");

@@ -13,7 +13,8 @@ pub struct WatchError {
     source: notify::Error,
 }
 
-/// Reports which of `paths` changed. Watches their directories, since
+/// Reports which of `paths` changed; a path that is a directory changes
+/// when any file in it does. Watches files' directories, since
 /// editors and config management replace files rather than write them in
 /// place, and Kubernetes updates a mounted ConfigMap or Secret by swapping a
 /// `..data` symlink in its directory, an event that names no file of ours.
@@ -27,19 +28,26 @@ pub fn watch_files(
         .collect();
     let originals = paths.to_vec();
     let watched = targets.clone();
+    let dirs_given: Vec<bool> = targets.iter().map(|t| t.is_dir()).collect();
+    let is_dir = dirs_given.clone();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
         if event.kind.is_access() {
             return;
         }
-        for (target, original) in watched.iter().zip(&originals) {
+        for ((target, original), is_dir) in watched.iter().zip(&originals).zip(&dirs_given) {
             let swapped = |path: &PathBuf| {
                 path.parent() == target.parent()
                     && path
                         .file_name()
                         .is_some_and(|name| name.to_string_lossy().starts_with(".."))
             };
-            if event.paths.iter().any(|p| p == target || swapped(p)) {
+            let inside = |path: &PathBuf| *is_dir && path.parent() == Some(target.as_path());
+            if event
+                .paths
+                .iter()
+                .any(|p| p == target || swapped(p) || inside(p))
+            {
                 let _ = tx.send(original.clone());
             }
         }
@@ -49,8 +57,12 @@ pub fn watch_files(
         source,
     })?;
     let mut dirs: Vec<&Path> = Vec::new();
-    for (target, path) in targets.iter().zip(paths) {
-        let dir = target.parent().unwrap_or(Path::new("/"));
+    for ((target, path), is_dir) in targets.iter().zip(paths).zip(is_dir) {
+        let dir = if is_dir {
+            target.as_path()
+        } else {
+            target.parent().unwrap_or(Path::new("/"))
+        };
         if dirs.contains(&dir) {
             continue;
         }

@@ -59,6 +59,8 @@ pub struct MeshWorkload {
     pub pod: Pod,
     pub namespace: String,
     pub service_account: String,
+    /// `key: value` pairs, as policy selectors see them.
+    pub labels: Vec<(String, String)>,
 }
 
 impl MeshWorkload {
@@ -67,7 +69,14 @@ impl MeshWorkload {
             pod: pod.clone(),
             namespace: namespace.into(),
             service_account: service_account.into(),
+            labels: Vec::new(),
         }
+    }
+
+    /// With the label `key: value`.
+    pub fn label(mut self, key: &str, value: &str) -> Self {
+        self.labels.push((key.into(), value.into()));
+        self
     }
 
     pub fn qualified_name(&self) -> String {
@@ -133,6 +142,10 @@ fn config_yaml(
             "  - name: {}\n    namespace: {}\n    serviceAccount: {}\n    ip: {}\n    node: {}\n",
             w.pod.name, w.namespace, w.service_account, w.pod.ip, w.pod.node
         );
+        if !w.labels.is_empty() {
+            let labels: Vec<String> = w.labels.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+            let _ = writeln!(yaml, "    labels: {{{}}}", labels.join(", "));
+        }
         if node.is_some_and(|node| w.pod.node == node.name) {
             let _ = write!(
                 yaml,

@@ -53,7 +53,7 @@ pub enum Refusal {
     WrongPod { dst: IpAddr, pod: IpAddr },
     #[error("destination port {0} is one of the proxy's own ports")]
     ProxyPort(u16),
-    /// Authorization policy said no (enforced in a later step).
+    /// Authorization policy said no.
     #[error("denied by policy: {0}")]
     Denied(String),
     #[error("connecting to the application at {dst} failed: {reason}")]

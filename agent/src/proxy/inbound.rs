@@ -277,6 +277,18 @@ impl PodInbound {
                 return;
             }
         };
+        let decision = self.pod.authorize(Some(&peer_identity), peer.ip(), dst);
+        if !decision.allowed {
+            let refusal = Refusal::Denied(decision.reason);
+            warn!(
+                %workload, %peer_identity, src = %peer, %dst,
+                status = refusal.status().as_u16(),
+                reason = %refusal,
+                "HBONE stream refused"
+            );
+            server::refuse(&mut respond, &refusal);
+            return;
+        }
         // The application sees the address the tunnel came from: the client
         // pod's own (its agent dials from inside the client pod).
         let IpAddr::V4(src_ip) = peer.ip() else {
@@ -316,6 +328,7 @@ impl PodInbound {
             src = %peer,
             claimed_src = %forwarded.map_or_else(|| "-".to_owned(), |f| f.to_string()),
             %dst,
+            policy = %decision.reason,
             "accepted HBONE stream"
         );
         let started = Instant::now();

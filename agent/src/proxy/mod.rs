@@ -9,14 +9,21 @@ pub mod inbound;
 pub mod outbound;
 pub mod transparent;
 
-use std::{net::SocketAddr, sync::Arc, time::SystemTime};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::SystemTime,
+};
 
 use tokio::sync::watch;
+use tracing::info;
 
 use crate::{
     config::Workload,
     hbone::pool::Pool,
+    identity::SpiffeId,
     netns::NetNs,
+    policy::{Connection, Decision},
     redirect::OriginalDsts,
     state::Snapshot,
     tls::{TrustBundle, WorkloadCertificate},
@@ -101,6 +108,36 @@ impl PodProxy {
     pub async fn retire_connections(&self) {
         let cookie = self.netns.cookie();
         self.pool.retire(|key| key.src_netns == cookie).await;
+    }
+
+    /// Asks the policies in force whether a connection from `source` (an
+    /// identity, or None for plaintext) at `source_ip` to `dst` of this pod
+    /// is allowed. Audit and dry-run results are logged here; the caller
+    /// logs the decision with the rest of what it knows.
+    pub fn authorize(
+        &self,
+        source: Option<&SpiffeId>,
+        source_ip: IpAddr,
+        dst: SocketAddr,
+    ) -> Decision {
+        let decision = self.state.borrow().policies().authorize(
+            &self.workload,
+            &Connection {
+                source,
+                source_ip,
+                destination_ip: self.workload.ip,
+                destination_port: dst.port(),
+            },
+        );
+        let workload = self.workload.qualified_name();
+        let source = source.map_or_else(|| "-".to_owned(), ToString::to_string);
+        for policy in &decision.audited {
+            info!(%workload, %source, %source_ip, %dst, %policy, "AUDIT policy matched");
+        }
+        for result in &decision.dry_run {
+            info!(%workload, %source, %source_ip, %dst, %result, "dry-run policy");
+        }
+        decision
     }
 
     fn hbone_addr(&self) -> SocketAddr {

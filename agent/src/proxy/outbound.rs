@@ -39,6 +39,7 @@ use crate::{
         pool::PoolKey,
     },
     logging::Chain,
+    policy::MtlsMode,
     tls::{self, TlsError},
 };
 
@@ -108,9 +109,27 @@ impl PodProxy {
             return;
         };
         let _ = client.set_nodelay(true);
-        let dst_workload = self.state.borrow().workload_by_ip(*dst.ip()).cloned();
+        let (dst_workload, mode) = {
+            let state = self.state.borrow();
+            let dst_workload = state.workload_by_ip(*dst.ip()).cloned();
+            let mode = dst_workload
+                .as_ref()
+                .map(|w| state.policies().mtls_mode(w, dst.port()));
+            (dst_workload, mode)
+        };
         let started = Instant::now();
         let result = match &dst_workload {
+            // The destination takes plaintext only: as Istio, send it so.
+            Some(dst_workload) if mode == Some(MtlsMode::Disable) => {
+                info!(
+                    %workload, %src, %dst,
+                    dst_workload = %dst_workload.qualified_name(),
+                    path = "passthrough",
+                    mtls = "DISABLE",
+                    "captured outbound connection"
+                );
+                self.passthrough(client, dst).await
+            }
             Some(dst_workload) => self.tunnel(client, src, dst, dst_workload).await,
             None => {
                 info!(%workload, %src, %dst, dst_workload = "-", path = "passthrough", "captured outbound connection");

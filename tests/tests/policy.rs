@@ -1,0 +1,388 @@
+//! Istio policies in the lab: PeerAuthentication and AuthorizationPolicy
+//! documents in a directory the agents watch, real clients of several
+//! identities, and an unenrolled attacker pod.
+//!
+//! Node 1: n1p1 is default/sleep, n1p2 is ops/admin. Node 2: n2p1 is
+//! shop/web (app=web), n2p2 is shop/db (app=db). Servers listen on 8080 (and
+//! db on 9090 too).
+
+use std::{fs, path::PathBuf, time::Duration};
+
+use warren_tests::{
+    Lab, LabSpec, Pod,
+    harness::{Agent, Call, LogLine, MeshWorkload, PATIENCE, Server, agent_config},
+    lab::files_dir,
+};
+
+const PORT: u16 = 8080;
+const OTHER_PORT: u16 = 9090;
+
+struct PolicyMesh {
+    /// Torn down last.
+    _lab: Lab,
+    sleep: MeshWorkload,
+    admin: MeshWorkload,
+    web: MeshWorkload,
+    db: MeshWorkload,
+    agents: Vec<Agent>,
+    policies: PathBuf,
+}
+
+impl PolicyMesh {
+    fn new() -> Self {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "the end-to-end tests need root (eBPF, namespaces, cgroups): run `cargo xtask test`"
+        );
+        let lab = Lab::up(LabSpec {
+            nodes: 2,
+            pods_per_node: 2,
+        })
+        .expect("lab up");
+        let sleep = MeshWorkload::new(lab.pod(0, 0), "default", "sleep").label("app", "sleep");
+        let admin = MeshWorkload::new(lab.pod(0, 1), "ops", "admin").label("app", "admin");
+        let web = MeshWorkload::new(lab.pod(1, 0), "shop", "web").label("app", "web");
+        let db = MeshWorkload::new(lab.pod(1, 1), "shop", "db").label("app", "db");
+        let dir = files_dir(lab.prefix());
+        let policies = dir.join("policies");
+        fs::create_dir_all(&policies).unwrap();
+        let workloads = [sleep.clone(), admin.clone(), web.clone(), db.clone()];
+        let agents = lab
+            .nodes()
+            .iter()
+            .map(|node| {
+                let config = agent_config(node, &workloads)
+                    + &format!("policyDir: {}\n", policies.display());
+                Agent::start(node, &config, &dir.join("agents")).unwrap()
+            })
+            .collect();
+        Self {
+            _lab: lab,
+            sleep,
+            admin,
+            web,
+            db,
+            agents,
+            policies,
+        }
+    }
+
+    /// Replaces the policies with `yaml` (atomically, as config management
+    /// does) and waits until both agents have loaded them.
+    fn set_policies(&mut self, yaml: &str) {
+        let loaded = |l: &LogLine| l.message() == "policies loaded";
+        let before: Vec<usize> = self
+            .agents
+            .iter()
+            .map(|a| a.lines().iter().filter(|l| loaded(l)).count())
+            .collect();
+        let tmp = self.policies.join(".policies.yaml.new");
+        fs::write(&tmp, yaml).unwrap();
+        fs::rename(&tmp, self.policies.join("policies.yaml")).unwrap();
+        // Any load from now on read the new file: the agent waits for the
+        // writes to settle before reading.
+        for (agent, before) in self.agents.iter_mut().zip(before) {
+            agent.wait_for_count(PATIENCE, before + 1, loaded).unwrap();
+        }
+    }
+}
+
+fn ap(ns: &str, name: &str, spec: &str) -> String {
+    format!(
+        "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {spec}\n"
+    )
+}
+
+fn pa(ns: &str, name: &str, spec: &str) -> String {
+    format!(
+        "---\napiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {spec}\n"
+    )
+}
+
+/// One call and whether it must get through.
+struct Expect<'a> {
+    from: &'a Pod,
+    to: (&'a MeshWorkload, u16),
+    allowed: bool,
+}
+
+#[test]
+fn authorization_policies_decide_who_connects() {
+    let mut mesh = PolicyMesh::new();
+    let mut servers = [
+        Server::start(&mesh.web.pod, PORT).unwrap(),
+        Server::start(&mesh.db.pod, PORT).unwrap(),
+        Server::start(&mesh.db.pod, OTHER_PORT).unwrap(),
+    ];
+    let dry_run = ap("shop", "deny-all", "{action: DENY, rules: [{}]}").replace(
+        "namespace: shop}",
+        "namespace: shop, annotations: {istio.io/dry-run: \"true\"}}",
+    );
+    let (sleep, admin, web, db) = (
+        mesh.sleep.pod.clone(),
+        mesh.admin.pod.clone(),
+        mesh.web.clone(),
+        mesh.db.clone(),
+    );
+    let cases: Vec<(&str, String, Vec<Expect<'_>>)> = vec![
+        (
+            "no policy: everyone in",
+            String::new(),
+            vec![
+                Expect {
+                    from: &sleep,
+                    to: (&web, PORT),
+                    allowed: true,
+                },
+                Expect {
+                    from: &admin,
+                    to: (&web, PORT),
+                    allowed: true,
+                },
+            ],
+        ),
+        (
+            "ALLOW sleep's principal on web",
+            ap(
+                "shop",
+                "web-from-sleep",
+                "{selector: {matchLabels: {app: web}}, rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/sleep]}}]}]}",
+            ),
+            vec![
+                Expect {
+                    from: &sleep,
+                    to: (&web, PORT),
+                    allowed: true,
+                },
+                Expect {
+                    from: &admin,
+                    to: (&web, PORT),
+                    allowed: false,
+                },
+                // db has no ALLOW policy: open.
+                Expect {
+                    from: &admin,
+                    to: (&db, PORT),
+                    allowed: true,
+                },
+            ],
+        ),
+        (
+            "DENY namespace ops, mesh-wide",
+            ap(
+                "istio-system",
+                "no-ops",
+                "{action: DENY, rules: [{from: [{source: {namespaces: [ops]}}]}]}",
+            ),
+            vec![
+                Expect {
+                    from: &admin,
+                    to: (&web, PORT),
+                    allowed: false,
+                },
+                Expect {
+                    from: &admin,
+                    to: (&db, PORT),
+                    allowed: false,
+                },
+                Expect {
+                    from: &sleep,
+                    to: (&web, PORT),
+                    allowed: true,
+                },
+            ],
+        ),
+        (
+            "an empty ALLOW policy denies all",
+            ap("shop", "nothing", "{}"),
+            vec![
+                Expect {
+                    from: &sleep,
+                    to: (&web, PORT),
+                    allowed: false,
+                },
+                Expect {
+                    from: &admin,
+                    to: (&db, PORT),
+                    allowed: false,
+                },
+            ],
+        ),
+        (
+            "ALLOW to one port only",
+            ap(
+                "shop",
+                "db-9090",
+                "{selector: {matchLabels: {app: db}}, rules: [{to: [{operation: {ports: [\"9090\"]}}]}]}",
+            ),
+            vec![
+                Expect {
+                    from: &sleep,
+                    to: (&db, OTHER_PORT),
+                    allowed: true,
+                },
+                Expect {
+                    from: &sleep,
+                    to: (&db, PORT),
+                    allowed: false,
+                },
+            ],
+        ),
+        (
+            "DENY beats ALLOW",
+            ap("shop", "all", "{rules: [{}]}")
+                + &ap(
+                    "shop",
+                    "not-sleep",
+                    "{action: DENY, rules: [{from: [{source: {principals: [\"*/sa/sleep\"]}}]}]}",
+                ),
+            vec![
+                Expect {
+                    from: &sleep,
+                    to: (&web, PORT),
+                    allowed: false,
+                },
+                Expect {
+                    from: &admin,
+                    to: (&web, PORT),
+                    allowed: true,
+                },
+            ],
+        ),
+        (
+            "AUDIT only logs",
+            ap("shop", "audit-all", "{action: AUDIT, rules: [{}]}"),
+            vec![Expect {
+                from: &sleep,
+                to: (&web, PORT),
+                allowed: true,
+            }],
+        ),
+        (
+            "dry-run DENY only logs",
+            dry_run,
+            vec![Expect {
+                from: &admin,
+                to: (&web, PORT),
+                allowed: true,
+            }],
+        ),
+        (
+            "an invalid policy is refused, the valid one next to it applies",
+            ap(
+                "shop",
+                "typo",
+                "{action: DENY, rules: [{from: [{source: {principalz: [x]}}]}]}",
+            ) + &ap(
+                "shop",
+                "no-admin",
+                "{action: DENY, rules: [{from: [{source: {namespaces: [ops]}}]}]}",
+            ),
+            vec![
+                Expect {
+                    from: &admin,
+                    to: (&web, PORT),
+                    allowed: false,
+                },
+                Expect {
+                    from: &sleep,
+                    to: (&web, PORT),
+                    allowed: true,
+                },
+            ],
+        ),
+    ];
+
+    for (case, yaml, expectations) in &cases {
+        mesh.set_policies(yaml);
+        for expect in expectations {
+            let (workload, port) = expect.to;
+            let server = servers
+                .iter_mut()
+                .find(|s| s.name == workload.pod.name && s.addr.port() == port)
+                .unwrap();
+            let called = Call::default().run(expect.from, server.addr);
+            let what = format!(
+                "{case}: {} -> {} port {port}",
+                expect.from.name, workload.pod.name
+            );
+            if expect.allowed {
+                called.unwrap_or_else(|e| panic!("{what}: refused: {e:#}"));
+                let served = server.next_served().unwrap();
+                assert_eq!(served.peer.ip(), expect.from.ip, "{what}");
+            } else {
+                assert!(called.is_err(), "{what}: got through");
+                // The server's agent said why, and the application never saw it.
+                let peer = expect.from.ip.to_string();
+                mesh.agents[1]
+                    .wait_for(PATIENCE, |l| {
+                        l.message() == "HBONE stream refused"
+                            && l.0["status"] == 401
+                            && l.field("src").starts_with(&peer)
+                            && l.field("reason").starts_with("denied by policy")
+                    })
+                    .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+                assert!(
+                    server
+                        .next_served_within(Duration::from_millis(300))
+                        .is_err(),
+                    "{what}: the application saw a connection"
+                );
+            }
+        }
+    }
+
+    let agent = &mesh.agents[1];
+    let logged = |message: &str| {
+        agent
+            .lines()
+            .iter()
+            .any(|l: &LogLine| l.message() == message)
+    };
+    assert!(logged("AUDIT policy matched"));
+    assert!(agent.lines().iter().any(|l| l.message() == "dry-run policy"
+        && l.field("result") == "DENY shop/deny-all: would deny"));
+    assert!(agent.lines().iter().any(|l| {
+        l.message() == "policy refused; the other policies apply"
+            && l.field("error")
+                .contains("shop/typo: spec.rules[0].from[0].source.principalz")
+    }));
+}
+
+#[test]
+fn a_disable_destination_is_sent_plaintext() {
+    let mut mesh = PolicyMesh::new();
+    let mut web = Server::start(&mesh.web.pod, PORT).unwrap();
+    let sleep = mesh.sleep.pod.clone();
+
+    Call::default().run(&sleep, web.addr).unwrap();
+    web.next_served().unwrap();
+    assert_eq!(mesh.agents[0].captures().last().unwrap().path, "hbone");
+
+    mesh.set_policies(&pa(
+        "shop",
+        "web-plain",
+        "{selector: {matchLabels: {app: web}}, mtls: {mode: DISABLE}}",
+    ));
+    let streams = |mesh: &PolicyMesh| {
+        mesh.agents[1]
+            .lines()
+            .iter()
+            .filter(|l| l.message() == "accepted HBONE stream")
+            .count()
+    };
+    let before = streams(&mesh);
+    Call::default().run(&sleep, web.addr).unwrap();
+    assert_eq!(web.next_served().unwrap().peer.ip(), sleep.ip);
+    assert_eq!(
+        mesh.agents[0].captures().last().unwrap().path,
+        "passthrough"
+    );
+    assert_eq!(streams(&mesh), before, "web's agent saw a tunnel");
+
+    // Back to the default, PERMISSIVE: HBONE again, for new connections.
+    mesh.set_policies("");
+    Call::default().run(&sleep, web.addr).unwrap();
+    web.next_served().unwrap();
+    assert_eq!(mesh.agents[0].captures().last().unwrap().path, "hbone");
+}
