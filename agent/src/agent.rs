@@ -24,13 +24,13 @@ use crate::{
     hbone::pool::{self, Pool},
     logging::Chain,
     netns::{NetNs, NetnsError},
-    policy::Policies,
+    policy::{MtlsMode, Policies},
     proxy::{
         PodProxy,
         inbound::{self, InboundError, PodInbound},
         outbound::{self, OutboundError},
     },
-    redirect::{Attachment, RedirectError, Redirector},
+    redirect::{Attachment, InboundModes, RedirectError, Redirector},
     renewal,
     state::Store,
     tls::{CertificateSource, DevCa, TlsError, TrustBundle, WorkloadCertificate},
@@ -84,8 +84,11 @@ struct Enrolled {
     workload: Workload,
     attachment: Attachment,
     proxy: Arc<PodProxy>,
-    /// Outbound listener, HBONE listener, certificate renewal.
-    tasks: [JoinHandle<()>; 3],
+    /// The mTLS modes the ingress program applies to it.
+    modes: InboundModes,
+    /// Outbound listener, HBONE listener, plaintext listener, certificate
+    /// renewal.
+    tasks: [JoinHandle<()>; 4],
 }
 
 pub struct Agent {
@@ -296,6 +299,28 @@ impl Agent {
         };
         if policies != *current.policies() {
             self.store.publish_policies(policies);
+            self.sync_modes();
+        }
+    }
+
+    /// Brings the modes the ingress programs apply in line with the
+    /// policies: a mode change holds for new connections at once.
+    fn sync_modes(&mut self) {
+        let snapshot = self.store.current();
+        for (name, enrolled) in &mut self.enrolled {
+            let modes = inbound_modes(snapshot.policies(), &enrolled.workload);
+            if modes == enrolled.modes {
+                continue;
+            }
+            match self.redirector.set_modes(enrolled.workload.ip, &modes) {
+                Ok(()) => {
+                    info!(workload = %name, modes = ?modes, "mTLS modes changed");
+                    enrolled.modes = modes;
+                }
+                Err(error) => {
+                    error!(workload = %name, error = %Chain(&error), "cannot change the pod's mTLS modes")
+                }
+            }
         }
     }
 
@@ -396,17 +421,29 @@ impl Agent {
         }
         // Listeners first: capture must never point at a closed port.
         let hbone_listener = inbound.bind().await?;
+        let plaintext_listener = inbound.bind_plaintext().await?;
         let outbound_listener = outbound::bind(&proxy).await?;
-        let attachment = self
-            .redirector
-            .enroll(&pod.cgroup, netns.cookie(), workload.ip)?;
+        let modes = inbound_modes(self.store.current().policies(), workload);
+        let attachment = self.redirector.enroll(
+            &pod.cgroup,
+            &pod.netns,
+            netns.cookie(),
+            workload.ip,
+            &modes,
+            &plaintext_listener,
+        )?;
         Ok(Enrolled {
             workload: workload.clone(),
             attachment,
             proxy: proxy.clone(),
+            modes,
             tasks: [
                 tokio::spawn(outbound::serve(outbound_listener, proxy)),
                 tokio::spawn(inbound::serve(hbone_listener, inbound.clone())),
+                tokio::spawn(inbound::serve_plaintext(
+                    plaintext_listener,
+                    inbound.clone(),
+                )),
                 tokio::spawn(renewal::keep_fresh(inbound, self.certificates.clone())),
             ],
         })
@@ -462,6 +499,20 @@ async fn first_certificate(
         "no certificate for the workload: it gets no tunnels until the CA issues one"
     );
     None
+}
+
+/// A workload's mTLS modes, as the ingress program takes them.
+fn inbound_modes(policies: &Policies, workload: &Workload) -> InboundModes {
+    let code = |mode| match mode {
+        MtlsMode::Strict => warren_common::mode::STRICT,
+        MtlsMode::Permissive => warren_common::mode::PERMISSIVE,
+        MtlsMode::Disable => warren_common::mode::DISABLE,
+    };
+    let (default, ports) = policies.mtls_modes(workload);
+    InboundModes {
+        default: code(default),
+        ports: ports.into_iter().map(|(p, m)| (p, code(m))).collect(),
+    }
 }
 
 /// The policies of the config's policy directory (none without one),

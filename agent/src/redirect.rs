@@ -1,5 +1,7 @@
 //! The eBPF side of capture: loads warren's kernel programs, attaches them to
-//! enrolled pods' cgroups, and answers "where was this connection going?".
+//! enrolled pods' cgroups and interfaces, keeps the pods' mTLS modes where the
+//! ingress program reads them, and answers "where was this connection
+//! going?".
 //!
 //! Links are bpf_link file descriptors owned by this process: when the agent
 //! exits, however it exits, the kernel detaches them and capture stops. We do
@@ -14,16 +16,19 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use std::{collections::BTreeMap, os::fd::AsFd};
+
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData},
+    maps::{HashMap, MapData, SockHash},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SockOps, cgroup_sock_addr::CgroupSockAddrLinkId,
-        sock_ops::SockOpsLinkId,
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, SockOps, TcAttachType,
+        cgroup_sock_addr::CgroupSockAddrLinkId, sock_ops::SockOpsLinkId, tc::SchedClassifierLinkId,
     },
 };
+use nix::sched::{CloneFlags, setns};
 use tokio::io::unix::AsyncFd;
-use warren_common::{FlowKey, Ipv4Dst, OUTBOUND_PORT, PodInfo, names};
+use warren_common::{FlowKey, InboundKey, Ipv4Dst, OUTBOUND_PORT, PodInfo, names};
 
 /// The compiled programs, built from ebpf/ by build.rs.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/warren-ebpf"));
@@ -49,6 +54,8 @@ pub enum RedirectError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("pod network namespace {}: {problem}", path.display())]
+    Interface { path: PathBuf, problem: String },
     #[error("forwarding eBPF logs: {0}")]
     Log(String),
 }
@@ -57,6 +64,7 @@ pub enum RedirectError {
 #[derive(Debug)]
 pub struct Attachment {
     netns_cookie: u64,
+    pod_ip: Ipv4Addr,
     links: Vec<Link>,
 }
 
@@ -64,6 +72,14 @@ pub struct Attachment {
 enum Link {
     SockAddr(&'static str, CgroupSockAddrLinkId),
     SockOps(SockOpsLinkId),
+    Ingress(SchedClassifierLinkId),
+}
+
+/// A pod's mTLS modes as the ingress program reads them ([`warren_common::mode`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboundModes {
+    pub default: u32,
+    pub ports: BTreeMap<u16, u32>,
 }
 
 /// The connect hooks, each attached to every enrolled pod's cgroup.
@@ -72,6 +88,10 @@ const SOCK_ADDR_PROGRAMS: [&str; 2] = [names::CONNECT4, names::CONNECT6];
 pub struct Redirector {
     ebpf: Ebpf,
     pods: HashMap<MapData, u64, PodInfo>,
+    modes: HashMap<MapData, InboundKey, u32>,
+    listeners: SockHash<MapData, u32>,
+    /// The ports with a mode of their own, per pod, to remove them later.
+    mode_ports: std::collections::HashMap<Ipv4Addr, Vec<u16>>,
     original_dst: OriginalDsts,
 }
 
@@ -94,6 +114,16 @@ impl Redirector {
             name: names::SOCK_OPS,
             source,
         })?;
+        let ingress: &mut SchedClassifier = program(&mut ebpf, names::POD_INGRESS)?;
+        ingress.load().map_err(|source| RedirectError::Program {
+            name: names::POD_INGRESS,
+            source,
+        })?;
+        let map_error = |name| move |source| RedirectError::Map { name, source };
+        let modes = HashMap::try_from(take_map(&mut ebpf, names::INBOUND_MODES)?)
+            .map_err(map_error(names::INBOUND_MODES))?;
+        let listeners = SockHash::try_from(take_map(&mut ebpf, names::INBOUND_LISTENERS)?)
+            .map_err(map_error(names::INBOUND_LISTENERS))?;
 
         let pods = HashMap::try_from(take_map(&mut ebpf, names::PODS)?).map_err(|source| {
             RedirectError::Map {
@@ -111,6 +141,9 @@ impl Redirector {
         Ok(Self {
             ebpf,
             pods,
+            modes,
+            listeners,
+            mode_ports: std::collections::HashMap::new(),
             original_dst: OriginalDsts(Arc::new(Mutex::new(original_dst))),
         })
     }
@@ -121,13 +154,18 @@ impl Redirector {
     }
 
     /// Starts capturing the outbound TCP connections of the pod whose cgroup
-    /// is `cgroup` and whose network namespace has `netns_cookie`. Its
-    /// outbound listener must already be up.
+    /// is `cgroup` and whose network namespace (file `netns`) has
+    /// `netns_cookie`, and applying `modes` to connections arriving at it.
+    /// Its outbound listener and its plaintext listener (`plaintext`) must
+    /// already be up.
     pub fn enroll(
         &mut self,
         cgroup: &Path,
+        netns: &Path,
         netns_cookie: u64,
         pod_ip: Ipv4Addr,
+        modes: &InboundModes,
+        plaintext: &impl AsFd,
     ) -> Result<Attachment, RedirectError> {
         let cgroup_dir = File::open(cgroup).map_err(|source| RedirectError::Cgroup {
             path: cgroup.to_owned(),
@@ -135,8 +173,24 @@ impl Redirector {
         })?;
         let mut attachment = Attachment {
             netns_cookie,
-            links: Vec::with_capacity(3),
+            pod_ip,
+            links: Vec::with_capacity(4),
         };
+        // The plaintext listener and the modes first: the ingress program
+        // enforces from the moment it is attached.
+        let prepared = self
+            .listeners
+            .insert(u32::from(pod_ip), plaintext.as_fd(), 0)
+            .map_err(|source| RedirectError::Map {
+                name: names::INBOUND_LISTENERS,
+                source,
+            })
+            .and_then(|()| self.set_modes(pod_ip, modes))
+            .and_then(|()| self.attach_ingress(netns, pod_ip, &mut attachment));
+        if let Err(e) = prepared {
+            let _ = self.detach_all(attachment);
+            return Err(e);
+        }
         if let Err(e) = self.attach_all(&cgroup_dir, &mut attachment) {
             // The attach error is the one worth reporting; undo what we can.
             let _ = self.detach_all(attachment);
@@ -181,6 +235,72 @@ impl Redirector {
         Ok(())
     }
 
+    /// Applies `modes` to connections arriving at the pod `pod_ip`.
+    pub fn set_modes(
+        &mut self,
+        pod_ip: Ipv4Addr,
+        modes: &InboundModes,
+    ) -> Result<(), RedirectError> {
+        let ip = u32::from(pod_ip);
+        let map_error = |source| RedirectError::Map {
+            name: names::INBOUND_MODES,
+            source,
+        };
+        // Ports first, the default last: while it is being written the pod
+        // keeps its old default rather than none.
+        let old = self
+            .mode_ports
+            .insert(pod_ip, modes.ports.keys().copied().collect());
+        for port in old.unwrap_or_default() {
+            if !modes.ports.contains_key(&port) {
+                let _ = self.modes.remove(&InboundKey::new(ip, port));
+            }
+        }
+        for (&port, &mode) in &modes.ports {
+            self.modes
+                .insert(InboundKey::new(ip, port), mode, 0)
+                .map_err(map_error)?;
+        }
+        self.modes
+            .insert(InboundKey::new(ip, 0), modes.default, 0)
+            .map_err(map_error)
+    }
+
+    /// Attaches the ingress program to the pod's interface (the one holding
+    /// `pod_ip`), from a thread inside the pod's namespace: interface names
+    /// and indexes are per namespace.
+    fn attach_ingress(
+        &mut self,
+        netns: &Path,
+        pod_ip: Ipv4Addr,
+        attachment: &mut Attachment,
+    ) -> Result<(), RedirectError> {
+        let name = names::POD_INGRESS;
+        let program: &mut SchedClassifier = program(&mut self.ebpf, name)?;
+        let interface_error = |problem: String| RedirectError::Interface {
+            path: netns.to_owned(),
+            problem,
+        };
+        let link = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let file = File::open(netns).map_err(|e| interface_error(e.to_string()))?;
+                    setns(file.as_fd(), CloneFlags::CLONE_NEWNET)
+                        .map_err(|e| interface_error(format!("cannot enter it: {e}")))?;
+                    let interface = interface_with(pod_ip).ok_or_else(|| {
+                        interface_error(format!("no interface has the pod's address {pod_ip}"))
+                    })?;
+                    program
+                        .attach(&interface, TcAttachType::Ingress)
+                        .map_err(|source| RedirectError::Program { name, source })
+                })
+                .join()
+                .unwrap_or_else(|_| Err(interface_error("attaching panicked".into())))
+        })?;
+        attachment.links.push(Link::Ingress(link));
+        Ok(())
+    }
+
     /// Stops capture for a pod. Connections already captured keep going.
     pub fn withdraw(&mut self, attachment: Attachment) -> Result<(), RedirectError> {
         // Remove the pod first: from that instant the hooks let it be.
@@ -192,8 +312,20 @@ impl Redirector {
             }),
         };
         // Detach even if that failed: the links are what capture.
+        let pod_ip = attachment.pod_ip;
         let detached = self.detach_all(attachment);
+        self.forget_inbound(pod_ip);
         removed.and(detached)
+    }
+
+    /// Removes the pod's modes and plaintext listener from the maps.
+    fn forget_inbound(&mut self, pod_ip: Ipv4Addr) {
+        let ip = u32::from(pod_ip);
+        let _ = self.modes.remove(&InboundKey::new(ip, 0));
+        for port in self.mode_ports.remove(&pod_ip).unwrap_or_default() {
+            let _ = self.modes.remove(&InboundKey::new(ip, port));
+        }
+        let _ = self.listeners.remove(&ip);
     }
 
     /// Detaches every link, reporting the first failure.
@@ -201,6 +333,13 @@ impl Redirector {
         let mut result = Ok(());
         for link in attachment.links {
             let detached = match link {
+                Link::Ingress(id) => program::<SchedClassifier>(&mut self.ebpf, names::POD_INGRESS)
+                    .and_then(|p| {
+                        p.detach(id).map_err(|source| RedirectError::Program {
+                            name: names::POD_INGRESS,
+                            source,
+                        })
+                    }),
                 Link::SockOps(id) => {
                     program::<SockOps>(&mut self.ebpf, names::SOCK_OPS).and_then(|p| {
                         p.detach(id).map_err(|source| RedirectError::Program {
@@ -253,6 +392,15 @@ where
         .ok_or(RedirectError::Missing(name))?
         .try_into()
         .map_err(|source| RedirectError::Program { name, source })
+}
+
+/// The name of the interface holding `ip`, in this thread's namespace.
+fn interface_with(ip: Ipv4Addr) -> Option<String> {
+    nix::ifaddrs::getifaddrs().ok()?.find_map(|ifa| {
+        let address = ifa.address?;
+        let v4 = address.as_sockaddr_in()?;
+        (v4.ip() == ip).then_some(ifa.interface_name)
+    })
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, RedirectError> {

@@ -10,6 +10,23 @@
 /// enrolled pod's network namespace (ztunnel uses the same number).
 pub const OUTBOUND_PORT: u16 = 15001;
 
+/// Port of the agent's in-pod listener for plaintext connections arriving at
+/// a PERMISSIVE pod (ztunnel uses the same number).
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+/// The HBONE port, which the in-pod ingress program always lets through.
+pub const HBONE_PORT: u16 = 15008;
+
+/// mTLS modes, as [`names::INBOUND_MODES`] holds them.
+pub mod mode {
+    /// Only HBONE: a plaintext connection attempt is dropped.
+    pub const STRICT: u32 = 1;
+    /// Plaintext is handed to the agent's plaintext listener (or, with no
+    /// agent listening, to the application).
+    pub const PERMISSIVE: u32 = 2;
+    /// Plaintext goes straight to the application.
+    pub const DISABLE: u32 = 3;
+}
+
 /// Names of the maps and programs in the eBPF object, so both sides agree.
 pub mod names {
     /// [`super::PodInfo`] by network-namespace cookie: the enrolled pods.
@@ -19,6 +36,12 @@ pub mod names {
     /// [`super::Ipv4Dst`] by [`super::FlowKey`]: original destinations of
     /// captured connections, waiting for the agent to accept them.
     pub const ORIGINAL_DST: &str = "ORIGINAL_DST";
+    /// mTLS mode ([`super::mode`]) by [`super::InboundKey`]: port 0 holds
+    /// a pod's default, other ports its overrides.
+    pub const INBOUND_MODES: &str = "INBOUND_MODES";
+    /// The agent's plaintext listener by pod IPv4 address (host order).
+    pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
+    pub const POD_INGRESS: &str = "warren_pod_ingress";
     pub const CONNECT4: &str = "warren_connect4";
     pub const CONNECT6: &str = "warren_connect6";
     pub const SOCK_OPS: &str = "warren_sock_ops";
@@ -49,6 +72,21 @@ pub struct Ipv4Dst {
     pub ip: u32,
     pub port: u16,
     pub _pad: u16,
+}
+
+/// A pod's address and one of its ports (0: the pod's default), host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InboundKey {
+    pub ip: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+impl InboundKey {
+    pub const fn new(ip: u32, port: u16) -> Self {
+        Self { ip, port, _pad: 0 }
+    }
 }
 
 /// Identifies a captured connection as the agent sees it after accept():
@@ -84,4 +122,6 @@ mod user {
     unsafe impl aya::Pod for super::Ipv4Dst {}
     #[allow(unsafe_code)]
     unsafe impl aya::Pod for super::FlowKey {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::InboundKey {}
 }

@@ -14,19 +14,38 @@
 //!
 //! The agent's own sockets are never seen: cgroup programs run for sockets
 //! created by processes in the pod's cgroup, and the agent is not in it.
+//!
+//! And on each enrolled pod's own interface, inside the pod's namespace:
+//!
+//! - `warren_pod_ingress` (tc ingress) applies the pod's mTLS mode to TCP
+//!   connections arriving from the network: HBONE (port 15008) always passes;
+//!   under STRICT any other connection attempt is dropped, agent or no agent;
+//!   under PERMISSIVE it is handed to the agent's plaintext listener, so that
+//!   authorization applies to it too (its local address stays the original
+//!   destination); under DISABLE it goes to the application.
 #![no_std]
 #![no_main]
 
+use core::{ffi::c_void, mem::size_of};
+
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr},
-    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{HashMap, LruHashMap},
-    programs::{SockAddrContext, SockOpsContext},
+    bindings::{
+        BPF_SOCK_OPS_TCP_CONNECT_CB, TC_ACT_OK, TC_ACT_SHOT, bpf_sock, bpf_sock_addr,
+        bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
+    },
+    helpers::generated::{
+        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_map_lookup_elem, bpf_sk_assign,
+        bpf_sk_release, bpf_skc_lookup_tcp,
+    },
+    macros::{cgroup_sock_addr, classifier, map, sock_ops},
+    maps::{HashMap, LruHashMap, SockHash},
+    programs::{SockAddrContext, SockOpsContext, TcContext},
 };
 use aya_log_ebpf::debug;
-use warren_common::{FLOW_MAP_ENTRIES, FlowKey, Ipv4Dst, POD_MAP_ENTRIES, PodInfo};
+use warren_common::{
+    FLOW_MAP_ENTRIES, FlowKey, HBONE_PORT, InboundKey, Ipv4Dst, POD_MAP_ENTRIES, PodInfo, mode,
+};
 
 const AF_INET: u32 = 2;
 const SOCK_STREAM: u32 = 1;
@@ -168,6 +187,127 @@ pub fn warren_sock_ops(ctx: SockOpsContext) -> u32 {
     }
     let _ = PENDING.remove(&cookie);
     0
+}
+
+#[map(name = "INBOUND_MODES")]
+static INBOUND_MODES: HashMap<InboundKey, u32> = HashMap::with_max_entries(POD_MAP_ENTRIES * 4, 0);
+
+#[map(name = "INBOUND_LISTENERS")]
+static INBOUND_LISTENERS: SockHash<u32> = SockHash::with_max_entries(POD_MAP_ENTRIES, 0);
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+/// `sk_state` of a listening socket.
+const TCP_LISTEN: u32 = 10;
+/// bpf_skc_lookup_tcp: the namespace of the packet's device.
+const CURRENT_NETNS: u64 = 0xffff_ffff;
+
+#[classifier]
+pub fn warren_pod_ingress(ctx: TcContext) -> i32 {
+    // A packet too short to parse is not a TCP connection attempt.
+    ingress(&ctx).unwrap_or(TC_ACT_OK as i32)
+}
+
+fn ingress(ctx: &TcContext) -> Option<i32> {
+    if u16::from_be(ctx.load::<u16>(12).ok()?) != ETH_P_IP {
+        return Some(TC_ACT_OK as i32);
+    }
+    let version_ihl: u8 = ctx.load(ETH_HLEN).ok()?;
+    let protocol: u8 = ctx.load(ETH_HLEN + 9).ok()?;
+    if protocol != IPPROTO_TCP as u8 {
+        return Some(TC_ACT_OK as i32);
+    }
+    let saddr: u32 = ctx.load(ETH_HLEN + 12).ok()?;
+    let daddr: u32 = ctx.load(ETH_HLEN + 16).ok()?;
+    let tcp = ETH_HLEN + usize::from(version_ihl & 0x0f) * 4;
+    let sport: u16 = ctx.load(tcp).ok()?;
+    let dport: u16 = ctx.load(tcp + 2).ok()?;
+    let flags: u8 = ctx.load(tcp + 13).ok()?;
+    let (pod, port) = (u32::from_be(daddr), u16::from_be(dport));
+
+    // SAFETY: lookups only read plain integers.
+    let Some(&default) = (unsafe { INBOUND_MODES.get(&InboundKey::new(pod, 0)) }) else {
+        return Some(TC_ACT_OK as i32); // not an enrolled pod's address
+    };
+    if port == HBONE_PORT {
+        return Some(TC_ACT_OK as i32);
+    }
+    let mode = unsafe { INBOUND_MODES.get(&InboundKey::new(pod, port)) }
+        .copied()
+        .unwrap_or(default);
+    if mode == mode::DISABLE {
+        return Some(TC_ACT_OK as i32);
+    }
+
+    // A packet of a connection that exists (or is being set up, e.g. with
+    // the agent's listener) goes to it: the normal lookup would find the
+    // application's listener instead, and reset the handshake.
+    let mut tuple = bpf_sock_tuple {
+        __bindgen_anon_1: aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1 {
+            ipv4: bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+                saddr,
+                daddr,
+                sport,
+                dport,
+            },
+        },
+    };
+    let skb = ctx.skb.skb.cast::<c_void>();
+    // SAFETY: the helper reads `tuple` (the size given is the IPv4 part's)
+    // and returns a referenced socket or null; every non-null result is
+    // released below, as the verifier insists.
+    let sk = unsafe {
+        bpf_skc_lookup_tcp(
+            skb,
+            &mut tuple,
+            size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32,
+            CURRENT_NETNS,
+            0,
+        )
+    };
+    if !sk.is_null() {
+        // SAFETY: `sk` is a valid socket reference until released.
+        let state = unsafe { (*sk).state };
+        if state != TCP_LISTEN {
+            unsafe {
+                bpf_sk_assign(skb, sk.cast(), 0);
+                bpf_sk_release(sk.cast());
+            }
+            return Some(TC_ACT_OK as i32);
+        }
+        unsafe { bpf_sk_release(sk.cast()) };
+    }
+    // Only a connection attempt (SYN without ACK) can open a connection;
+    // anything else finds no socket and is answered with a reset.
+    if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        return Some(TC_ACT_OK as i32);
+    }
+    if mode == mode::STRICT {
+        debug!(
+            ctx,
+            "ingress: STRICT pod {:i}: dropped plaintext SYN to port {}", pod, port
+        );
+        return Some(TC_ACT_SHOT as i32);
+    }
+    // PERMISSIVE: to the agent, if it listens.
+    // SAFETY: a sockhash lookup from tc returns a referenced socket or null,
+    // released below.
+    let listener = unsafe {
+        bpf_map_lookup_elem(
+            (&raw const INBOUND_LISTENERS).cast_mut().cast(),
+            (&raw const pod).cast(),
+        )
+    }
+    .cast::<bpf_sock>();
+    if !listener.is_null() {
+        unsafe {
+            bpf_sk_assign(skb, listener.cast(), 0);
+            bpf_sk_release(listener.cast());
+        }
+    }
+    Some(TC_ACT_OK as i32)
 }
 
 #[cfg(not(test))]

@@ -586,6 +586,8 @@ pub struct Call {
     pub bind_port: Option<u16>,
     pub hold_ms: Option<u64>,
     pub spread_ms: Option<u64>,
+    /// Default 5 s.
+    pub connect_timeout_ms: Option<u64>,
 }
 
 impl Call {
@@ -604,6 +606,9 @@ impl Call {
         }
         if let Some(ms) = self.spread_ms {
             cmd.args(["--spread-ms", &ms.to_string()]);
+        }
+        if let Some(ms) = self.connect_timeout_ms {
+            cmd.args(["--connect-timeout-ms", &ms.to_string()]);
         }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())

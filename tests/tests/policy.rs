@@ -2,9 +2,9 @@
 //! documents in a directory the agents watch, real clients of several
 //! identities, and an unenrolled attacker pod.
 //!
-//! Node 1: n1p1 is default/sleep, n1p2 is ops/admin. Node 2: n2p1 is
-//! shop/web (app=web), n2p2 is shop/db (app=db). Servers listen on 8080 (and
-//! db on 9090 too).
+//! Node 1: n1p1 is default/sleep, n1p2 is ops/admin, n1p3 is the attacker
+//! (not enrolled). Node 2: n2p1 is shop/web (app=web), n2p2 is shop/db
+//! (app=db). Servers listen on 8080 (and db on 9090 too).
 
 use std::{fs, path::PathBuf, time::Duration};
 
@@ -18,8 +18,7 @@ const PORT: u16 = 8080;
 const OTHER_PORT: u16 = 9090;
 
 struct PolicyMesh {
-    /// Torn down last.
-    _lab: Lab,
+    lab: Lab,
     sleep: MeshWorkload,
     admin: MeshWorkload,
     web: MeshWorkload,
@@ -36,7 +35,7 @@ impl PolicyMesh {
         );
         let lab = Lab::up(LabSpec {
             nodes: 2,
-            pods_per_node: 2,
+            pods_per_node: 3,
         })
         .expect("lab up");
         let sleep = MeshWorkload::new(lab.pod(0, 0), "default", "sleep").label("app", "sleep");
@@ -57,7 +56,7 @@ impl PolicyMesh {
             })
             .collect();
         Self {
-            _lab: lab,
+            lab,
             sleep,
             admin,
             web,
@@ -65,6 +64,11 @@ impl PolicyMesh {
             agents,
             policies,
         }
+    }
+
+    /// Not enrolled, on node 1.
+    fn attacker(&self) -> Pod {
+        self.lab.pod(0, 2).clone()
     }
 
     /// Replaces the policies with `yaml` (atomically, as config management
@@ -385,4 +389,131 @@ fn a_disable_destination_is_sent_plaintext() {
     Call::default().run(&sleep, web.addr).unwrap();
     web.next_served().unwrap();
     assert_eq!(mesh.agents[0].captures().last().unwrap().path, "hbone");
+}
+
+#[test]
+fn mtls_modes_decide_what_plaintext_gets_in() {
+    let mut mesh = PolicyMesh::new();
+    let mut servers = [
+        Server::start(&mesh.web.pod, PORT).unwrap(),
+        Server::start(&mesh.db.pod, PORT).unwrap(),
+        Server::start(&mesh.db.pod, OTHER_PORT).unwrap(),
+    ];
+    let (attacker, sleep, web, db) = (
+        mesh.attacker(),
+        mesh.sleep.pod.clone(),
+        mesh.web.clone(),
+        mesh.db.clone(),
+    );
+    let strict_mesh = pa("istio-system", "mesh", "{mtls: {mode: STRICT}}");
+    // (case, policies, calls: from, to, port, gets in, handled by the agent)
+    type Case<'a> = (&'a str, String, Vec<(&'a Pod, &'a MeshWorkload, u16, bool)>);
+    let cases: Vec<Case<'_>> = vec![
+        (
+            "PERMISSIVE by default: plaintext gets in, through the agent",
+            String::new(),
+            vec![(&attacker, &web, PORT, true), (&sleep, &web, PORT, true)],
+        ),
+        (
+            "STRICT mesh-wide: plaintext dropped, HBONE in",
+            strict_mesh.clone(),
+            vec![
+                (&attacker, &web, PORT, false),
+                (&attacker, &db, OTHER_PORT, false),
+                (&sleep, &web, PORT, true),
+            ],
+        ),
+        (
+            "a PERMISSIVE namespace under a STRICT mesh",
+            strict_mesh.clone() + &pa("shop", "shop", "{mtls: {mode: PERMISSIVE}}"),
+            vec![(&attacker, &web, PORT, true)],
+        ),
+        (
+            "a PERMISSIVE workload in a STRICT namespace",
+            pa("shop", "shop", "{mtls: {mode: STRICT}}")
+                + &pa(
+                    "shop",
+                    "web",
+                    "{selector: {matchLabels: {app: web}}, mtls: {mode: PERMISSIVE}}",
+                ),
+            vec![(&attacker, &web, PORT, true), (&attacker, &db, PORT, false)],
+        ),
+        (
+            "a PERMISSIVE port on a STRICT workload",
+            pa(
+                "shop",
+                "db",
+                "{selector: {matchLabels: {app: db}}, mtls: {mode: STRICT}, portLevelMtls: {\"9090\": {mode: PERMISSIVE}}}",
+            ),
+            vec![
+                (&attacker, &db, OTHER_PORT, true),
+                (&attacker, &db, PORT, false),
+            ],
+        ),
+        (
+            "PERMISSIVE plaintext is authorized too: no identity, no ALLOW",
+            ap(
+                "shop",
+                "sleep-only",
+                "{rules: [{from: [{source: {principals: [\"*/sa/sleep\"]}}]}]}",
+            ),
+            vec![(&attacker, &web, PORT, false), (&sleep, &web, PORT, true)],
+        ),
+        (
+            "DISABLE: plaintext straight to the application",
+            strict_mesh.clone()
+                + &pa(
+                    "shop",
+                    "web",
+                    "{selector: {matchLabels: {app: web}}, mtls: {mode: DISABLE}}",
+                ),
+            vec![(&attacker, &web, PORT, true), (&sleep, &web, PORT, true)],
+        ),
+    ];
+    for (case, yaml, calls) in &cases {
+        mesh.set_policies(yaml);
+        for &(from, to, port, gets_in) in calls {
+            let server = servers
+                .iter_mut()
+                .find(|s| s.name == to.pod.name && s.addr.port() == port)
+                .unwrap();
+            let what = format!("{case}: {} -> {} port {port}", from.name, to.pod.name);
+            let plaintext_before = mesh.agents[1]
+                .lines()
+                .iter()
+                .filter(|l| l.message() == "accepted plaintext connection")
+                .count();
+            let called = Call {
+                connect_timeout_ms: Some(1500),
+                ..Call::default()
+            }
+            .run(from, server.addr);
+            if gets_in {
+                called.unwrap_or_else(|e| panic!("{what}: refused: {e:#}"));
+                assert_eq!(server.next_served().unwrap().peer.ip(), from.ip, "{what}");
+            } else {
+                assert!(called.is_err(), "{what}: got in");
+                assert!(
+                    server
+                        .next_served_within(Duration::from_millis(300))
+                        .is_err(),
+                    "{what}: the application saw a connection"
+                );
+            }
+            // Plaintext to a PERMISSIVE pod goes through its agent.
+            let through_agent = mesh.agents[1]
+                .lines()
+                .iter()
+                .filter(|l| l.message() == "accepted plaintext connection")
+                .count()
+                > plaintext_before;
+            let expected = gets_in && from.name == attacker.name && !case.starts_with("DISABLE");
+            assert_eq!(through_agent, expected, "{what}: through the agent");
+        }
+    }
+    assert!(mesh.agents[1].lines().iter().any(|l| {
+        l.message() == "plaintext connection refused"
+            && l.field("reason").starts_with("denied by policy")
+            && l.field("src").starts_with(&attacker.ip.to_string())
+    }));
 }

@@ -21,10 +21,14 @@ use std::{
 };
 
 /// The HBONE port, on every pod address.
-pub const PORT: u16 = 15008;
+pub const PORT: u16 = warren_common::HBONE_PORT;
 /// ztunnel's own ports. A CONNECT to one of them would loop back into the
 /// proxy ("recursive call"), so it is refused.
-pub const PROXY_PORTS: [u16; 3] = [15001, 15006, PORT];
+pub const PROXY_PORTS: [u16; 3] = [
+    warren_common::OUTBOUND_PORT,
+    warren_common::INBOUND_PLAINTEXT_PORT,
+    PORT,
+];
 
 /// HTTP/2 settings, matching ztunnel's (flow-control windows sized for
 /// bulk transfer, frames up to 1 MiB).

@@ -349,6 +349,34 @@ impl Policies {
         &self.root_namespace
     }
 
+    /// The mTLS mode of `workload`: for any port, and for the ports that
+    /// have a mode of their own (`portLevelMtls`).
+    pub fn mtls_modes(&self, workload: &Workload) -> (MtlsMode, BTreeMap<u16, MtlsMode>) {
+        let ports = self
+            .workload_peer_authentication(workload)
+            .map(|pa| {
+                pa.ports
+                    .keys()
+                    .map(|&p| (p, self.mtls_mode(workload, p)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        // Port 0 is never in portLevelMtls: this is the mode of the others.
+        (self.mtls_mode(workload, 0), ports)
+    }
+
+    /// The workload-specific PeerAuthentication (a selector in its namespace
+    /// matching its labels), if any.
+    fn workload_peer_authentication(&self, workload: &Workload) -> Option<&PeerAuthentication> {
+        self.peer_authentications.iter().find(|pa| {
+            pa.namespace == workload.namespace
+                && pa
+                    .selector
+                    .as_ref()
+                    .is_some_and(|s| selects(s, &workload.labels))
+        })
+    }
+
     /// The mTLS mode of `workload` for connections to `port`.
     pub fn mtls_mode(&self, workload: &Workload, port: u16) -> MtlsMode {
         let mut mode = MtlsMode::Permissive;
@@ -365,14 +393,7 @@ impl Policies {
         {
             mode = namespace.mode.unwrap_or(mode);
         }
-        let specific = self.peer_authentications.iter().find(|pa| {
-            pa.namespace == workload.namespace
-                && pa
-                    .selector
-                    .as_ref()
-                    .is_some_and(|s| selects(s, &workload.labels))
-        });
-        if let Some(specific) = specific {
+        if let Some(specific) = self.workload_peer_authentication(workload) {
             mode = specific.mode.unwrap_or(mode);
             if let Some(Some(port_mode)) = specific.ports.get(&port) {
                 mode = *port_mode;

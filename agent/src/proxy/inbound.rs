@@ -8,7 +8,7 @@
 
 use std::{
     io,
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
@@ -29,8 +29,10 @@ use crate::{
     hbone::{self, Refusal, copy::relay, server},
     identity::SpiffeId,
     logging::Chain,
+    policy::MtlsMode,
     tls::{self, TlsError, TrustBundle, WorkloadCertificate},
 };
+use warren_common::INBOUND_PLAINTEXT_PORT;
 
 /// Concurrent HBONE connections one pod accepts (each carries up to 200
 /// streams, so this is far above what a healthy mesh needs).
@@ -121,7 +123,18 @@ impl PodInbound {
     }
 
     pub async fn bind(&self) -> Result<TcpListener, InboundError> {
-        let addr = self.pod.hbone_addr();
+        self.listen(self.pod.hbone_addr()).await
+    }
+
+    /// The listener the pod's ingress program hands plaintext connections
+    /// to, when the pod is PERMISSIVE. It is on loopback: nothing reaches it
+    /// but what the kernel program assigns to it (and the pod itself).
+    pub async fn bind_plaintext(&self) -> Result<TcpListener, InboundError> {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, INBOUND_PLAINTEXT_PORT));
+        self.listen(addr).await
+    }
+
+    async fn listen(&self, addr: SocketAddr) -> Result<TcpListener, InboundError> {
         self.pod
             .netns
             .listen(addr)
@@ -131,6 +144,37 @@ impl PodInbound {
                 netns: self.pod.netns.path().display().to_string(),
                 source,
             })
+    }
+}
+
+/// Accepts the plaintext connections that the ingress program hands over
+/// (PERMISSIVE pods), until the task is aborted. They carry no identity:
+/// authorization sees only their source address.
+pub async fn serve_plaintext(listener: TcpListener, inbound: Arc<PodInbound>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS_PER_POD));
+    loop {
+        match listener.accept().await {
+            Ok((tcp, peer)) => {
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    warn!(
+                        workload = %inbound.pod.workload.qualified_name(),
+                        %peer,
+                        limit = MAX_CONNECTIONS_PER_POD,
+                        "plaintext connection refused: too many connections to this pod"
+                    );
+                    continue;
+                };
+                let inbound = inbound.clone();
+                tokio::spawn(async move {
+                    inbound.plaintext(tcp, peer).await;
+                    drop(slot);
+                });
+            }
+            Err(error) => {
+                warn!(workload = %inbound.pod.workload.qualified_name(), error = %Chain(&error), "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
     }
 }
 
@@ -166,6 +210,58 @@ pub async fn serve(listener: TcpListener, inbound: Arc<PodInbound>) {
 }
 
 impl PodInbound {
+    /// A plaintext connection handed over by the ingress program: its local
+    /// address is where the client was going.
+    async fn plaintext(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr) {
+        let workload = self.pod.workload.qualified_name();
+        let Ok(dst) = client.local_addr() else { return };
+        let refuse = |reason: &str| {
+            warn!(%workload, src = %peer, %dst, %reason, "plaintext connection refused");
+        };
+        // Only what the kernel handed over: connections to the pod's own
+        // address, not to a proxy port, from a peer outside the pod.
+        if dst.ip() != IpAddr::V4(self.pod.workload.ip) || hbone::PROXY_PORTS.contains(&dst.port())
+        {
+            return refuse("not a connection to the pod's application");
+        }
+        let IpAddr::V4(src_ip) = peer.ip() else {
+            return refuse("only IPv4 clients are supported");
+        };
+        let mode = self
+            .pod
+            .state
+            .borrow()
+            .policies()
+            .mtls_mode(&self.pod.workload, dst.port());
+        if mode == MtlsMode::Strict {
+            // The kernel drops these; this is a mode change racing a SYN.
+            return refuse("the pod's mTLS mode is STRICT");
+        }
+        let decision = self.pod.authorize(None, peer.ip(), dst);
+        if !decision.allowed {
+            return refuse(&format!("denied by policy: {}", decision.reason));
+        }
+        let mut app = match transparent::connect(&self.pod.netns, src_ip, dst).await {
+            Ok(app) => app,
+            Err(e) => return refuse(&format!("connecting to the application failed: {e}")),
+        };
+        info!(
+            %workload, src = %peer, %dst, %mode, policy = %decision.reason,
+            "accepted plaintext connection"
+        );
+        let started = Instant::now();
+        match tokio::io::copy_bidirectional(&mut client, &mut app).await {
+            Ok((sent, received)) => info!(
+                %workload, src = %peer, %dst, sent, received,
+                duration_ms = started.elapsed().as_millis() as u64,
+                "plaintext connection closed"
+            ),
+            Err(error) => {
+                warn!(%workload, src = %peer, %dst, error = %Chain(&error), "plaintext connection failed")
+            }
+        }
+    }
+
     async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
         let workload = self.pod.workload.qualified_name();
         // Subscribed before reading, so that a renewal or a root removal

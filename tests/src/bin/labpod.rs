@@ -50,6 +50,9 @@ enum Cli {
         /// Send in 64 KiB pieces spread evenly over this long: a long transfer.
         #[arg(long)]
         spread_ms: Option<u64>,
+        /// Give up connecting after this long (a dropped SYN is not refused).
+        #[arg(long, default_value_t = 5000)]
+        connect_timeout_ms: u64,
     },
     /// Request/response latency against `serve`: connect once, read the greeting, then
     /// WARMUP + COUNT round trips of SIZE bytes, timing the last COUNT.
@@ -85,12 +88,14 @@ fn main() -> ExitCode {
             bind_port,
             hold_ms,
             spread_ms,
+            connect_timeout_ms,
         } => call(
             addr,
             bytes,
             bind_port,
             hold_ms.map(Duration::from_millis),
             spread_ms.map(Duration::from_millis),
+            Duration::from_millis(connect_timeout_ms),
         ),
         Cli::Rr {
             addr,
@@ -174,8 +179,10 @@ fn call(
     bind_port: Option<u16>,
     hold: Option<Duration>,
     spread: Option<Duration>,
+    connect_timeout: Duration,
 ) -> Result<bool> {
-    let stream = connect(addr, bind_port).with_context(|| format!("connecting to {addr}"))?;
+    let stream = connect(addr, bind_port, connect_timeout)
+        .with_context(|| format!("connecting to {addr}"))?;
     // Taken now: once both sides have closed, the socket no longer knows its peer.
     let (local, peer) = (stream.local_addr()?, stream.peer_addr()?);
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
@@ -240,7 +247,8 @@ fn call(
 
 fn round_trips(addr: SocketAddr, count: usize, warmup: usize, size: usize) -> Result<()> {
     ensure!(count > 0 && size > 0, "--count and --size must be positive");
-    let stream = connect(addr, None).with_context(|| format!("connecting to {addr}"))?;
+    let stream =
+        connect(addr, None, CONNECT_TIMEOUT).with_context(|| format!("connecting to {addr}"))?;
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     stream.set_nodelay(true)?;
@@ -287,8 +295,8 @@ fn connection_rate(addr: SocketAddr, duration: Duration, max: usize) -> Result<(
     let start = Instant::now();
     let mut connections = 0;
     while connections < max && start.elapsed() < duration {
-        let mut stream =
-            connect(addr, None).with_context(|| format!("connection {connections}"))?;
+        let mut stream = connect(addr, None, CONNECT_TIMEOUT)
+            .with_context(|| format!("connection {connections}"))?;
         stream.set_read_timeout(Some(IO_TIMEOUT))?;
         let mut greeting = String::new();
         stream
@@ -310,7 +318,7 @@ fn connection_rate(addr: SocketAddr, duration: Duration, max: usize) -> Result<(
     Ok(())
 }
 
-fn connect(addr: SocketAddr, bind_port: Option<u16>) -> io::Result<TcpStream> {
+fn connect(addr: SocketAddr, bind_port: Option<u16>, timeout: Duration) -> io::Result<TcpStream> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     if let Some(port) = bind_port {
         socket.set_reuse_address(true)?;
@@ -320,6 +328,6 @@ fn connect(addr: SocketAddr, bind_port: Option<u16>) -> io::Result<TcpStream> {
         };
         socket.bind(&local.into())?;
     }
-    socket.connect_timeout(&addr.into(), CONNECT_TIMEOUT)?;
+    socket.connect_timeout(&addr.into(), timeout)?;
     Ok(socket.into())
 }
