@@ -136,7 +136,7 @@ impl Agent {
             (None, Issuer::Ca(ca)) => Arc::new(ca_source(&config, ca, &store)?),
             (None, Issuer::DevCa { .. }) => unreachable!("the development CA was loaded above"),
         };
-        let redirector = Redirector::load()?;
+        let redirector = Redirector::load(&config.bpf_pin_dir)?;
         let pool = Arc::new(Pool::new(pool::Settings::default()));
         pool.spawn_reaper();
         Ok(Self {
@@ -161,6 +161,19 @@ impl Agent {
         let mut watcher = watch_files(&watched, tx.clone())?;
 
         self.reconcile().await;
+        // Pods that went away while no agent ran: release what was pinned
+        // for them.
+        let keep: Vec<u64> = self
+            .enrolled
+            .values()
+            .map(|e| e.proxy.netns.cookie())
+            .collect();
+        for cookie in self.redirector.release_others(&keep) {
+            info!(
+                netns_cookie = cookie,
+                "released the programs of a pod that is gone"
+            );
+        }
         info!("warren agent ready");
         loop {
             tokio::select! {
@@ -204,8 +217,20 @@ impl Agent {
             }
         }
         drop(watcher);
-        info!("warren agent stopping");
-        self.withdraw_all().await;
+        // The pods' programs stay (pinned): until an agent takes over, their
+        // outbound connections fail and STRICT ports drop plaintext, rather
+        // than traffic leaving in clear. `warren uninstall` releases them.
+        info!(
+            pods = self.enrolled.len(),
+            pin_dir = %self.store.current().config().bpf_pin_dir.display(),
+            "warren agent stopping; its pods stay captured and fail closed until an agent takes \
+             over (`warren uninstall` releases them)"
+        );
+        for enrolled in self.enrolled.values() {
+            for task in &enrolled.tasks {
+                task.abort();
+            }
+        }
         Ok(())
     }
 
@@ -374,6 +399,7 @@ impl Agent {
                         workload = %name,
                         identity = %workload.identity,
                         certificate = if enrolled.proxy.certificate().is_some() { "issued" } else { "none yet" },
+                        taken_over = enrolled.attachment.taken_over,
                         hbone = %std::net::SocketAddr::new(workload.ip.into(), crate::hbone::PORT),
                         ip = %workload.ip,
                         netns = %pod.netns.display(),
@@ -466,13 +492,6 @@ impl Agent {
         }
         enrolled.proxy.withdraw().await;
         info!(workload = %name, "withdrew from pod: its traffic is no longer captured");
-    }
-
-    async fn withdraw_all(&mut self) {
-        let all: Vec<Enrolled> = self.enrolled.drain().map(|(_, e)| e).collect();
-        for enrolled in all {
-            self.withdraw(enrolled).await;
-        }
     }
 }
 

@@ -22,6 +22,7 @@ use crate::{
 
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 pub const DEFAULT_DEV_CA_DIR: &str = "/var/lib/warren/dev-ca";
+pub const DEFAULT_BPF_PIN_DIR: &str = "/sys/fs/bpf/warren";
 pub const DEFAULT_CERTIFICATE_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Shorter lifetimes would renew faster than connections can be set up.
 pub const MIN_CERTIFICATE_TTL: Duration = Duration::from_secs(2);
@@ -64,6 +65,9 @@ pub struct Config {
     pub policy_dir: Option<PathBuf>,
     /// Where mesh-wide policies live.
     pub root_namespace: String,
+    /// Where the agent pins its eBPF maps and pods' links (on bpffs), so that
+    /// they outlive it.
+    pub bpf_pin_dir: PathBuf,
     pub workloads: Vec<Workload>,
 }
 
@@ -188,6 +192,8 @@ struct RawConfig {
     #[serde(default)]
     root_namespace: Option<String>,
     #[serde(default)]
+    bpf_pin_dir: Option<PathBuf>,
+    #[serde(default)]
     workloads: Vec<RawWorkload>,
 }
 
@@ -290,6 +296,9 @@ impl RawConfig {
             issuer,
             policy_dir: self.policy_dir,
             root_namespace,
+            bpf_pin_dir: self
+                .bpf_pin_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_BPF_PIN_DIR)),
             trust_bundle: self.trust_bundle,
             certificate_ttl,
             workloads,

@@ -40,6 +40,13 @@ enum Command {
     },
     /// Check a config file and print what it describes.
     CheckConfig { config: PathBuf },
+    /// Take warren off this node: detach the programs a stopped agent left
+    /// on its pods (they keep failing closed until then) and remove its pins.
+    Uninstall {
+        /// The agent's config file (for its bpfPinDir).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// The mesh CA's tools.
     Ca {
         #[command(subcommand)]
@@ -220,6 +227,29 @@ fn main() -> ExitCode {
             match made {
                 Ok(summary) => {
                     println!("{summary}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("warren: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Uninstall { config } => {
+            let released = Config::load(&config)
+                .map_err(|e| e.to_string())
+                .and_then(|config| {
+                    warren_agent::redirect::uninstall(&config.bpf_pin_dir)
+                        .map(|n| (n, config.bpf_pin_dir))
+                        .map_err(|e| Chain(&e).to_string())
+                });
+            match released {
+                Ok((pods, dir)) => {
+                    println!(
+                        "released {pods} pod(s) and removed the pins in {}: their traffic is no \
+                         longer captured",
+                        dir.display()
+                    );
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

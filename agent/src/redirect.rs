@@ -3,11 +3,14 @@
 //! ingress program reads them, and answers "where was this connection
 //! going?".
 //!
-//! Links are bpf_link file descriptors owned by this process: when the agent
-//! exits, however it exits, the kernel detaches them and capture stops. We do
-//! not pin them (yet): a pod whose agent is gone then talks directly rather
-//! than to a listener nobody serves. Policy that must hold while the agent is
-//! down (STRICT mTLS) will need pinned programs; see ARCHITECTURE.md.
+//! Everything that must hold while the agent is not running is pinned in
+//! bpffs under the agent's pin directory: the maps, and each pod's links
+//! (`pods/<netns cookie>/<program>`). When the agent stops or dies, its pods
+//! stay captured and enforced: their outbound connections fail (nothing
+//! listens where they are sent) instead of leaving in clear, and STRICT ports
+//! still drop plaintext. The next agent reuses the pinned maps and takes over
+//! the pinned links without detaching anything. Links go only when a pod is
+//! withdrawn (or `warren uninstall` removes them all).
 
 use std::{
     fs::File,
@@ -19,11 +22,11 @@ use std::{
 use std::{collections::BTreeMap, os::fd::AsFd};
 
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{HashMap, MapData, SockHash},
     programs::{
         CgroupAttachMode, CgroupSockAddr, SchedClassifier, SockOps, TcAttachType,
-        cgroup_sock_addr::CgroupSockAddrLinkId, sock_ops::SockOpsLinkId, tc::SchedClassifierLinkId,
+        links::{FdLink, LinkError, PinnedLink},
     },
 };
 use nix::sched::{CloneFlags, setns};
@@ -56,6 +59,8 @@ pub enum RedirectError {
     },
     #[error("pod network namespace {}: {problem}", path.display())]
     Interface { path: PathBuf, problem: String },
+    #[error("bpffs pin {}: {problem}", path.display())]
+    Pin { path: PathBuf, problem: String },
     #[error("forwarding eBPF logs: {0}")]
     Log(String),
 }
@@ -65,15 +70,29 @@ pub enum RedirectError {
 pub struct Attachment {
     netns_cookie: u64,
     pod_ip: Ipv4Addr,
-    links: Vec<Link>,
+    /// The directory of the pod's pinned links.
+    pins: PathBuf,
+    /// Whether the links were found pinned (a previous agent made them).
+    pub taken_over: bool,
 }
 
-#[derive(Debug)]
-enum Link {
-    SockAddr(&'static str, CgroupSockAddrLinkId),
-    SockOps(SockOpsLinkId),
-    Ingress(SchedClassifierLinkId),
-}
+/// The programs attached to each pod: the three cgroup hooks and the ingress
+/// program on its interface; the pins in its directory are named after them.
+const POD_LINKS: [&str; 4] = [
+    names::SOCK_OPS,
+    names::CONNECT4,
+    names::CONNECT6,
+    names::POD_INGRESS,
+];
+
+/// The maps, pinned so that they outlive the agent.
+const PINNED_MAPS: [&str; 5] = [
+    names::PODS,
+    names::PENDING,
+    names::ORIGINAL_DST,
+    names::INBOUND_MODES,
+    names::INBOUND_LISTENERS,
+];
 
 /// A pod's mTLS modes as the ingress program reads them ([`warren_common::mode`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +106,7 @@ const SOCK_ADDR_PROGRAMS: [&str; 2] = [names::CONNECT4, names::CONNECT6];
 
 pub struct Redirector {
     ebpf: Ebpf,
+    pin_dir: PathBuf,
     pods: HashMap<MapData, u64, PodInfo>,
     modes: HashMap<MapData, InboundKey, u32>,
     listeners: SockHash<MapData, u32>,
@@ -96,11 +116,32 @@ pub struct Redirector {
 }
 
 impl Redirector {
-    /// Loads the programs into the kernel (attaching nothing yet) and starts
-    /// forwarding their aya-log records to the agent's log. Needs a tokio
-    /// runtime.
-    pub fn load() -> Result<Self, RedirectError> {
-        let mut ebpf = Ebpf::load(PROGRAMS)?;
+    /// Loads the programs into the kernel (attaching nothing yet), with the
+    /// maps pinned in `pin_dir` (reused if a previous agent left them), and
+    /// starts forwarding their aya-log records to the agent's log. Needs a
+    /// tokio runtime.
+    pub fn load(pin_dir: &Path) -> Result<Self, RedirectError> {
+        let pin_error = |problem: String| RedirectError::Pin {
+            path: pin_dir.to_owned(),
+            problem,
+        };
+        std::fs::create_dir_all(pin_dir.join("pods"))
+            .map_err(|e| pin_error(format!("cannot create it: {e}")))?;
+        if !on_bpffs(pin_dir) {
+            return Err(pin_error(
+                "not on a bpf filesystem (`mount -t bpf bpf /sys/fs/bpf`; `cargo xtask setup` does)"
+                    .into(),
+            ));
+        }
+        let map_pins: Vec<(&str, PathBuf)> = PINNED_MAPS
+            .iter()
+            .map(|&name| (name, pin_dir.join(name)))
+            .collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &map_pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(PROGRAMS)?;
         forward_logs(&mut ebpf)?;
 
         for name in SOCK_ADDR_PROGRAMS {
@@ -140,6 +181,7 @@ impl Redirector {
             })?;
         Ok(Self {
             ebpf,
+            pin_dir: pin_dir.to_owned(),
             pods,
             modes,
             listeners,
@@ -157,7 +199,8 @@ impl Redirector {
     /// is `cgroup` and whose network namespace (file `netns`) has
     /// `netns_cookie`, and applying `modes` to connections arriving at it.
     /// Its outbound listener and its plaintext listener (`plaintext`) must
-    /// already be up.
+    /// already be up. Links a previous agent pinned for this pod are taken
+    /// over as they are: the pod is never left unenforced.
     pub fn enroll(
         &mut self,
         cgroup: &Path,
@@ -167,14 +210,13 @@ impl Redirector {
         modes: &InboundModes,
         plaintext: &impl AsFd,
     ) -> Result<Attachment, RedirectError> {
-        let cgroup_dir = File::open(cgroup).map_err(|source| RedirectError::Cgroup {
-            path: cgroup.to_owned(),
-            source,
-        })?;
-        let mut attachment = Attachment {
+        let pins = self.pin_dir.join("pods").join(netns_cookie.to_string());
+        let taken_over = POD_LINKS.iter().all(|name| pins.join(name).exists());
+        let attachment = Attachment {
             netns_cookie,
             pod_ip,
-            links: Vec::with_capacity(4),
+            pins,
+            taken_over,
         };
         // The plaintext listener and the modes first: the ingress program
         // enforces from the moment it is attached.
@@ -186,14 +228,15 @@ impl Redirector {
                 source,
             })
             .and_then(|()| self.set_modes(pod_ip, modes))
-            .and_then(|()| self.attach_ingress(netns, pod_ip, &mut attachment));
+            .and_then(|()| {
+                if taken_over {
+                    Ok(())
+                } else {
+                    self.attach_all(cgroup, netns, pod_ip, &attachment.pins)
+                }
+            });
         if let Err(e) = prepared {
-            let _ = self.detach_all(attachment);
-            return Err(e);
-        }
-        if let Err(e) = self.attach_all(&cgroup_dir, &mut attachment) {
-            // The attach error is the one worth reporting; undo what we can.
-            let _ = self.detach_all(attachment);
+            let _ = self.withdraw(attachment);
             return Err(e);
         }
         // The connect hooks capture only once the pod is in this map.
@@ -203,7 +246,7 @@ impl Redirector {
             _pad: 0,
         };
         if let Err(source) = self.pods.insert(netns_cookie, info, 0) {
-            let _ = self.detach_all(attachment);
+            let _ = self.withdraw(attachment);
             return Err(RedirectError::Map {
                 name: names::PODS,
                 source,
@@ -212,27 +255,39 @@ impl Redirector {
         Ok(attachment)
     }
 
+    /// Attaches every program to the pod and pins each link in `pins`.
     fn attach_all(
         &mut self,
-        cgroup: &File,
-        attachment: &mut Attachment,
+        cgroup: &Path,
+        netns: &Path,
+        pod_ip: Ipv4Addr,
+        pins: &Path,
     ) -> Result<(), RedirectError> {
+        let cgroup = File::open(cgroup).map_err(|source| RedirectError::Cgroup {
+            path: cgroup.to_owned(),
+            source,
+        })?;
+        std::fs::create_dir_all(pins).map_err(|e| RedirectError::Pin {
+            path: pins.to_owned(),
+            problem: format!("cannot create it: {e}"),
+        })?;
         // aya attaches through bpf_link (kernel >= 5.7), which takes no mode
         // flags and always shares the hook with other programs (the CNI's,
         // say): `Single` is the value that passes no flags.
         let mode = CgroupAttachMode::Single;
+        let error = |name| move |source| RedirectError::Program { name, source };
         let name = names::SOCK_OPS;
-        let link = program::<SockOps>(&mut self.ebpf, name)?
-            .attach(cgroup, mode)
-            .map_err(|source| RedirectError::Program { name, source })?;
-        attachment.links.push(Link::SockOps(link));
-        for name in SOCK_ADDR_PROGRAMS {
-            let link = program::<CgroupSockAddr>(&mut self.ebpf, name)?
-                .attach(cgroup, mode)
-                .map_err(|source| RedirectError::Program { name, source })?;
-            attachment.links.push(Link::SockAddr(name, link));
+        let sock_ops: &mut SockOps = program(&mut self.ebpf, name)?;
+        let id = sock_ops.attach(&cgroup, mode).map_err(error(name))?;
+        let link = sock_ops.take_link(id).map_err(error(name))?;
+        pin(link, &pins.join(name))?;
+        for name in [names::CONNECT4, names::CONNECT6] {
+            let connect: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
+            let id = connect.attach(&cgroup, mode).map_err(error(name))?;
+            let link = connect.take_link(id).map_err(error(name))?;
+            pin(link, &pins.join(name))?;
         }
-        Ok(())
+        self.attach_ingress(netns, pod_ip, pins)
     }
 
     /// Applies `modes` to connections arriving at the pod `pod_ip`.
@@ -273,7 +328,7 @@ impl Redirector {
         &mut self,
         netns: &Path,
         pod_ip: Ipv4Addr,
-        attachment: &mut Attachment,
+        pins: &Path,
     ) -> Result<(), RedirectError> {
         let name = names::POD_INGRESS;
         let program: &mut SchedClassifier = program(&mut self.ebpf, name)?;
@@ -292,16 +347,17 @@ impl Redirector {
                     })?;
                     program
                         .attach(&interface, TcAttachType::Ingress)
+                        .and_then(|id| program.take_link(id))
                         .map_err(|source| RedirectError::Program { name, source })
                 })
                 .join()
                 .unwrap_or_else(|_| Err(interface_error("attaching panicked".into())))
         })?;
-        attachment.links.push(Link::Ingress(link));
-        Ok(())
+        pin(link, &pins.join(name))
     }
 
-    /// Stops capture for a pod. Connections already captured keep going.
+    /// Stops capture for a pod and removes its pins. Connections already
+    /// captured keep going.
     pub fn withdraw(&mut self, attachment: Attachment) -> Result<(), RedirectError> {
         // Remove the pod first: from that instant the hooks let it be.
         let removed = match self.pods.remove(&attachment.netns_cookie) {
@@ -312,13 +368,12 @@ impl Redirector {
             }),
         };
         // Detach even if that failed: the links are what capture.
-        let pod_ip = attachment.pod_ip;
-        let detached = self.detach_all(attachment);
-        self.forget_inbound(pod_ip);
+        let detached = unpin_all(&attachment.pins);
+        self.forget_inbound(attachment.pod_ip);
         removed.and(detached)
     }
 
-    /// Removes the pod's modes and plaintext listener from the maps.
+    /// Removes the pods' modes and plaintext listener from the maps.
     fn forget_inbound(&mut self, pod_ip: Ipv4Addr) {
         let ip = u32::from(pod_ip);
         let _ = self.modes.remove(&InboundKey::new(ip, 0));
@@ -328,38 +383,97 @@ impl Redirector {
         let _ = self.listeners.remove(&ip);
     }
 
-    /// Detaches every link, reporting the first failure.
-    fn detach_all(&mut self, attachment: Attachment) -> Result<(), RedirectError> {
-        let mut result = Ok(());
-        for link in attachment.links {
-            let detached = match link {
-                Link::Ingress(id) => program::<SchedClassifier>(&mut self.ebpf, names::POD_INGRESS)
-                    .and_then(|p| {
-                        p.detach(id).map_err(|source| RedirectError::Program {
-                            name: names::POD_INGRESS,
-                            source,
-                        })
-                    }),
-                Link::SockOps(id) => {
-                    program::<SockOps>(&mut self.ebpf, names::SOCK_OPS).and_then(|p| {
-                        p.detach(id).map_err(|source| RedirectError::Program {
-                            name: names::SOCK_OPS,
-                            source,
-                        })
-                    })
-                }
-                Link::SockAddr(name, id) => program::<CgroupSockAddr>(&mut self.ebpf, name)
-                    .and_then(|p| {
-                        p.detach(id)
-                            .map_err(|source| RedirectError::Program { name, source })
-                    }),
+    /// Detaches the pinned links of pods that are not in `keep` (netns
+    /// cookies): pods that went away while no agent was running.
+    pub fn release_others(&mut self, keep: &[u64]) -> Vec<u64> {
+        let Ok(entries) = std::fs::read_dir(self.pin_dir.join("pods")) else {
+            return Vec::new();
+        };
+        let mut released = Vec::new();
+        for entry in entries.flatten() {
+            let Some(cookie) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
             };
-            if result.is_ok() {
-                result = detached;
+            if !keep.contains(&cookie) {
+                let _ = self.pods.remove(&cookie);
+                let _ = unpin_all(&entry.path());
+                released.push(cookie);
             }
         }
-        result
+        released
     }
+}
+
+/// Releases everything an agent pinned in `pin_dir`: every pod's links
+/// (detaching its programs: the pod talks directly again) and the maps.
+/// Returns how many pods were released. For taking warren off a node.
+pub fn uninstall(pin_dir: &Path) -> Result<usize, RedirectError> {
+    let pods = pin_dir.join("pods");
+    let mut released = 0;
+    let mut result = Ok(());
+    if let Ok(entries) = std::fs::read_dir(&pods) {
+        for entry in entries.flatten() {
+            let unpinned = unpin_all(&entry.path());
+            if unpinned.is_ok() {
+                released += 1;
+            } else if result.is_ok() {
+                result = unpinned;
+            }
+        }
+    }
+    for name in PINNED_MAPS {
+        let _ = std::fs::remove_file(pin_dir.join(name));
+    }
+    let _ = std::fs::remove_dir(&pods);
+    let _ = std::fs::remove_dir(pin_dir);
+    result.map(|()| released)
+}
+
+/// Pins `link` at `path`; from then on it outlives this process.
+fn pin<L>(link: L, path: &Path) -> Result<(), RedirectError>
+where
+    FdLink: TryFrom<L, Error = LinkError>,
+{
+    let problem = |problem: String| RedirectError::Pin {
+        path: path.to_owned(),
+        problem,
+    };
+    let link = FdLink::try_from(link).map_err(|e| problem(e.to_string()))?;
+    link.pin(path).map_err(|e| problem(e.to_string()))?;
+    Ok(())
+}
+
+/// Detaches and removes every pinned link in `dir`, then `dir`; reports
+/// the first failure.
+fn unpin_all(dir: &Path) -> Result<(), RedirectError> {
+    let mut result = Ok(());
+    for name in POD_LINKS {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        // Dropping the last reference to an unpinned link detaches it.
+        let unpinned = PinnedLink::from_pin(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|link| link.unpin().map(drop).map_err(|e| e.to_string()));
+        if let Err(problem) = unpinned
+            && result.is_ok()
+        {
+            result = Err(RedirectError::Pin { path, problem });
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+    result
+}
+
+/// Whether `path` is on a bpf filesystem (where pins can be made).
+fn on_bpffs(path: &Path) -> bool {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
 }
 
 /// Original destinations of captured connections, recorded by the kernel

@@ -132,8 +132,15 @@ fn config_yaml(
     node: Option<&Node>,
     workloads: &[MeshWorkload],
 ) -> String {
+    // Each agent pins in a directory of its own lab and node.
+    let pins = node.map_or_else(String::new, |node| {
+        format!(
+            "bpfPinDir: {}\n",
+            crate::lab::pin_dir(&node.lab).join(&node.name).display()
+        )
+    });
     let mut yaml = format!(
-        "node: {node_name}\ntrustDomain: cluster.local\n{issuer}workloads:{}\n",
+        "node: {node_name}\ntrustDomain: cluster.local\n{issuer}{pins}workloads:{}\n",
         if workloads.is_empty() { " []" } else { "" }
     );
     for w in workloads {
@@ -324,6 +331,10 @@ impl Agent {
         };
         agent.wait_for(PATIENCE, |l| l.message() == "warren agent ready")?;
         Ok(agent)
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config
     }
 
     /// Replaces the config file the way config management does (write, then

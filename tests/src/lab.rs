@@ -507,14 +507,20 @@ fn placed_command(program: impl AsRef<OsStr>, netns: &Path, cgroup: &Path) -> Re
     Ok(cmd)
 }
 
-/// Removes everything a lab with this prefix may have created, whether or not it was built
-/// completely, and returns what was removed.
 /// A directory for files that belong to the lab with `prefix` (agent
 /// configs, the development CA), removed with the lab.
 pub fn files_dir(prefix: &str) -> PathBuf {
     std::env::temp_dir().join("warren-lab").join(prefix)
 }
 
+/// Where the lab's agents pin their eBPF maps and links (bpffs), removed
+/// with the lab: pinned links outlive the agents, by design.
+pub fn pin_dir(prefix: &str) -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/warren-lab").join(prefix)
+}
+
+/// Removes everything a lab with this prefix may have created, whether or not it was built
+/// completely, and returns what was removed.
 fn teardown(prefix: &str) -> Result<Vec<String>> {
     let mut removed = Vec::new();
     let cgroup = cgroup2_mount()?.join(CGROUP_PARENT).join(prefix);
@@ -523,10 +529,11 @@ fn teardown(prefix: &str) -> Result<Vec<String>> {
         remove_cgroup(&cgroup)?;
         removed.push(cgroup.display().to_string());
     }
-    let files = files_dir(prefix);
-    if files.exists() {
-        fs::remove_dir_all(&files).with_context(|| format!("removing {}", files.display()))?;
-        removed.push(files.display().to_string());
+    for dir in [files_dir(prefix), pin_dir(prefix)] {
+        if dir.exists() {
+            fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+            removed.push(dir.display().to_string());
+        }
     }
     for netns in list_netns()? {
         if belongs_to(prefix, &netns) {

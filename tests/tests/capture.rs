@@ -3,7 +3,9 @@
 //!
 //! Needs root (run through `cargo xtask test`).
 
-use std::{collections::HashSet, net::IpAddr, path::PathBuf, process::Command, thread};
+use std::{
+    collections::HashSet, net::IpAddr, path::PathBuf, process::Command, thread, time::Duration,
+};
 
 use warren_tests::{
     Lab, LabSpec,
@@ -235,37 +237,68 @@ fn config_changes_withdraw_and_enroll_pods_while_running() {
 }
 
 #[test]
-fn stopping_the_agent_detaches_everything_it_attached() {
+fn a_stopped_agent_leaves_its_pods_failing_closed_until_the_next_takes_over() {
     let scene = Scene::new(2, 1);
     let client = scene.workload(0, 0, "default", "sleep");
     let mut server = Server::start(scene.lab.pod(1, 0), PORT).unwrap();
+    let quick = Call {
+        connect_timeout_ms: Some(2000),
+        ..Call::default()
+    };
+    let enrolled = |agent: &mut Agent| {
+        agent
+            .wait_for(PATIENCE, |l| l.message().starts_with("enrolled pod"))
+            .unwrap()
+    };
 
-    // A clean stop (SIGTERM) and a crash (SIGKILL) both leave the pod
-    // talking directly, not to a listener nobody serves.
-    for graceful in [true, false] {
+    // A clean stop (SIGTERM) and a crash (SIGKILL) alike leave the pod's
+    // programs in place: its connections fail instead of leaving in clear,
+    // and the next agent takes over what is attached.
+    for (round, graceful) in [true, false].into_iter().enumerate() {
         let mut agent = scene.agent(0, std::slice::from_ref(&client));
-        assert!(
-            Call::default()
-                .run(&client.pod, server.addr)
-                .unwrap()
-                .local
-                .ip()
-                .is_loopback()
+        assert_eq!(
+            enrolled(&mut agent).0["taken_over"],
+            round > 0,
+            "round {round}"
         );
+        let called = Call::default().run(&client.pod, server.addr).unwrap();
+        assert!(called.local.ip().is_loopback(), "not captured");
         server.next_served().unwrap();
         if graceful {
             assert!(agent.stop().unwrap().success());
         } else {
             drop(agent); // SIGKILL
         }
-        let called = Call::default().run(&client.pod, server.addr).unwrap();
-        assert_eq!(
-            called.local.ip(),
-            IpAddr::V4(client.pod.ip),
-            "graceful={graceful}"
+        assert!(
+            quick.run(&client.pod, server.addr).is_err(),
+            "graceful={graceful}: a connection left without the agent"
         );
-        assert_eq!(server.next_served().unwrap().peer, called.local);
+        assert!(
+            server
+                .next_served_within(Duration::from_millis(300))
+                .is_err()
+        );
     }
+
+    // `warren uninstall` releases the pod: it talks directly again.
+    let mut agent = scene.agent(0, std::slice::from_ref(&client));
+    assert_eq!(enrolled(&mut agent).0["taken_over"], true);
+    assert!(agent.stop().unwrap().success());
+    let output = std::process::Command::new(binary("warren").unwrap())
+        .args(["uninstall", "--config"])
+        .arg(agent.config_path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("released 1 pod(s)"), "{stdout}");
+    let called = Call::default().run(&client.pod, server.addr).unwrap();
+    assert_eq!(called.local.ip(), IpAddr::V4(client.pod.ip));
+    assert_eq!(server.next_served().unwrap().peer, called.local);
 }
 
 #[test]

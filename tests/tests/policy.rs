@@ -517,3 +517,39 @@ fn mtls_modes_decide_what_plaintext_gets_in() {
             && l.field("src").starts_with(&attacker.ip.to_string())
     }));
 }
+
+#[test]
+fn with_its_agent_killed_a_strict_pod_still_takes_no_plaintext() {
+    let mut mesh = PolicyMesh::new();
+    let mut web = Server::start(&mesh.web.pod, PORT).unwrap();
+    let mut db = Server::start(&mesh.db.pod, PORT).unwrap();
+    let attacker = mesh.attacker();
+    // web STRICT; db PERMISSIVE (no policy for it).
+    mesh.set_policies(&pa(
+        "shop",
+        "web-strict",
+        "{selector: {matchLabels: {app: web}}, mtls: {mode: STRICT}}",
+    ));
+    let quick = Call {
+        connect_timeout_ms: Some(1500),
+        ..Call::default()
+    };
+
+    // Node 2's agent dies.
+    drop(mesh.agents.pop());
+    for _ in 0..2 {
+        assert!(
+            quick.run(&attacker, web.addr).is_err(),
+            "plaintext reached a STRICT pod"
+        );
+        assert!(
+            web.next_served_within(Duration::from_millis(300)).is_err(),
+            "the STRICT pod's application received bytes"
+        );
+    }
+    // A PERMISSIVE pod still takes plaintext (straight to the application).
+    let called = quick.run(&attacker, db.addr).unwrap();
+    let served = db.next_served().unwrap();
+    assert_eq!(served.peer.ip(), attacker.ip);
+    assert_eq!(served.bytes, called.sent);
+}
