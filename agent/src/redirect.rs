@@ -25,7 +25,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, SockHash},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SchedClassifier, SockOps, TcAttachType,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SchedClassifier, SockOps,
+        TcAttachType,
         links::{FdLink, LinkError, PinnedLink},
     },
 };
@@ -76,12 +77,13 @@ pub struct Attachment {
     pub taken_over: bool,
 }
 
-/// The programs attached to each pod: the three cgroup hooks and the ingress
+/// The programs attached to each pod: four on its cgroup and the ingress
 /// program on its interface; the pins in its directory are named after them.
-const POD_LINKS: [&str; 4] = [
+const POD_LINKS: [&str; 5] = [
     names::SOCK_OPS,
     names::CONNECT4,
     names::CONNECT6,
+    names::EGRESS,
     names::POD_INGRESS,
 ];
 
@@ -153,6 +155,11 @@ impl Redirector {
         let sock_ops: &mut SockOps = program(&mut ebpf, names::SOCK_OPS)?;
         sock_ops.load().map_err(|source| RedirectError::Program {
             name: names::SOCK_OPS,
+            source,
+        })?;
+        let egress: &mut CgroupSkb = program(&mut ebpf, names::EGRESS)?;
+        egress.load().map_err(|source| RedirectError::Program {
+            name: names::EGRESS,
             source,
         })?;
         let ingress: &mut SchedClassifier = program(&mut ebpf, names::POD_INGRESS)?;
@@ -232,6 +239,9 @@ impl Redirector {
                 if taken_over {
                     Ok(())
                 } else {
+                    // Pins of an incomplete set (an agent that died while
+                    // enrolling, or of another version) are replaced.
+                    let _ = unpin_all(&attachment.pins);
                     self.attach_all(cgroup, netns, pod_ip, &attachment.pins)
                 }
             });
@@ -287,6 +297,13 @@ impl Redirector {
             let link = connect.take_link(id).map_err(error(name))?;
             pin(link, &pins.join(name))?;
         }
+        let name = names::EGRESS;
+        let egress: &mut CgroupSkb = program(&mut self.ebpf, name)?;
+        let id = egress
+            .attach(&cgroup, CgroupSkbAttachType::Egress, mode)
+            .map_err(error(name))?;
+        let link = egress.take_link(id).map_err(error(name))?;
+        pin(link, &pins.join(name))?;
         self.attach_ingress(netns, pod_ip, pins)
     }
 

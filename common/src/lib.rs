@@ -42,6 +42,7 @@ pub mod names {
     /// The agent's plaintext listener by pod IPv4 address (host order).
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
     pub const POD_INGRESS: &str = "warren_pod_ingress";
+    pub const EGRESS: &str = "warren_egress";
     pub const CONNECT4: &str = "warren_connect4";
     pub const CONNECT6: &str = "warren_connect6";
     pub const SOCK_OPS: &str = "warren_sock_ops";

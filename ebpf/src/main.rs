@@ -23,6 +23,9 @@
 //!   under PERMISSIVE it is handed to the agent's plaintext listener, so that
 //!   authorization applies to it too (its local address stays the original
 //!   destination); under DISABLE it goes to the application.
+//! - `warren_egress` (cgroup_skb/egress, on the pod's cgroup) drops IPv4
+//!   packets a pod sends with a source address that is not its own: a pod
+//!   cannot pass for another one (policies match source addresses).
 #![no_std]
 #![no_main]
 
@@ -38,9 +41,9 @@ use aya_ebpf::{
         bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_map_lookup_elem, bpf_sk_assign,
         bpf_sk_release, bpf_skc_lookup_tcp,
     },
-    macros::{cgroup_sock_addr, classifier, map, sock_ops},
+    macros::{cgroup_skb, cgroup_sock_addr, classifier, map, sock_ops},
     maps::{HashMap, LruHashMap, SockHash},
-    programs::{SockAddrContext, SockOpsContext, TcContext},
+    programs::{SkBuffContext, SockAddrContext, SockOpsContext, TcContext},
 };
 use aya_log_ebpf::debug;
 use warren_common::{
@@ -308,6 +311,37 @@ fn ingress(ctx: &TcContext) -> Option<i32> {
         }
     }
     Some(TC_ACT_OK as i32)
+}
+
+/// cgroup_skb: 1 lets the packet go, 0 drops it.
+const PASS: i32 = 1;
+const DROP: i32 = 0;
+
+#[cgroup_skb(egress)]
+pub fn warren_egress(ctx: SkBuffContext) -> i32 {
+    // __sk_buff.protocol holds the big-endian ethertype in its low 16 bits.
+    if u16::from_be(ctx.skb.protocol() as u16) != ETH_P_IP {
+        return PASS;
+    }
+    // SAFETY: a plain helper call on the program's own context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is only read, and PODS entries are plain integers.
+    let Some(pod) = (unsafe { PODS.get(&netns) }).copied() else {
+        return PASS; // not (or no longer) enrolled
+    };
+    // cgroup_skb sees the packet from its IP header on.
+    let Ok(saddr) = ctx.load::<u32>(12) else {
+        return DROP;
+    };
+    let saddr = u32::from_be(saddr);
+    if saddr == pod.ip || saddr >> 24 == 127 {
+        return PASS;
+    }
+    debug!(
+        &ctx,
+        "egress: dropped a packet from {:i}, which is not the pod's address {:i}", saddr, pod.ip
+    );
+    DROP
 }
 
 #[cfg(not(test))]

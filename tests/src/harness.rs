@@ -595,6 +595,8 @@ pub struct Called {
 pub struct Call {
     pub bytes: Option<usize>,
     pub bind_port: Option<u16>,
+    /// Bind this source address first (a pod forging another's).
+    pub bind_ip: Option<std::net::Ipv4Addr>,
     pub hold_ms: Option<u64>,
     pub spread_ms: Option<u64>,
     /// Default 5 s.
@@ -611,6 +613,9 @@ impl Call {
         }
         if let Some(port) = self.bind_port {
             cmd.args(["--bind-port", &port.to_string()]);
+        }
+        if let Some(ip) = self.bind_ip {
+            cmd.args(["--bind-ip", &ip.to_string()]);
         }
         if let Some(ms) = self.hold_ms {
             cmd.args(["--hold-ms", &ms.to_string()]);

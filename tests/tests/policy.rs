@@ -553,3 +553,51 @@ fn with_its_agent_killed_a_strict_pod_still_takes_no_plaintext() {
     assert_eq!(served.peer.ip(), attacker.ip);
     assert_eq!(served.bytes, called.sent);
 }
+
+#[test]
+fn a_pod_forging_another_pods_address_gets_nothing_through() {
+    let mut mesh = PolicyMesh::new();
+    let mut web = Server::start(&mesh.web.pod, PORT).unwrap();
+    let (sleep, admin) = (mesh.sleep.pod.clone(), mesh.admin.pod.clone());
+    // web lets in sleep's address only.
+    mesh.set_policies(&ap(
+        "shop",
+        "from-sleep",
+        &format!(
+            "{{rules: [{{from: [{{source: {{ipBlocks: [{}]}}}}]}}]}}",
+            sleep.ip
+        ),
+    ));
+    Call::default().run(&sleep, web.addr).unwrap();
+    web.next_served().unwrap();
+    let quick = Call {
+        connect_timeout_ms: Some(1500),
+        ..Call::default()
+    };
+    assert!(quick.run(&admin, web.addr).is_err());
+
+    // admin takes sleep's address as its own and tries again from it.
+    let added = std::process::Command::new("ip")
+        .args(["-n", &admin.netns, "addr", "add"])
+        .arg(format!("{}/32", sleep.ip))
+        .args(["dev", "eth0"])
+        .status()
+        .unwrap();
+    assert!(added.success());
+    let forged = Call {
+        bind_ip: Some(sleep.ip),
+        ..quick.clone()
+    };
+    assert!(
+        forged.run(&admin, web.addr).is_err(),
+        "a forged source got through"
+    );
+    assert!(web.next_served_within(Duration::from_millis(300)).is_err());
+    let dropped = format!("egress: dropped a packet from {}", sleep.ip);
+    mesh.agents[0]
+        .wait_for(PATIENCE, |l| l.message().starts_with(&dropped))
+        .unwrap();
+    // sleep itself is unaffected.
+    Call::default().run(&sleep, web.addr).unwrap();
+    assert_eq!(web.next_served().unwrap().peer.ip(), sleep.ip);
+}

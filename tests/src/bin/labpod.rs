@@ -44,6 +44,9 @@ enum Cli {
         /// Local port to bind before connecting (SO_REUSEADDR).
         #[arg(long)]
         bind_port: Option<u16>,
+        /// Local address to bind before connecting.
+        #[arg(long)]
+        bind_ip: Option<Ipv4Addr>,
         /// Pause between the greeting and sending, to keep connections in flight.
         #[arg(long)]
         hold_ms: Option<u64>,
@@ -86,13 +89,17 @@ fn main() -> ExitCode {
             addr,
             bytes,
             bind_port,
+            bind_ip,
             hold_ms,
             spread_ms,
             connect_timeout_ms,
         } => call(
             addr,
             bytes,
-            bind_port,
+            Bind {
+                ip: bind_ip,
+                port: bind_port,
+            },
             hold_ms.map(Duration::from_millis),
             spread_ms.map(Duration::from_millis),
             Duration::from_millis(connect_timeout_ms),
@@ -176,13 +183,13 @@ fn greet_and_echo(mut stream: &TcpStream, name: &str) -> io::Result<u64> {
 fn call(
     addr: SocketAddr,
     bytes: usize,
-    bind_port: Option<u16>,
+    bind: Bind,
     hold: Option<Duration>,
     spread: Option<Duration>,
     connect_timeout: Duration,
 ) -> Result<bool> {
-    let stream = connect(addr, bind_port, connect_timeout)
-        .with_context(|| format!("connecting to {addr}"))?;
+    let stream =
+        connect(addr, bind, connect_timeout).with_context(|| format!("connecting to {addr}"))?;
     // Taken now: once both sides have closed, the socket no longer knows its peer.
     let (local, peer) = (stream.local_addr()?, stream.peer_addr()?);
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
@@ -247,8 +254,8 @@ fn call(
 
 fn round_trips(addr: SocketAddr, count: usize, warmup: usize, size: usize) -> Result<()> {
     ensure!(count > 0 && size > 0, "--count and --size must be positive");
-    let stream =
-        connect(addr, None, CONNECT_TIMEOUT).with_context(|| format!("connecting to {addr}"))?;
+    let stream = connect(addr, Bind::default(), CONNECT_TIMEOUT)
+        .with_context(|| format!("connecting to {addr}"))?;
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     stream.set_nodelay(true)?;
@@ -295,7 +302,7 @@ fn connection_rate(addr: SocketAddr, duration: Duration, max: usize) -> Result<(
     let start = Instant::now();
     let mut connections = 0;
     while connections < max && start.elapsed() < duration {
-        let mut stream = connect(addr, None, CONNECT_TIMEOUT)
+        let mut stream = connect(addr, Bind::default(), CONNECT_TIMEOUT)
             .with_context(|| format!("connection {connections}"))?;
         stream.set_read_timeout(Some(IO_TIMEOUT))?;
         let mut greeting = String::new();
@@ -318,13 +325,22 @@ fn connection_rate(addr: SocketAddr, duration: Duration, max: usize) -> Result<(
     Ok(())
 }
 
-fn connect(addr: SocketAddr, bind_port: Option<u16>, timeout: Duration) -> io::Result<TcpStream> {
+/// What to bind a client socket to before connecting, if anything.
+#[derive(Default, Clone, Copy)]
+struct Bind {
+    ip: Option<Ipv4Addr>,
+    port: Option<u16>,
+}
+
+fn connect(addr: SocketAddr, bind: Bind, timeout: Duration) -> io::Result<TcpStream> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    if let Some(port) = bind_port {
+    if bind.ip.is_some() || bind.port.is_some() {
         socket.set_reuse_address(true)?;
-        let local: SocketAddr = match addr {
-            SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, port).into(),
-            SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, port).into(),
+        let port = bind.port.unwrap_or(0);
+        let local: SocketAddr = match (addr, bind.ip) {
+            (_, Some(ip)) => (ip, port).into(),
+            (SocketAddr::V4(_), None) => (Ipv4Addr::UNSPECIFIED, port).into(),
+            (SocketAddr::V6(_), None) => (Ipv6Addr::UNSPECIFIED, port).into(),
         };
         socket.bind(&local.into())?;
     }
