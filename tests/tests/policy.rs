@@ -601,3 +601,87 @@ fn a_pod_forging_another_pods_address_gets_nothing_through() {
     Call::default().run(&sleep, web.addr).unwrap();
     assert_eq!(web.next_served().unwrap().peer.ip(), sleep.ip);
 }
+
+#[test]
+fn every_mode_at_every_scope() {
+    let mut mesh = PolicyMesh::new();
+    let mut web = Server::start(&mesh.web.pod, PORT).unwrap();
+    let (attacker, sleep) = (mesh.attacker(), mesh.sleep.pod.clone());
+    let scopes: [(&str, fn(&str) -> String); 4] = [
+        ("mesh", |mode| {
+            pa(
+                "istio-system",
+                "mesh",
+                &format!("{{mtls: {{mode: {mode}}}}}"),
+            )
+        }),
+        ("namespace", |mode| {
+            pa("shop", "shop", &format!("{{mtls: {{mode: {mode}}}}}"))
+        }),
+        ("workload", |mode| {
+            pa(
+                "shop",
+                "web",
+                &format!("{{selector: {{matchLabels: {{app: web}}}}, mtls: {{mode: {mode}}}}}"),
+            )
+        }),
+        ("port", |mode| {
+            pa(
+                "shop",
+                "web",
+                &format!(
+                    "{{selector: {{matchLabels: {{app: web}}}}, portLevelMtls: {{\"8080\": {{mode: {mode}}}}}}}"
+                ),
+            )
+        }),
+    ];
+    let plaintext_accepted = |mesh: &PolicyMesh| {
+        mesh.agents[1]
+            .lines()
+            .iter()
+            .filter(|l| l.message() == "accepted plaintext connection")
+            .count()
+    };
+    for (scope, policy) in scopes {
+        for mode in ["STRICT", "PERMISSIVE", "DISABLE"] {
+            let what = format!("{mode} at {scope} scope");
+            mesh.set_policies(&policy(mode));
+
+            // The attacker's plaintext: dropped, through the agent, or
+            // straight to the application.
+            let before = plaintext_accepted(&mesh);
+            let called = Call {
+                connect_timeout_ms: Some(1500),
+                ..Call::default()
+            }
+            .run(&attacker, web.addr);
+            assert_eq!(called.is_ok(), mode != "STRICT", "{what}: attacker");
+            if called.is_ok() {
+                assert_eq!(web.next_served().unwrap().peer.ip(), attacker.ip, "{what}");
+            } else {
+                assert!(
+                    web.next_served_within(Duration::from_millis(300)).is_err(),
+                    "{what}"
+                );
+            }
+            let through_agent = plaintext_accepted(&mesh) > before;
+            assert_eq!(
+                through_agent,
+                mode == "PERMISSIVE",
+                "{what}: through the agent"
+            );
+
+            // A mesh client always gets in: over HBONE, or in plaintext to
+            // a DISABLE destination.
+            Call::default().run(&sleep, web.addr).unwrap();
+            assert_eq!(web.next_served().unwrap().peer.ip(), sleep.ip, "{what}");
+            let path = mesh.agents[0].captures().last().unwrap().path.clone();
+            let expected = if mode == "DISABLE" {
+                "passthrough"
+            } else {
+                "hbone"
+            };
+            assert_eq!(path, expected, "{what}: client path");
+        }
+    }
+}

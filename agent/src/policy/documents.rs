@@ -51,13 +51,23 @@ pub fn parse_file(file: &Path, text: &str) -> Vec<Result<Document, PolicyError>>
                 break;
             }
         };
-        documents.push(parse_document(value).map_err(|(policy, field, problem)| {
-            error(
-                policy.unwrap_or_else(|| format!("document #{}", index + 1)),
-                field,
-                problem,
-            )
-        }));
+        // `kubectl get -o yaml` writes a `kind: List` of the documents.
+        let items = match value.get("kind").and_then(|k| k.as_str()) {
+            Some("List") => match value.get("items").and_then(|i| i.as_sequence()) {
+                Some(items) => items.clone(),
+                None => Vec::new(),
+            },
+            _ => vec![value],
+        };
+        for item in items {
+            documents.push(parse_document(item).map_err(|(policy, field, problem)| {
+                error(
+                    policy.unwrap_or_else(|| format!("document #{}", index + 1)),
+                    field,
+                    problem,
+                )
+            }));
+        }
     }
     documents
 }
@@ -76,12 +86,16 @@ struct Envelope {
 }
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct Metadata {
     name: String,
     #[serde(default = "default_namespace")]
     namespace: String,
     #[serde(default)]
     annotations: BTreeMap<String, String>,
+    /// RFC 3339, as Kubernetes writes it: orders policies of one scope.
+    #[serde(default)]
+    creation_timestamp: Option<String>,
 }
 
 fn default_namespace() -> String {
@@ -95,6 +109,7 @@ fn parse_document(value: serde_yaml::Value) -> Result<Document, Invalid> {
         name,
         namespace,
         annotations,
+        creation_timestamp,
     } = envelope.metadata;
     let qualified = format!("{namespace}/{name}");
     let at = |field: &str, problem: String| (Some(qualified.clone()), field.to_owned(), problem);
@@ -134,7 +149,7 @@ fn parse_document(value: serde_yaml::Value) -> Result<Document, Invalid> {
         "PeerAuthentication" => {
             let raw: RawPeerAuthentication =
                 serde_path_to_error::deserialize(envelope.spec).map_err(spec)?;
-            raw.validate(name, namespace)
+            raw.validate(name, namespace, creation_timestamp)
                 .map(Document::PeerAuthentication)
                 .map_err(|(field, problem)| at(&field, problem))
         }
@@ -193,7 +208,12 @@ fn parse_mode(raw: Option<&RawMtls>, field: &str) -> Result<Option<MtlsMode>, Pr
 }
 
 impl RawPeerAuthentication {
-    fn validate(self, name: String, namespace: String) -> Result<PeerAuthentication, Problem> {
+    fn validate(
+        self,
+        name: String,
+        namespace: String,
+        created: Option<String>,
+    ) -> Result<PeerAuthentication, Problem> {
         let selector = self.selector.map(|s| s.match_labels);
         let mode = parse_mode(self.mtls.as_ref(), "spec.mtls.mode")?;
         if !self.port_level_mtls.is_empty() && selector.is_none() {
@@ -211,6 +231,7 @@ impl RawPeerAuthentication {
         Ok(PeerAuthentication {
             name,
             namespace,
+            created,
             selector,
             mode,
             ports,

@@ -70,6 +70,8 @@ impl fmt::Display for MtlsMode {
 pub struct PeerAuthentication {
     pub name: String,
     pub namespace: String,
+    /// `metadata.creationTimestamp` (RFC 3339), if the file has one.
+    pub created: Option<String>,
     pub selector: Option<Labels>,
     /// None: UNSET (inherit).
     pub mode: Option<MtlsMode>,
@@ -336,12 +338,20 @@ impl Policies {
                 }
             }
         }
-        // Istio takes the oldest of several policies at one scope; files
-        // carry no creation time, so the first by name stands in for it.
-        loaded
-            .policies
-            .peer_authentications
-            .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        // Istio takes the oldest of several policies at one scope: by
+        // creation time where the documents have one (exported from a
+        // cluster), then by name. RFC 3339 times in UTC sort as text.
+        loaded.policies.peer_authentications.sort_by(|a, b| {
+            let key = |pa: &PeerAuthentication| {
+                (
+                    pa.namespace.clone(),
+                    pa.created.is_none(),
+                    pa.created.clone(),
+                    pa.name.clone(),
+                )
+            };
+            key(a).cmp(&key(b))
+        });
         loaded
     }
 

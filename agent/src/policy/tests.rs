@@ -599,3 +599,39 @@ fn a_directory_of_files_is_read_in_order() {
     assert_eq!(missing.errors.len(), 1);
     assert!(missing.errors[0].to_string().contains("cannot read it"));
 }
+
+#[test]
+fn a_kubectl_export_reads_as_is() {
+    // What `kubectl get ... -o yaml` writes: a List, server-side fields, and
+    // two namespace-wide policies of which Istio takes the older.
+    let yaml = r#"
+apiVersion: v1
+kind: List
+metadata: {resourceVersion: ""}
+items:
+- apiVersion: security.istio.io/v1
+  kind: PeerAuthentication
+  metadata:
+    name: a-newer
+    namespace: shop
+    creationTimestamp: "2026-03-01T10:00:00Z"
+    uid: 0b0d
+    resourceVersion: "42"
+    annotations: {kubectl.kubernetes.io/last-applied-configuration: "{}"}
+  spec: {mtls: {mode: DISABLE}}
+  status: {}
+- apiVersion: security.istio.io/v1beta1
+  kind: PeerAuthentication
+  metadata:
+    name: b-older
+    namespace: shop
+    creationTimestamp: "2025-01-01T10:00:00Z"
+  spec: {mtls: {mode: STRICT}}
+"#;
+    let policies = policies(yaml);
+    assert_eq!(policies.counts().0, 2);
+    assert_eq!(
+        policies.mtls_mode(&workload("shop", ""), 80),
+        MtlsMode::Strict
+    );
+}
