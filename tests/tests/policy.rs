@@ -607,7 +607,9 @@ fn every_mode_at_every_scope() {
     let mut mesh = PolicyMesh::new();
     let mut web = Server::start(&mesh.web.pod, PORT).unwrap();
     let (attacker, sleep) = (mesh.attacker(), mesh.sleep.pod.clone());
-    let scopes: [(&str, fn(&str) -> String); 4] = [
+    /// A scope's name, and its PeerAuthentication for a mode.
+    type Scope = (&'static str, fn(&str) -> String);
+    let scopes: [Scope; 4] = [
         ("mesh", |mode| {
             pa(
                 "istio-system",
