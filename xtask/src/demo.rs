@@ -5,6 +5,8 @@
 //! agents, bytes on veths. Every claim printed is checked first. The lab is
 //! torn down at the end, also on failure.
 
+use std::time::Duration;
+
 use anyhow::{Context, Result, ensure};
 use warren_tests::{
     Lab, LabSpec,
@@ -56,12 +58,15 @@ pub fn run() -> Result<()> {
         ca.addr
     );
 
+    let policies = dir.join("policies");
+    std::fs::create_dir_all(&policies)?;
     let mut agents = Vec::new();
     for node in lab.nodes() {
         let credential = dir.join("credentials").join(&node.name);
         signing.node_credential(node, &signing.root(), &credential, false)?;
         let ca_addr = std::net::SocketAddrV4::new(lab.node(0).ip, CA_PORT);
-        let config = ca_agent_config(node, &mesh, ca_addr, &credential);
+        let config = ca_agent_config(node, &mesh, ca_addr, &credential)
+            + &format!("policyDir: {}\n", policies.display());
         agents.push(Agent::start(node, &config, &dir)?);
     }
     println!(
@@ -113,40 +118,102 @@ pub fn run() -> Result<()> {
     println!("\n2. On the same node");
     conversation(&mut agents, &sleep, &local_web, &mut local_server)?;
 
-    println!("\n3. From a pod outside the mesh");
+    println!("\n3. From a pod outside the mesh, to a PERMISSIVE pod (no policy: the default)");
     let called = Call::default().run(outsider, local_server.addr)?;
     let served = local_server.next_served()?;
-    let captured = agents[1]
-        .captures()
-        .iter()
-        .any(|c| c.src.ip() == &outsider.ip);
     ensure!(
-        !captured,
+        !agents[1]
+            .captures()
+            .iter()
+            .any(|c| c.src.ip() == &outsider.ip),
         "the agent captured an unenrolled pod's connection"
     );
+    let src = outsider.ip.to_string();
+    let accepted = agents[0].wait_for(PATIENCE, |l| {
+        l.message() == "accepted plaintext connection" && l.field("src").starts_with(&src)
+    })?;
     ensure!(
-        served.peer == called.local,
-        "the outsider's connection was rewritten"
+        served.peer.ip() == std::net::IpAddr::V4(outsider.ip),
+        "the server saw {} instead of the outsider",
+        served.peer
     );
     println!(
-        "   {} ({}) called {}: {} bytes there and back, in plain TCP: its socket talked to the \
-         server directly (the server saw {}, the client's own address and port), and node-2's \
-         agent did not touch it. (Whether plaintext is allowed in is policy, which comes next.)",
-        outsider.name, outsider.ip, local_server.addr, called.received, served.peer
+        "   {} ({}, not enrolled) called {} in plain TCP: {} bytes there and back. The kernel \
+         program on {}'s interface handed the connection to node-1's agent, which authorized \
+         it with no identity ({}) and delivered it; the application saw {}.",
+        outsider.name,
+        outsider.ip,
+        local_server.addr,
+        called.received,
+        local_web.pod.name,
+        accepted.field("policy"),
+        served.peer.ip()
     );
+
+    println!(
+        "\n4. Istio policies: STRICT mTLS mesh-wide, and an ALLOW rule for {}",
+        sleep.identity()
+    );
+    std::fs::write(policies.join("policies.yaml"), DEMO_POLICIES)?;
+    for agent in &mut agents {
+        agent.wait_for_count(PATIENCE, 2, |l| l.message() == "policies loaded")?;
+    }
+    let refused = Call {
+        connect_timeout_ms: Some(1500),
+        ..Call::default()
+    }
+    .run(outsider, local_server.addr);
+    ensure!(refused.is_err(), "plaintext reached a STRICT pod");
+    ensure!(
+        local_server
+            .next_served_within(Duration::from_millis(300))
+            .is_err(),
+        "the STRICT pod's application saw the outsider"
+    );
+    let dropped = agents[0].wait_for(PATIENCE, |l| {
+        l.message().starts_with("ingress: STRICT pod") && l.message().contains("dropped")
+    })?;
+    println!(
+        "   {} tried again: its SYN was dropped in the kernel (\"{}\"), the application saw \
+         nothing. This holds even while the agent is down: the programs are pinned.",
+        outsider.name,
+        dropped.message()
+    );
+    conversation(&mut agents, &sleep, &local_web, &mut local_server)?;
+    let allowed = agents[0].wait_for(PATIENCE, |l| {
+        l.message() == "accepted HBONE stream" && l.field("policy").starts_with("ALLOW")
+    })?;
+    println!("   Allowed by {}.", allowed.field("policy"));
 
     for agent in &mut agents {
         agent.stop()?;
     }
     ca.stop()?;
     println!(
-        "\nAgents and CA stopped (the agents' eBPF programs detached with them); tearing the lab \
-         down."
+        "\nAgents and CA stopped. The pods' programs stay pinned (they fail closed until an \
+         agent takes over); tearing the lab down removes them."
     );
     drop(lab);
     println!("Demo complete.");
     Ok(())
 }
+
+/// What scene 4 applies: Istio documents, as they would come from a cluster.
+const DEMO_POLICIES: &str = "\
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec:
+  mtls: {mode: STRICT}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web-from-sleep, namespace: default}
+spec:
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/default/sa/sleep]}}]
+";
 
 fn conversation(
     agents: &mut [Agent],
