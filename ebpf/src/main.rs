@@ -209,31 +209,55 @@ const CURRENT_NETNS: u64 = 0xffff_ffff;
 
 #[classifier]
 pub fn warren_pod_ingress(ctx: TcContext) -> i32 {
-    // A packet too short to parse is not a TCP connection attempt.
-    ingress(&ctx).unwrap_or(TC_ACT_OK as i32)
+    match ctx.load::<u16>(12).map(u16::from_be) {
+        Ok(ETH_P_IP) => ipv4(&ctx),
+        Ok(ETH_P_IPV6) => ipv6(&ctx),
+        _ => TC_ACT_OK as i32,
+    }
 }
 
-fn ingress(ctx: &TcContext) -> Option<i32> {
-    if u16::from_be(ctx.load::<u16>(12).ok()?) != ETH_P_IP {
-        return Some(TC_ACT_OK as i32);
+/// Whether a packet that cannot be checked may pass: only to a pod that takes
+/// plaintext as it is.
+fn unchecked(default: u32) -> i32 {
+    if default == mode::DISABLE {
+        TC_ACT_OK as i32
+    } else {
+        TC_ACT_SHOT as i32
     }
+}
+
+fn ipv4(ctx: &TcContext) -> i32 {
+    let Ok(daddr) = ctx.load::<u32>(ETH_HLEN + 16) else {
+        return TC_ACT_OK as i32; // too short to be anyone's IPv4 packet
+    };
+    let pod = u32::from_be(daddr);
+    // SAFETY: lookups only read plain integers.
+    let Some(&default) = (unsafe { INBOUND_MODES.get(&InboundKey::new(pod, 0)) }) else {
+        return TC_ACT_OK as i32; // not an enrolled pod's address
+    };
+    // For an enrolled pod, what cannot be parsed does not pass.
+    ipv4_tcp(ctx, pod, default).unwrap_or(unchecked(default))
+}
+
+fn ipv4_tcp(ctx: &TcContext, pod: u32, default: u32) -> Option<i32> {
     let version_ihl: u8 = ctx.load(ETH_HLEN).ok()?;
     let protocol: u8 = ctx.load(ETH_HLEN + 9).ok()?;
     if protocol != IPPROTO_TCP as u8 {
         return Some(TC_ACT_OK as i32);
     }
+    // A fragment's TCP header may be cut short or missing (the tiny-fragment
+    // trick); TCP does not fragment in practice, so fragments are not let in.
+    let fragment = u16::from_be(ctx.load(ETH_HLEN + 6).ok()?);
+    if fragment & 0x3fff != 0 {
+        return Some(unchecked(default));
+    }
     let saddr: u32 = ctx.load(ETH_HLEN + 12).ok()?;
-    let daddr: u32 = ctx.load(ETH_HLEN + 16).ok()?;
+    let daddr = pod.to_be();
     let tcp = ETH_HLEN + usize::from(version_ihl & 0x0f) * 4;
     let sport: u16 = ctx.load(tcp).ok()?;
     let dport: u16 = ctx.load(tcp + 2).ok()?;
     let flags: u8 = ctx.load(tcp + 13).ok()?;
-    let (pod, port) = (u32::from_be(daddr), u16::from_be(dport));
-
-    // SAFETY: lookups only read plain integers.
-    let Some(&default) = (unsafe { INBOUND_MODES.get(&InboundKey::new(pod, 0)) }) else {
-        return Some(TC_ACT_OK as i32); // not an enrolled pod's address
-    };
+    let port = u16::from_be(dport);
     if port == HBONE_PORT {
         return Some(TC_ACT_OK as i32);
     }
@@ -342,6 +366,39 @@ pub fn warren_egress(ctx: SkBuffContext) -> i32 {
         "egress: dropped a packet from {:i}, which is not the pod's address {:i}", saddr, pod.ip
     );
     DROP
+}
+
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_ICMPV6: u8 = 58;
+const IPPROTO_UDP: u8 = 17;
+const IPV6_HLEN: usize = 40;
+
+/// The mesh is IPv4: an IPv6 connection can be neither HBONE nor handed to
+/// the agent. Unless the pod is DISABLE, IPv6 connection attempts to it are
+/// dropped, and so is whatever hides its transport behind extension headers.
+fn ipv6(ctx: &TcContext) -> i32 {
+    // SAFETY: plain helper call and lookups of plain integers.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let Some(pod) = (unsafe { PODS.get(&netns) }).copied() else {
+        return TC_ACT_OK as i32;
+    };
+    let Some(&default) = (unsafe { INBOUND_MODES.get(&InboundKey::new(pod.ip, 0)) }) else {
+        return TC_ACT_OK as i32;
+    };
+    if default == mode::DISABLE {
+        return TC_ACT_OK as i32;
+    }
+    let Ok(next) = ctx.load::<u8>(ETH_HLEN + 6) else {
+        return TC_ACT_SHOT as i32;
+    };
+    match next {
+        IPPROTO_ICMPV6 | IPPROTO_UDP => TC_ACT_OK as i32,
+        n if n == IPPROTO_TCP as u8 => match ctx.load::<u8>(ETH_HLEN + IPV6_HLEN + 13) {
+            Ok(flags) if flags & (TCP_SYN | TCP_ACK) != TCP_SYN => TC_ACT_OK as i32,
+            _ => TC_ACT_SHOT as i32,
+        },
+        _ => TC_ACT_SHOT as i32,
+    }
 }
 
 #[cfg(not(test))]
