@@ -163,16 +163,19 @@ impl Agent {
         self.reconcile().await;
         // Pods that went away while no agent ran: release what was pinned
         // for them.
-        let keep: Vec<u64> = self
-            .enrolled
-            .values()
-            .map(|e| e.proxy.netns.cookie())
+        let local: HashMap<String, Option<u64>> = self
+            .store
+            .current()
+            .config()
+            .local_workloads()
+            .map(|(w, _)| {
+                let name = w.qualified_name();
+                let cookie = self.enrolled.get(&name).map(|e| e.proxy.netns.cookie());
+                (name, cookie)
+            })
             .collect();
-        for cookie in self.redirector.release_others(&keep) {
-            info!(
-                netns_cookie = cookie,
-                "released the programs of a pod that is gone"
-            );
+        for pod in self.redirector.release_others(&local) {
+            info!(%pod, "released the programs of a pod that is gone");
         }
         info!("warren agent ready");
         loop {
@@ -369,6 +372,21 @@ impl Agent {
             .map(|(w, pod)| (w.qualified_name(), (w, pod)))
             .collect();
 
+        // New labels are only new policy: the pod stays enrolled (a
+        // re-enrollment would leave it unenforced for a moment).
+        let mut relabelled = false;
+        for (name, enrolled) in &mut self.enrolled {
+            if let Some((w, _)) = wanted.get(name)
+                && w.labels != enrolled.workload.labels
+                && same_but_labels(w, &enrolled.workload)
+            {
+                enrolled.workload.labels = w.labels.clone();
+                relabelled = true;
+            }
+        }
+        if relabelled {
+            self.sync_modes();
+        }
         let stale: Vec<String> = self
             .enrolled
             .iter()
@@ -451,6 +469,7 @@ impl Agent {
         let outbound_listener = outbound::bind(&proxy).await?;
         let modes = inbound_modes(self.store.current().policies(), workload);
         let attachment = self.redirector.enroll(
+            &workload.qualified_name(),
             &pod.cgroup,
             &pod.netns,
             netns.cookie(),
@@ -520,12 +539,28 @@ async fn first_certificate(
     None
 }
 
+/// Whether `a` and `b` are the same pod, labels aside.
+fn same_but_labels(a: &Workload, b: &Workload) -> bool {
+    Workload {
+        labels: b.labels.clone(),
+        ..a.clone()
+    } == *b
+}
+
 /// A workload's mTLS modes, as the ingress program takes them.
 fn inbound_modes(policies: &Policies, workload: &Workload) -> InboundModes {
-    let code = |mode| match mode {
-        MtlsMode::Strict => warren_common::mode::STRICT,
-        MtlsMode::Permissive => warren_common::mode::PERMISSIVE,
-        MtlsMode::Disable => warren_common::mode::DISABLE,
+    use warren_common::mode;
+    // DISABLE pods' plaintext goes through the agent too: authorization
+    // applies to it. And if authorization applies, plaintext must not get
+    // past while no agent listens.
+    let flags = if policies.authorization_applies(workload) {
+        mode::AUTHORIZED
+    } else {
+        0
+    };
+    let code = |m| match m {
+        MtlsMode::Strict => mode::STRICT,
+        MtlsMode::Permissive | MtlsMode::Disable => mode::PERMISSIVE | flags,
     };
     let (default, ports) = policies.mtls_modes(workload);
     InboundModes {
@@ -535,20 +570,24 @@ fn inbound_modes(policies: &Policies, workload: &Workload) -> InboundModes {
 }
 
 /// The policies of the config's policy directory (none without one),
-/// logging the documents refused and the warnings; None if the directory
-/// cannot be read.
+/// logging the documents refused and the warnings; None if the directory or
+/// one of its files cannot be read or parsed (then what it holds is unknown).
 fn load_policies(config: &Config, why: &str) -> Option<Policies> {
     let Some(dir) = &config.policy_dir else {
         return Some(Policies::none(&config.root_namespace));
     };
     let loaded = Policies::load_dir(dir, &config.root_namespace);
     for error in &loaded.errors {
-        error!(%why, error = %error, "policy refused; the other policies apply");
+        error!(
+            %why,
+            error = %error,
+            "policy refused; the workloads it was meant for fail closed, the other policies apply"
+        );
     }
     for warning in &loaded.warnings {
         warn!(%why, "{warning}");
     }
-    if loaded.errors.iter().any(|e| e.file == *dir) {
+    if !loaded.complete {
         return None;
     }
     let (peer_authentications, authorization_policies) = loaded.policies.counts();

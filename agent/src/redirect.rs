@@ -109,6 +109,8 @@ const SOCK_ADDR_PROGRAMS: [&str; 2] = [names::CONNECT4, names::CONNECT6];
 pub struct Redirector {
     ebpf: Ebpf,
     pin_dir: PathBuf,
+    /// Held while the agent runs: one agent per pin directory.
+    _lock: nix::fcntl::Flock<File>,
     pods: HashMap<MapData, u64, PodInfo>,
     modes: HashMap<MapData, InboundKey, u32>,
     listeners: SockHash<MapData, u32>,
@@ -135,6 +137,7 @@ impl Redirector {
                     .into(),
             ));
         }
+        let lock = lock(pin_dir)?;
         let map_pins: Vec<(&str, PathBuf)> = PINNED_MAPS
             .iter()
             .map(|&name| (name, pin_dir.join(name)))
@@ -189,6 +192,7 @@ impl Redirector {
         Ok(Self {
             ebpf,
             pin_dir: pin_dir.to_owned(),
+            _lock: lock,
             pods,
             modes,
             listeners,
@@ -208,8 +212,10 @@ impl Redirector {
     /// Its outbound listener and its plaintext listener (`plaintext`) must
     /// already be up. Links a previous agent pinned for this pod are taken
     /// over as they are: the pod is never left unenforced.
+    #[allow(clippy::too_many_arguments)] // each is one fact about the pod
     pub fn enroll(
         &mut self,
+        pod: &str,
         cgroup: &Path,
         netns: &Path,
         netns_cookie: u64,
@@ -217,7 +223,10 @@ impl Redirector {
         modes: &InboundModes,
         plaintext: &impl AsFd,
     ) -> Result<Attachment, RedirectError> {
-        let pins = self.pin_dir.join("pods").join(netns_cookie.to_string());
+        let pins = self
+            .pin_dir
+            .join("pods")
+            .join(PinName::new(netns_cookie, pod).to_string());
         let taken_over = POD_LINKS.iter().all(|name| pins.join(name).exists());
         let attachment = Attachment {
             netns_cookie,
@@ -246,7 +255,10 @@ impl Redirector {
                 }
             });
         if let Err(e) = prepared {
-            let _ = self.withdraw(attachment);
+            // Links a previous agent left stay: the pod keeps failing closed.
+            if !taken_over {
+                let _ = self.withdraw(attachment);
+            }
             return Err(e);
         }
         // The connect hooks capture only once the pod is in this map.
@@ -256,7 +268,9 @@ impl Redirector {
             _pad: 0,
         };
         if let Err(source) = self.pods.insert(netns_cookie, info, 0) {
-            let _ = self.withdraw(attachment);
+            if !taken_over {
+                let _ = self.withdraw(attachment);
+            }
             return Err(RedirectError::Map {
                 name: names::PODS,
                 source,
@@ -318,16 +332,20 @@ impl Redirector {
             name: names::INBOUND_MODES,
             source,
         };
-        // Ports first, the default last: while it is being written the pod
-        // keeps its old default rather than none.
-        let old = self
-            .mode_ports
-            .insert(pod_ip, modes.ports.keys().copied().collect());
-        for port in old.unwrap_or_default() {
-            if !modes.ports.contains_key(&port) {
-                let _ = self.modes.remove(&InboundKey::new(ip, port));
-            }
-        }
+        // The ports this pod had a mode for; the first time in this process,
+        // read from the (pinned) map, which a previous agent may have filled.
+        let old = match self.mode_ports.get(&pod_ip) {
+            Some(ports) => ports.clone(),
+            None => self
+                .modes
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|key| key.ip == ip && key.port != 0)
+                .map(|key| key.port)
+                .collect(),
+        };
+        // New entries first, stale ones last: no moment where a port falls
+        // back to a default it should not have.
         for (&port, &mode) in &modes.ports {
             self.modes
                 .insert(InboundKey::new(ip, port), mode, 0)
@@ -335,7 +353,15 @@ impl Redirector {
         }
         self.modes
             .insert(InboundKey::new(ip, 0), modes.default, 0)
-            .map_err(map_error)
+            .map_err(map_error)?;
+        for port in old {
+            if !modes.ports.contains_key(&port) {
+                let _ = self.modes.remove(&InboundKey::new(ip, port));
+            }
+        }
+        self.mode_ports
+            .insert(pod_ip, modes.ports.keys().copied().collect());
+        Ok(())
     }
 
     /// Attaches the ingress program to the pod's interface (the one holding
@@ -390,38 +416,103 @@ impl Redirector {
         removed.and(detached)
     }
 
-    /// Removes the pods' modes and plaintext listener from the maps.
+    /// Removes the pod's modes and plaintext listener from the maps.
     fn forget_inbound(&mut self, pod_ip: Ipv4Addr) {
         let ip = u32::from(pod_ip);
-        let _ = self.modes.remove(&InboundKey::new(ip, 0));
-        for port in self.mode_ports.remove(&pod_ip).unwrap_or_default() {
-            let _ = self.modes.remove(&InboundKey::new(ip, port));
+        self.mode_ports.remove(&pod_ip);
+        let keys: Vec<InboundKey> = self
+            .modes
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| key.ip == ip)
+            .collect();
+        for key in keys {
+            let _ = self.modes.remove(&key);
         }
         let _ = self.listeners.remove(&ip);
     }
 
-    /// Detaches the pinned links of pods that are not in `keep` (netns
-    /// cookies): pods that went away while no agent was running.
-    pub fn release_others(&mut self, keep: &[u64]) -> Vec<u64> {
+    /// Releases what previous agents pinned for pods that are gone: pods no
+    /// longer in the config (`local`: the pods of this node, each with the
+    /// netns cookie it is enrolled with, if it is), and earlier namespaces of
+    /// pods enrolled now. Pods of the config that could not be enrolled keep
+    /// their pins: they go on failing closed. Returns what was released.
+    pub fn release_others(
+        &mut self,
+        local: &std::collections::HashMap<String, Option<u64>>,
+    ) -> Vec<String> {
         let Ok(entries) = std::fs::read_dir(self.pin_dir.join("pods")) else {
             return Vec::new();
         };
+        let enrolled: Vec<u64> = local.values().flatten().copied().collect();
         let mut released = Vec::new();
         for entry in entries.flatten() {
-            let Some(cookie) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<u64>().ok())
-            else {
+            let file_name = entry.file_name();
+            let Some(pin) = file_name.to_str().and_then(PinName::parse) else {
                 continue;
             };
-            if !keep.contains(&cookie) {
-                let _ = self.pods.remove(&cookie);
-                let _ = unpin_all(&entry.path());
-                released.push(cookie);
+            let gone = match local.get(&pin.pod) {
+                None => true,
+                Some(Some(cookie)) => *cookie != pin.netns_cookie,
+                Some(None) => false,
+            };
+            if !gone {
+                continue;
             }
+            // Its address may be a pod's enrolled now: leave that pod's
+            // entries alone.
+            if let Ok(info) = self.pods.get(&pin.netns_cookie, 0) {
+                let reused = enrolled
+                    .iter()
+                    .any(|c| self.pods.get(c, 0).is_ok_and(|i| i.ip == info.ip));
+                if !reused {
+                    self.forget_inbound(Ipv4Addr::from(info.ip));
+                }
+            }
+            let _ = self.pods.remove(&pin.netns_cookie);
+            let _ = unpin_all(&entry.path());
+            released.push(format!("{} (netns cookie {})", pin.pod, pin.netns_cookie));
         }
         released
+    }
+}
+
+/// A pod's pin directory: `<netns cookie>_<namespace>_<name>` (neither
+/// namespaces nor pod names can contain `_`).
+struct PinName {
+    netns_cookie: u64,
+    /// `namespace/name`.
+    pod: String,
+}
+
+impl PinName {
+    fn new(netns_cookie: u64, pod: &str) -> Self {
+        Self {
+            netns_cookie,
+            pod: pod.to_owned(),
+        }
+    }
+
+    fn parse(name: &str) -> Option<Self> {
+        let mut parts = name.splitn(3, '_');
+        let netns_cookie = parts.next()?.parse().ok()?;
+        let namespace = parts.next()?;
+        let pod = parts.next()?;
+        Some(Self {
+            netns_cookie,
+            pod: format!("{namespace}/{pod}"),
+        })
+    }
+}
+
+impl std::fmt::Display for PinName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}_{}",
+            self.netns_cookie,
+            self.pod.replacen('/', "_", 1)
+        )
     }
 }
 
@@ -429,6 +520,10 @@ impl Redirector {
 /// (detaching its programs: the pod talks directly again) and the maps.
 /// Returns how many pods were released. For taking warren off a node.
 pub fn uninstall(pin_dir: &Path) -> Result<usize, RedirectError> {
+    if !pin_dir.exists() {
+        return Ok(0);
+    }
+    let _lock = lock(pin_dir)?;
     let pods = pin_dir.join("pods");
     let mut released = 0;
     let mut result = Ok(());
@@ -448,6 +543,23 @@ pub fn uninstall(pin_dir: &Path) -> Result<usize, RedirectError> {
     let _ = std::fs::remove_dir(&pods);
     let _ = std::fs::remove_dir(pin_dir);
     result.map(|()| released)
+}
+
+/// Locks `pin_dir` for this process, or says who holds it.
+fn lock(pin_dir: &Path) -> Result<nix::fcntl::Flock<File>, RedirectError> {
+    let problem = |problem: String| RedirectError::Pin {
+        path: pin_dir.to_owned(),
+        problem,
+    };
+    let dir = File::open(pin_dir).map_err(|e| problem(format!("cannot open it: {e}")))?;
+    nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        problem(match e {
+            nix::errno::Errno::EWOULDBLOCK => {
+                "a warren agent is using it (one agent per pin directory; stop it first)".into()
+            }
+            e => format!("cannot lock it: {e}"),
+        })
+    })
 }
 
 /// Pins `link` at `path`; from then on it outlives this process.

@@ -16,15 +16,20 @@ pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
 /// The HBONE port, which the in-pod ingress program always lets through.
 pub const HBONE_PORT: u16 = 15008;
 
-/// mTLS modes, as [`names::INBOUND_MODES`] holds them.
+/// mTLS modes, as [`names::INBOUND_MODES`] holds them: a mode in the low
+/// byte, and flags.
 pub mod mode {
     /// Only HBONE: a plaintext connection attempt is dropped.
     pub const STRICT: u32 = 1;
-    /// Plaintext is handed to the agent's plaintext listener (or, with no
-    /// agent listening, to the application).
+    /// Plaintext is handed to the agent's plaintext listener, which
+    /// authorizes it. DISABLE pods are treated so too (only their peers send
+    /// them plaintext instead of HBONE).
     pub const PERMISSIVE: u32 = 2;
-    /// Plaintext goes straight to the application.
-    pub const DISABLE: u32 = 3;
+    /// The mode bits.
+    pub const MASK: u32 = 0xff;
+    /// Authorization policies apply to the pod: with no agent listening,
+    /// plaintext is dropped rather than let through unchecked.
+    pub const AUTHORIZED: u32 = 0x100;
 }
 
 /// Names of the maps and programs in the eBPF object, so both sides agree.

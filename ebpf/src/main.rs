@@ -22,7 +22,8 @@
 //!   under STRICT any other connection attempt is dropped, agent or no agent;
 //!   under PERMISSIVE it is handed to the agent's plaintext listener, so that
 //!   authorization applies to it too (its local address stays the original
-//!   destination); under DISABLE it goes to the application.
+//!   destination), and so are DISABLE pods' connections. IPv6 connection
+//!   attempts, TCP fragments and unparsable packets are dropped.
 //! - `warren_egress` (cgroup_skb/egress, on the pod's cgroup) drops IPv4
 //!   packets a pod sends with a source address that is not its own: a pod
 //!   cannot pass for another one (policies match source addresses).
@@ -216,16 +217,6 @@ pub fn warren_pod_ingress(ctx: TcContext) -> i32 {
     }
 }
 
-/// Whether a packet that cannot be checked may pass: only to a pod that takes
-/// plaintext as it is.
-fn unchecked(default: u32) -> i32 {
-    if default == mode::DISABLE {
-        TC_ACT_OK as i32
-    } else {
-        TC_ACT_SHOT as i32
-    }
-}
-
 fn ipv4(ctx: &TcContext) -> i32 {
     let Ok(daddr) = ctx.load::<u32>(ETH_HLEN + 16) else {
         return TC_ACT_OK as i32; // too short to be anyone's IPv4 packet
@@ -235,8 +226,8 @@ fn ipv4(ctx: &TcContext) -> i32 {
     let Some(&default) = (unsafe { INBOUND_MODES.get(&InboundKey::new(pod, 0)) }) else {
         return TC_ACT_OK as i32; // not an enrolled pod's address
     };
-    // For an enrolled pod, what cannot be parsed does not pass.
-    ipv4_tcp(ctx, pod, default).unwrap_or(unchecked(default))
+    // For an enrolled pod, what cannot be parsed does not get in.
+    ipv4_tcp(ctx, pod, default).unwrap_or(TC_ACT_SHOT as i32)
 }
 
 fn ipv4_tcp(ctx: &TcContext, pod: u32, default: u32) -> Option<i32> {
@@ -249,10 +240,9 @@ fn ipv4_tcp(ctx: &TcContext, pod: u32, default: u32) -> Option<i32> {
     // trick); TCP does not fragment in practice, so fragments are not let in.
     let fragment = u16::from_be(ctx.load(ETH_HLEN + 6).ok()?);
     if fragment & 0x3fff != 0 {
-        return Some(unchecked(default));
+        return None;
     }
     let saddr: u32 = ctx.load(ETH_HLEN + 12).ok()?;
-    let daddr = pod.to_be();
     let tcp = ETH_HLEN + usize::from(version_ihl & 0x0f) * 4;
     let sport: u16 = ctx.load(tcp).ok()?;
     let dport: u16 = ctx.load(tcp + 2).ok()?;
@@ -261,66 +251,82 @@ fn ipv4_tcp(ctx: &TcContext, pod: u32, default: u32) -> Option<i32> {
     if port == HBONE_PORT {
         return Some(TC_ACT_OK as i32);
     }
-    let mode = unsafe { INBOUND_MODES.get(&InboundKey::new(pod, port)) }
+    let value = unsafe { INBOUND_MODES.get(&InboundKey::new(pod, port)) }
         .copied()
         .unwrap_or(default);
-    if mode == mode::DISABLE {
+    let strict = value & mode::MASK == mode::STRICT;
+    let skb = ctx.skb.skb.cast::<c_void>();
+
+    if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        // Not a connection attempt. A packet of a connection that exists, or
+        // of a handshake under way, reaches its socket by the normal lookup.
+        let mut tuple = bpf_sock_tuple {
+            __bindgen_anon_1: aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1 {
+                ipv4: bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+                    saddr,
+                    daddr: pod.to_be(),
+                    sport,
+                    dport,
+                },
+            },
+        };
+        // SAFETY: the helper reads `tuple` (the size given is the IPv4
+        // part's) and returns a referenced socket or null, released here.
+        let sk = unsafe {
+            bpf_skc_lookup_tcp(
+                skb,
+                &mut tuple,
+                size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32,
+                CURRENT_NETNS,
+                0,
+            )
+        };
+        if !sk.is_null() {
+            // SAFETY: `sk` is a valid socket reference until released.
+            let state = unsafe { (*sk).state };
+            unsafe { bpf_sk_release(sk.cast()) };
+            if state != TCP_LISTEN {
+                return Some(TC_ACT_OK as i32);
+            }
+        }
+        // No connection: at most the ACK of a SYN-cookie handshake with the
+        // agent's listener; under STRICT, nothing.
+        if strict {
+            return Some(TC_ACT_SHOT as i32);
+        }
+        let _ = assign_to_agent(skb, pod);
         return Some(TC_ACT_OK as i32);
     }
 
-    // A packet of a connection that exists (or is being set up, e.g. with
-    // the agent's listener) goes to it: the normal lookup would find the
-    // application's listener instead, and reset the handshake.
-    let mut tuple = bpf_sock_tuple {
-        __bindgen_anon_1: aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1 {
-            ipv4: bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
-                saddr,
-                daddr,
-                sport,
-                dport,
-            },
-        },
-    };
-    let skb = ctx.skb.skb.cast::<c_void>();
-    // SAFETY: the helper reads `tuple` (the size given is the IPv4 part's)
-    // and returns a referenced socket or null; every non-null result is
-    // released below, as the verifier insists.
-    let sk = unsafe {
-        bpf_skc_lookup_tcp(
-            skb,
-            &mut tuple,
-            size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32,
-            CURRENT_NETNS,
-            0,
-        )
-    };
-    if !sk.is_null() {
-        // SAFETY: `sk` is a valid socket reference until released.
-        let state = unsafe { (*sk).state };
-        if state != TCP_LISTEN {
-            unsafe {
-                bpf_sk_assign(skb, sk.cast(), 0);
-                bpf_sk_release(sk.cast());
-            }
-            return Some(TC_ACT_OK as i32);
-        }
-        unsafe { bpf_sk_release(sk.cast()) };
-    }
-    // Only a connection attempt (SYN without ACK) can open a connection;
-    // anything else finds no socket and is answered with a reset.
-    if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
-        return Some(TC_ACT_OK as i32);
-    }
-    if mode == mode::STRICT {
+    // A connection attempt never takes the path above: one that matches a
+    // TIME_WAIT socket would reach the application's listener.
+    if strict {
         debug!(
             ctx,
             "ingress: STRICT pod {:i}: dropped plaintext SYN to port {}", pod, port
         );
         return Some(TC_ACT_SHOT as i32);
     }
-    // PERMISSIVE: to the agent, if it listens.
-    // SAFETY: a sockhash lookup from tc returns a referenced socket or null,
-    // released below.
+    // PERMISSIVE (and DISABLE): to the agent, which authorizes it. With no
+    // agent listening, the application takes it unless authorization
+    // applies to the pod: then it must not bypass the agent.
+    match assign_to_agent(skb, pod) {
+        Assigned::Yes => Some(TC_ACT_OK as i32),
+        Assigned::NoListener if value & mode::AUTHORIZED == 0 => Some(TC_ACT_OK as i32),
+        _ => Some(TC_ACT_SHOT as i32),
+    }
+}
+
+enum Assigned {
+    Yes,
+    NoListener,
+    Failed,
+}
+
+/// Hands the packet to the agent's plaintext listener for `pod`.
+fn assign_to_agent(skb: *mut c_void, pod: u32) -> Assigned {
+    // SAFETY: a sockhash lookup from tc returns a referenced socket or null;
+    // it is released below.
     let listener = unsafe {
         bpf_map_lookup_elem(
             (&raw const INBOUND_LISTENERS).cast_mut().cast(),
@@ -328,13 +334,16 @@ fn ipv4_tcp(ctx: &TcContext, pod: u32, default: u32) -> Option<i32> {
         )
     }
     .cast::<bpf_sock>();
-    if !listener.is_null() {
-        unsafe {
-            bpf_sk_assign(skb, listener.cast(), 0);
-            bpf_sk_release(listener.cast());
-        }
+    if listener.is_null() {
+        return Assigned::NoListener;
     }
-    Some(TC_ACT_OK as i32)
+    let assigned = unsafe { bpf_sk_assign(skb, listener.cast(), 0) };
+    unsafe { bpf_sk_release(listener.cast()) };
+    if assigned == 0 {
+        Assigned::Yes
+    } else {
+        Assigned::Failed
+    }
 }
 
 /// cgroup_skb: 1 lets the packet go, 0 drops it.
@@ -374,20 +383,10 @@ const IPPROTO_UDP: u8 = 17;
 const IPV6_HLEN: usize = 40;
 
 /// The mesh is IPv4: an IPv6 connection can be neither HBONE nor handed to
-/// the agent. Unless the pod is DISABLE, IPv6 connection attempts to it are
-/// dropped, and so is whatever hides its transport behind extension headers.
+/// the agent. The program runs only on enrolled pods' interfaces, so IPv6
+/// connection attempts there are dropped, and so is whatever hides its
+/// transport behind extension headers.
 fn ipv6(ctx: &TcContext) -> i32 {
-    // SAFETY: plain helper call and lookups of plain integers.
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let Some(pod) = (unsafe { PODS.get(&netns) }).copied() else {
-        return TC_ACT_OK as i32;
-    };
-    let Some(&default) = (unsafe { INBOUND_MODES.get(&InboundKey::new(pod.ip, 0)) }) else {
-        return TC_ACT_OK as i32;
-    };
-    if default == mode::DISABLE {
-        return TC_ACT_OK as i32;
-    }
     let Ok(next) = ctx.load::<u8>(ETH_HLEN + 6) else {
         return TC_ACT_SHOT as i32;
     };

@@ -272,26 +272,27 @@ fn authorization_policies_decide_who_connects() {
             }],
         ),
         (
-            "an invalid policy is refused, the valid one next to it applies",
+            "an invalid policy is refused and fails closed over its namespace",
             ap(
                 "shop",
                 "typo",
                 "{action: DENY, rules: [{from: [{source: {principalz: [x]}}]}]}",
             ) + &ap(
-                "shop",
+                "default",
                 "no-admin",
                 "{action: DENY, rules: [{from: [{source: {namespaces: [ops]}}]}]}",
             ),
             vec![
+                // shop: everything denied, as the broken policy stands for.
                 Expect {
-                    from: &admin,
+                    from: &sleep,
                     to: (&web, PORT),
                     allowed: false,
                 },
                 Expect {
-                    from: &sleep,
-                    to: (&web, PORT),
-                    allowed: true,
+                    from: &admin,
+                    to: (&db, PORT),
+                    allowed: false,
                 },
             ],
         ),
@@ -305,6 +306,16 @@ fn authorization_policies_decide_who_connects() {
                 .iter_mut()
                 .find(|s| s.name == workload.pod.name && s.addr.port() == port)
                 .unwrap();
+            let peer = expect.from.ip.to_string();
+            let dst = server.addr.to_string();
+            let refusal = |l: &LogLine| {
+                l.message() == "HBONE stream refused"
+                    && l.0["status"] == 401
+                    && l.field("src").split(':').next() == Some(peer.as_str())
+                    && l.field("dst") == dst
+                    && l.field("reason").starts_with("denied by policy")
+            };
+            let refusals_before = mesh.agents[1].lines().iter().filter(|l| refusal(l)).count();
             let called = Call::default().run(expect.from, server.addr);
             let what = format!(
                 "{case}: {} -> {} port {port}",
@@ -317,14 +328,8 @@ fn authorization_policies_decide_who_connects() {
             } else {
                 assert!(called.is_err(), "{what}: got through");
                 // The server's agent said why, and the application never saw it.
-                let peer = expect.from.ip.to_string();
                 mesh.agents[1]
-                    .wait_for(PATIENCE, |l| {
-                        l.message() == "HBONE stream refused"
-                            && l.0["status"] == 401
-                            && l.field("src").starts_with(&peer)
-                            && l.field("reason").starts_with("denied by policy")
-                    })
+                    .wait_for_count(PATIENCE, refusals_before + 1, refusal)
                     .unwrap_or_else(|e| panic!("{what}: {e:#}"));
                 assert!(
                     server
@@ -347,7 +352,8 @@ fn authorization_policies_decide_who_connects() {
     assert!(agent.lines().iter().any(|l| l.message() == "dry-run policy"
         && l.field("result") == "DENY shop/deny-all: would deny"));
     assert!(agent.lines().iter().any(|l| {
-        l.message() == "policy refused; the other policies apply"
+        l.message()
+            == "policy refused; the workloads it was meant for fail closed, the other policies apply"
             && l.field("error")
                 .contains("shop/typo: spec.rules[0].from[0].source.principalz")
     }));
@@ -460,7 +466,7 @@ fn mtls_modes_decide_what_plaintext_gets_in() {
             vec![(&attacker, &web, PORT, false), (&sleep, &web, PORT, true)],
         ),
         (
-            "DISABLE: plaintext straight to the application",
+            "DISABLE: plaintext, through the agent (authorization applies)",
             strict_mesh.clone()
                 + &pa(
                     "shop",
@@ -507,8 +513,22 @@ fn mtls_modes_decide_what_plaintext_gets_in() {
                 .filter(|l| l.message() == "accepted plaintext connection")
                 .count()
                 > plaintext_before;
-            let expected = gets_in && from.name == attacker.name && !case.starts_with("DISABLE");
+            // Plaintext always goes through the agent: from outside the
+            // mesh, and to a DISABLE pod (authorization applies); a STRICT
+            // drop is the kernel's, the agent never sees it.
+            let expected = gets_in && (from.name == attacker.name || case.starts_with("DISABLE"));
             assert_eq!(through_agent, expected, "{what}: through the agent");
+            if !gets_in && from.name == attacker.name && case.contains("STRICT") {
+                let src = from.ip.to_string();
+                assert!(
+                    !mesh.agents[1].lines().iter().any(|l| {
+                        l.message() == "plaintext connection refused"
+                            && l.field("src").starts_with(&src)
+                            && l.field("dst") == server.addr.to_string()
+                    }),
+                    "{what}: the agent, not the kernel, refused it"
+                );
+            }
         }
     }
     assert!(mesh.agents[1].lines().iter().any(|l| {
@@ -552,6 +572,32 @@ fn with_its_agent_killed_a_strict_pod_still_takes_no_plaintext() {
     let served = db.next_served().unwrap();
     assert_eq!(served.peer.ip(), attacker.ip);
     assert_eq!(served.bytes, called.sent);
+}
+
+#[test]
+fn with_its_agent_killed_a_permissive_pod_under_authorization_fails_closed() {
+    let mut mesh = PolicyMesh::new();
+    let mut db = Server::start(&mesh.db.pod, PORT).unwrap();
+    let attacker = mesh.attacker();
+    // db PERMISSIVE, but with an ALLOW policy: its plaintext must be checked.
+    mesh.set_policies(&ap(
+        "shop",
+        "db-from-anywhere",
+        "{selector: {matchLabels: {app: db}}, rules: [{}]}",
+    ));
+    let quick = Call {
+        connect_timeout_ms: Some(1500),
+        ..Call::default()
+    };
+    quick.run(&attacker, db.addr).unwrap();
+    db.next_served().unwrap();
+
+    drop(mesh.agents.pop());
+    assert!(
+        quick.run(&attacker, db.addr).is_err(),
+        "plaintext bypassed authorization while the agent was down"
+    );
+    assert!(db.next_served_within(Duration::from_millis(300)).is_err());
 }
 
 #[test]
@@ -647,10 +693,17 @@ fn every_mode_at_every_scope() {
     for (scope, policy) in scopes {
         for mode in ["STRICT", "PERMISSIVE", "DISABLE"] {
             let what = format!("{mode} at {scope} scope");
-            mesh.set_policies(&policy(mode));
+            // Below the mesh scope, the mesh says otherwise: the scope's
+            // policy must win for the case to pass.
+            let parent = match (scope, mode) {
+                ("mesh", _) => String::new(),
+                (_, "STRICT") => pa("istio-system", "mesh", "{mtls: {mode: PERMISSIVE}}"),
+                _ => pa("istio-system", "mesh", "{mtls: {mode: STRICT}}"),
+            };
+            mesh.set_policies(&(parent + &policy(mode)));
 
-            // The attacker's plaintext: dropped, through the agent, or
-            // straight to the application.
+            // The attacker's plaintext: dropped in the kernel, or handed to
+            // the agent (which authorizes it).
             let before = plaintext_accepted(&mesh);
             let called = Call {
                 connect_timeout_ms: Some(1500),
@@ -667,11 +720,7 @@ fn every_mode_at_every_scope() {
                 );
             }
             let through_agent = plaintext_accepted(&mesh) > before;
-            assert_eq!(
-                through_agent,
-                mode == "PERMISSIVE",
-                "{what}: through the agent"
-            );
+            assert_eq!(through_agent, mode != "STRICT", "{what}: through the agent");
 
             // A mesh client always gets in: over HBONE, or in plaintext to
             // a DISABLE destination.

@@ -19,7 +19,8 @@ const PACKAGES: &[&str] = &[
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// bpf_link cgroup attachments and bpf_get_netns_cookie in sock_ops.
-const MIN_KERNEL: (u32, u32) = (5, 15);
+// tc programs attach as TCX links (pinnable) from 6.6 on.
+const MIN_KERNEL: (u32, u32) = (6, 6);
 
 /// What `run` did, and what was already in place.
 #[derive(Debug, Default)]

@@ -27,9 +27,27 @@ pub enum Document {
     AuthorizationPolicy(AuthorizationPolicy),
 }
 
+/// A document that was refused, and what stands in for it: an invalid
+/// security policy fails closed over the workloads it was meant for (its
+/// namespace, or its selector if that much is valid): a refused
+/// AuthorizationPolicy denies them everything, a refused PeerAuthentication
+/// makes them STRICT. None when even its name or kind is unknown.
+pub struct Refused {
+    pub error: PolicyError,
+    pub fallback: Option<Document>,
+}
+
+/// What a file held.
+pub enum Parsed {
+    Document(Document),
+    Refused(Refused),
+    /// The file is not YAML: nothing in it can be trusted to be complete.
+    Unreadable(PolicyError),
+}
+
 /// Every document of the YAML `text` (read from `file`), each either parsed
 /// or refused with the reason.
-pub fn parse_file(file: &Path, text: &str) -> Vec<Result<Document, PolicyError>> {
+pub fn parse_file(file: &Path, text: &str) -> Vec<Parsed> {
     let mut documents = Vec::new();
     for (index, yaml) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let error = |policy: String, field: String, problem: String| PolicyError {
@@ -42,7 +60,7 @@ pub fn parse_file(file: &Path, text: &str) -> Vec<Result<Document, PolicyError>>
             Ok(serde_yaml::Value::Null) => continue, // an empty document (`---` at the end)
             Ok(value) => value,
             Err(e) => {
-                documents.push(Err(error(
+                documents.push(Parsed::Unreadable(error(
                     format!("document #{}", index + 1),
                     String::new(),
                     e.to_string(),
@@ -60,16 +78,73 @@ pub fn parse_file(file: &Path, text: &str) -> Vec<Result<Document, PolicyError>>
             _ => vec![value],
         };
         for item in items {
-            documents.push(parse_document(item).map_err(|(policy, field, problem)| {
-                error(
-                    policy.unwrap_or_else(|| format!("document #{}", index + 1)),
-                    field,
-                    problem,
-                )
-            }));
+            let fallback = fallback(&item);
+            documents.push(match parse_document(item) {
+                Ok(document) => Parsed::Document(document),
+                Err((policy, field, problem)) => Parsed::Refused(Refused {
+                    error: error(
+                        policy.unwrap_or_else(|| format!("document #{}", index + 1)),
+                        field,
+                        problem,
+                    ),
+                    fallback,
+                }),
+            });
         }
     }
     documents
+}
+
+/// What stands in for `value` if it is refused (see [`Refused`]).
+fn fallback(value: &serde_yaml::Value) -> Option<Document> {
+    let metadata = value.get("metadata")?;
+    let name = metadata.get("name")?.as_str()?.to_owned();
+    let namespace = metadata
+        .get("namespace")
+        .and_then(|n| n.as_str())
+        .unwrap_or("default")
+        .to_owned();
+    let selector = value
+        .get("spec")
+        .and_then(|s| s.get("selector"))
+        .and_then(|s| serde_yaml::from_value::<RawSelector>(s.clone()).ok())
+        .map(|s| s.match_labels)
+        .filter(|labels| !labels.is_empty());
+    let name = format!("{name} (refused: fails closed)");
+    match value.get("kind")?.as_str()? {
+        "AuthorizationPolicy" => {
+            if value
+                .get("spec")
+                .and_then(|s| s.get("action"))
+                .and_then(|a| a.as_str())
+                == Some("AUDIT")
+            {
+                return None; // an audit that cannot run denies nothing
+            }
+            Some(Document::AuthorizationPolicy(AuthorizationPolicy {
+                name,
+                namespace,
+                selector,
+                action: Action::Deny,
+                rules: vec![Rule {
+                    from: Vec::new(),
+                    to: Vec::new(),
+                    when: Vec::new(),
+                    l7: Vec::new(),
+                }],
+                dry_run: false,
+            }))
+        }
+        "PeerAuthentication" => Some(Document::PeerAuthentication(PeerAuthentication {
+            name,
+            namespace,
+            created: None,
+            selector,
+            mode: Some(MtlsMode::Strict),
+            ports: BTreeMap::new(),
+        })),
+        _ => None,
+    }
 }
 
 /// (policy name if known, field path, problem).
@@ -214,7 +289,11 @@ impl RawPeerAuthentication {
         namespace: String,
         created: Option<String>,
     ) -> Result<PeerAuthentication, Problem> {
-        let selector = self.selector.map(|s| s.match_labels);
+        // An empty selector selects nothing in particular: namespace-wide.
+        let selector = self
+            .selector
+            .map(|s| s.match_labels)
+            .filter(|labels| !labels.is_empty());
         let mode = parse_mode(self.mtls.as_ref(), "spec.mtls.mode")?;
         if !self.port_level_mtls.is_empty() && selector.is_none() {
             return Err((
@@ -353,7 +432,10 @@ impl RawAuthorizationPolicy {
         Ok(AuthorizationPolicy {
             name,
             namespace,
-            selector: self.selector.map(|s| s.match_labels),
+            selector: self
+                .selector
+                .map(|s| s.match_labels)
+                .filter(|labels| !labels.is_empty()),
             action,
             rules,
             dry_run,
@@ -403,18 +485,22 @@ impl RawSource {
                 l7.push(format!("{at}.{field}"));
             }
         }
-        let strings =
-            |v: Option<Vec<String>>| v.map(|v| v.iter().map(|s| StringMatch::new(s)).collect());
+        // An empty list is unset, as in Istio's protobuf.
+        let strings = |v: Option<Vec<String>>| {
+            v.filter(|v| !v.is_empty())
+                .map(|v| v.iter().map(|s| StringMatch::new(s)).collect())
+        };
         let blocks = |field: &str, v: Option<Vec<String>>| -> Result<Option<Vec<IpNet>>, Problem> {
-            v.map(|v| {
-                v.iter()
-                    .enumerate()
-                    .map(|(i, text)| {
-                        parse_block(text).map_err(|p| (format!("{at}.{field}[{i}]"), p))
-                    })
-                    .collect()
-            })
-            .transpose()
+            v.filter(|v| !v.is_empty())
+                .map(|v| {
+                    v.iter()
+                        .enumerate()
+                        .map(|(i, text)| {
+                            parse_block(text).map_err(|p| (format!("{at}.{field}[{i}]"), p))
+                        })
+                        .collect()
+                })
+                .transpose()
         };
         Ok(Source {
             principals: strings(self.principals),
@@ -445,15 +531,16 @@ impl RawOperation {
             }
         }
         let ports = |field: &str, v: Option<Vec<String>>| -> Result<Option<Vec<u16>>, Problem> {
-            v.map(|v| {
-                v.iter()
-                    .enumerate()
-                    .map(|(i, text)| {
-                        parse_port(text).map_err(|p| (format!("{at}.{field}[{i}]"), p))
-                    })
-                    .collect()
-            })
-            .transpose()
+            v.filter(|v| !v.is_empty())
+                .map(|v| {
+                    v.iter()
+                        .enumerate()
+                        .map(|(i, text)| {
+                            parse_port(text).map_err(|p| (format!("{at}.{field}[{i}]"), p))
+                        })
+                        .collect()
+                })
+                .transpose()
         };
         Ok(Operation {
             ports: ports("ports", self.ports)?,

@@ -236,13 +236,17 @@ pub struct Policies {
     authorization_policies: Vec<AuthorizationPolicy>,
 }
 
-/// What loading a directory produced: the policies that are valid, the
-/// documents that are not, and warnings about valid ones.
+/// What loading a directory produced: the policies that are valid (and the
+/// fail-closed stand-ins of those that are not), the documents refused, and
+/// warnings about valid ones.
 #[derive(Debug, Default)]
 pub struct Loaded {
     pub policies: Policies,
     pub errors: Vec<PolicyError>,
     pub warnings: Vec<String>,
+    /// False if a file could not be read or parsed as YAML: what it holds is
+    /// unknown, so these policies must not replace complete ones.
+    pub complete: bool,
 }
 
 impl Policies {
@@ -276,6 +280,7 @@ impl Policies {
                         problem: format!("cannot read it: {e}"),
                     }],
                     warnings: Vec::new(),
+                    complete: false,
                 };
             }
         };
@@ -294,6 +299,7 @@ impl Policies {
     ) -> Loaded {
         let mut loaded = Loaded {
             policies: Self::none(root_namespace),
+            complete: true,
             ..Loaded::default()
         };
         for (file, text) in texts {
@@ -306,15 +312,41 @@ impl Policies {
                         field: String::new(),
                         problem: format!("cannot read it: {e}"),
                     });
+                    loaded.complete = false;
                     continue;
                 }
             };
-            for document in documents::parse_file(&file, &text) {
+            for parsed in documents::parse_file(&file, &text) {
+                let document = match parsed {
+                    documents::Parsed::Document(document) => document,
+                    documents::Parsed::Refused(refused) => {
+                        loaded.errors.push(refused.error);
+                        match refused.fallback {
+                            Some(fallback) => fallback,
+                            None => continue,
+                        }
+                    }
+                    documents::Parsed::Unreadable(error) => {
+                        loaded.errors.push(error);
+                        loaded.complete = false;
+                        continue;
+                    }
+                };
                 match document {
-                    Ok(documents::Document::PeerAuthentication(pa)) => {
+                    documents::Document::PeerAuthentication(pa) => {
+                        if pa.namespace == root_namespace && pa.selector.is_some() {
+                            loaded.warnings.push(format!(
+                                "{}: policy {}/{}: a PeerAuthentication with a selector in the \
+                                 root namespace is ignored, as in Istio",
+                                file.display(),
+                                pa.namespace,
+                                pa.name
+                            ));
+                            continue;
+                        }
                         loaded.policies.peer_authentications.push(pa);
                     }
-                    Ok(documents::Document::AuthorizationPolicy(ap)) => {
+                    documents::Document::AuthorizationPolicy(ap) => {
                         for (i, rule) in ap.rules.iter().enumerate() {
                             if rule.l7.is_empty() {
                                 continue;
@@ -334,7 +366,6 @@ impl Policies {
                         }
                         loaded.policies.authorization_policies.push(ap);
                     }
-                    Err(error) => loaded.errors.push(error),
                 }
             }
         }
@@ -460,6 +491,14 @@ impl Policies {
             }
         }
         decision
+    }
+
+    /// Whether enforced (not dry-run) ALLOW or DENY policies apply to
+    /// `workload`: then its plaintext must never bypass the agent.
+    pub fn authorization_applies(&self, workload: &Workload) -> bool {
+        self.authorization_policies
+            .iter()
+            .any(|ap| !ap.dry_run && ap.action != Action::Audit && self.applies(ap, workload))
     }
 
     /// Whether `ap` applies to `workload`: policies in the root namespace

@@ -577,8 +577,92 @@ fn invalid_documents_are_refused_one_by_one() {
         let message = loaded.errors[0].to_string();
         assert!(message.contains(expected), "{message:?} lacks {expected:?}");
         // The valid document next to it still applies.
-        assert_eq!(loaded.policies.counts().1, 1, "{bad}");
+        assert!(
+            loaded
+                .policies
+                .authorization_policies
+                .iter()
+                .any(|ap| ap.name == "good"),
+            "{bad}"
+        );
+        assert!(loaded.complete);
     }
+}
+
+#[test]
+fn a_refused_policy_fails_closed_over_its_workloads() {
+    let web = workload("shop", "app=web");
+    let db = workload("shop", "app=db");
+    let sleep = id("spiffe://cluster.local/ns/default/sa/sleep");
+    let connection = Connection {
+        source: Some(&sleep),
+        source_ip: IpAddr::V4(Ipv4Addr::new(10, 244, 1, 2)),
+        destination_ip: web.ip,
+        destination_port: 80,
+    };
+    // A broken ALLOW for web (its selector is fine): web denies all, db is
+    // unaffected.
+    let loaded = load(&ap(
+        "shop",
+        "web",
+        "  selector: {matchLabels: {app: web}}\n  rules: [{to: [{operation: {portz: [\"80\"]}}]}]",
+    ));
+    assert_eq!(loaded.errors.len(), 1);
+    let decision = loaded.policies.authorize(&web, &connection);
+    assert!(!decision.allowed);
+    assert_eq!(decision.reason, "DENY shop/web (refused: fails closed)");
+    assert!(loaded.policies.authorize(&db, &connection).allowed);
+
+    // A broken PeerAuthentication makes its namespace STRICT.
+    let loaded = load(&pa("shop", "n", "  mtls: {mode: STRICTLY}"));
+    assert_eq!(loaded.policies.mtls_mode(&db, 80), MtlsMode::Strict);
+    // An AUDIT that cannot run denies nothing.
+    let loaded = load(&ap(
+        "shop",
+        "a",
+        "  action: AUDIT\n  rules: [{when: [{key: nope, values: [x]}]}]",
+    ));
+    assert!(loaded.policies.authorize(&web, &connection).allowed);
+}
+
+#[test]
+fn a_file_that_is_not_yaml_leaves_the_policies_incomplete() {
+    let loaded = load(&(ap("shop", "ok", "  rules: [{}]") + "---\nspec: [unclosed\n"));
+    assert!(!loaded.complete);
+    assert_eq!(loaded.errors.len(), 1);
+}
+
+#[test]
+fn empty_selectors_and_lists_are_unset_as_in_istio() {
+    let web = workload("shop", "app=web");
+    // `selector: {}` is namespace-wide; `principals: []` is no condition.
+    let policies = policies(
+        &(pa("shop", "n", "  selector: {}\n  mtls: {mode: STRICT}")
+            + &ap(
+                "shop",
+                "d",
+                "  action: DENY\n  rules: [{from: [{source: {principals: []}}]}]",
+            )),
+    );
+    assert_eq!(policies.mtls_mode(&web, 80), MtlsMode::Strict);
+    let decision = policies.authorize(
+        &web,
+        &Connection {
+            source: None,
+            source_ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+            destination_ip: web.ip,
+            destination_port: 80,
+        },
+    );
+    assert!(!decision.allowed, "{decision:?}");
+    // A selector in the root namespace makes a PeerAuthentication ignored.
+    let loaded = load(&pa(
+        "istio-system",
+        "w",
+        "  selector: {matchLabels: {app: web}}\n  mtls: {mode: STRICT}",
+    ));
+    assert_eq!(loaded.policies.counts().0, 0);
+    assert!(loaded.warnings[0].contains("ignored, as in Istio"));
 }
 
 #[test]

@@ -227,12 +227,12 @@ impl PodInbound {
         let IpAddr::V4(src_ip) = peer.ip() else {
             return refuse("only IPv4 clients are supported");
         };
-        let mode = self
-            .pod
-            .state
-            .borrow()
-            .policies()
-            .mtls_mode(&self.pod.workload, dst.port());
+        let mode = {
+            let state = self.pod.state.borrow();
+            let current = state.workload_by_ip(self.pod.workload.ip);
+            let workload = current.unwrap_or(&self.pod.workload);
+            state.policies().mtls_mode(workload, dst.port())
+        };
         if mode == MtlsMode::Strict {
             // The kernel drops these; this is a mode change racing a SYN.
             return refuse("the pod's mTLS mode is STRICT");
@@ -241,7 +241,14 @@ impl PodInbound {
         if !decision.allowed {
             return refuse(&format!("denied by policy: {}", decision.reason));
         }
-        let mut app = match transparent::connect(&self.pod.netns, src_ip, dst).await {
+        // The delivery socket takes an ephemeral port of the client's
+        // address; should it be the client's own port, the tuple is this very
+        // connection's and the connect fails: a second try takes another.
+        let connected = match transparent::connect(&self.pod.netns, src_ip, dst).await {
+            Err(_) => transparent::connect(&self.pod.netns, src_ip, dst).await,
+            ok => ok,
+        };
+        let mut app = match connected {
             Ok(app) => app,
             Err(e) => return refuse(&format!("connecting to the application failed: {e}")),
         };

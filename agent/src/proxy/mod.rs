@@ -120,8 +120,13 @@ impl PodProxy {
         source_ip: IpAddr,
         dst: SocketAddr,
     ) -> Decision {
-        let decision = self.state.borrow().policies().authorize(
-            &self.workload,
+        let state = self.state.borrow();
+        // The workload as the config has it now: its labels may have changed.
+        let workload = state
+            .workload_by_ip(self.workload.ip)
+            .unwrap_or(&self.workload);
+        let decision = state.policies().authorize(
+            workload,
             &Connection {
                 source,
                 source_ip,
@@ -129,6 +134,7 @@ impl PodProxy {
                 destination_port: dst.port(),
             },
         );
+        drop(state);
         let workload = self.workload.qualified_name();
         let source = source.map_or_else(|| "-".to_owned(), ToString::to_string);
         for policy in &decision.audited {
