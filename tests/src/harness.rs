@@ -337,6 +337,24 @@ impl Agent {
         &self.config
     }
 
+    /// Runs `warren uninstall` with this agent's config (stop the agent
+    /// first): its pods are released and talk directly again. Returns what
+    /// the command printed.
+    pub fn uninstall(&self) -> Result<String> {
+        let output = Command::new(binary("warren")?)
+            .args(["uninstall", "--config"])
+            .arg(&self.config)
+            .output()?;
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        if !output.status.success() {
+            bail!(
+                "warren uninstall failed: {stdout}{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(stdout)
+    }
+
     /// Replaces the config file the way config management does (write, then
     /// rename); the agent notices by itself.
     pub fn rewrite_config(&self, config: &str) -> Result<()> {

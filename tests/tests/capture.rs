@@ -284,17 +284,7 @@ fn a_stopped_agent_leaves_its_pods_failing_closed_until_the_next_takes_over() {
     let mut agent = scene.agent(0, std::slice::from_ref(&client));
     assert_eq!(enrolled(&mut agent).0["taken_over"], true);
     assert!(agent.stop().unwrap().success());
-    let output = std::process::Command::new(binary("warren").unwrap())
-        .args(["uninstall", "--config"])
-        .arg(agent.config_path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = agent.uninstall().unwrap();
     assert!(stdout.contains("released 1 pod(s)"), "{stdout}");
     let called = Call::default().run(&client.pod, server.addr).unwrap();
     assert_eq!(called.local.ip(), IpAddr::V4(client.pod.ip));

@@ -249,8 +249,11 @@ impl Agents<'_> {
             }
             Config::Baseline if !self.running.is_empty() => {
                 self.check_captured(targets)?;
+                // A stopped agent leaves its pods failing closed (pinned
+                // programs): release them, for plain pod-to-pod TCP.
                 for mut agent in self.running.drain(..) {
                     agent.stop()?;
+                    agent.uninstall()?;
                 }
             }
             _ => {}
