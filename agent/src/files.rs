@@ -15,17 +15,7 @@ use std::{
 /// and a crash never leaves a half-written file under the real name. Two
 /// processes racing to create the same file cannot both succeed.
 pub fn create_new(path: &Path, contents: &[u8], mode: u32) -> io::Result<bool> {
-    let dir = match path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent,
-        _ => Path::new("."),
-    };
-    let mut temp = tempfile::Builder::new()
-        .prefix(".warren-")
-        .permissions(fs::Permissions::from_mode(mode))
-        .tempfile_in(dir)?;
-    temp.write_all(contents)?;
-    temp.as_file().sync_all()?;
-    match temp.persist_noclobber(path) {
+    match written_beside(path, contents, mode)?.persist_noclobber(path) {
         Ok(_) => Ok(true),
         Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => Ok(false),
         Err(e) => Err(e.error),
@@ -36,6 +26,15 @@ pub fn create_new(path: &Path, contents: &[u8], mode: u32) -> io::Result<bool> {
 /// see the old file or the new one, never a mix, and a key is never readable
 /// by others (see [`create_new`]).
 pub fn replace(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
+    written_beside(path, contents, mode)?
+        .persist(path)
+        .map_err(|e| e.error)?;
+    Ok(())
+}
+
+/// A temporary file in `path`'s directory, with mode `mode` from the start,
+/// holding `contents` on disk: ready to be given `path`'s name.
+fn written_beside(path: &Path, contents: &[u8], mode: u32) -> io::Result<tempfile::NamedTempFile> {
     let dir = match path.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent,
         _ => Path::new("."),
@@ -46,8 +45,7 @@ pub fn replace(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
         .tempfile_in(dir)?;
     temp.write_all(contents)?;
     temp.as_file().sync_all()?;
-    temp.persist(path).map_err(|e| e.error)?;
-    Ok(())
+    Ok(temp)
 }
 
 #[cfg(test)]

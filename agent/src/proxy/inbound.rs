@@ -151,35 +151,31 @@ impl PodInbound {
 /// (PERMISSIVE pods), until the task is aborted. They carry no identity:
 /// authorization sees only their source address.
 pub async fn serve_plaintext(listener: TcpListener, inbound: Arc<PodInbound>) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS_PER_POD));
-    loop {
-        match listener.accept().await {
-            Ok((tcp, peer)) => {
-                let Ok(slot) = slots.clone().try_acquire_owned() else {
-                    warn!(
-                        workload = %inbound.pod.workload.qualified_name(),
-                        %peer,
-                        limit = MAX_CONNECTIONS_PER_POD,
-                        "plaintext connection refused: too many connections to this pod"
-                    );
-                    continue;
-                };
-                let inbound = inbound.clone();
-                tokio::spawn(async move {
-                    inbound.plaintext(tcp, peer).await;
-                    drop(slot);
-                });
-            }
-            Err(error) => {
-                warn!(workload = %inbound.pod.workload.qualified_name(), error = %Chain(&error), "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
+    accept_loop(listener, inbound, "plaintext", |inbound, tcp, peer| {
+        inbound.plaintext(tcp, peer)
+    })
+    .await
 }
 
 /// Accepts HBONE connections until the task is aborted.
 pub async fn serve(listener: TcpListener, inbound: Arc<PodInbound>) {
+    accept_loop(listener, inbound, "HBONE", |inbound, tcp, peer| {
+        inbound.connection(tcp, peer)
+    })
+    .await
+}
+
+/// Accepts connections on one of a pod's listeners and has `handle` serve
+/// each on a task of its own.
+async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    inbound: Arc<PodInbound>,
+    kind: &'static str,
+    handle: F,
+) where
+    F: Fn(Arc<PodInbound>, TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     // One peer opening connection after connection must not use up the
     // agent's file descriptors, which every pod shares.
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS_PER_POD));
@@ -191,13 +187,13 @@ pub async fn serve(listener: TcpListener, inbound: Arc<PodInbound>) {
                         workload = %inbound.pod.workload.qualified_name(),
                         %peer,
                         limit = MAX_CONNECTIONS_PER_POD,
-                        "HBONE connection refused: too many connections to this pod"
+                        "{kind} connection refused: too many connections to this pod"
                     );
                     continue;
                 };
-                let inbound = inbound.clone();
+                let serving = handle(inbound.clone(), tcp, peer);
                 tokio::spawn(async move {
-                    inbound.connection(tcp, peer).await;
+                    serving.await;
                     drop(slot);
                 });
             }
