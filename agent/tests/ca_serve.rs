@@ -26,17 +26,34 @@ workloads:
   - {name: web-1, namespace: shop, serviceAccount: web, ip: 10.244.2.2, node: node-2}
 ";
 
+/// The signing files `warren ca init --dir ca` makes, as the CA commands
+/// take them.
+const SIGNING: [&str; 6] = [
+    "--ca-cert",
+    "ca/ca-cert.pem",
+    "--ca-key",
+    "ca/ca-key.pem",
+    "--roots",
+    "ca/root.pem",
+];
+
+/// Runs `warren args` in `dir`; fails the test if it fails.
 fn warren(args: &[&str], dir: &Path) {
+    let (ok, text) = warren_output(args, dir);
+    assert!(ok, "warren {args:?}: {text}");
+}
+
+/// Runs `warren args` in `dir`; returns whether it succeeded, and what it
+/// printed on stdout and stderr.
+fn warren_output(args: &[&str], dir: &Path) -> (bool, String) {
     let output = Command::new(WARREN)
         .args(args)
         .current_dir(dir)
         .output()
         .unwrap();
-    assert!(
-        output.status.success(),
-        "warren {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    (output.status.success(), text)
 }
 
 /// Kills the CA when the test ends, also when it fails.
@@ -54,14 +71,6 @@ async fn a_ca_process_serves_its_nodes() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
     warren(&["ca", "init", "--dir", "ca"], dir);
-    let signing = [
-        "--ca-cert",
-        "ca/ca-cert.pem",
-        "--ca-key",
-        "ca/ca-key.pem",
-        "--roots",
-        "ca/root.pem",
-    ];
     let mut args = vec![
         "ca",
         "node-credential",
@@ -70,7 +79,7 @@ async fn a_ca_process_serves_its_nodes() {
         "--out",
         "node-1",
     ];
-    args.extend(signing);
+    args.extend(SIGNING);
     warren(&args, dir);
     fs::write(dir.join("workloads.yaml"), WORKLOADS).unwrap();
 
@@ -92,7 +101,7 @@ async fn a_ca_process_serves_its_nodes() {
         "--max-ttl",
         "1h",
     ];
-    serve.extend(signing);
+    serve.extend(SIGNING);
     let ca = Running(
         Command::new(WARREN)
             .args(&serve)
@@ -144,39 +153,14 @@ async fn a_ca_process_serves_its_nodes() {
     assert!(!log.contains("PRIVATE KEY"), "{log}");
 }
 
-/// Runs `warren args` in `dir`; returns whether it succeeded, and what it
-/// printed on stdout and stderr.
-fn warren_output(args: &[&str], dir: &Path) -> (bool, String) {
-    let output = Command::new(WARREN)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout).into_owned()
-        + &String::from_utf8_lossy(&output.stderr);
-    (output.status.success(), text)
-}
-
 #[test]
 fn node_credentials_are_checked_before_the_agent_relies_on_them() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
     warren(&["ca", "init", "--dir", "ca"], dir);
     let credential = |node: &str, extra: &[&str]| {
-        let mut args = vec![
-            "ca",
-            "node-credential",
-            "--ca-cert",
-            "ca/ca-cert.pem",
-            "--ca-key",
-            "ca/ca-key.pem",
-            "--roots",
-            "ca/root.pem",
-            "--node",
-            node,
-            "--out",
-            "node",
-        ];
+        let mut args = vec!["ca", "node-credential", "--node", node, "--out", "node"];
+        args.extend(SIGNING);
         args.extend(extra);
         warren_output(&args, dir)
     };

@@ -53,6 +53,20 @@ pub fn binary(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// A fresh lab for an end-to-end test; panics (saying how to run the tests)
+/// without root, and if the lab cannot be built.
+pub fn test_lab(nodes: usize, pods_per_node: usize) -> Lab {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the end-to-end tests need root (eBPF, namespaces, cgroups): run `cargo xtask test`"
+    );
+    Lab::up(crate::lab::LabSpec {
+        nodes,
+        pods_per_node,
+    })
+    .expect("lab up")
+}
+
 /// A workload as the agent's config lists it.
 #[derive(Debug, Clone)]
 pub struct MeshWorkload {
@@ -565,6 +579,12 @@ impl Server {
     }
 
     /// Like [`Server::next_served`], for when the answer may be "none".
+    /// Whether the application served no connection in the next 300 ms
+    /// (after a call that should not have reached it).
+    pub fn saw_nothing(&mut self) -> bool {
+        self.next_served_within(Duration::from_millis(300)).is_err()
+    }
+
     pub fn next_served_within(&mut self, timeout: Duration) -> Result<Served> {
         let deadline = Instant::now() + timeout;
         loop {
@@ -622,6 +642,15 @@ pub struct Call {
 }
 
 impl Call {
+    /// A call that gives up connecting after 1.5 s: for attempts that are
+    /// expected to be dropped (a dropped SYN is not refused, it times out).
+    pub fn quick() -> Self {
+        Self {
+            connect_timeout_ms: Some(1500),
+            ..Self::default()
+        }
+    }
+
     /// Starts the call from `pod` to `dst` without waiting for it.
     pub fn spawn(&self, pod: &Pod, dst: impl Into<SocketAddr>) -> Result<Child> {
         let mut cmd = pod.try_command(binary("labpod")?)?;

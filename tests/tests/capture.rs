@@ -3,13 +3,14 @@
 //!
 //! Needs root (run through `cargo xtask test`).
 
-use std::{
-    collections::HashSet, net::IpAddr, path::PathBuf, process::Command, thread, time::Duration,
-};
+use std::{collections::HashSet, net::IpAddr, path::PathBuf, process::Command, thread};
 
 use warren_tests::{
-    Lab, LabSpec,
-    harness::{Agent, Call, Capture, MeshWorkload, PATIENCE, Server, agent_config, binary, finish},
+    Lab,
+    harness::{
+        Agent, Call, Capture, MeshWorkload, PATIENCE, Server, agent_config, binary, finish,
+        test_lab,
+    },
 };
 
 const PORT: u16 = 8080;
@@ -23,15 +24,7 @@ struct Scene {
 
 impl Scene {
     fn new(nodes: usize, pods_per_node: usize) -> Self {
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "the end-to-end tests need root (eBPF, namespaces, cgroups): run `cargo xtask test`"
-        );
-        let lab = Lab::up(LabSpec {
-            nodes,
-            pods_per_node,
-        })
-        .expect("lab up");
+        let lab = test_lab(nodes, pods_per_node);
         let dir = std::env::temp_dir().join("warren-e2e").join(lab.prefix());
         Self { lab, dir }
     }
@@ -273,11 +266,7 @@ fn a_stopped_agent_leaves_its_pods_failing_closed_until_the_next_takes_over() {
             quick.run(&client.pod, server.addr).is_err(),
             "graceful={graceful}: a connection left without the agent"
         );
-        assert!(
-            server
-                .next_served_within(Duration::from_millis(300))
-                .is_err()
-        );
+        assert!(server.saw_nothing());
     }
 
     // `warren uninstall` releases the pod: it talks directly again.

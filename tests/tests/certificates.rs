@@ -17,10 +17,10 @@ use std::{
 };
 
 use warren_tests::{
-    Lab, LabSpec,
+    Lab,
     harness::{
         Agent, CaService, Call, LabCa, LogLine, MeshWorkload, PATIENCE, Server, ca_agent_config,
-        ca_workloads, finish,
+        ca_workloads, finish, test_lab,
     },
     lab::files_dir,
 };
@@ -47,15 +47,7 @@ impl CaMesh {
     /// Like [`CaMesh::start`]; without `ca_running`, the CA is not started
     /// (its files are made).
     fn start_with(ttl: &str, ca_running: bool) -> Self {
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "the end-to-end tests need root (eBPF, namespaces, cgroups): run `cargo xtask test`"
-        );
-        let lab = Lab::up(LabSpec {
-            nodes: 2,
-            pods_per_node: 2,
-        })
-        .expect("lab up");
+        let lab = test_lab(2, 2);
         let dir = files_dir(lab.prefix());
         let signing = LabCa::init(&dir.join("r1")).unwrap();
         let client = MeshWorkload::new(lab.pod(0, 0), "default", "sleep");
@@ -163,6 +155,11 @@ fn renewed(l: &LogLine) -> bool {
     l.message() == "certificate renewed"
 }
 
+/// A tunnel refused because the workload had no valid certificate.
+fn refused_without_certificate(l: &LogLine) -> bool {
+    l.message() == "outbound connection failed" && l.field("error").contains("no valid certificate")
+}
+
 /// How many renewals each agent has logged so far.
 fn renewals(mesh: &CaMesh) -> Vec<usize> {
     mesh.agents
@@ -244,10 +241,7 @@ fn a_ca_outage_is_ridden_out_until_certificates_expire() {
         "a workload with an expired certificate got a tunnel"
     );
     mesh.agents[0]
-        .wait_for(PATIENCE, |l| {
-            l.message() == "outbound connection failed"
-                && l.field("error").contains("no valid certificate")
-        })
+        .wait_for(PATIENCE, refused_without_certificate)
         .unwrap();
 
     // The CA returns: renewals resume, and so does traffic.
@@ -286,10 +280,7 @@ fn agents_started_while_the_ca_is_down_fail_closed_then_recover() {
     assert!(Call::default().run(&mesh.client.pod, server.addr).is_err());
     assert!(server.next_served_within(Duration::from_secs(1)).is_err());
     mesh.agents[0]
-        .wait_for(PATIENCE, |l| {
-            l.message() == "outbound connection failed"
-                && l.field("error").contains("no valid certificate")
-        })
+        .wait_for(PATIENCE, refused_without_certificate)
         .unwrap();
 
     // The CA comes up: the agents, retrying with backoff, get certificates.
@@ -343,9 +334,7 @@ fn a_node_cannot_get_the_identity_of_another_nodes_workload() {
     assert!(Call::default().run(&impostor.pod, server.addr).is_err());
     mesh.agents[0]
         .wait_for(PATIENCE, |l| {
-            l.message() == "outbound connection failed"
-                && l.field("workload") == impostor.qualified_name()
-                && l.field("error").contains("no valid certificate")
+            refused_without_certificate(l) && l.field("workload") == impostor.qualified_name()
         })
         .unwrap();
     Call::default().run(&mesh.client.pod, server.addr).unwrap();

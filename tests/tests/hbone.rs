@@ -24,10 +24,10 @@ use warren_agent::{
     tls::{self, DevCa, WorkloadCertificate, testing},
 };
 use warren_tests::{
-    Lab, LabSpec, Pod,
+    Lab, Pod,
     harness::{
         Agent, Call, LogLine, MeshWorkload, PATIENCE, Server, WireCapture, agent_config, contains,
-        dev_ca_dir, finish,
+        dev_ca_dir, finish, test_lab,
     },
 };
 
@@ -50,15 +50,7 @@ impl Mesh {
 
     /// Like [`Mesh::new`], with `extra` appended to every agent's config.
     fn with_config(extra: &str) -> Self {
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "the end-to-end tests need root (eBPF, namespaces, cgroups): run `cargo xtask test`"
-        );
-        let lab = Lab::up(LabSpec {
-            nodes: 2,
-            pods_per_node: 2,
-        })
-        .expect("lab up");
+        let lab = test_lab(2, 2);
         let client = MeshWorkload::new(lab.pod(0, 0), "default", "sleep");
         let local_server = MeshWorkload::new(lab.pod(0, 1), "default", "web");
         let server = MeshWorkload::new(lab.pod(1, 0), "shop", "web");

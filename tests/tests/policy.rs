@@ -6,11 +6,11 @@
 //! (not enrolled). Node 2: n2p1 is shop/web (app=web), n2p2 is shop/db
 //! (app=db). Servers listen on 8080 (and db on 9090 too).
 
-use std::{fs, path::PathBuf, time::Duration};
+use std::{fs, path::PathBuf};
 
 use warren_tests::{
-    Lab, LabSpec, Pod,
-    harness::{Agent, Call, LogLine, MeshWorkload, PATIENCE, Server, agent_config},
+    Lab, Pod,
+    harness::{Agent, Call, LogLine, MeshWorkload, PATIENCE, Server, agent_config, test_lab},
     lab::files_dir,
 };
 
@@ -29,15 +29,7 @@ struct PolicyMesh {
 
 impl PolicyMesh {
     fn new() -> Self {
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "the end-to-end tests need root (eBPF, namespaces, cgroups): run `cargo xtask test`"
-        );
-        let lab = Lab::up(LabSpec {
-            nodes: 2,
-            pods_per_node: 3,
-        })
-        .expect("lab up");
+        let lab = test_lab(2, 3);
         let sleep = MeshWorkload::new(lab.pod(0, 0), "default", "sleep").label("app", "sleep");
         let admin = MeshWorkload::new(lab.pod(0, 1), "ops", "admin").label("app", "admin");
         let web = MeshWorkload::new(lab.pod(1, 0), "shop", "web").label("app", "web");
@@ -332,9 +324,7 @@ fn authorization_policies_decide_who_connects() {
                     .wait_for_count(PATIENCE, refusals_before + 1, refusal)
                     .unwrap_or_else(|e| panic!("{what}: {e:#}"));
                 assert!(
-                    server
-                        .next_served_within(Duration::from_millis(300))
-                        .is_err(),
+                    server.saw_nothing(),
                     "{what}: the application saw a connection"
                 );
             }
@@ -489,20 +479,14 @@ fn mtls_modes_decide_what_plaintext_gets_in() {
                 .iter()
                 .filter(|l| l.message() == "accepted plaintext connection")
                 .count();
-            let called = Call {
-                connect_timeout_ms: Some(1500),
-                ..Call::default()
-            }
-            .run(from, server.addr);
+            let called = Call::quick().run(from, server.addr);
             if gets_in {
                 called.unwrap_or_else(|e| panic!("{what}: refused: {e:#}"));
                 assert_eq!(server.next_served().unwrap().peer.ip(), from.ip, "{what}");
             } else {
                 assert!(called.is_err(), "{what}: got in");
                 assert!(
-                    server
-                        .next_served_within(Duration::from_millis(300))
-                        .is_err(),
+                    server.saw_nothing(),
                     "{what}: the application saw a connection"
                 );
             }
@@ -550,10 +534,7 @@ fn with_its_agent_killed_a_strict_pod_still_takes_no_plaintext() {
         "web-strict",
         "{selector: {matchLabels: {app: web}}, mtls: {mode: STRICT}}",
     ));
-    let quick = Call {
-        connect_timeout_ms: Some(1500),
-        ..Call::default()
-    };
+    let quick = Call::quick();
 
     // Node 2's agent dies.
     drop(mesh.agents.pop());
@@ -563,7 +544,7 @@ fn with_its_agent_killed_a_strict_pod_still_takes_no_plaintext() {
             "plaintext reached a STRICT pod"
         );
         assert!(
-            web.next_served_within(Duration::from_millis(300)).is_err(),
+            web.saw_nothing(),
             "the STRICT pod's application received bytes"
         );
     }
@@ -585,10 +566,7 @@ fn with_its_agent_killed_a_permissive_pod_under_authorization_fails_closed() {
         "db-from-anywhere",
         "{selector: {matchLabels: {app: db}}, rules: [{}]}",
     ));
-    let quick = Call {
-        connect_timeout_ms: Some(1500),
-        ..Call::default()
-    };
+    let quick = Call::quick();
     quick.run(&attacker, db.addr).unwrap();
     db.next_served().unwrap();
 
@@ -597,7 +575,7 @@ fn with_its_agent_killed_a_permissive_pod_under_authorization_fails_closed() {
         quick.run(&attacker, db.addr).is_err(),
         "plaintext bypassed authorization while the agent was down"
     );
-    assert!(db.next_served_within(Duration::from_millis(300)).is_err());
+    assert!(db.saw_nothing());
 }
 
 #[test]
@@ -616,10 +594,7 @@ fn a_pod_forging_another_pods_address_gets_nothing_through() {
     ));
     Call::default().run(&sleep, web.addr).unwrap();
     web.next_served().unwrap();
-    let quick = Call {
-        connect_timeout_ms: Some(1500),
-        ..Call::default()
-    };
+    let quick = Call::quick();
     assert!(quick.run(&admin, web.addr).is_err());
 
     // admin takes sleep's address as its own and tries again from it.
@@ -638,7 +613,7 @@ fn a_pod_forging_another_pods_address_gets_nothing_through() {
         forged.run(&admin, web.addr).is_err(),
         "a forged source got through"
     );
-    assert!(web.next_served_within(Duration::from_millis(300)).is_err());
+    assert!(web.saw_nothing());
     let dropped = format!("egress: dropped a packet from {}", sleep.ip);
     mesh.agents[0]
         .wait_for(PATIENCE, |l| l.message().starts_with(&dropped))
@@ -705,19 +680,12 @@ fn every_mode_at_every_scope() {
             // The attacker's plaintext: dropped in the kernel, or handed to
             // the agent (which authorizes it).
             let before = plaintext_accepted(&mesh);
-            let called = Call {
-                connect_timeout_ms: Some(1500),
-                ..Call::default()
-            }
-            .run(&attacker, web.addr);
+            let called = Call::quick().run(&attacker, web.addr);
             assert_eq!(called.is_ok(), mode != "STRICT", "{what}: attacker");
             if called.is_ok() {
                 assert_eq!(web.next_served().unwrap().peer.ip(), attacker.ip, "{what}");
             } else {
-                assert!(
-                    web.next_served_within(Duration::from_millis(300)).is_err(),
-                    "{what}"
-                );
+                assert!(web.saw_nothing(), "{what}");
             }
             let through_agent = plaintext_accepted(&mesh) > before;
             assert_eq!(through_agent, mode != "STRICT", "{what}: through the agent");

@@ -5,8 +5,6 @@
 //! agents, bytes on veths. Every claim printed is checked first. The lab is
 //! torn down at the end, also on failure.
 
-use std::time::Duration;
-
 use anyhow::{Context, Result, ensure};
 use warren_tests::{
     Lab, LabSpec,
@@ -158,16 +156,10 @@ pub fn run() -> Result<()> {
     for agent in &mut agents {
         agent.wait_for_count(PATIENCE, 2, |l| l.message() == "policies loaded")?;
     }
-    let refused = Call {
-        connect_timeout_ms: Some(1500),
-        ..Call::default()
-    }
-    .run(outsider, local_server.addr);
+    let refused = Call::quick().run(outsider, local_server.addr);
     ensure!(refused.is_err(), "plaintext reached a STRICT pod");
     ensure!(
-        local_server
-            .next_served_within(Duration::from_millis(300))
-            .is_err(),
+        local_server.saw_nothing(),
         "the STRICT pod's application saw the outsider"
     );
     let dropped = agents[0].wait_for(PATIENCE, |l| {
