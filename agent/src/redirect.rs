@@ -114,8 +114,6 @@ pub struct Redirector {
     pods: HashMap<MapData, u64, PodInfo>,
     modes: HashMap<MapData, InboundKey, u32>,
     listeners: SockHash<MapData, u32>,
-    /// The ports with a mode of their own, per pod, to remove them later.
-    mode_ports: std::collections::HashMap<Ipv4Addr, Vec<u16>>,
     original_dst: OriginalDsts,
 }
 
@@ -196,7 +194,6 @@ impl Redirector {
             pods,
             modes,
             listeners,
-            mode_ports: std::collections::HashMap::new(),
             original_dst: OriginalDsts(Arc::new(Mutex::new(original_dst))),
         })
     }
@@ -332,18 +329,14 @@ impl Redirector {
             name: names::INBOUND_MODES,
             source,
         };
-        // The ports this pod had a mode for; the first time in this process,
-        // read from the (pinned) map, which a previous agent may have filled.
-        let old = match self.mode_ports.get(&pod_ip) {
-            Some(ports) => ports.clone(),
-            None => self
-                .modes
-                .keys()
-                .filter_map(Result::ok)
-                .filter(|key| key.ip == ip && key.port != 0)
-                .map(|key| key.port)
-                .collect(),
-        };
+        // The ports this pod has a mode for, as the (pinned) map holds them:
+        // a previous agent may have written some.
+        let old: Vec<u16> = self
+            .mode_keys(ip)
+            .into_iter()
+            .map(|key| key.port)
+            .filter(|&port| port != 0)
+            .collect();
         // New entries first, stale ones last: no moment where a port falls
         // back to a default it should not have.
         for (&port, &mode) in &modes.ports {
@@ -359,9 +352,16 @@ impl Redirector {
                 let _ = self.modes.remove(&InboundKey::new(ip, port));
             }
         }
-        self.mode_ports
-            .insert(pod_ip, modes.ports.keys().copied().collect());
         Ok(())
+    }
+
+    /// The `INBOUND_MODES` keys of the pod at `ip` (host order).
+    fn mode_keys(&self, ip: u32) -> Vec<InboundKey> {
+        self.modes
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| key.ip == ip)
+            .collect()
     }
 
     /// Attaches the ingress program to the pod's interface (the one holding
@@ -419,14 +419,7 @@ impl Redirector {
     /// Removes the pod's modes and plaintext listener from the maps.
     fn forget_inbound(&mut self, pod_ip: Ipv4Addr) {
         let ip = u32::from(pod_ip);
-        self.mode_ports.remove(&pod_ip);
-        let keys: Vec<InboundKey> = self
-            .modes
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|key| key.ip == ip)
-            .collect();
-        for key in keys {
+        for key in self.mode_keys(ip) {
             let _ = self.modes.remove(&key);
         }
         let _ = self.listeners.remove(&ip);

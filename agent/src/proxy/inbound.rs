@@ -223,12 +223,9 @@ impl PodInbound {
         let IpAddr::V4(src_ip) = peer.ip() else {
             return refuse("only IPv4 clients are supported");
         };
-        let mode = {
-            let state = self.pod.state.borrow();
-            let current = state.workload_by_ip(self.pod.workload.ip);
-            let workload = current.unwrap_or(&self.pod.workload);
-            state.policies().mtls_mode(workload, dst.port())
-        };
+        let mode = self
+            .pod
+            .with_policies(|policies, workload| policies.mtls_mode(workload, dst.port()));
         if mode == MtlsMode::Strict {
             // The kernel drops these; this is a mode change racing a SYN.
             return refuse("the pod's mTLS mode is STRICT");

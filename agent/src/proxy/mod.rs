@@ -23,7 +23,7 @@ use crate::{
     hbone::pool::Pool,
     identity::SpiffeId,
     netns::NetNs,
-    policy::{Connection, Decision},
+    policy::{Connection, Decision, Policies},
     redirect::OriginalDsts,
     state::Snapshot,
     tls::{TrustBundle, WorkloadCertificate},
@@ -120,21 +120,17 @@ impl PodProxy {
         source_ip: IpAddr,
         dst: SocketAddr,
     ) -> Decision {
-        let state = self.state.borrow();
-        // The workload as the config has it now: its labels may have changed.
-        let workload = state
-            .workload_by_ip(self.workload.ip)
-            .unwrap_or(&self.workload);
-        let decision = state.policies().authorize(
-            workload,
-            &Connection {
-                source,
-                source_ip,
-                destination_ip: self.workload.ip,
-                destination_port: dst.port(),
-            },
-        );
-        drop(state);
+        let decision = self.with_policies(|policies, workload| {
+            policies.authorize(
+                workload,
+                &Connection {
+                    source,
+                    source_ip,
+                    destination_ip: self.workload.ip,
+                    destination_port: dst.port(),
+                },
+            )
+        });
         let workload = self.workload.qualified_name();
         let source = source.map_or_else(|| "-".to_owned(), ToString::to_string);
         for policy in &decision.audited {
@@ -144,6 +140,17 @@ impl PodProxy {
             info!(%workload, %source, %source_ip, %dst, %result, "dry-run policy");
         }
         decision
+    }
+
+    /// Runs `f` with the policies in force and this pod as the config has it
+    /// now (its labels, which policies select on, may have changed since it
+    /// was enrolled).
+    pub fn with_policies<R>(&self, f: impl FnOnce(&Policies, &Workload) -> R) -> R {
+        let state = self.state.borrow();
+        let workload = state
+            .workload_by_ip(self.workload.ip)
+            .unwrap_or(&self.workload);
+        f(state.policies(), workload)
     }
 
     fn hbone_addr(&self) -> SocketAddr {
