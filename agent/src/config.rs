@@ -1,13 +1,14 @@
 //! The agent's local configuration file: which node this is, the trust domain,
-//! and the workloads of the mesh. This is how warren runs without Kubernetes
-//! (tests, the demo, small installations); discovery from a cluster will feed
-//! the same [`Config`].
+//! where certificates come from, and where the mesh is learnt: the workloads
+//! listed in the file itself (how warren runs without Kubernetes: tests, the
+//! demo, small installations) or the API server (`kubernetes:`). Either way
+//! they feed the same [`crate::mesh`] model.
 //!
 //! Every error names the file, the field and what is wrong with it; a config
 //! that does not validate is never partially applied.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     net::Ipv4Addr,
     path::{Path, PathBuf},
     time::Duration,
@@ -17,7 +18,7 @@ use serde::Deserialize;
 
 use crate::{
     identity::{NodeId, SpiffeId, TrustDomain},
-    policy::{DEFAULT_ROOT_NAMESPACE, Labels},
+    mesh::{Labels, LocalPod, Workload, policy::DEFAULT_ROOT_NAMESPACE},
 };
 
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
@@ -26,6 +27,9 @@ pub const DEFAULT_BPF_PIN_DIR: &str = "/sys/fs/bpf/warren";
 pub const DEFAULT_CERTIFICATE_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Shorter lifetimes would renew faster than connections can be set up.
 pub const MIN_CERTIFICATE_TTL: Duration = Duration::from_secs(2);
+/// Where a DaemonSet passes the node's name (downward API: `spec.nodeName`)
+/// when the config file does not name it.
+pub const NODE_NAME_ENV: &str = "NODE_NAME";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -68,7 +72,22 @@ pub struct Config {
     /// Where the agent pins its eBPF maps and pods' links (on bpffs), so that
     /// they outlive it.
     pub bpf_pin_dir: PathBuf,
+    /// The workloads listed in the file (none with `kubernetes`).
     pub workloads: Vec<Workload>,
+    /// Learn the mesh from the API server instead of `workloads`.
+    pub kubernetes: Option<KubernetesSettings>,
+}
+
+/// How the agent reaches the API server and finds pods on its node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubernetesSettings {
+    /// A kubeconfig file; none: in-cluster (the pod's service-account token
+    /// and CA, `KUBERNETES_SERVICE_HOST`).
+    pub kubeconfig: Option<PathBuf>,
+    /// The host's `/proc` as the agent sees it (a DaemonSet mounts it).
+    pub host_proc: PathBuf,
+    /// The host's cgroup v2 mount as the agent sees it.
+    pub host_cgroup: PathBuf,
 }
 
 /// Who signs this node's workload certificates.
@@ -111,53 +130,32 @@ impl Config {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Workload {
-    /// Pod name, unique within its namespace.
-    pub name: String,
-    pub namespace: String,
-    pub service_account: String,
-    pub identity: SpiffeId,
-    pub ip: Ipv4Addr,
-    pub node: String,
-    /// The pod's labels, which policy selectors match.
-    pub labels: Labels,
-    /// Present exactly for the workloads on this agent's node.
-    pub local: Option<LocalPod>,
-}
-
-/// Where a pod on this node lives, so the agent can enroll it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct LocalPod {
-    /// Network namespace file, e.g. `/run/netns/<name>` or `/proc/<pid>/ns/net`.
-    pub netns: PathBuf,
-    /// The pod's cgroup v2 directory.
-    pub cgroup: PathBuf,
-}
-
-impl Workload {
-    /// `namespace/name`, how operators refer to a pod.
-    pub fn qualified_name(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
-    }
-}
-
 impl Config {
+    /// Reads the file; a missing `node` is taken from `$NODE_NAME`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(path, &text)
+        Self::parse_with_env(path, &text, std::env::var(NODE_NAME_ENV).ok())
     }
 
     /// Parses `text` as if read from `path` (which only appears in errors).
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        Self::parse_with_env(path, text, None)
+    }
+
+    /// Parses `text`, with `env_node` as the node if the file names none.
+    pub fn parse_with_env(
+        path: &Path,
+        text: &str,
+        env_node: Option<String>,
+    ) -> Result<Self, ConfigError> {
         let raw: RawConfig = serde_yaml::from_str(text).map_err(|source| ConfigError::Syntax {
             path: path.to_owned(),
             source,
         })?;
-        raw.validate()
+        raw.validate(env_node)
             .map_err(|(field, problem)| ConfigError::Invalid {
                 path: path.to_owned(),
                 field,
@@ -165,18 +163,17 @@ impl Config {
             })
     }
 
-    /// The workloads running on this node.
-    pub fn local_workloads(&self) -> impl Iterator<Item = (&Workload, &LocalPod)> {
-        self.workloads
-            .iter()
-            .filter_map(|w| w.local.as_ref().map(|local| (w, local)))
+    /// The workloads the file places on this node.
+    pub fn local_workloads(&self) -> impl Iterator<Item = &Workload> {
+        self.workloads.iter().filter(|w| w.local.is_some())
     }
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawConfig {
-    node: String,
+    #[serde(default)]
+    node: Option<String>,
     #[serde(default)]
     trust_domain: Option<String>,
     #[serde(default)]
@@ -195,6 +192,19 @@ struct RawConfig {
     bpf_pin_dir: Option<PathBuf>,
     #[serde(default)]
     workloads: Vec<RawWorkload>,
+    #[serde(default)]
+    kubernetes: Option<RawKubernetes>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawKubernetes {
+    #[serde(default)]
+    kubeconfig: Option<PathBuf>,
+    #[serde(default)]
+    host_proc: Option<PathBuf>,
+    #[serde(default)]
+    host_cgroup: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -218,13 +228,28 @@ struct RawWorkload {
     netns: Option<PathBuf>,
     #[serde(default)]
     cgroup: Option<PathBuf>,
+    #[serde(default)]
+    probe_ports: BTreeSet<u16>,
 }
 
 type Invalid = (String, String);
 
 impl RawConfig {
-    fn validate(self) -> Result<Config, Invalid> {
-        if self.node.trim().is_empty() {
+    fn validate(self, env_node: Option<String>) -> Result<Config, Invalid> {
+        let node = match (self.node, env_node) {
+            (Some(node), _) => node,
+            (None, Some(node)) => node,
+            (None, None) => {
+                return Err((
+                    "node".into(),
+                    format!(
+                        "missing: name this agent's node here or in ${NODE_NAME_ENV} (a \
+                         DaemonSet sets it from spec.nodeName)"
+                    ),
+                ));
+            }
+        };
+        if node.trim().is_empty() {
             return Err(("node".into(), "must name this agent's node".into()));
         }
         let trust_domain =
@@ -272,7 +297,7 @@ impl RawConfig {
         let mut workloads = Vec::with_capacity(self.workloads.len());
         for (i, raw) in self.workloads.into_iter().enumerate() {
             let at = |field: &str| format!("workloads[{i}].{field}");
-            let workload = raw.validate(&self.node, &trust_domain, at)?;
+            let workload = raw.validate(&node, &trust_domain, at)?;
             if let Some(first) = by_name.insert(workload.qualified_name(), i) {
                 return Err((
                     at("name"),
@@ -290,8 +315,29 @@ impl RawConfig {
             }
             workloads.push(workload);
         }
+        let kubernetes = match self.kubernetes {
+            None => None,
+            Some(_) if !workloads.is_empty() => {
+                return Err((
+                    "workloads".into(),
+                    "cannot be used with `kubernetes`: the workloads come from the API server"
+                        .into(),
+                ));
+            }
+            Some(_) if self.policy_dir.is_some() => {
+                return Err((
+                    "policyDir".into(),
+                    "cannot be used with `kubernetes`: policies come from the API server".into(),
+                ));
+            }
+            Some(raw) => Some(KubernetesSettings {
+                kubeconfig: raw.kubeconfig,
+                host_proc: raw.host_proc.unwrap_or_else(|| "/proc".into()),
+                host_cgroup: raw.host_cgroup.unwrap_or_else(|| "/sys/fs/cgroup".into()),
+            }),
+        };
         Ok(Config {
-            node: self.node,
+            node,
             trust_domain,
             issuer,
             policy_dir: self.policy_dir,
@@ -302,6 +348,7 @@ impl RawConfig {
             trust_bundle: self.trust_bundle,
             certificate_ttl,
             workloads,
+            kubernetes,
         })
     }
 }
@@ -374,7 +421,7 @@ impl RawWorkload {
                     ),
                 )
             })?;
-            Some(LocalPod { netns, cgroup })
+            Some(LocalPod::Paths { netns, cgroup })
         } else {
             for (field, value) in [("netns", &self.netns), ("cgroup", &self.cgroup)] {
                 if value.is_some() {
@@ -398,6 +445,7 @@ impl RawWorkload {
             node: self.node,
             labels: self.labels,
             local,
+            probe_ports: self.probe_ports,
         })
     }
 }
@@ -451,10 +499,7 @@ workloads:
             Some(Path::new("/etc/warren/roots.pem"))
         );
         assert_eq!(config.workloads.len(), 2);
-        let local: Vec<_> = config
-            .local_workloads()
-            .map(|(w, _)| w.name.as_str())
-            .collect();
+        let local: Vec<_> = config.local_workloads().map(|w| w.name.as_str()).collect();
         assert_eq!(local, ["client"]);
         assert_eq!(
             config.workloads[1].identity.to_string(),
@@ -558,7 +603,7 @@ workloads:
             ),
             (
                 GOOD.replace("node: node-1\ntrustDomain", "trustDomain"),
-                "missing field `node`",
+                "node: missing: name this agent's node here or in $NODE_NAME",
             ),
             ("node: [\n".to_string(), "agent.yaml"),
             (
@@ -573,6 +618,18 @@ workloads:
                 "node: n\nca: {address: ca:15012}\n".to_string(),
                 "missing field `nodeCredential`",
             ),
+            (
+                format!("{GOOD}kubernetes: {{}}\n"),
+                "workloads: cannot be used with `kubernetes`",
+            ),
+            (
+                "node: n\npolicyDir: /p\nkubernetes: {}\n".to_string(),
+                "policyDir: cannot be used with `kubernetes`",
+            ),
+            (
+                "node: n\nkubernetes: {kubeConfig: /k}\n".to_string(),
+                "unknown field `kubeConfig`",
+            ),
         ];
         for (text, expected) in cases {
             let message = error(&text);
@@ -582,6 +639,30 @@ workloads:
             );
             assert!(message.contains(expected), "{message:?} lacks {expected:?}");
         }
+    }
+
+    #[test]
+    fn kubernetes_mode_takes_the_node_from_the_downward_api() {
+        let text = "kubernetes:\n  kubeconfig: /etc/warren/kubeconfig\n";
+        let path = Path::new("/etc/warren/agent.yaml");
+        let config = Config::parse_with_env(path, text, Some("node-7".into())).unwrap();
+        assert_eq!(config.node, "node-7");
+        assert_eq!(
+            config.kubernetes,
+            Some(KubernetesSettings {
+                kubeconfig: Some("/etc/warren/kubeconfig".into()),
+                host_proc: "/proc".into(),
+                host_cgroup: "/sys/fs/cgroup".into(),
+            })
+        );
+        // The file's own `node` wins over the environment.
+        let named = Config::parse_with_env(path, &format!("node: n1\n{text}"), Some("x".into()));
+        assert_eq!(named.unwrap().node, "n1");
+        let roots = "node: n\nkubernetes: {hostProc: /host/proc, hostCgroup: /host/cgroup}\n";
+        let settings = parse(roots).unwrap().kubernetes.unwrap();
+        assert_eq!(settings.kubeconfig, None);
+        assert_eq!(settings.host_proc, Path::new("/host/proc"));
+        assert_eq!(settings.host_cgroup, Path::new("/host/cgroup"));
     }
 
     #[test]

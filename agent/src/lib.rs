@@ -1,18 +1,22 @@
 //! warren's node agent. See ARCHITECTURE.md for the data path and how these
 //! modules fit together.
 
-pub mod agent;
 pub mod ca;
 pub mod config;
+pub mod daemon;
 pub mod files;
 pub mod hbone;
 pub mod identity;
+pub mod kubernetes;
 pub mod logging;
+pub mod mesh;
 pub mod netns;
-pub mod policy;
+pub mod node_route;
+pub mod pod;
 pub mod proxy;
+pub mod reconcile;
 pub mod redirect;
 pub mod renewal;
-pub mod state;
+pub mod sandbox;
 pub mod tls;
 pub mod watch;

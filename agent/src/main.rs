@@ -5,9 +5,9 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 use warren_agent::{
-    agent::Agent,
     ca::{self, Authority, Policy},
     config::{Config, Issuer},
+    daemon::Daemon,
     identity::{NodeId, TrustDomain},
     logging::{self, Chain, LogFormat},
     tls::TrustBundle,
@@ -267,12 +267,21 @@ fn main() -> ExitCode {
                         return ExitCode::FAILURE;
                     }
                 };
+                let source = match &config.kubernetes {
+                    Some(k) => format!(
+                        "workloads and policies from the API server ({})",
+                        k.kubeconfig.as_ref().map_or_else(
+                            || "in-cluster credentials".to_owned(),
+                            |path| format!("kubeconfig {}", path.display())
+                        )
+                    ),
+                    None => format!("{} workloads", config.workloads.len()),
+                };
                 println!(
-                    "{}: ok: node {}, trust domain {}, {} workloads",
+                    "{}: ok: node {}, trust domain {}, {source}",
                     path.display(),
                     config.node,
                     config.trust_domain,
-                    config.workloads.len()
                 );
                 for line in certificates {
                     println!("  {line}");
@@ -330,8 +339,8 @@ fn check_certificate_files(config: &Config) -> Result<Vec<String>, String> {
 
 #[tokio::main]
 async fn run_agent(config: PathBuf) -> ExitCode {
-    let result = match Agent::start(&config) {
-        Ok(agent) => agent.run().await,
+    let result = match Daemon::start(&config).await {
+        Ok(daemon) => daemon.run().await,
         Err(e) => Err(e),
     };
     match result {
@@ -371,8 +380,8 @@ async fn run_ca(
              give it an intermediate of your organisation's root (--ca-cert, --ca-key, --roots)"
         );
     }
-    let server =
-        ca::service::CaServer::new(authority, &config).map_err(|e| Chain(&e).to_string())?;
+    let server = ca::service::CaServer::new(authority, &config.trust_domain, &config.workloads)
+        .map_err(|e| Chain(&e).to_string())?;
     let placements = server.placements();
     let (tx, changed) = tokio::sync::mpsc::unbounded_channel();
     let _watcher = watch::watch_files(&[workloads.to_owned()], tx).map_err(|e| e.to_string())?;
@@ -424,7 +433,7 @@ async fn reload_workloads(
         let loaded = Config::load(&path).map_err(|e| Chain(&e).to_string());
         match loaded.and_then(|config| {
             placements
-                .update(&config)
+                .update(&config.trust_domain, &config.workloads)
                 .map(|()| config.workloads.len())
                 .map_err(|e| Chain(&e).to_string())
         }) {

@@ -1,7 +1,7 @@
 //! The eBPF side of capture: loads warren's kernel programs, attaches them to
-//! enrolled pods' cgroups and interfaces, keeps the pods' mTLS modes where the
-//! ingress program reads them, and answers "where was this connection
-//! going?".
+//! enrolled pods' cgroups and interfaces, keeps the pods' mTLS modes (and the
+//! kubelet's probes, which bypass them) where the ingress program reads them,
+//! and answers "where was this connection going?".
 //!
 //! Everything that must hold while the agent is not running is pinned in
 //! bpffs under the agent's pin directory: the maps, and each pod's links
@@ -19,7 +19,10 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use std::{collections::BTreeMap, os::fd::AsFd};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    os::fd::AsFd,
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -32,7 +35,7 @@ use aya::{
 };
 use nix::sched::{CloneFlags, setns};
 use tokio::io::unix::AsyncFd;
-use warren_common::{FlowKey, InboundKey, Ipv4Dst, OUTBOUND_PORT, PodInfo, names};
+use warren_common::{FlowKey, InboundKey, Ipv4Dst, OUTBOUND_PORT, PodInfo, ProbeKey, names};
 
 /// The compiled programs, built from ebpf/ by build.rs.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/warren-ebpf"));
@@ -88,12 +91,13 @@ const POD_LINKS: [&str; 5] = [
 ];
 
 /// The maps, pinned so that they outlive the agent.
-const PINNED_MAPS: [&str; 5] = [
+const PINNED_MAPS: [&str; 6] = [
     names::PODS,
     names::PENDING,
     names::ORIGINAL_DST,
     names::INBOUND_MODES,
     names::INBOUND_LISTENERS,
+    names::PROBES,
 ];
 
 /// A pod's mTLS modes as the ingress program reads them ([`warren_common::mode`]).
@@ -114,6 +118,8 @@ pub struct Redirector {
     pods: HashMap<MapData, u64, PodInfo>,
     modes: HashMap<MapData, InboundKey, u32>,
     listeners: SockHash<MapData, u32>,
+    /// The kubelet's probes; the values are unused.
+    probes: HashMap<MapData, ProbeKey, u8>,
     original_dst: OriginalDsts,
 }
 
@@ -173,6 +179,8 @@ impl Redirector {
             .map_err(map_error(names::INBOUND_MODES))?;
         let listeners = SockHash::try_from(take_map(&mut ebpf, names::INBOUND_LISTENERS)?)
             .map_err(map_error(names::INBOUND_LISTENERS))?;
+        let probes = HashMap::try_from(take_map(&mut ebpf, names::PROBES)?)
+            .map_err(map_error(names::PROBES))?;
 
         let pods = HashMap::try_from(take_map(&mut ebpf, names::PODS)?).map_err(|source| {
             RedirectError::Map {
@@ -194,6 +202,7 @@ impl Redirector {
             pods,
             modes,
             listeners,
+            probes,
             original_dst: OriginalDsts(Arc::new(Mutex::new(original_dst))),
         })
     }
@@ -364,6 +373,55 @@ impl Redirector {
             .collect()
     }
 
+    /// Lets the kubelet's probes of the pod `pod_ip` reach its application
+    /// whatever its mTLS mode: plaintext connection attempts from any of
+    /// `sources` (the node's addresses as the pod sees them) to any of
+    /// `ports`, and no others. Replaces what was set before.
+    pub fn set_probes(
+        &mut self,
+        pod_ip: Ipv4Addr,
+        sources: &[Ipv4Addr],
+        ports: &BTreeSet<u16>,
+    ) -> Result<(), RedirectError> {
+        let pod = u32::from(pod_ip);
+        let wanted: BTreeSet<ProbeKey> = sources
+            .iter()
+            .flat_map(|&src| {
+                ports
+                    .iter()
+                    .map(move |&port| ProbeKey::new(pod, u32::from(src), port))
+            })
+            .collect();
+        // What the (pinned) map holds for the pod: a previous agent may have
+        // written some.
+        let old = self.probe_keys(pod);
+        // New entries first, stale ones last: a probe that stays is never
+        // dropped in between.
+        for key in &wanted {
+            self.probes
+                .insert(key, 0_u8, 0)
+                .map_err(|source| RedirectError::Map {
+                    name: names::PROBES,
+                    source,
+                })?;
+        }
+        for key in old {
+            if !wanted.contains(&key) {
+                let _ = self.probes.remove(&key);
+            }
+        }
+        Ok(())
+    }
+
+    /// The `PROBES` keys of the pod at `ip` (host order).
+    fn probe_keys(&self, ip: u32) -> Vec<ProbeKey> {
+        self.probes
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| key.pod == ip)
+            .collect()
+    }
+
     /// Attaches the ingress program to the pod's interface (the one holding
     /// `pod_ip`), from a thread inside the pod's namespace: interface names
     /// and indexes are per namespace.
@@ -416,11 +474,14 @@ impl Redirector {
         removed.and(detached)
     }
 
-    /// Removes the pod's modes and plaintext listener from the maps.
+    /// Removes the pod's modes, probes and plaintext listener from the maps.
     fn forget_inbound(&mut self, pod_ip: Ipv4Addr) {
         let ip = u32::from(pod_ip);
         for key in self.mode_keys(ip) {
             let _ = self.modes.remove(&key);
+        }
+        for key in self.probe_keys(ip) {
+            let _ = self.probes.remove(&key);
         }
         let _ = self.listeners.remove(&ip);
     }

@@ -46,6 +46,10 @@ pub mod names {
     pub const INBOUND_MODES: &str = "INBOUND_MODES";
     /// The agent's plaintext listener by pod IPv4 address (host order).
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
+    /// The kubelet's probes, as [`super::ProbeKey`]s (the value is unused):
+    /// plaintext connection attempts that reach the application whatever
+    /// the pod's mTLS mode.
+    pub const PROBES: &str = "PROBES";
     pub const POD_INGRESS: &str = "warren_pod_ingress";
     pub const EGRESS: &str = "warren_egress";
     pub const CONNECT4: &str = "warren_connect4";
@@ -59,6 +63,10 @@ pub mod names {
 pub const FLOW_MAP_ENTRIES: u32 = 65_536;
 /// Capacity of [`names::PODS`]: pods enrolled on one node.
 pub const POD_MAP_ENTRIES: u32 = 4_096;
+
+/// Capacity of [`names::PROBES`]: a few probe ports per pod, usually from a
+/// single node address.
+pub const PROBE_MAP_ENTRIES: u32 = POD_MAP_ENTRIES * 8;
 
 /// An enrolled pod, as the kernel programs need to know it.
 #[repr(C)]
@@ -92,6 +100,29 @@ pub struct InboundKey {
 impl InboundKey {
     pub const fn new(ip: u32, port: u16) -> Self {
         Self { ip, port, _pad: 0 }
+    }
+}
+
+/// A plaintext connection attempt the kubelet makes for a probe: to the pod
+/// at `pod`, from the node's address `src` as the pod sees it, to `port`.
+/// Host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ProbeKey {
+    pub pod: u32,
+    pub src: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+impl ProbeKey {
+    pub const fn new(pod: u32, src: u32, port: u16) -> Self {
+        Self {
+            pod,
+            src,
+            port,
+            _pad: 0,
+        }
     }
 }
 
@@ -130,4 +161,6 @@ mod user {
     unsafe impl aya::Pod for super::FlowKey {}
     #[allow(unsafe_code)]
     unsafe impl aya::Pod for super::InboundKey {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::ProbeKey {}
 }

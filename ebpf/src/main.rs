@@ -22,8 +22,10 @@
 //!   under STRICT any other connection attempt is dropped, agent or no agent;
 //!   under PERMISSIVE it is handed to the agent's plaintext listener, so that
 //!   authorization applies to it too (its local address stays the original
-//!   destination), and so are DISABLE pods' connections. IPv6 connection
-//!   attempts, TCP fragments and unparsable packets are dropped.
+//!   destination), and so are DISABLE pods' connections. The kubelet's
+//!   probes (from the node's address, to the ports in `PROBES`) go straight
+//!   to the application whatever the mode. IPv6 connection attempts, TCP
+//!   fragments and unparsable packets are dropped.
 //! - `warren_egress` (cgroup_skb/egress, on the pod's cgroup) drops IPv4
 //!   packets a pod sends with a source address that is not its own: a pod
 //!   cannot pass for another one (policies match source addresses).
@@ -48,7 +50,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use warren_common::{
-    FLOW_MAP_ENTRIES, FlowKey, HBONE_PORT, InboundKey, Ipv4Dst, POD_MAP_ENTRIES, PodInfo, mode,
+    FLOW_MAP_ENTRIES, FlowKey, HBONE_PORT, InboundKey, Ipv4Dst, POD_MAP_ENTRIES, PROBE_MAP_ENTRIES,
+    PodInfo, ProbeKey, mode,
 };
 
 const AF_INET: u32 = 2;
@@ -199,6 +202,10 @@ static INBOUND_MODES: HashMap<InboundKey, u32> = HashMap::with_max_entries(POD_M
 #[map(name = "INBOUND_LISTENERS")]
 static INBOUND_LISTENERS: SockHash<u32> = SockHash::with_max_entries(POD_MAP_ENTRIES, 0);
 
+/// The kubelet's probes; only the keys matter.
+#[map(name = "PROBES")]
+static PROBES: HashMap<ProbeKey, u8> = HashMap::with_max_entries(PROBE_MAP_ENTRIES, 0);
+
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const TCP_SYN: u8 = 0x02;
@@ -251,6 +258,8 @@ fn ipv4_tcp(ctx: &TcContext, pod: u32, default: u32) -> Option<i32> {
     if port == HBONE_PORT {
         return Some(TC_ACT_OK as i32);
     }
+    // SAFETY: the value is copied out at once, and INBOUND_MODES values are
+    // plain integers.
     let value = unsafe { INBOUND_MODES.get(&InboundKey::new(pod, port)) }
         .copied()
         .unwrap_or(default);
@@ -284,8 +293,15 @@ fn ipv4_tcp(ctx: &TcContext, pod: u32, default: u32) -> Option<i32> {
         if !sk.is_null() {
             // SAFETY: `sk` is a valid socket reference until released.
             let state = unsafe { (*sk).state };
+            // SAFETY: `sk` is the non-null reference the lookup returned,
+            // released once, and not used after.
             unsafe { bpf_sk_release(sk.cast()) };
             if state != TCP_LISTEN {
+                return Some(TC_ACT_OK as i32);
+            }
+            // Only a listener: the final ACK of a SYN-cookie handshake. A
+            // probe's is the application's, like its SYN (below).
+            if is_probe(pod, saddr, port) {
                 return Some(TC_ACT_OK as i32);
             }
         }
@@ -300,6 +316,21 @@ fn ipv4_tcp(ctx: &TcContext, pod: u32, default: u32) -> Option<i32> {
 
     // A connection attempt never takes the path above: one that matches a
     // TIME_WAIT socket would reach the application's listener.
+
+    // The kubelet probes the application itself, in plaintext, whatever the
+    // mode (as Istio rewrites probes to bypass its proxy): from the node's
+    // address, to a port a probe names, it goes to the application's socket
+    // by the normal lookup.
+    if is_probe(pod, saddr, port) {
+        debug!(
+            ctx,
+            "ingress: pod {:i}: probe from {:i} to port {} let through to the application",
+            pod,
+            u32::from_be(saddr),
+            port
+        );
+        return Some(TC_ACT_OK as i32);
+    }
     if strict {
         debug!(
             ctx,
@@ -315,6 +346,14 @@ fn ipv4_tcp(ctx: &TcContext, pod: u32, default: u32) -> Option<i32> {
         Assigned::NoListener if value & mode::AUTHORIZED == 0 => Some(TC_ACT_OK as i32),
         _ => Some(TC_ACT_SHOT as i32),
     }
+}
+
+/// Whether a packet from `saddr` (network order) to `port` of `pod` belongs to
+/// one of the kubelet's probes.
+fn is_probe(pod: u32, saddr: u32, port: u16) -> bool {
+    let key = ProbeKey::new(pod, u32::from_be(saddr), port);
+    // SAFETY: only whether the key is there is used; the value is not read.
+    unsafe { PROBES.get(key) }.is_some()
 }
 
 enum Assigned {
@@ -337,7 +376,11 @@ fn assign_to_agent(skb: *mut c_void, pod: u32) -> Assigned {
     if listener.is_null() {
         return Assigned::NoListener;
     }
+    // SAFETY: `skb` is the program's own packet and `listener` the non-null
+    // socket reference from the lookup above; the helper takes a reference
+    // of its own if it keeps the socket, ours stays ours.
     let assigned = unsafe { bpf_sk_assign(skb, listener.cast(), 0) };
+    // SAFETY: `listener` is that reference, released once, not used after.
     unsafe { bpf_sk_release(listener.cast()) };
     if assigned == 0 {
         Assigned::Yes

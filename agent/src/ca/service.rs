@@ -44,8 +44,8 @@ use super::{
     transport::{self, TransportError},
 };
 use crate::{
-    config::Config,
     identity::{NodeId, SpiffeId, TrustDomain, ca_service_id},
+    mesh::Workload,
     tls::{handshake_error, validity_of},
 };
 
@@ -80,21 +80,25 @@ impl CaServer {
     /// Issues the service's own TLS certificate (identity
     /// `spiffe://<td>/warren/ca`, key generated here and kept in memory only;
     /// valid as long as the signing certificate) and learns from `workloads`
-    /// which node runs which identities.
-    pub fn new(authority: Authority, workloads: &Config) -> Result<Self, ServiceError> {
-        let trust_domain = authority.policy().trust_domain.clone();
+    /// (of `trust_domain`) which node runs which identities.
+    pub fn new(
+        authority: Authority,
+        trust_domain: &TrustDomain,
+        workloads: &[Workload],
+    ) -> Result<Self, ServiceError> {
+        let ca_domain = authority.policy().trust_domain.clone();
         let placements = Placements {
-            trust_domain: trust_domain.clone(),
+            trust_domain: ca_domain.clone(),
             current: Arc::new(RwLock::new(Arc::new(HashMap::new()))),
         };
-        placements.update(workloads)?;
+        placements.update(trust_domain, workloads)?;
 
         let lifetime = authority
             .not_after()
             .duration_since(SystemTime::now())
             .unwrap_or_default();
-        let own = authority.issue_credential(&ca_service_id(&trust_domain), lifetime)?;
-        let tls = transport::server_config(&own, authority.roots(), trust_domain)?;
+        let own = authority.issue_credential(&ca_service_id(&ca_domain), lifetime)?;
+        let tls = transport::server_config(&own, authority.roots(), ca_domain)?;
         let root = root_above(authority.chain(), authority.roots().roots());
         Ok(Self {
             tls,
@@ -253,15 +257,19 @@ type NodesById = HashMap<SpiffeId, BTreeSet<String>>;
 impl Placements {
     /// Replaces the view with `workloads`' (which must be of the CA's trust
     /// domain). Requests under way finish with the view they started with.
-    pub fn update(&self, workloads: &Config) -> Result<(), ServiceError> {
-        if workloads.trust_domain != self.trust_domain {
+    pub fn update(
+        &self,
+        trust_domain: &TrustDomain,
+        workloads: &[Workload],
+    ) -> Result<(), ServiceError> {
+        if *trust_domain != self.trust_domain {
             return Err(ServiceError::TrustDomainMismatch {
-                config: workloads.trust_domain.to_string(),
+                config: trust_domain.to_string(),
                 ca: self.trust_domain.to_string(),
             });
         }
         let mut placements = NodesById::new();
-        for workload in &workloads.workloads {
+        for workload in workloads {
             placements
                 .entry(workload.identity.clone())
                 .or_default()

@@ -83,7 +83,12 @@ impl Served {
         policy.max_ttl = max_ttl;
         policy.default_ttl = policy.default_ttl.min(max_ttl);
         let config = Config::parse(Path::new("workloads.yaml"), WORKLOADS).unwrap();
-        let server = CaServer::new(load_lab(dir.path(), policy), &config).unwrap();
+        let server = CaServer::new(
+            load_lab(dir.path(), policy),
+            &config.trust_domain,
+            &config.workloads,
+        )
+        .unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();

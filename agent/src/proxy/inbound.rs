@@ -29,7 +29,7 @@ use crate::{
     hbone::{self, Refusal, copy::relay, server},
     identity::SpiffeId,
     logging::Chain,
-    policy::MtlsMode,
+    mesh::policy::MtlsMode,
     tls::{self, TlsError, TrustBundle, WorkloadCertificate},
 };
 use warren_common::INBOUND_PLAINTEXT_PORT;

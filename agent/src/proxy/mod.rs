@@ -19,13 +19,14 @@ use tokio::sync::watch;
 use tracing::info;
 
 use crate::{
-    config::Workload,
     hbone::pool::Pool,
     identity::SpiffeId,
+    mesh::{
+        Policies, Snapshot, Workload,
+        policy::{Connection, Decision},
+    },
     netns::NetNs,
-    policy::{Connection, Decision, Policies},
     redirect::OriginalDsts,
-    state::Snapshot,
     tls::{TrustBundle, WorkloadCertificate},
 };
 
@@ -149,7 +150,7 @@ impl PodProxy {
         let state = self.state.borrow();
         let workload = state
             .workload_by_ip(self.workload.ip)
-            .unwrap_or(&self.workload);
+            .map_or(&self.workload, |w| &**w);
         f(state.policies(), workload)
     }
 

@@ -7,6 +7,14 @@
 //! - to a mesh workload: as an HBONE stream (mutual TLS, presenting this
 //!   pod's certificate, expecting the destination's identity) on a pooled
 //!   connection to `<destination>:15008`;
+//! - to a Service's virtual address (ClusterIP:port) with ready endpoints in
+//!   the mesh: to one of its ready endpoints, chosen at random, each way as
+//!   above (HBONE to a mesh endpoint, whose CONNECT authority is
+//!   `<endpoint IP>:<target port>`); an endpoint that cannot be reached is
+//!   replaced by another before the client sees a failure. A Service with
+//!   no ready endpoint: the client's connection is reset at once. A Service
+//!   with no endpoint in the mesh is passed through to its virtual address
+//!   unchanged (the node's service proxy takes it from there);
 //! - anywhere else: passthrough, plain TCP to the original destination.
 //!
 //! Either way the agent's socket is made in the pod's namespace, so traffic
@@ -20,6 +28,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use rand::seq::SliceRandom;
 use rustls::pki_types::ServerName;
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -31,15 +40,14 @@ use warren_common::OUTBOUND_PORT;
 
 use super::PodProxy;
 use crate::{
-    config::Workload,
     hbone::{
         self,
         client::Connection,
         copy::{Relayed, relay},
-        pool::PoolKey,
+        pool::{Checkout, PoolKey},
     },
     logging::Chain,
-    policy::MtlsMode,
+    mesh::{ServicePort, Workload, policy::MtlsMode},
     tls::{self, TlsError},
 };
 
@@ -65,8 +73,49 @@ pub enum OutboundError {
     Refused(http::StatusCode),
     #[error("timed out {0}")]
     Timeout(&'static str),
+    #[error("service {service}: no ready endpoint")]
+    NoEndpoint { service: String },
+    #[error("service {service}: no endpoint could be reached (tried {tried}); last: {last}")]
+    EndpointsUnreachable {
+        service: String,
+        tried: usize,
+        last: Box<OutboundError>,
+    },
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
+}
+
+/// Makes closing `client` send a reset: its connect() appeared to succeed
+/// (the agent accepted it), so a reset is how it learns at once that there
+/// is nowhere to go. A zero linger does not block the close.
+fn reset(client: &TcpStream) {
+    let _ = socket2::SockRef::from(client).set_linger(Some(Duration::ZERO));
+}
+
+/// An HBONE stream that its peer answered.
+struct Stream {
+    /// Held while the stream lives: the pool counts the connection in use,
+    /// so that retiring it lets the stream finish.
+    _checkout: Checkout,
+    response: http::Response<h2::RecvStream>,
+    send: h2::SendStream<bytes::Bytes>,
+}
+
+impl Stream {
+    async fn relay(self, client: TcpStream) -> Result<Relayed, OutboundError> {
+        let Stream {
+            _checkout,
+            response,
+            send,
+        } = self;
+        Ok(relay(client, send, response.into_body()).await?)
+    }
+}
+
+/// The far end of a connection to a service endpoint.
+enum Upstream {
+    Tunnel(Stream),
+    Plain(TcpStream),
 }
 
 /// Opens the outbound listener inside the pod's network namespace.
@@ -109,16 +158,21 @@ impl PodProxy {
             return;
         };
         let _ = client.set_nodelay(true);
-        let (dst_workload, mode) = {
+        let (dst_workload, mode, service) = {
             let state = self.state.borrow();
             let dst_workload = state.workload_by_ip(*dst.ip()).cloned();
             let mode = dst_workload
                 .as_ref()
                 .map(|w| state.policies().mtls_mode(w, dst.port()));
-            (dst_workload, mode)
+            let service = state.service(dst).cloned();
+            (dst_workload, mode, service)
         };
         let started = Instant::now();
         let result = match &dst_workload {
+            None if service.is_some() => {
+                let service = service.expect("checked");
+                self.to_service(client, src, dst, &service).await
+            }
             // The destination takes plaintext only: as Istio, send it so.
             Some(dst_workload) if mode == Some(MtlsMode::Disable) => {
                 info!(
@@ -176,6 +230,22 @@ impl PodProxy {
         dst: SocketAddrV4,
         dst_workload: &Workload,
     ) -> Result<Relayed, OutboundError> {
+        let stream = self.open_stream(src, dst, dst_workload, None).await?;
+        if stream.response.status() != http::StatusCode::OK {
+            return Err(OutboundError::Refused(stream.response.status()));
+        }
+        stream.relay(client).await
+    }
+
+    /// Sends a CONNECT for `dst` to `dst_workload`'s agent and waits for its
+    /// answer, on a pooled connection (opened if need be).
+    async fn open_stream(
+        &self,
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+        dst_workload: &Workload,
+        service: Option<&str>,
+    ) -> Result<Stream, OutboundError> {
         let key = PoolKey {
             src_netns: self.netns.cookie(),
             src_ip: self.workload.ip.into(),
@@ -206,6 +276,7 @@ impl PodProxy {
             workload = %self.workload.qualified_name(),
             %src,
             %dst,
+            service = service.unwrap_or("-"),
             dst_workload = %dst_workload.qualified_name(),
             identity = %key.src,
             dst_identity = %key.dst,
@@ -214,10 +285,102 @@ impl PodProxy {
             reused = checkout.reused(),
             "captured outbound connection"
         );
-        if response.status() != http::StatusCode::OK {
-            return Err(OutboundError::Refused(response.status()));
+        Ok(Stream {
+            _checkout: checkout,
+            response,
+            send,
+        })
+    }
+
+    /// A connection to a Service's virtual address `vip`: to one of its
+    /// ready endpoints (see the module's documentation).
+    async fn to_service(
+        &self,
+        client: TcpStream,
+        src: SocketAddrV4,
+        vip: SocketAddrV4,
+        service: &ServicePort,
+    ) -> Result<Relayed, OutboundError> {
+        let workload = self.workload.qualified_name();
+        let name = service.service.as_str();
+        if service.endpoints.is_empty() {
+            // Fail fast, as a connection refused would.
+            reset(&client);
+            return Err(OutboundError::NoEndpoint {
+                service: name.to_owned(),
+            });
         }
-        Ok(relay(client, send, response.into_body()).await?)
+        // Where each endpoint is, as of now: a mesh workload (HBONE, unless
+        // it takes plaintext only) or not.
+        let endpoints: Vec<(SocketAddrV4, Option<std::sync::Arc<Workload>>)> = {
+            let state = self.state.borrow();
+            service
+                .endpoints
+                .iter()
+                .map(|&endpoint| {
+                    let mesh = state.workload_by_ip(*endpoint.ip()).filter(|w| {
+                        state.policies().mtls_mode(w, endpoint.port()) != MtlsMode::Disable
+                    });
+                    (endpoint, mesh.cloned())
+                })
+                .collect()
+        };
+        if endpoints.iter().all(|(_, mesh)| mesh.is_none()) {
+            info!(%workload, %src, dst = %vip, service = name, dst_workload = "-", path = "passthrough", "captured outbound connection");
+            return self.passthrough(client, vip).await;
+        }
+        let mut order = endpoints;
+        order.shuffle(&mut rand::rng());
+        let tried = order.len();
+        let mut last = None;
+        for (endpoint, mesh) in order {
+            let opened = match &mesh {
+                Some(dst_workload) => self
+                    .open_stream(src, endpoint, dst_workload, Some(name))
+                    .await
+                    .and_then(|stream| match stream.response.status() {
+                        http::StatusCode::OK => Ok(Upstream::Tunnel(stream)),
+                        status => Err(OutboundError::Refused(status)),
+                    }),
+                None => {
+                    info!(%workload, %src, dst = %endpoint, service = name, dst_workload = "-", path = "passthrough", "captured outbound connection");
+                    self.netns
+                        .connect(endpoint.into())
+                        .await
+                        .map(Upstream::Plain)
+                        .map_err(|source| OutboundError::Connect {
+                            dst: endpoint.into(),
+                            source,
+                        })
+                }
+            };
+            match opened {
+                Ok(Upstream::Tunnel(stream)) => return stream.relay(client).await,
+                Ok(Upstream::Plain(mut upstream)) => {
+                    let mut client = client;
+                    let (sent, received) =
+                        tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
+                    return Ok(Relayed { sent, received });
+                }
+                // A policy refusal is an answer, not an unreachable endpoint:
+                // another endpoint of the same service would say the same.
+                Err(OutboundError::Refused(status)) if status == http::StatusCode::UNAUTHORIZED => {
+                    return Err(OutboundError::Refused(status));
+                }
+                // The client has sent nothing anywhere yet: another endpoint
+                // can take it.
+                Err(error) => {
+                    warn!(%workload, %src, dst = %vip, service = name, %endpoint, error = %Chain(&error), "service endpoint unreachable; trying another");
+                    last = Some(error);
+                }
+            }
+        }
+        reset(&client);
+        Err(OutboundError::EndpointsUnreachable {
+            service: name.to_owned(),
+            tried,
+            last: Box::new(last.expect("at least one endpoint was tried")),
+        })
     }
 
     /// A new mutual-TLS HTTP/2 connection to the destination's HBONE port,

@@ -15,7 +15,7 @@ use rustls::{
 };
 use x509_parser::{certificate::X509Certificate, extensions::GeneralName};
 
-use super::{TlsError, config::provider, x509_time};
+use super::{TlsError, provider::provider, x509_time};
 use crate::identity::SpiffeId;
 
 /// A workload's certificate chain (leaf first) and private key.

@@ -1,40 +1,21 @@
 //! rustls configurations for the two ends of an HBONE connection.
 
-use std::{
-    sync::{Arc, LazyLock},
-    time::SystemTime,
-};
+use std::{sync::Arc, time::SystemTime};
 
 use rustls::{
-    ClientConfig, CommonState, ServerConfig,
-    client::Resumption,
-    crypto::{CryptoProvider, ring},
-    server::WebPkiClientVerifier,
+    ClientConfig, CommonState, ServerConfig, client::Resumption, server::WebPkiClientVerifier,
     version::TLS13,
 };
 
 use super::{
-    TlsError, TrustBundle, WorkloadCertificate, spiffe_id_of,
+    TlsError, TrustBundle, WorkloadCertificate,
+    provider::provider,
+    spiffe_id_of,
     verify::{CheckedClient, CheckedServer, InTrustDomain, OneOf},
 };
 use crate::identity::SpiffeId;
 
 const ALPN_H2: &[u8] = b"h2";
-
-/// ring with only the suites ztunnel offers. Explicit rather than the
-/// process-wide default, which another crate could install differently.
-static PROVIDER: LazyLock<Arc<CryptoProvider>> = LazyLock::new(|| {
-    let mut provider = ring::default_provider();
-    provider.cipher_suites = vec![
-        ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
-        ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
-    ];
-    Arc::new(provider)
-});
-
-pub(super) fn provider() -> Arc<CryptoProvider> {
-    Arc::clone(&PROVIDER)
-}
 
 /// Server side of HBONE for one destination workload: presents `cert` and
 /// requires a client certificate chained to `trust`, from `cert`'s trust

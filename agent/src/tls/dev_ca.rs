@@ -25,7 +25,7 @@ use time::OffsetDateTime;
 use super::{
     CertificateSource, TlsError, TrustBundle, WorkloadCertificate,
     certs::{certificates_from_pem, validity_of},
-    config::provider,
+    provider::provider,
 };
 use crate::identity::SpiffeId;
 

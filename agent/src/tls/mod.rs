@@ -15,6 +15,7 @@
 mod certs;
 mod config;
 mod dev_ca;
+mod provider;
 pub mod testing;
 pub(crate) mod verify;
 pub(crate) mod x509_time;

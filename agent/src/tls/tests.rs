@@ -111,7 +111,7 @@ fn raw_client(
     expected: SpiffeId,
     cert: Option<(CertificateDer<'static>, PrivateKeyDer<'static>)>,
 ) -> Arc<ClientConfig> {
-    let provider = config::provider();
+    let provider = super::provider::provider();
     let verifier = verify::CheckedServer::new(
         trust.store(),
         provider.signature_verification_algorithms,

@@ -18,6 +18,8 @@ mod documents;
 #[cfg(test)]
 mod tests;
 
+pub use documents::{Document, Parsed, Refused, parse_object};
+
 use std::{
     collections::BTreeMap,
     fmt, fs,
@@ -27,19 +29,18 @@ use std::{
 
 use ipnet::IpNet;
 
-use crate::{config::Workload, identity::SpiffeId};
+use super::{Labels, Workload};
+use crate::identity::SpiffeId;
 
 /// Istio's default root namespace, where mesh-wide policies live.
 pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 
-/// Pod labels, as selectors match them.
-pub type Labels = BTreeMap<String, String>;
-
 /// A document that was refused, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}: {policy}: {}{problem}", file.display(), if field.is_empty() { String::new() } else { format!("{field}: ") })]
+#[error("{origin}: {policy}: {}{problem}", if field.is_empty() { String::new() } else { format!("{field}: ") })]
 pub struct PolicyError {
-    pub file: PathBuf,
+    /// Where it came from: a file's path, or the API server's resource.
+    pub origin: String,
     /// `namespace/name`, or `document #n` when the document has no name.
     pub policy: String,
     pub field: String,
@@ -274,7 +275,7 @@ impl Policies {
                 return Loaded {
                     policies: Self::none(root_namespace),
                     errors: vec![PolicyError {
-                        file: dir.to_owned(),
+                        origin: dir.display().to_string(),
                         policy: "policy directory".into(),
                         field: String::new(),
                         problem: format!("cannot read it: {e}"),
@@ -302,12 +303,14 @@ impl Policies {
             complete: true,
             ..Loaded::default()
         };
+        let mut documents = Vec::new();
         for (file, text) in texts {
+            let origin = file.display().to_string();
             let text = match text {
                 Ok(text) => text,
                 Err(e) => {
                     loaded.errors.push(PolicyError {
-                        file,
+                        origin,
                         policy: "file".into(),
                         field: String::new(),
                         problem: format!("cannot read it: {e}"),
@@ -316,63 +319,38 @@ impl Policies {
                     continue;
                 }
             };
-            for parsed in documents::parse_file(&file, &text) {
-                let document = match parsed {
-                    documents::Parsed::Document(document) => document,
-                    documents::Parsed::Refused(refused) => {
-                        loaded.errors.push(refused.error);
-                        match refused.fallback {
-                            Some(fallback) => fallback,
-                            None => continue,
-                        }
-                    }
-                    documents::Parsed::Unreadable(error) => {
-                        loaded.errors.push(error);
-                        loaded.complete = false;
-                        continue;
-                    }
-                };
-                match document {
-                    documents::Document::PeerAuthentication(pa) => {
-                        if pa.namespace == root_namespace && pa.selector.is_some() {
-                            loaded.warnings.push(format!(
-                                "{}: policy {}/{}: a PeerAuthentication with a selector in the \
-                                 root namespace is ignored, as in Istio",
-                                file.display(),
-                                pa.namespace,
-                                pa.name
-                            ));
-                            continue;
-                        }
-                        loaded.policies.peer_authentications.push(pa);
-                    }
-                    documents::Document::AuthorizationPolicy(ap) => {
-                        for (i, rule) in ap.rules.iter().enumerate() {
-                            if rule.l7.is_empty() {
-                                continue;
-                            }
-                            let reading = match ap.action {
-                                Action::Allow => "this ALLOW rule never matches",
-                                _ => "this rule is applied on its other fields alone",
-                            };
-                            loaded.warnings.push(format!(
-                                "{}: policy {}/{}: spec.rules[{i}] uses {}, which needs L7; \
-                                 at L4 {reading}",
-                                file.display(),
-                                ap.namespace,
-                                ap.name,
-                                rule.l7.join(", ")
-                            ));
-                        }
-                        loaded.policies.authorization_policies.push(ap);
-                    }
+            for parsed in documents::parse_file(&origin, &text) {
+                if let Parsed::Unreadable(error) = parsed {
+                    loaded.errors.push(error);
+                    loaded.complete = false;
+                    continue;
                 }
+                let reviewed = review(&origin, parsed, root_namespace);
+                loaded.errors.extend(reviewed.error);
+                loaded.warnings.extend(reviewed.warnings);
+                documents.extend(reviewed.document);
+            }
+        }
+        loaded.policies = Self::from_documents(root_namespace, documents);
+        loaded
+    }
+
+    /// The policy set of these documents (already reviewed, see [`review`]).
+    pub fn from_documents(
+        root_namespace: &str,
+        documents: impl IntoIterator<Item = Document>,
+    ) -> Self {
+        let mut policies = Self::none(root_namespace);
+        for document in documents {
+            match document {
+                Document::PeerAuthentication(pa) => policies.peer_authentications.push(pa),
+                Document::AuthorizationPolicy(ap) => policies.authorization_policies.push(ap),
             }
         }
         // Istio takes the oldest of several policies at one scope: by
         // creation time where the documents have one (exported from a
         // cluster), then by name. RFC 3339 times in UTC sort as text.
-        loaded.policies.peer_authentications.sort_by(|a, b| {
+        policies.peer_authentications.sort_by(|a, b| {
             let key = |pa: &PeerAuthentication| {
                 (
                     pa.namespace.clone(),
@@ -383,7 +361,7 @@ impl Policies {
             };
             key(a).cmp(&key(b))
         });
-        loaded
+        policies
     }
 
     pub fn root_namespace(&self) -> &str {
@@ -519,6 +497,70 @@ impl Policies {
             self.authorization_policies.len(),
         )
     }
+}
+
+/// What one parsed policy object contributes: the document to apply (the
+/// object itself, or the fail-closed stand-in of a refused one), the reason
+/// it was refused, and warnings about how it is read.
+#[derive(Default)]
+pub struct Reviewed {
+    pub document: Option<Document>,
+    pub error: Option<PolicyError>,
+    pub warnings: Vec<String>,
+}
+
+/// Reviews one parsed object from `origin` the same way wherever it came
+/// from: a refused one is replaced by its fail-closed stand-in, a
+/// PeerAuthentication with a selector in the root namespace is ignored (as
+/// Istio does), and rules needing L7 are reported.
+pub fn review(origin: &str, parsed: Parsed, root_namespace: &str) -> Reviewed {
+    let mut reviewed = Reviewed::default();
+    let document = match parsed {
+        Parsed::Document(document) => document,
+        Parsed::Refused(refused) => {
+            reviewed.error = Some(refused.error);
+            match refused.fallback {
+                Some(fallback) => fallback,
+                None => return reviewed,
+            }
+        }
+        Parsed::Unreadable(error) => {
+            reviewed.error = Some(error);
+            return reviewed;
+        }
+    };
+    match &document {
+        Document::PeerAuthentication(pa) => {
+            if pa.namespace == root_namespace && pa.selector.is_some() {
+                reviewed.warnings.push(format!(
+                    "{origin}: policy {}/{}: a PeerAuthentication with a selector in the root \
+                     namespace is ignored, as in Istio",
+                    pa.namespace, pa.name
+                ));
+                return reviewed;
+            }
+        }
+        Document::AuthorizationPolicy(ap) => {
+            for (i, rule) in ap.rules.iter().enumerate() {
+                if rule.l7.is_empty() {
+                    continue;
+                }
+                let reading = match ap.action {
+                    Action::Allow => "this ALLOW rule never matches",
+                    _ => "this rule is applied on its other fields alone",
+                };
+                reviewed.warnings.push(format!(
+                    "{origin}: policy {}/{}: spec.rules[{i}] uses {}, which needs L7; at L4 \
+                     {reading}",
+                    ap.namespace,
+                    ap.name,
+                    rule.l7.join(", ")
+                ));
+            }
+        }
+    }
+    reviewed.document = Some(document);
+    reviewed
 }
 
 /// `matchLabels`: every label given, with that value.

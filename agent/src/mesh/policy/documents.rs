@@ -7,7 +7,7 @@
 //! names, so that the rules can be read the safe way at L4 (see
 //! [`super::Rule::l7`]).
 
-use std::{collections::BTreeMap, net::IpAddr, path::Path};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use ipnet::IpNet;
 use serde::Deserialize;
@@ -22,6 +22,7 @@ const VERSIONS: [&str; 2] = ["v1", "v1beta1"];
 const DRY_RUN: &str = "istio.io/dry-run";
 
 /// One parsed document.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Document {
     PeerAuthentication(PeerAuthentication),
     AuthorizationPolicy(AuthorizationPolicy),
@@ -45,13 +46,13 @@ pub enum Parsed {
     Unreadable(PolicyError),
 }
 
-/// Every document of the YAML `text` (read from `file`), each either parsed
-/// or refused with the reason.
-pub fn parse_file(file: &Path, text: &str) -> Vec<Parsed> {
+/// Every document of the YAML `text` (read from `origin`, a file), each
+/// either parsed or refused with the reason.
+pub fn parse_file(origin: &str, text: &str) -> Vec<Parsed> {
     let mut documents = Vec::new();
     for (index, yaml) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let error = |policy: String, field: String, problem: String| PolicyError {
-            file: file.to_owned(),
+            origin: origin.to_owned(),
             policy,
             field,
             problem,
@@ -78,21 +79,33 @@ pub fn parse_file(file: &Path, text: &str) -> Vec<Parsed> {
             _ => vec![value],
         };
         for item in items {
-            let fallback = fallback(&item);
-            documents.push(match parse_document(item) {
-                Ok(document) => Parsed::Document(document),
-                Err((policy, field, problem)) => Parsed::Refused(Refused {
-                    error: error(
-                        policy.unwrap_or_else(|| format!("document #{}", index + 1)),
-                        field,
-                        problem,
-                    ),
-                    fallback,
-                }),
-            });
+            documents.push(parse_object(
+                origin,
+                &format!("document #{}", index + 1),
+                item,
+            ));
         }
     }
     documents
+}
+
+/// One policy object (from a file, or from the API server), parsed or
+/// refused with the reason; `unnamed` stands for its name in errors if it
+/// has none.
+pub fn parse_object(origin: &str, unnamed: &str, value: serde_yaml::Value) -> Parsed {
+    let fallback = fallback(&value);
+    match parse_document(value) {
+        Ok(document) => Parsed::Document(document),
+        Err((policy, field, problem)) => Parsed::Refused(Refused {
+            error: PolicyError {
+                origin: origin.to_owned(),
+                policy: policy.unwrap_or_else(|| unnamed.to_owned()),
+                field,
+                problem,
+            },
+            fallback,
+        }),
+    }
 }
 
 /// What stands in for `value` if it is refused (see [`Refused`]).

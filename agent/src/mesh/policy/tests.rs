@@ -25,6 +25,7 @@ fn workload(ns: &str, labels: &str) -> Workload {
         node: "node-2".into(),
         labels,
         local: None,
+        probe_ports: Default::default(),
     }
 }
 

@@ -1,0 +1,501 @@
+//! The node daemon: starts the sources of the mesh (the config file, or the
+//! API server; the trust bundle and policy files), keeps the pods of this
+//! node enrolled as the mesh changes, and stops on SIGTERM/SIGINT.
+//!
+//! ```text
+//!  config file ─┐                         ┌─► proxies (read the snapshot)
+//!  API server  ─┼─► mesh::Store (Snapshot)┤
+//!  trust, policy┘                         └─► Reconciler ─► NodePods (eBPF, listeners)
+//! ```
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+    task::JoinHandle,
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    ca::{
+        client::{CaClient, ClientError, CsrSource},
+        transport::{self, NodeCredential, TransportError},
+    },
+    config::{CaSettings, Config, ConfigError, Issuer},
+    hbone::pool::{self, Pool},
+    kubernetes::{self, KubernetesError},
+    logging::Chain,
+    mesh::{Policies, Snapshot, Store, Workloads},
+    pod::NodePods,
+    reconcile::Reconciler,
+    redirect::{RedirectError, Redirector},
+    sandbox::HostRoots,
+    tls::{CertificateSource, DevCa, TlsError, TrustBundle},
+    watch::{WatchError, watch_files},
+};
+
+/// A node credential closer than this to its expiry is warned about at start.
+const CREDENTIAL_WARNING: Duration = Duration::from_secs(7 * 24 * 3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Redirect(#[from] RedirectError),
+    #[error("certificates: {0}")]
+    Tls(#[from] TlsError),
+    #[error("{}: {source}", dir.display())]
+    NodeCredential {
+        dir: PathBuf,
+        source: TransportError,
+    },
+    #[error("CA client: {0}")]
+    CaClient(#[from] ClientError),
+    #[error(transparent)]
+    Watch(#[from] WatchError),
+    #[error("cannot read the policy directory {} (see the log)", .0.display())]
+    Policies(PathBuf),
+    #[error(transparent)]
+    Kubernetes(#[from] KubernetesError),
+    #[error("cannot install signal handler: {0}")]
+    Signal(std::io::Error),
+}
+
+pub struct Daemon {
+    config_path: PathBuf,
+    /// The config in force (the last one that loaded).
+    config: Config,
+    store: Store,
+    reconciler: Reconciler<NodePods>,
+    /// The development CA's root, trusted besides the trust bundle file.
+    dev_root: Option<TrustBundle>,
+    pool: Arc<Pool>,
+    /// The Kubernetes source, when the mesh comes from the API server.
+    kubernetes: Option<JoinHandle<()>>,
+}
+
+impl Daemon {
+    /// Loads the config and the eBPF programs and starts the sources. Fails,
+    /// and nothing is attached, if any is unusable.
+    pub async fn start(config_path: &Path) -> Result<Self, DaemonError> {
+        let config = Config::load(config_path)?;
+        info!(
+            node = %config.node,
+            trust_domain = %config.trust_domain,
+            source = if config.kubernetes.is_some() { "kubernetes" } else { "config file" },
+            workloads = config.workloads.len(),
+            local = config.local_workloads().count(),
+            config = %config_path.display(),
+            "warren agent starting"
+        );
+        let dev_ca = match &config.issuer {
+            Issuer::DevCa { dir } => {
+                warn!(
+                    dir = %dir.display(),
+                    "USING THE DEVELOPMENT CA: workload certificates are issued by a self-signed \
+                     root kept on this machine. Fine for a lab, not for production"
+                );
+                Some(DevCa::load_or_create(dir)?.with_validity(config.certificate_ttl))
+            }
+            Issuer::Ca(_) => None,
+        };
+        let dev_root = dev_ca.as_ref().map(DevCa::trust_bundle);
+        let trust = load_trust(&config, dev_root.as_ref())?;
+        let policies = load_policies(&config, "start")
+            .ok_or_else(|| DaemonError::Policies(config.policy_dir.clone().unwrap_or_default()))?;
+        let mut snapshot = Snapshot::new(trust, policies);
+        if config.kubernetes.is_none() {
+            snapshot.set_workloads(Workloads::new(config.workloads.iter().cloned()));
+            snapshot.set_synced();
+        }
+        let store = Store::new(snapshot);
+        let certificates: Arc<dyn CertificateSource> = match (dev_ca, &config.issuer) {
+            (Some(dev_ca), _) => Arc::new(dev_ca),
+            (None, Issuer::Ca(ca)) => Arc::new(ca_source(&config, ca, &store)?),
+            (None, Issuer::DevCa { .. }) => unreachable!("the development CA was loaded above"),
+        };
+        let kubernetes = match &config.kubernetes {
+            Some(settings) => {
+                let client = kubernetes::client(settings).await?;
+                Some(kubernetes::spawn(
+                    client,
+                    kubernetes::Context {
+                        node: config.node.clone(),
+                        trust_domain: config.trust_domain.clone(),
+                        root_namespace: config.root_namespace.clone(),
+                    },
+                    store.clone(),
+                ))
+            }
+            None => None,
+        };
+        let redirector = Redirector::load(&config.bpf_pin_dir)?;
+        let pool = Arc::new(Pool::new(pool::Settings::default()));
+        pool.spawn_reaper();
+        let host = config
+            .kubernetes
+            .as_ref()
+            .map(|k| HostRoots {
+                proc: k.host_proc.clone(),
+                cgroup: k.host_cgroup.clone(),
+            })
+            .unwrap_or_default();
+        let pods = NodePods {
+            redirector,
+            state: store.subscribe(),
+            certificates,
+            pool: pool.clone(),
+            host,
+        };
+        Ok(Self {
+            config_path: config_path.to_owned(),
+            config,
+            store,
+            reconciler: Reconciler::new(pods),
+            dev_root,
+            pool,
+            kubernetes,
+        })
+    }
+
+    /// Serves until SIGTERM or SIGINT: enrolls and withdraws pods as the
+    /// mesh changes, retries pods that failed, reloads the files when they
+    /// change or on SIGHUP. Pods stay pinned (failing closed) when it stops.
+    pub async fn run(mut self) -> Result<(), DaemonError> {
+        let mut hangup = signal(SignalKind::hangup()).map_err(DaemonError::Signal)?;
+        let mut terminate = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
+        let mut interrupt = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
+        let (tx, mut changed) = mpsc::unbounded_channel();
+        let mut watched = self.watched_files();
+        let mut watcher = watch_files(&watched, tx.clone())?;
+        let mut mesh = self.store.subscribe();
+        // Pins of pods that went away while no agent ran are released once
+        // the mesh is fully known, never from a partial view.
+        let mut released = false;
+        if self.kubernetes.is_some() {
+            info!("waiting for the API server's view of the mesh before enrolling pods");
+        }
+        loop {
+            let snapshot = mesh.borrow_and_update().clone();
+            if snapshot.synced() {
+                let local = snapshot.workloads().local().cloned();
+                self.reconciler.reconcile(local, Instant::now()).await;
+                if !released {
+                    released = true;
+                    self.release_departed(&snapshot);
+                    info!(
+                        pods = self.reconciler.enrolled().count(),
+                        "warren agent ready"
+                    );
+                }
+            }
+            let retry = self.reconciler.next_retry();
+            tokio::select! {
+                _ = hangup.recv() => {
+                    self.reload("SIGHUP");
+                    self.reload_trust("SIGHUP").await;
+                    self.reload_policies("SIGHUP");
+                }
+                Some(path) = changed.recv() => {
+                    // Editors write in several steps; let them finish.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let mut paths = vec![path];
+                    while let Ok(path) = changed.try_recv() {
+                        paths.push(path);
+                    }
+                    if paths.contains(&watched[0]) {
+                        self.reload("file changed");
+                    }
+                    // The config may name another trust bundle or policy
+                    // directory now; both reloads do nothing if unchanged.
+                    self.reload_trust("file changed").await;
+                    self.reload_policies("file changed");
+                }
+                Ok(()) = mesh.changed() => {}
+                () = sleep_until(retry) => {}
+                _ = terminate.recv() => break,
+                _ = interrupt.recv() => break,
+            }
+            if self.watched_files() != watched {
+                // A trust bundle in a directory that does not exist (yet)
+                // cannot be watched; its reload failed and was logged. The
+                // old watch stays, and this is tried again after the next
+                // change or SIGHUP.
+                match watch_files(&self.watched_files(), tx.clone()) {
+                    Ok(new) => {
+                        watched = self.watched_files();
+                        watcher = new;
+                    }
+                    Err(error) => {
+                        warn!(error = %Chain(&error), "cannot watch the trust bundle file")
+                    }
+                }
+            }
+        }
+        drop(watcher);
+        if let Some(kubernetes) = self.kubernetes.take() {
+            kubernetes.abort();
+        }
+        // The pods' programs stay (pinned): until an agent takes over, their
+        // outbound connections fail and STRICT ports drop plaintext, rather
+        // than traffic leaving in clear. `warren uninstall` releases them.
+        info!(
+            pods = self.reconciler.enrolled().count(),
+            pin_dir = %self.config.bpf_pin_dir.display(),
+            "warren agent stopping; its pods stay captured and fail closed until an agent takes \
+             over (`warren uninstall` releases them)"
+        );
+        // Dropping a pod's runtime stops its listeners, not its programs.
+        drop(self.reconciler);
+        Ok(())
+    }
+
+    /// Releases what was pinned for pods that are no longer this node's
+    /// (or are in another network namespace now). Pods of the mesh that
+    /// could not be enrolled keep their pins: they go on failing closed.
+    fn release_departed(&mut self, snapshot: &Snapshot) {
+        let enrolled: HashMap<String, u64> = self
+            .reconciler
+            .enrolled()
+            .map(|(w, pod)| (w.qualified_name(), pod.netns_cookie()))
+            .collect();
+        let local: HashMap<String, Option<u64>> = snapshot
+            .workloads()
+            .local()
+            .map(|w| {
+                let name = w.qualified_name();
+                let cookie = enrolled.get(&name).copied();
+                (name, cookie)
+            })
+            .collect();
+        for pod in self.reconciler.enroller().redirector.release_others(&local) {
+            info!(%pod, "released the programs of a pod that is gone");
+        }
+    }
+
+    /// Reads the config file again and applies it: in file mode its
+    /// workloads become the mesh's (the reconciler follows).
+    fn reload(&mut self, why: &str) {
+        let config = match Config::load(&self.config_path) {
+            Ok(config) => self.keep_running_settings(config, why),
+            Err(error) => {
+                error!(%why, error = %Chain(&error), "config reload failed; keeping the previous config");
+                return;
+            }
+        };
+        if config.node != self.config.node {
+            error!(
+                %why,
+                old = %self.config.node,
+                new = %config.node,
+                "config reload refused: the node name cannot change while the agent runs; keeping the previous config"
+            );
+            return;
+        }
+        if config == self.config {
+            return;
+        }
+        info!(%why, "config reloaded");
+        if config.kubernetes.is_none() && config.workloads != self.config.workloads {
+            let workloads = Workloads::new(config.workloads.iter().cloned());
+            self.store.publish(|s| s.set_workloads(workloads));
+        }
+        self.config = config;
+    }
+
+    /// `config` with the settings the agent runs with where they cannot
+    /// change live: where certificates come from and their lifetime (the CA
+    /// client, its credential and the pods' certificates were made from
+    /// them), and the source of the mesh. Says so whenever the file asks for
+    /// something else.
+    fn keep_running_settings(&self, mut config: Config, why: &str) -> Config {
+        let running = &self.config;
+        if config.issuer != running.issuer || config.certificate_ttl != running.certificate_ttl {
+            warn!(
+                %why,
+                "devCaDir, ca and certificateTtl changes take effect when the agent restarts; \
+                 until then it keeps the ones it started with"
+            );
+            config.issuer = running.issuer.clone();
+            config.certificate_ttl = running.certificate_ttl;
+        }
+        if config.kubernetes != running.kubernetes {
+            warn!(
+                %why,
+                "kubernetes changes take effect when the agent restarts; until then it keeps the \
+                 source of the mesh it started with"
+            );
+            config.kubernetes = running.kubernetes.clone();
+            if config.kubernetes.is_some() {
+                config.workloads.clear();
+                config.policy_dir = None;
+            }
+        }
+        config
+    }
+
+    /// Reads the trust bundle again and, if its roots changed, publishes
+    /// them. Tunnels stay up; if a root was removed, connections checked
+    /// against the old roots are retired (their streams finish).
+    async fn reload_trust(&mut self, why: &str) {
+        let trust = match load_trust(&self.config, self.dev_root.as_ref()) {
+            Ok(trust) => trust,
+            Err(error) => {
+                error!(%why, error = %Chain(&error), "trust bundle reload failed; keeping the previous roots");
+                return;
+            }
+        };
+        let current = self.store.current();
+        let old = current.trust();
+        if trust.roots() == old.roots() {
+            return;
+        }
+        let added = trust
+            .roots()
+            .iter()
+            .filter(|r| !old.roots().contains(r))
+            .count();
+        let removed = old
+            .roots()
+            .iter()
+            .filter(|r| !trust.roots().contains(r))
+            .count();
+        info!(%why, roots = trust.roots().len(), added, removed, "trust bundle reloaded");
+        self.store.publish(|s| s.set_trust(trust));
+        if removed > 0 {
+            self.pool.retire(|_| true).await;
+        }
+    }
+
+    /// Reads the policy directory again and, if the policies changed,
+    /// publishes them: new connections follow them at once, and the
+    /// reconciler brings the kernel's modes in line. Documents that do not
+    /// validate are left out (and logged); a directory that cannot be read
+    /// leaves the policies in force. With Kubernetes, policies come from the
+    /// API server instead.
+    fn reload_policies(&mut self, why: &str) {
+        if self.config.kubernetes.is_some() {
+            return;
+        }
+        let Some(policies) = load_policies(&self.config, why) else {
+            error!(%why, "policy reload failed; keeping the policies in force");
+            return;
+        };
+        if policies != *self.store.current().policies() {
+            self.store.publish(|s| s.set_policies(policies));
+        }
+    }
+
+    /// The config file, then the trust bundle file and the policy directory
+    /// if there are.
+    fn watched_files(&self) -> Vec<PathBuf> {
+        let mut files = vec![self.config_path.clone()];
+        files.extend(self.config.trust_bundle_path());
+        files.extend(self.config.policy_dir.clone());
+        files
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The policies of the config's policy directory (none without one),
+/// logging the documents refused and the warnings; None if the directory or
+/// one of its files cannot be read or parsed (then what it holds is unknown).
+fn load_policies(config: &Config, why: &str) -> Option<Policies> {
+    let Some(dir) = &config.policy_dir else {
+        return Some(Policies::none(&config.root_namespace));
+    };
+    let loaded = Policies::load_dir(dir, &config.root_namespace);
+    for error in &loaded.errors {
+        error!(
+            %why,
+            error = %error,
+            "policy refused; the workloads it was meant for fail closed, the other policies apply"
+        );
+    }
+    for warning in &loaded.warnings {
+        warn!(%why, "{warning}");
+    }
+    if !loaded.complete {
+        return None;
+    }
+    let (peer_authentications, authorization_policies) = loaded.policies.counts();
+    info!(
+        %why,
+        dir = %dir.display(),
+        peer_authentications,
+        authorization_policies,
+        refused = loaded.errors.len(),
+        "policies loaded"
+    );
+    Some(loaded.policies)
+}
+
+/// The roots to trust: the trust bundle file's, and the development CA's.
+fn load_trust(config: &Config, dev_root: Option<&TrustBundle>) -> Result<TrustBundle, TlsError> {
+    let file = config
+        .trust_bundle_path()
+        .map(|path| TrustBundle::from_pem_file(&path))
+        .transpose()?;
+    Ok(match (file, dev_root) {
+        (Some(file), Some(dev_root)) => dev_root.merged(&file),
+        (Some(file), None) => file,
+        (None, Some(dev_root)) => dev_root.clone(),
+        // The config always names a bundle with a CA service, and the
+        // issuer stays the one the agent started with.
+        (None, None) => {
+            return Err(TlsError::NoCertificate {
+                what: "trust bundle",
+            });
+        }
+    })
+}
+
+/// Certificates from the CA service, asked for as this node. The node
+/// credential is read now, to fail at start if it is unusable, and again
+/// at each connection to the CA, so that a renewed one needs no restart;
+/// the CA must chain to the current trust bundle.
+fn ca_source(config: &Config, ca: &CaSettings, store: &Store) -> Result<CsrSource, DaemonError> {
+    let dir = ca.node_credential.clone();
+    let node = config.node_id().map_err(|e| DaemonError::NodeCredential {
+        dir: dir.clone(),
+        source: TransportError::Credential(e.to_string()),
+    })?;
+    let credential =
+        NodeCredential::load_for(&dir, &node).map_err(|source| DaemonError::NodeCredential {
+            dir: dir.clone(),
+            source,
+        })?;
+    let left = credential
+        .not_after()
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
+    if left < CREDENTIAL_WARNING {
+        warn!(
+            dir = %dir.display(),
+            expires_in_h = left.as_secs() / 3600,
+            "the node credential expires soon; renew it with `warren ca node-credential --replace`"
+        );
+    }
+    info!(ca = %ca.address, node = %node, "workload certificates come from the CA service");
+    let state = store.subscribe();
+    let tls = move || {
+        let credential = NodeCredential::load_for(&dir, &node)?;
+        transport::client_config(&credential, state.borrow().trust())
+    };
+    let client = CaClient::lazy(&ca.address, Arc::new(tls))?;
+    Ok(CsrSource::new(client, config.certificate_ttl))
+}

@@ -1,0 +1,184 @@
+//! The mesh from the API server: what the agent learns from Kubernetes.
+//!
+//! One watch (kube-rs's runtime watcher) per kind — Namespaces, Pods,
+//! Services, EndpointSlices, and Istio's PeerAuthentication and
+//! AuthorizationPolicy — each keeping only the facts warren uses
+//! ([`facts`]). A builder turns the facts into the mesh model ([`build`]) and
+//! publishes it, at most every [`SETTLE`], once every kind has been listed:
+//! the agent never enrolls (or releases) pods from a partial view.
+//!
+//! A watch that expires (410 Gone) or breaks lists again; the objects it had
+//! stay in force until the new list is complete, and are then replaced
+//! whole. While the API server cannot be reached, the last view stays and
+//! each watch retries with backoff (kube-rs's default: from 0.8 s, doubling,
+//! up to 30 s), saying so in the log.
+
+mod build;
+mod facts;
+#[cfg(test)]
+mod tests;
+mod watch;
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use kube::{
+    Api, Client,
+    config::{KubeConfigOptions, Kubeconfig},
+    discovery::{self, ApiResource},
+};
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use crate::{config::KubernetesSettings, identity::TrustDomain, mesh::Store};
+pub use build::Built;
+use watch::{Shared, Tables};
+
+/// How long the builder lets changes pile up before publishing them: a
+/// rollout's burst of events makes one snapshot, not hundreds.
+pub const SETTLE: Duration = Duration::from_millis(100);
+
+/// The label, on namespaces and pods, that enrolls pods in ambient mode.
+pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubernetesError {
+    #[error("kubeconfig {}: {source}", path.display())]
+    Kubeconfig {
+        path: PathBuf,
+        source: kube::config::KubeconfigError,
+    },
+    #[error("in-cluster credentials (service-account token, KUBERNETES_SERVICE_HOST): {0}")]
+    InCluster(#[from] kube::config::InClusterError),
+    #[error("Kubernetes client: {0}")]
+    Client(#[from] kube::Error),
+}
+
+/// What the source needs to know of this agent.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// This node's name: its pods are enrolled here.
+    pub node: String,
+    pub trust_domain: TrustDomain,
+    /// Where mesh-wide policies live.
+    pub root_namespace: String,
+}
+
+/// A client for the API server, from a kubeconfig file or in-cluster
+/// credentials.
+pub async fn client(settings: &KubernetesSettings) -> Result<Client, KubernetesError> {
+    let config = match &settings.kubeconfig {
+        Some(path) => {
+            let kubeconfig_error = |source| KubernetesError::Kubeconfig {
+                path: path.clone(),
+                source,
+            };
+            let kubeconfig = Kubeconfig::read_from(path).map_err(kubeconfig_error)?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .map_err(kubeconfig_error)?
+        }
+        None => kube::Config::incluster()?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+/// Starts watching the API server and publishing what it says into
+/// `store`. Aborting the handle stops every watch.
+pub fn spawn(client: Client, context: Context, store: Store) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let shared = Arc::new(Shared::default());
+        let mut watches = JoinSet::new();
+        watches.spawn(watch::typed(
+            Api::all(client.clone()),
+            "namespaces",
+            shared.clone(),
+            |t: &mut Tables| &mut t.namespaces,
+            facts::namespace,
+        ));
+        watches.spawn(watch::typed(
+            Api::all(client.clone()),
+            "pods",
+            shared.clone(),
+            |t: &mut Tables| &mut t.pods,
+            facts::pod,
+        ));
+        watches.spawn(watch::typed(
+            Api::all(client.clone()),
+            "services",
+            shared.clone(),
+            |t: &mut Tables| &mut t.services,
+            facts::service,
+        ));
+        watches.spawn(discovered(
+            client.clone(),
+            "discovery.k8s.io",
+            "EndpointSlice",
+            shared.clone(),
+            |t: &mut Tables| &mut t.slices,
+            facts::endpoint_slice,
+        ));
+        let root_namespace = context.root_namespace.clone();
+        watches.spawn(discovered(
+            client.clone(),
+            "security.istio.io",
+            "PeerAuthentication",
+            shared.clone(),
+            |t: &mut Tables| &mut t.peer_authentications,
+            move |ar, object| facts::policy(ar, object, &root_namespace),
+        ));
+        let root_namespace = context.root_namespace.clone();
+        watches.spawn(discovered(
+            client.clone(),
+            "security.istio.io",
+            "AuthorizationPolicy",
+            shared.clone(),
+            |t: &mut Tables| &mut t.authorization_policies,
+            move |ar, object| facts::policy(ar, object, &root_namespace),
+        ));
+        build::publish_loop(&shared, &context, &store).await;
+    })
+}
+
+/// Watches `kind` of `group` at the version the API server prefers (so
+/// EndpointSlices are `v1` where served and `v1beta1` on older servers, and
+/// Istio's policies `v1` or `v1beta1`). A group the server does not serve
+/// (Istio's CRDs not installed) holds no objects: that is said in the log,
+/// and looked for again every minute.
+async fn discovered<F: Send + 'static>(
+    client: Client,
+    group: &'static str,
+    kind: &'static str,
+    shared: Arc<Shared>,
+    table: fn(&mut Tables) -> &mut watch::Table<F>,
+    facts: impl Fn(&ApiResource, &kube::api::DynamicObject) -> Option<F> + Send + Sync + 'static,
+) {
+    let mut absent_said = false;
+    let resource = loop {
+        let absent = match discovery::group(&client, group).await {
+            Ok(api_group) => match api_group.recommended_kind(kind) {
+                Some((resource, _)) => break resource,
+                None => true,
+            },
+            Err(kube::Error::Api(status)) if status.code == 404 => true,
+            Err(error) => {
+                warn!(group, kind, error = %error, "API discovery failed; retrying");
+                false
+            }
+        };
+        if absent && !absent_said {
+            absent_said = true;
+            warn!(
+                group,
+                kind,
+                "the API server does not serve this kind (CRDs not installed?); none is in force \
+                 until it does"
+            );
+            // Nothing to wait for: no objects is the truth for now.
+            shared.mark_synced_empty(table);
+        }
+        tokio::time::sleep(Duration::from_secs(if absent { 60 } else { 5 })).await;
+    };
+    info!(group, kind, version = %resource.version, "watching");
+    let api = Api::all_with(client, &resource);
+    watch::dynamic(api, resource, kind, shared, table, facts).await;
+}

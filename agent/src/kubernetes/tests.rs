@@ -1,0 +1,311 @@
+//! The rules that turn Kubernetes objects into the mesh, without an API
+//! server (the lab's end-to-end tests run a real one).
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use kube::{api::DynamicObject, discovery::ApiResource};
+use serde_json::json;
+
+use super::{
+    Context,
+    build::build,
+    facts,
+    watch::{Table, Tables},
+};
+use crate::{identity::TrustDomain, mesh::LocalPod};
+
+fn context() -> Context {
+    Context {
+        node: "node-1".into(),
+        trust_domain: TrustDomain::new("cluster.local").unwrap(),
+        root_namespace: "istio-system".into(),
+    }
+}
+
+fn pod(namespace: &str, name: &str, node: &str, ip: &str, labels: serde_json::Value) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": namespace, "uid": format!("uid-{name}"), "labels": labels},
+        "spec": {
+            "nodeName": node,
+            "serviceAccountName": "web",
+            "containers": [{
+                "name": "app",
+                "ports": [{"name": "http", "containerPort": 8080}, {"name": "admin", "containerPort": 9901}],
+                "readinessProbe": {"httpGet": {"port": "http"}},
+                "livenessProbe": {"tcpSocket": {"port": 9000}},
+                "startupProbe": {"exec": {"command": ["true"]}}
+            }],
+            "initContainers": [{"name": "sidecar", "readinessProbe": {"grpc": {"port": 7070}}}]
+        },
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
+    }))
+    .unwrap()
+}
+
+fn insert<F>(table: &mut Table<F>, key: &str, facts: Option<F>) {
+    table.objects.insert(key.into(), facts.unwrap());
+}
+
+fn namespace(name: &str, labels: serde_json::Value) -> Namespace {
+    serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}})).unwrap()
+}
+
+#[test]
+fn istio_labels_decide_who_is_in_the_mesh() {
+    let mut tables = Tables::default();
+    let ns = |name, labels| facts::namespace(&namespace(name, labels));
+    insert(
+        &mut tables.namespaces,
+        "ambient",
+        ns("ambient", json!({"istio.io/dataplane-mode": "ambient"})),
+    );
+    insert(&mut tables.namespaces, "plain", ns("plain", json!({})));
+    let cases = [
+        ("ambient", "in-ns", json!({}), true),
+        (
+            "ambient",
+            "opted-out",
+            json!({"istio.io/dataplane-mode": "none"}),
+            false,
+        ),
+        (
+            "plain",
+            "opted-in",
+            json!({"istio.io/dataplane-mode": "ambient"}),
+            true,
+        ),
+        ("plain", "plain", json!({}), false),
+        (
+            "ambient",
+            "odd-value",
+            json!({"istio.io/dataplane-mode": "sidecar"}),
+            true,
+        ),
+    ];
+    for (i, (ns, name, labels, _)) in cases.iter().enumerate() {
+        let ip = format!("10.244.1.{}", i + 2);
+        insert(
+            &mut tables.pods,
+            &format!("{ns}/{name}"),
+            facts::pod(&pod(ns, name, "node-1", &ip, labels.clone())),
+        );
+    }
+    let mut host: Pod = pod("ambient", "host", "node-1", "10.10.0.1", json!({}));
+    host.spec.as_mut().unwrap().host_network = Some(true);
+    insert(&mut tables.pods, "ambient/host", facts::pod(&host));
+    let built = build(&tables, &context());
+    for (i, (ns, name, _, expected)) in cases.iter().enumerate() {
+        let ip = Ipv4Addr::new(10, 244, 1, i as u8 + 2);
+        assert_eq!(
+            built.workloads.by_ip(ip).is_some(),
+            *expected,
+            "{ns}/{name}"
+        );
+    }
+    assert!(
+        built.workloads.by_ip(Ipv4Addr::new(10, 10, 0, 1)).is_none(),
+        "host network"
+    );
+}
+
+#[test]
+fn a_workload_has_its_service_account_identity_and_this_nodes_pods_are_local() {
+    let mut tables = Tables::default();
+    let labels = json!({"istio.io/dataplane-mode": "ambient", "app": "web"});
+    insert(
+        &mut tables.pods,
+        "shop/here",
+        facts::pod(&pod("shop", "here", "node-1", "10.244.1.2", labels.clone())),
+    );
+    insert(
+        &mut tables.pods,
+        "shop/there",
+        facts::pod(&pod(
+            "shop",
+            "there",
+            "node-2",
+            "10.244.2.2",
+            labels.clone(),
+        )),
+    );
+    // No address yet, finished: not workloads.
+    insert(
+        &mut tables.pods,
+        "shop/new",
+        facts::pod(&pod("shop", "new", "node-1", "", labels.clone())),
+    );
+    let mut done = pod("shop", "done", "node-1", "10.244.1.9", labels);
+    done.status.as_mut().unwrap().phase = Some("Succeeded".into());
+    insert(&mut tables.pods, "shop/done", facts::pod(&done));
+    let built = build(&tables, &context());
+    assert_eq!(built.workloads.len(), 2);
+    let here = built.workloads.by_ip(Ipv4Addr::new(10, 244, 1, 2)).unwrap();
+    assert_eq!(
+        here.identity.to_string(),
+        "spiffe://cluster.local/ns/shop/sa/web"
+    );
+    assert_eq!(here.labels["app"], "web");
+    assert_eq!(
+        here.local,
+        Some(LocalPod::Kubelet {
+            uid: "uid-here".into()
+        })
+    );
+    // Probes: a named httpGet port, a numeric tcpSocket port, an init
+    // container's grpc port; exec probes have none.
+    assert_eq!(
+        here.probe_ports.iter().copied().collect::<Vec<_>>(),
+        [7070, 8080, 9000]
+    );
+    let there = built.workloads.by_ip(Ipv4Addr::new(10, 244, 2, 2)).unwrap();
+    assert_eq!(there.local, None);
+    assert!(there.probe_ports.is_empty());
+    assert_eq!(built.workloads.local().count(), 1);
+}
+
+#[test]
+fn a_pod_being_deleted_gives_way_to_the_pod_that_got_its_address() {
+    let mut tables = Tables::default();
+    let labels = json!({"istio.io/dataplane-mode": "ambient"});
+    let mut old = pod("shop", "old", "node-1", "10.244.1.2", labels.clone());
+    old.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        "2026-12-01T00:00:00Z".parse().unwrap(),
+    ));
+    insert(&mut tables.pods, "shop/old", facts::pod(&old));
+    insert(
+        &mut tables.pods,
+        "shop/new",
+        facts::pod(&pod("shop", "new", "node-1", "10.244.1.2", labels)),
+    );
+    let built = build(&tables, &context());
+    assert_eq!(
+        built
+            .workloads
+            .by_ip(Ipv4Addr::new(10, 244, 1, 2))
+            .unwrap()
+            .name,
+        "new"
+    );
+}
+
+fn slice(
+    version: &str,
+    service: &str,
+    ports: serde_json::Value,
+    endpoints: serde_json::Value,
+) -> (ApiResource, DynamicObject) {
+    let resource = ApiResource {
+        group: "discovery.k8s.io".into(),
+        version: version.into(),
+        api_version: format!("discovery.k8s.io/{version}"),
+        kind: "EndpointSlice".into(),
+        plural: "endpointslices".into(),
+    };
+    let object = serde_json::from_value(json!({
+        "metadata": {"name": format!("{service}-{}", ports.to_string().len()), "namespace": "shop",
+                     "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "ports": ports,
+        "endpoints": endpoints,
+    }))
+    .unwrap();
+    (resource, object)
+}
+
+#[test]
+fn service_ports_lead_to_ready_endpoints_with_target_ports_resolved_per_slice() {
+    let mut tables = Tables::default();
+    let service: Service = serde_json::from_value(json!({
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+                 "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": "http"},
+                           {"name": "dns", "port": 53, "protocol": "UDP"}]}
+    }))
+    .unwrap();
+    insert(&mut tables.services, "shop/web", facts::service(&service));
+    // Pods whose named port `http` is 8080, and one whose is 8081.
+    let (r, a) = slice(
+        "v1",
+        "web",
+        json!([{"name": "http", "port": 8080}]),
+        json!([
+            {"addresses": ["10.244.1.2"], "conditions": {"ready": true}},
+            {"addresses": ["10.244.1.3"], "conditions": {"ready": false}},
+            {"addresses": ["10.244.2.2"]},
+        ]),
+    );
+    insert(&mut tables.slices, "shop/a", facts::endpoint_slice(&r, &a));
+    let (r, b) = slice(
+        "v1beta1",
+        "web",
+        json!([{"name": "http", "port": 8081, "protocol": "TCP"}]),
+        json!([
+            {"addresses": ["10.244.2.3"], "conditions": {"ready": true}},
+        ]),
+    );
+    insert(&mut tables.slices, "shop/b", facts::endpoint_slice(&r, &b));
+    let built = build(&tables, &context());
+    let vip = |port| SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), port);
+    let http = built.services.get(vip(80)).unwrap();
+    assert_eq!(http.service, "shop/web");
+    let expected: Vec<SocketAddrV4> = ["10.244.1.2:8080", "10.244.2.2:8080", "10.244.2.3:8081"]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+    assert_eq!(http.endpoints, expected);
+    assert!(built.services.get(vip(53)).is_none(), "UDP is not warren's");
+    assert_eq!(built.services.len(), 1);
+}
+
+#[test]
+fn headless_and_external_name_services_have_no_virtual_address() {
+    for spec in [
+        json!({"clusterIP": "None", "ports": [{"port": 80}]}),
+        json!({"type": "ExternalName", "externalName": "example.com"}),
+    ] {
+        let service: Service = serde_json::from_value(json!({
+            "metadata": {"name": "x", "namespace": "shop"}, "spec": spec
+        }))
+        .unwrap();
+        assert!(facts::service(&service).is_none(), "{spec}");
+    }
+}
+
+#[test]
+fn policies_from_the_api_server_are_validated_as_files_are_and_fail_closed() {
+    let resource = ApiResource {
+        group: "security.istio.io".into(),
+        version: "v1".into(),
+        api_version: "security.istio.io/v1".into(),
+        kind: "AuthorizationPolicy".into(),
+        plural: "authorizationpolicies".into(),
+    };
+    let object = |spec: serde_json::Value| -> DynamicObject {
+        serde_json::from_value(json!({
+            "metadata": {"name": "p", "namespace": "shop", "uid": "u", "resourceVersion": "7",
+                         "creationTimestamp": "2026-12-01T00:00:00Z", "managedFields": []},
+            "spec": spec
+        }))
+        .unwrap()
+    };
+    let good = facts::policy(
+        &resource,
+        &object(json!({"action": "DENY", "rules": [{}]})),
+        "istio-system",
+    );
+    assert!(
+        matches!(good, Some(Some(crate::mesh::policy::Document::AuthorizationPolicy(ref ap))) if ap.name == "p")
+    );
+    // A misspelt field: refused, and a deny-all stands in for it.
+    let bad = facts::policy(
+        &resource,
+        &object(json!({"action": "ALLOW", "rulez": []})),
+        "istio-system",
+    );
+    let Some(Some(crate::mesh::policy::Document::AuthorizationPolicy(stand_in))) = bad else {
+        panic!("no stand-in: {bad:?}");
+    };
+    assert_eq!(stand_in.name, "p (refused: fails closed)");
+    assert_eq!(stand_in.action, crate::mesh::policy::Action::Deny);
+}

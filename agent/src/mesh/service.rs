@@ -1,0 +1,47 @@
+//! Services: virtual addresses (a Kubernetes ClusterIP and port) and the
+//! ready endpoints behind them.
+
+use std::{collections::HashMap, net::SocketAddrV4, sync::Arc};
+
+/// Where connections to one port of a Service's virtual address may go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePort {
+    /// `namespace/name`, for logs.
+    pub service: String,
+    /// The ready endpoints, each with the port this Service port leads to
+    /// on it (named target ports resolve per endpoint).
+    pub endpoints: Vec<SocketAddrV4>,
+}
+
+/// A ready endpoint of a service port.
+pub type Endpoint = SocketAddrV4;
+
+/// Every service port of the mesh, by virtual address and port.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Services {
+    by_vip: HashMap<SocketAddrV4, Arc<ServicePort>>,
+}
+
+impl Services {
+    pub fn new(ports: impl IntoIterator<Item = (SocketAddrV4, ServicePort)>) -> Self {
+        Self {
+            by_vip: ports
+                .into_iter()
+                .map(|(vip, port)| (vip, Arc::new(port)))
+                .collect(),
+        }
+    }
+
+    /// The service port at `vip` (a ClusterIP and a port), if any.
+    pub fn get(&self, vip: SocketAddrV4) -> Option<&Arc<ServicePort>> {
+        self.by_vip.get(&vip)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_vip.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_vip.is_empty()
+    }
+}

@@ -1,0 +1,355 @@
+//! One enrolled pod at run time, and the [`Enroller`] that makes them.
+//!
+//! Enrolling a pod: find its sandbox (given by the config file, or found
+//! from the kubelet's cgroup layout), ask for its certificate, open its
+//! listeners inside its network namespace, then attach the kernel programs
+//! (listeners first: capture must never point at a closed port). A
+//! [`PodRuntime`] owns the pod's listeners and tasks; dropping it stops them
+//! and leaves the pod's pinned programs in place (failing closed), while
+//! [`Enroller::withdraw`] also releases the pod.
+
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::{sync::watch, task::JoinHandle};
+use tracing::{error, info, warn};
+
+use crate::{
+    hbone::pool::Pool,
+    logging::Chain,
+    mesh::{LocalPod, Policies, Snapshot, Workload, policy::MtlsMode},
+    netns::{NetNs, NetnsError},
+    node_route::{self, RouteError},
+    proxy::{
+        PodProxy,
+        inbound::{self, InboundError, PodInbound},
+        outbound::{self, OutboundError},
+    },
+    reconcile::Enroller,
+    redirect::{Attachment, InboundModes, RedirectError, Redirector},
+    renewal,
+    sandbox::{self, HostRoots, SandboxError},
+    tls::{CertificateSource, WorkloadCertificate},
+};
+
+/// How long enrollment waits for a pod's first certificate before going on
+/// without it (the pod then gets no tunnels until one is issued).
+const FIRST_CERTIFICATE_WAIT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error("finding the pod's sandbox: {0}")]
+    Sandbox(#[from] SandboxError),
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error(transparent)]
+    Outbound(#[from] OutboundError),
+    #[error(transparent)]
+    Inbound(#[from] InboundError),
+    #[error(transparent)]
+    Redirect(#[from] RedirectError),
+    #[error("finding the node's address towards the pod: {0}")]
+    Route(#[from] RouteError),
+}
+
+/// A pod this agent is capturing and serving.
+pub struct PodRuntime {
+    workload: Arc<Workload>,
+    /// Taken when the pod is withdrawn.
+    attachment: Option<Attachment>,
+    proxy: Arc<PodProxy>,
+    /// The mTLS modes the ingress program applies to it.
+    modes: InboundModes,
+    /// The node's address as the pod sees it, the one source the kubelet's
+    /// probes may come from.
+    node_address: Ipv4Addr,
+    probe_ports: BTreeSet<u16>,
+    /// Outbound listener, HBONE listener, plaintext listener, certificate
+    /// renewal.
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl PodRuntime {
+    pub fn workload(&self) -> &Workload {
+        &self.workload
+    }
+
+    pub fn netns_cookie(&self) -> u64 {
+        self.proxy.netns.cookie()
+    }
+}
+
+impl Drop for PodRuntime {
+    /// Stops serving; the pinned programs stay, so the pod fails closed
+    /// until an agent serves it again.
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Enrolls this node's pods: the kernel programs, the proxies, the
+/// certificates.
+pub struct NodePods {
+    pub redirector: Redirector,
+    pub state: watch::Receiver<Arc<Snapshot>>,
+    pub certificates: Arc<dyn CertificateSource>,
+    pub pool: Arc<Pool>,
+    /// Where the host's `/proc` and cgroups are, for kubelet pods.
+    pub host: HostRoots,
+}
+
+impl Enroller for NodePods {
+    type Pod = PodRuntime;
+    type Error = EnrollError;
+
+    async fn enroll(
+        &mut self,
+        workloads: &[Arc<Workload>],
+    ) -> Vec<Result<PodRuntime, EnrollError>> {
+        let mut located = Vec::with_capacity(workloads.len());
+        for workload in workloads {
+            located.push(self.locate(workload).await);
+        }
+        // Asked for together: a slow CA delays enrollment once, not per pod.
+        let certificates = futures_util::future::join_all(workloads.iter().zip(&located).map(
+            |(workload, located)| async {
+                match located {
+                    Ok(_) => first_certificate(&*self.certificates, workload).await,
+                    Err(_) => None,
+                }
+            },
+        ))
+        .await;
+        let mut results = Vec::with_capacity(workloads.len());
+        for ((workload, located), certificate) in workloads.iter().zip(located).zip(certificates) {
+            let result = match located {
+                Ok((netns, cgroup)) => self.enroll_one(workload, netns, cgroup, certificate).await,
+                Err(error) => Err(error),
+            };
+            results.push(result);
+        }
+        results
+    }
+
+    async fn withdraw(&mut self, mut pod: PodRuntime) {
+        let name = pod.workload.qualified_name();
+        // Capture stops before the listeners close, so no new connection is
+        // sent to a port nobody serves. Connections in flight finish.
+        if let Some(attachment) = pod.attachment.take()
+            && let Err(error) = self.redirector.withdraw(attachment)
+        {
+            warn!(workload = %name, error = %Chain(&error), "detaching from pod failed");
+        }
+        for task in &pod.tasks {
+            task.abort();
+        }
+        // Wait until the listeners are closed, so that a pod enrolled again
+        // right away (its sandbox changed) can bind the same addresses.
+        for task in std::mem::take(&mut pod.tasks) {
+            let _ = task.await;
+        }
+        pod.proxy.withdraw().await;
+        info!(workload = %name, "withdrew from pod: its traffic is no longer captured");
+    }
+
+    fn refresh(&mut self, pod: &mut PodRuntime, workload: &Arc<Workload>) {
+        pod.workload = workload.clone();
+        let name = workload.qualified_name();
+        let modes = inbound_modes(self.state.borrow().policies(), workload);
+        if modes != pod.modes {
+            match self.redirector.set_modes(workload.ip, &modes) {
+                Ok(()) => {
+                    info!(workload = %name, modes = ?modes, "mTLS modes changed");
+                    pod.modes = modes;
+                }
+                Err(error) => {
+                    error!(workload = %name, error = %Chain(&error), "cannot change the pod's mTLS modes")
+                }
+            }
+        }
+        if workload.probe_ports != pod.probe_ports {
+            match self.redirector.set_probes(
+                workload.ip,
+                &[pod.node_address],
+                &workload.probe_ports,
+            ) {
+                Ok(()) => {
+                    info!(workload = %name, ports = ?workload.probe_ports, "probe ports changed");
+                    pod.probe_ports = workload.probe_ports.clone();
+                }
+                Err(error) => {
+                    error!(workload = %name, error = %Chain(&error), "cannot change the pod's probe ports")
+                }
+            }
+        }
+    }
+}
+
+impl NodePods {
+    /// The pod's network namespace file and cgroup directory.
+    async fn locate(&self, workload: &Workload) -> Result<(PathBuf, PathBuf), EnrollError> {
+        match &workload.local {
+            Some(LocalPod::Paths { netns, cgroup }) => Ok((netns.clone(), cgroup.clone())),
+            Some(LocalPod::Kubelet { uid }) => {
+                let (host, ip) = (self.host.clone(), workload.ip);
+                let (uid, task_uid) = (uid.clone(), uid.clone());
+                // Reads /proc and cgroupfs, and enters namespaces: not for
+                // the runtime's threads.
+                let found =
+                    tokio::task::spawn_blocking(move || sandbox::locate(&host, &task_uid, ip))
+                        .await
+                        .unwrap_or_else(|e| {
+                            Err(SandboxError::NotYet {
+                                uid,
+                                problem: format!("looking for it failed: {e}"),
+                            })
+                        })?;
+                Ok((found.netns, found.cgroup))
+            }
+            None => unreachable!("only this node's workloads are enrolled"),
+        }
+    }
+
+    /// Captures the pod and serves it; with no `certificate` (the CA did not
+    /// answer in time), it gets no tunnels until renewal obtains one.
+    async fn enroll_one(
+        &mut self,
+        workload: &Arc<Workload>,
+        netns_path: PathBuf,
+        cgroup: PathBuf,
+        certificate: Option<WorkloadCertificate>,
+    ) -> Result<PodRuntime, EnrollError> {
+        let name = workload.qualified_name();
+        let netns = Arc::new(NetNs::open(&netns_path).await?);
+        // The kubelet (and anything else on the node) reaches the pod from
+        // this address: its probes are let through from it alone.
+        let node_address = node_route::source_address_for(workload.ip).await?;
+        let proxy = Arc::new(PodProxy::new(
+            (**workload).clone(),
+            netns.clone(),
+            self.redirector.original_dsts(),
+            self.state.clone(),
+            self.pool.clone(),
+        ));
+        let inbound = Arc::new(PodInbound::new(proxy.clone()).await?);
+        if let Some(certificate) = certificate
+            && let Err(error) = inbound.renew(certificate).await
+        {
+            // Captured all the same, so its traffic cannot leave in clear;
+            // renewal asks again.
+            error!(
+                workload = %name,
+                error = %Chain(&error),
+                "certificate unusable: the workload gets no tunnels until the CA issues another"
+            );
+        }
+        // Listeners first: capture must never point at a closed port.
+        let hbone_listener = inbound.bind().await?;
+        let plaintext_listener = inbound.bind_plaintext().await?;
+        let outbound_listener = outbound::bind(&proxy).await?;
+        let modes = inbound_modes(self.state.borrow().policies(), workload);
+        let attachment = self.redirector.enroll(
+            &name,
+            &cgroup,
+            &netns_path,
+            netns.cookie(),
+            workload.ip,
+            &modes,
+            &plaintext_listener,
+        )?;
+        let mut probe_ports = workload.probe_ports.clone();
+        if let Err(error) =
+            self.redirector
+                .set_probes(workload.ip, &[node_address], &workload.probe_ports)
+        {
+            // Enforced all the same (fail closed): its probes fail until a
+            // refresh manages to set them.
+            error!(workload = %name, error = %Chain(&error), "cannot let the pod's probes in");
+            probe_ports.clear();
+        }
+        info!(
+            workload = %name,
+            identity = %workload.identity,
+            certificate = if proxy.certificate().is_some() { "issued" } else { "none yet" },
+            taken_over = attachment.taken_over,
+            hbone = %SocketAddr::new(workload.ip.into(), crate::hbone::PORT),
+            ip = %workload.ip,
+            netns = %netns_path.display(),
+            cgroup = %cgroup.display(),
+            probe_ports = ?workload.probe_ports,
+            %node_address,
+            "enrolled pod: capturing its outbound TCP connections, serving HBONE"
+        );
+        Ok(PodRuntime {
+            workload: workload.clone(),
+            attachment: Some(attachment),
+            proxy: proxy.clone(),
+            modes,
+            node_address,
+            probe_ports,
+            tasks: vec![
+                tokio::spawn(outbound::serve(outbound_listener, proxy)),
+                tokio::spawn(inbound::serve(hbone_listener, inbound.clone())),
+                tokio::spawn(inbound::serve_plaintext(
+                    plaintext_listener,
+                    inbound.clone(),
+                )),
+                tokio::spawn(renewal::keep_fresh(inbound, self.certificates.clone())),
+            ],
+        })
+    }
+}
+
+/// A workload's first certificate, if the CA gives one in time; a failure
+/// is logged, and renewal keeps asking.
+async fn first_certificate(
+    source: &dyn CertificateSource,
+    workload: &Workload,
+) -> Option<WorkloadCertificate> {
+    let error = match tokio::time::timeout(
+        FIRST_CERTIFICATE_WAIT,
+        source.certificate(&workload.identity),
+    )
+    .await
+    {
+        Ok(Ok(certificate)) => return Some(certificate),
+        Ok(Err(error)) => Chain(&error).to_string(),
+        Err(_) => format!("no answer within {FIRST_CERTIFICATE_WAIT:?}"),
+    };
+    error!(
+        workload = %workload.qualified_name(),
+        identity = %workload.identity,
+        %error,
+        "no certificate for the workload: it gets no tunnels until the CA issues one"
+    );
+    None
+}
+
+/// A workload's mTLS modes, as the ingress program takes them.
+pub fn inbound_modes(policies: &Policies, workload: &Workload) -> InboundModes {
+    use warren_common::mode;
+    // DISABLE pods' plaintext goes through the agent too: authorization
+    // applies to it. And if authorization applies, plaintext must not get
+    // past while no agent listens.
+    let flags = if policies.authorization_applies(workload) {
+        mode::AUTHORIZED
+    } else {
+        0
+    };
+    let code = |m| match m {
+        MtlsMode::Strict => mode::STRICT,
+        MtlsMode::Permissive | MtlsMode::Disable => mode::PERMISSIVE | flags,
+    };
+    let (default, ports) = policies.mtls_modes(workload);
+    InboundModes {
+        default: code(default),
+        ports: ports.into_iter().map(|(p, m)| (p, code(m))).collect(),
+    }
+}

@@ -1,0 +1,20 @@
+//! The one crypto provider every TLS configuration of warren uses.
+
+use std::sync::{Arc, LazyLock};
+
+use rustls::crypto::{CryptoProvider, ring};
+
+/// ring with only the suites ztunnel offers. Explicit rather than the
+/// process-wide default, which another crate could install differently.
+static PROVIDER: LazyLock<Arc<CryptoProvider>> = LazyLock::new(|| {
+    let mut provider = ring::default_provider();
+    provider.cipher_suites = vec![
+        ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
+        ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
+    ];
+    Arc::new(provider)
+});
+
+pub(crate) fn provider() -> Arc<CryptoProvider> {
+    Arc::clone(&PROVIDER)
+}
