@@ -75,6 +75,9 @@ pub struct MeshWorkload {
     pub service_account: String,
     /// `key: value` pairs, as policy selectors see them.
     pub labels: Vec<(String, String)>,
+    /// Ports plaintext from the node may reach in any mode (the kubelet's
+    /// probes).
+    pub probe_ports: Vec<u16>,
 }
 
 impl MeshWorkload {
@@ -84,7 +87,14 @@ impl MeshWorkload {
             namespace: namespace.into(),
             service_account: service_account.into(),
             labels: Vec::new(),
+            probe_ports: Vec::new(),
         }
+    }
+
+    /// With `port` probed by the kubelet.
+    pub fn probe_port(mut self, port: u16) -> Self {
+        self.probe_ports.push(port);
+        self
     }
 
     /// With the label `key: value`.
@@ -117,6 +127,22 @@ pub fn dev_ca_dir(node: &Node) -> PathBuf {
 pub fn agent_config(node: &Node, workloads: &[MeshWorkload]) -> String {
     let issuer = format!("devCaDir: {}\n", dev_ca_dir(node).display());
     config_yaml(&node.name, &issuer, Some(node), workloads)
+}
+
+/// The agent config for `node` in Kubernetes mode: the mesh from the API
+/// server through `kubeconfig` (the agent's own service account), pods found
+/// under the node's kubelet cgroup root, certificates from the lab's
+/// development CA.
+pub fn kube_agent_config(node: &Node, kubeconfig: &Path) -> String {
+    format!(
+        "node: {}\ntrustDomain: cluster.local\ndevCaDir: {}\nbpfPinDir: {}\nkubernetes:\n  \
+         kubeconfig: {}\n  hostProc: /proc\n  hostCgroup: {}\n",
+        node.name,
+        dev_ca_dir(node).display(),
+        crate::lab::pin_dir(&node.lab).join(&node.name).display(),
+        kubeconfig.display(),
+        node.kubelet_cgroup_root().display()
+    )
 }
 
 /// The agent config for `node`, with certificates from the CA service at
@@ -166,6 +192,9 @@ fn config_yaml(
         if !w.labels.is_empty() {
             let labels: Vec<String> = w.labels.iter().map(|(k, v)| format!("{k}: {v}")).collect();
             let _ = writeln!(yaml, "    labels: {{{}}}", labels.join(", "));
+        }
+        if !w.probe_ports.is_empty() {
+            let _ = writeln!(yaml, "    probePorts: {:?}", w.probe_ports);
         }
         if node.is_some_and(|node| w.pod.node == node.name) {
             let _ = write!(
@@ -653,8 +682,18 @@ impl Call {
 
     /// Starts the call from `pod` to `dst` without waiting for it.
     pub fn spawn(&self, pod: &Pod, dst: impl Into<SocketAddr>) -> Result<Child> {
-        let mut cmd = pod.try_command(binary("labpod")?)?;
-        cmd.args(["call", &dst.into().to_string()]);
+        self.start(pod.try_command(binary("labpod")?)?, dst.into())
+    }
+
+    /// Calls `dst` from the node's own namespace, as the kubelet's probes
+    /// do, and returns what the client saw.
+    pub fn run_from_node(&self, node: &Node, dst: impl Into<SocketAddr>) -> Result<Called> {
+        finish(self.start(node.try_command(binary("labpod")?)?, dst.into())?)
+    }
+
+    /// Runs `labpod call` as `cmd` (placed in a pod or on a node).
+    fn start(&self, mut cmd: Command, dst: SocketAddr) -> Result<Child> {
+        cmd.args(["call", &dst.to_string()]);
         if let Some(bytes) = self.bytes {
             cmd.args(["--bytes", &bytes.to_string()]);
         }

@@ -14,8 +14,13 @@
 //! Every node and pod also gets a cgroup under `<cgroup2 mount>/warren-lab/{prefix}/`, so
 //! that cgroup-attached programs see pod traffic as they would under a kubelet, and so that
 //! teardown can kill whatever was started inside the lab.
+//!
+//! Pods can also come and go while the lab runs ([`Lab::add_pod`], for the stand-in
+//! kubelet of [`crate::kubelet`]): same network layout, the next free address of the node,
+//! and a cgroup laid out as a real kubelet's (systemd driver on odd nodes, cgroupfs on even
+//! ones) under `{node name}-kubelet/`, with a "pause" process holding the sandbox.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::ffi::OsStr;
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
@@ -23,8 +28,9 @@ use std::io::ErrorKind;
 use std::net::Ipv4Addr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -57,6 +63,7 @@ pub struct Lab {
     cgroup: PathBuf,
     nodes: Vec<Node>,
     persisted: bool,
+    sandboxes: PodSandboxes,
 }
 
 #[derive(Debug, Clone)]
@@ -286,7 +293,7 @@ impl Lab {
     /// Lays out names and addresses without touching the system.
     fn plan(prefix: String, spec: LabSpec, name: Option<String>, cgroup2: PathBuf) -> Lab {
         let cgroup = cgroup2.join(CGROUP_PARENT).join(&prefix);
-        let nodes = (1..=spec.nodes)
+        let nodes: Vec<Node> = (1..=spec.nodes)
             .map(|i| {
                 let node_name = format!("node-{i}");
                 let pods = (1..=spec.pods_per_node)
@@ -312,6 +319,14 @@ impl Lab {
                 }
             })
             .collect();
+        let sandboxes = PodSandboxes {
+            prefix: prefix.clone(),
+            nodes: nodes.clone(),
+            // Pods made at lab-up time hold .2 to .{pods_per_node + 1}.
+            first_octet: (spec.pods_per_node + 2).min(255) as u8,
+            state: Arc::default(),
+            busy: Arc::default(),
+        };
         Lab {
             wire_netns: format!("{prefix}w"),
             prefix,
@@ -320,6 +335,7 @@ impl Lab {
             cgroup,
             nodes,
             persisted: false,
+            sandboxes,
         }
     }
 
@@ -372,23 +388,39 @@ impl Lab {
     }
 
     fn build_pod(&self, node: &Node, j: usize, pod: &Pod) -> Result<()> {
-        let (node_ns, pod_ns) = (&node.netns, &pod.netns);
-        let gateway = Ipv4Addr::new(10, 244, node.index as u8, 1);
         fs::create_dir(&pod.cgroup)
             .with_context(|| format!("creating cgroup {}", pod.cgroup.display()))?;
-        add_netns(pod_ns)?;
-        ip(
-            node_ns,
-            &format!("link add p{j} type veth peer name eth0 netns {pod_ns}"),
-        )?;
-        ip(node_ns, &format!("addr add {gateway}/32 dev p{j}"))?;
-        ip(node_ns, &format!("link set p{j} up"))?;
-        ip(node_ns, &format!("route add {}/32 dev p{j}", pod.ip))?;
-        ip(pod_ns, &format!("addr add {}/32 dev eth0", pod.ip))?;
-        ip(pod_ns, "link set eth0 up")?;
-        ip(pod_ns, &format!("route add {gateway} dev eth0 scope link"))?;
-        ip(pod_ns, &format!("route add default via {gateway}"))?;
-        Ok(())
+        build_pod_network(node, j, &pod.netns, pod.ip)
+    }
+
+    /// Makes a pod while the lab runs, as a kubelet would for a Pod scheduled on the node
+    /// `node` (0-based, as in [`Lab::node`]): a netns `{prefix}n{i}p{j}` with the next free
+    /// address 10.244.{i}.{j+1}, wired as the lab-up pods are, and a kubelet-shaped cgroup
+    /// for `uid` and `qos` (`BestEffort`, `Burstable` or `Guaranteed`, as in the Pod's
+    /// `status.qosClass`) under [`Node::kubelet_cgroup_root`], with a "pause" process in
+    /// the netns and the container cgroup. The returned pod's `name` is `name`, its
+    /// `cgroup` the container cgroup.
+    pub fn add_pod(
+        &self,
+        node: usize,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+        qos: &str,
+    ) -> Result<Pod> {
+        self.sandboxes.add(node, namespace, name, uid, qos)
+    }
+
+    /// Removes a pod made by [`Lab::add_pod`]: kills what runs in its pod cgroup, removes
+    /// that cgroup and the netns, and frees its address.
+    pub fn remove_pod(&self, pod: &Pod) -> Result<()> {
+        self.sandboxes.remove(pod)
+    }
+
+    /// A handle that adds and removes pods like [`Lab::add_pod`], for a task that cannot
+    /// borrow the lab; it refuses new pods once the lab is dropped.
+    pub(crate) fn sandboxes(&self) -> PodSandboxes {
+        self.sandboxes.clone()
     }
 
     fn netns_names(&self) -> Vec<String> {
@@ -406,7 +438,10 @@ impl Drop for Lab {
         if self.persisted {
             return;
         }
-        if let Err(err) = teardown(&self.prefix) {
+        self.sandboxes.close();
+        let teardown_result = teardown(&self.prefix);
+        self.sandboxes.reap();
+        if let Err(err) = teardown_result {
             eprintln!("warren-lab: tearing down {}: {err:#}", self.prefix);
             // Keep a named lab's state file so that `down_named` can retry.
             return;
@@ -437,6 +472,299 @@ impl Node {
     pub fn try_command(&self, program: impl AsRef<OsStr>) -> Result<Command> {
         placed_command(program, &self.netns_path(), &self.cgroup)
     }
+
+    /// Where this node's kubelet would keep its pods' cgroups: `{lab cgroup}/{name}-kubelet`.
+    pub fn kubelet_cgroup_root(&self) -> PathBuf {
+        let lab_cgroup = self.cgroup.parent().unwrap_or(Path::new("/"));
+        lab_cgroup.join(format!("{}-kubelet", self.name))
+    }
+
+    /// The cgroup driver this node's pretend kubelet uses: systemd on odd nodes (node-1),
+    /// cgroupfs on even ones (node-2), so that a two-node lab has both layouts.
+    pub fn cgroup_driver(&self) -> CgroupDriver {
+        if self.index % 2 == 1 {
+            CgroupDriver::Systemd
+        } else {
+            CgroupDriver::Cgroupfs
+        }
+    }
+}
+
+/// How a kubelet names its cgroups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupDriver {
+    /// `kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid_>.slice/
+    /// cri-containerd-<id>.scope`
+    Systemd,
+    /// `kubepods/besteffort/pod<uid>/<id>`
+    Cgroupfs,
+}
+
+/// A Pod's quality-of-service class, which picks its cgroup parent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QosClass {
+    Guaranteed,
+    Burstable,
+    BestEffort,
+}
+
+impl std::str::FromStr for QosClass {
+    type Err = anyhow::Error;
+
+    /// The values of a Pod's `status.qosClass`.
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "Guaranteed" => Ok(QosClass::Guaranteed),
+            "Burstable" => Ok(QosClass::Burstable),
+            "BestEffort" => Ok(QosClass::BestEffort),
+            _ => bail!("unknown QoS class {s:?}: Guaranteed, Burstable or BestEffort"),
+        }
+    }
+}
+
+/// The pod and container cgroups, relative to the kubelet's root, that a kubelet with
+/// `driver` makes for a pod with `uid` and `qos`, and a container with id `container`.
+pub fn kubelet_cgroup(
+    driver: CgroupDriver,
+    qos: QosClass,
+    uid: &str,
+    container: &str,
+) -> (PathBuf, PathBuf) {
+    let pod = match driver {
+        CgroupDriver::Systemd => {
+            // systemd slice names nest by prefix, and "-" separates levels, hence "_".
+            let uid = uid.replace('-', "_");
+            match qos {
+                QosClass::Guaranteed => {
+                    PathBuf::from(format!("kubepods.slice/kubepods-pod{uid}.slice"))
+                }
+                QosClass::Burstable | QosClass::BestEffort => {
+                    let class = qos_dir(qos);
+                    PathBuf::from(format!(
+                        "kubepods.slice/kubepods-{class}.slice/kubepods-{class}-pod{uid}.slice"
+                    ))
+                }
+            }
+        }
+        CgroupDriver::Cgroupfs => match qos {
+            QosClass::Guaranteed => PathBuf::from(format!("kubepods/pod{uid}")),
+            QosClass::Burstable | QosClass::BestEffort => {
+                PathBuf::from(format!("kubepods/{}/pod{uid}", qos_dir(qos)))
+            }
+        },
+    };
+    let container = match driver {
+        CgroupDriver::Systemd => pod.join(format!("cri-containerd-{container}.scope")),
+        CgroupDriver::Cgroupfs => pod.join(container),
+    };
+    (pod, container)
+}
+
+fn qos_dir(qos: QosClass) -> &'static str {
+    match qos {
+        QosClass::Guaranteed => "guaranteed",
+        QosClass::Burstable => "burstable",
+        QosClass::BestEffort => "besteffort",
+    }
+}
+
+/// Pods made while the lab runs; shared by the lab and whoever holds a handle.
+#[derive(Debug, Clone)]
+pub(crate) struct PodSandboxes {
+    prefix: String,
+    nodes: Vec<Node>,
+    /// The lowest last octet a pod made after lab-up may take.
+    first_octet: u8,
+    state: Arc<Mutex<SandboxState>>,
+    /// Held while a sandbox is made or removed, so that the lab's teardown waits for one
+    /// in progress (a kubelet task dropped mid-way) instead of racing it.
+    busy: Arc<Mutex<()>>,
+}
+
+#[derive(Debug, Default)]
+struct SandboxState {
+    /// Set when the lab goes: no sandbox may be made after its teardown.
+    closed: bool,
+    /// Per node index (1-based): the octets in use and where the next search starts.
+    used: HashMap<usize, BTreeSet<u8>>,
+    next: HashMap<usize, u8>,
+    /// By netns name.
+    sandboxes: HashMap<String, Sandbox>,
+}
+
+#[derive(Debug)]
+struct Sandbox {
+    node: usize,
+    octet: u8,
+    pod_cgroup: PathBuf,
+    pause: Child,
+}
+
+impl PodSandboxes {
+    pub(crate) fn add(
+        &self,
+        node: usize,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+        qos: &str,
+    ) -> Result<Pod> {
+        let node = self
+            .nodes
+            .get(node)
+            .with_context(|| format!("no node {node} (0-based) in lab {}", self.prefix))?;
+        let qos: QosClass = qos.parse()?;
+        let _busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        ensure!(
+            !uid.is_empty() && uid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'),
+            "pod {namespace}/{name}: uid {uid:?} is not a Kubernetes UID"
+        );
+        let container_id = random_hex_64()?;
+        let (pod_rel, container_rel) =
+            kubelet_cgroup(node.cgroup_driver(), qos, uid, &container_id);
+        let root = node.kubelet_cgroup_root();
+        let (pod_cgroup, container_cgroup) = (root.join(pod_rel), root.join(container_rel));
+
+        let octet = self.allocate(node.index)?;
+        let j = usize::from(octet) - 1;
+        let pod = Pod {
+            name: name.to_owned(),
+            node: node.name.clone(),
+            netns: format!("{}n{}p{j}", self.prefix, node.index),
+            ip: Ipv4Addr::new(10, 244, node.index as u8, octet),
+            cgroup: container_cgroup,
+        };
+        let made = (|| -> Result<Child> {
+            fs::create_dir_all(&pod.cgroup)
+                .with_context(|| format!("creating cgroup {}", pod.cgroup.display()))?;
+            build_pod_network(node, j, &pod.netns, pod.ip)?;
+            // As a sandbox's pause container: something in the pod's cgroup and netns, from
+            // which the pod's netns can be found.
+            let pause = pod
+                .try_command("sleep")?
+                .arg("infinity")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting the pause process")?;
+            Ok(pause)
+        })();
+        let pause = match made {
+            Ok(pause) => pause,
+            Err(err) => {
+                let _ = remove_sandbox_parts(&pod.netns, &pod_cgroup);
+                self.release(node.index, octet);
+                return Err(err)
+                    .with_context(|| format!("making pod {namespace}/{name} on {}", node.name));
+            }
+        };
+        let sandbox = Sandbox {
+            node: node.index,
+            octet,
+            pod_cgroup,
+            pause,
+        };
+        self.lock().sandboxes.insert(pod.netns.clone(), sandbox);
+        Ok(pod)
+    }
+
+    pub(crate) fn remove(&self, pod: &Pod) -> Result<()> {
+        let _busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sandbox =
+            self.lock().sandboxes.remove(&pod.netns).with_context(|| {
+                format!("pod {} ({}) was not made by add_pod", pod.name, pod.netns)
+            })?;
+        let removed = remove_sandbox_parts(&pod.netns, &sandbox.pod_cgroup);
+        // Killed with its cgroup; reaped here so that it does not linger as a zombie.
+        let _ = sandbox.pause.kill();
+        let _ = sandbox.pause.wait();
+        self.release(sandbox.node, sandbox.octet);
+        removed.with_context(|| format!("removing pod {} ({})", pod.name, pod.netns))
+    }
+
+    /// The lowest free last octet from where the last search stopped, so that addresses
+    /// are not reused at once (an agent may still know the last pod that had one).
+    fn allocate(&self, node: usize) -> Result<u8> {
+        let first = self.first_octet;
+        let mut state = self.lock();
+        ensure!(!state.closed, "lab {} is being torn down", self.prefix);
+        let start = *state.next.get(&node).unwrap_or(&first);
+        let used = state.used.entry(node).or_default();
+        let octet = (start..=254)
+            .chain(first..start)
+            .find(|octet| !used.contains(octet))
+            .with_context(|| format!("no free pod address left on node-{node}"))?;
+        used.insert(octet);
+        state
+            .next
+            .insert(node, if octet == 254 { first } else { octet + 1 });
+        Ok(octet)
+    }
+
+    fn release(&self, node: usize, octet: u8) {
+        if let Some(used) = self.lock().used.get_mut(&node) {
+            used.remove(&octet);
+        }
+    }
+
+    fn close(&self) {
+        let _busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        self.lock().closed = true;
+    }
+
+    /// Waits for the pause processes, killed by the lab's teardown.
+    fn reap(&self) {
+        for (_, mut sandbox) in self.lock().sandboxes.drain() {
+            let _ = sandbox.pause.kill();
+            let _ = sandbox.pause.wait();
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SandboxState> {
+        // A panic while holding the lock leaves plain data behind, still usable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Removes a dynamic pod's cgroup (killing what runs there) and netns, whichever exist.
+fn remove_sandbox_parts(netns: &str, pod_cgroup: &Path) -> Result<()> {
+    if pod_cgroup.exists() {
+        remove_cgroup(pod_cgroup)?;
+    }
+    // The veth goes with the namespace, and the node's route and gateway address with it.
+    if netns_path(netns).exists() {
+        run(Command::new("ip").args(["netns", "del", netns]))?;
+    }
+    Ok(())
+}
+
+fn random_hex_64() -> Result<String> {
+    let mut bytes = [0u8; 32];
+    use std::io::Read as _;
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("reading /dev/urandom")?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The veth pair `p{j}` (node) / `eth0` (pod) and the routes of a pod at `pod_ip`.
+fn build_pod_network(node: &Node, j: usize, pod_ns: &str, pod_ip: Ipv4Addr) -> Result<()> {
+    let node_ns = &node.netns;
+    let gateway = Ipv4Addr::new(10, 244, node.index as u8, 1);
+    add_netns(pod_ns)?;
+    ip(
+        node_ns,
+        &format!("link add p{j} type veth peer name eth0 netns {pod_ns}"),
+    )?;
+    ip(node_ns, &format!("addr add {gateway}/32 dev p{j}"))?;
+    ip(node_ns, &format!("link set p{j} up"))?;
+    ip(node_ns, &format!("route add {pod_ip}/32 dev p{j}"))?;
+    ip(pod_ns, &format!("addr add {pod_ip}/32 dev eth0"))?;
+    ip(pod_ns, "link set eth0 up")?;
+    ip(pod_ns, &format!("route add {gateway} dev eth0 scope link"))?;
+    ip(pod_ns, &format!("route add default via {gateway}"))?;
+    Ok(())
 }
 
 impl Pod {
@@ -616,7 +944,7 @@ fn add_netns(netns: &str) -> Result<()> {
 }
 
 /// Runs `ip -n NETNS ARGS...`, with ARGS split on whitespace.
-fn ip(netns: &str, args: &str) -> Result<()> {
+pub(crate) fn ip(netns: &str, args: &str) -> Result<()> {
     run(Command::new("ip")
         .args(["-n", netns])
         .args(args.split_whitespace()))?;
@@ -653,7 +981,7 @@ fn log_sweep() {
     }
 }
 
-fn netns_path(netns: &str) -> PathBuf {
+pub(crate) fn netns_path(netns: &str) -> PathBuf {
     Path::new(NETNS_DIR).join(netns)
 }
 
@@ -876,6 +1204,12 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
         assert_eq!(node.netns, "wr9t0n2");
         assert_eq!(node.ip, Ipv4Addr::new(10, 10, 0, 2));
         assert_eq!(node.cgroup, Path::new("/cg/warren-lab/wr9t0/node-2"));
+        assert_eq!(
+            node.kubelet_cgroup_root(),
+            Path::new("/cg/warren-lab/wr9t0/node-2-kubelet")
+        );
+        assert_eq!(node.cgroup_driver(), CgroupDriver::Cgroupfs);
+        assert_eq!(lab.node(0).cgroup_driver(), CgroupDriver::Systemd);
         let pod = lab.pod(1, 2);
         assert_eq!((pod.name.as_str(), pod.node.as_str()), ("n2p3", "node-2"));
         assert_eq!(pod.netns, "wr9t0n2p3");
@@ -886,6 +1220,43 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
             lab.describe()
                 .contains("n2p3  netns wr9t0n2p3  eth0 10.244.2.4")
         );
+    }
+
+    #[test]
+    fn lays_out_pod_cgroups_as_kubelets_do() {
+        let uid = "4a1e-b2";
+        let id = "c0ffee";
+        let layout = |driver, qos| {
+            let (pod, container) = kubelet_cgroup(driver, qos, uid, id);
+            assert_eq!(container.parent(), Some(pod.as_path()));
+            container.display().to_string()
+        };
+        use CgroupDriver::{Cgroupfs, Systemd};
+        use QosClass::{BestEffort, Burstable, Guaranteed};
+        assert_eq!(
+            layout(Systemd, BestEffort),
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod4a1e_b2.slice/\
+             cri-containerd-c0ffee.scope"
+        );
+        assert_eq!(
+            layout(Systemd, Burstable),
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod4a1e_b2.slice/\
+             cri-containerd-c0ffee.scope"
+        );
+        assert_eq!(
+            layout(Systemd, Guaranteed),
+            "kubepods.slice/kubepods-pod4a1e_b2.slice/cri-containerd-c0ffee.scope"
+        );
+        assert_eq!(
+            layout(Cgroupfs, BestEffort),
+            "kubepods/besteffort/pod4a1e-b2/c0ffee"
+        );
+        assert_eq!(
+            layout(Cgroupfs, Burstable),
+            "kubepods/burstable/pod4a1e-b2/c0ffee"
+        );
+        assert_eq!(layout(Cgroupfs, Guaranteed), "kubepods/pod4a1e-b2/c0ffee");
+        assert!("besteffort".parse::<QosClass>().is_err());
     }
 
     #[test]

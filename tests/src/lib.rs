@@ -1,8 +1,11 @@
 //! End-to-end test support for warren: a Kubernetes-like lab topology built from network
 //! namespaces, veths and cgroups (`lab`), the `labpod` TCP tool that runs inside its pods,
-//! and `harness`, which runs agents, servers and clients in a lab.
+//! `harness`, which runs agents, servers and clients in a lab, and a real Kubernetes
+//! control plane (`controlplane`) whose Pods the lab realizes (`kubelet`).
 
+pub mod controlplane;
 pub mod harness;
+pub mod kubelet;
 pub mod lab;
 
 pub use lab::{Lab, LabSpec, Node, Pod, build_labpod};

@@ -12,16 +12,11 @@ use std::{
     fs,
     net::{Ipv4Addr, SocketAddrV4},
     path::PathBuf,
-    process::Stdio,
 };
 
-use anyhow::Result;
 use warren_tests::{
     Lab, Node, Pod,
-    harness::{
-        Agent, Call, Called, LogLine, MeshWorkload, PATIENCE, Server, agent_config, binary, finish,
-        test_lab,
-    },
+    harness::{Agent, Call, LogLine, MeshWorkload, PATIENCE, Server, agent_config, test_lab},
     lab::files_dir,
 };
 
@@ -41,7 +36,9 @@ struct ProbeMesh {
 impl ProbeMesh {
     fn new() -> Self {
         let lab = test_lab(2, 2);
-        let web = MeshWorkload::new(lab.pod(0, 0), "shop", "web").label("app", "web");
+        let web = MeshWorkload::new(lab.pod(0, 0), "shop", "web")
+            .label("app", "web")
+            .probe_port(PROBE_PORT);
         let sleep = MeshWorkload::new(lab.pod(1, 0), "default", "sleep").label("app", "sleep");
         let dir = files_dir(lab.prefix());
         let policies = dir.join("policies");
@@ -51,7 +48,7 @@ impl ProbeMesh {
             .nodes()
             .iter()
             .map(|node| {
-                let config = with_probe_ports(&agent_config(node, &workloads), &web, PROBE_PORT)
+                let config = agent_config(node, &workloads)
                     + &format!("policyDir: {}\n", policies.display());
                 Agent::start(node, &config, &dir.join("agents")).unwrap()
             })
@@ -107,18 +104,6 @@ impl ProbeMesh {
     }
 }
 
-/// `config` with `probePorts: [port]` added to `workload`'s entry.
-fn with_probe_ports(config: &str, workload: &MeshWorkload, port: u16) -> String {
-    let ip_line = format!("    ip: {}\n", workload.pod.ip);
-    assert_eq!(
-        config.matches(&ip_line).count(),
-        1,
-        "no single entry for {} in:\n{config}",
-        workload.pod.name
-    );
-    config.replace(&ip_line, &format!("{ip_line}    probePorts: [{port}]\n"))
-}
-
 fn pa(ns: &str, name: &str, spec: &str) -> String {
     format!(
         "---\napiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {spec}\n"
@@ -129,19 +114,6 @@ fn ap(ns: &str, name: &str, spec: &str) -> String {
     format!(
         "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {spec}\n"
     )
-}
-
-/// A plaintext call from the node's own namespace, as the kubelet probes:
-/// given up after 1.5 s, for attempts that may be dropped.
-fn call_from_node(node: &Node, dst: SocketAddrV4) -> Result<Called> {
-    let child = node
-        .try_command(binary("labpod")?)?
-        .args(["call", &dst.to_string(), "--connect-timeout-ms", "1500"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    finish(child)
 }
 
 /// The eBPF log line of a STRICT drop of a SYN to `port` of the pod at `pod`.
@@ -174,7 +146,9 @@ fn a_strict_pod_takes_the_kubelets_probes_and_nothing_else() {
     // The kubelet's probe port, from the node: straight to the application,
     // which sees the node's address; the agent never sees it.
     let plaintext_before = mesh.plaintext_accepted();
-    let called = call_from_node(&node, probed.addr).expect("the probe was dropped");
+    let called = Call::quick()
+        .run_from_node(&node, probed.addr)
+        .expect("the probe was dropped");
     let served = probed.next_served().unwrap();
     assert_eq!(served.peer.ip(), NODE_AS_SEEN_BY_WEB);
     assert_eq!(served.bytes, called.sent);
@@ -192,8 +166,9 @@ fn a_strict_pod_takes_the_kubelets_probes_and_nothing_else() {
 
     // Another port, from the node: STRICT, dropped in the kernel.
     let drops_before = mesh.count(strict_drop(web_ip, OTHER_PORT));
-    let err =
-        call_from_node(&node, other.addr).expect_err("plaintext reached a port no probe names");
+    let err = Call::quick()
+        .run_from_node(&node, other.addr)
+        .expect_err("plaintext reached a port no probe names");
     assert!(
         format!("{err:#}").contains("timed out"),
         "not dropped: {err:#}"
@@ -260,7 +235,9 @@ fn probes_bypass_the_agent_and_its_policies_under_permissive() {
     // The probe port: to the application, as Istio's probe rewrite does,
     // neither handed to the agent nor subject to its policies.
     let plaintext_before = mesh.plaintext_accepted();
-    call_from_node(&node, probed.addr).expect("the probe did not get through");
+    Call::quick()
+        .run_from_node(&node, probed.addr)
+        .expect("the probe did not get through");
     assert_eq!(probed.next_served().unwrap().peer.ip(), NODE_AS_SEEN_BY_WEB);
     assert_eq!(
         mesh.plaintext_accepted(),
@@ -279,7 +256,7 @@ fn probes_bypass_the_agent_and_its_policies_under_permissive() {
     // refuses), as any plaintext.
     let refusals_before = mesh.count(refused(OTHER_PORT));
     assert!(
-        call_from_node(&node, other.addr).is_err(),
+        Call::quick().run_from_node(&node, other.addr).is_err(),
         "the node got past the policy"
     );
     assert!(other.saw_nothing(), "the application saw a connection");

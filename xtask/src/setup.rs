@@ -8,13 +8,24 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
-/// The last two are only needed to build bpf-linker against Debian's LLVM 22.
+// A child module, so that it reports through `Report`'s private methods.
+#[path = "kubernetes.rs"]
+mod kubernetes;
+
+/// llvm-22-dev and libpolly-22-dev are only needed to build bpf-linker against Debian's
+/// LLVM 22; golang-go, rsync and the reflect2 sources to build the tests' Kubernetes
+/// control plane (`kubernetes`), which runs etcd (etcd-server, etcd-client for etcdctl).
 const PACKAGES: &[&str] = &[
     "iproute2",
     "tcpdump",
     "iperf3",
     "llvm-22-dev",
     "libpolly-22-dev",
+    "golang-go",
+    "rsync",
+    "golang-github-modern-go-reflect2-dev",
+    "etcd-server",
+    "etcd-client",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -57,6 +68,7 @@ pub fn run(quiet_if_ready: bool) -> Result<Report> {
     debian_packages(&mut report).context("setup: installing Debian packages")?;
     rust_nightly(&mut report).context("setup: Rust nightly toolchain")?;
     bpf_linker(&mut report).context("setup: installing bpf-linker")?;
+    kubernetes::control_plane(&mut report).context("setup: Kubernetes control plane")?;
 
     if report.nothing_done() {
         if !quiet_if_ready {

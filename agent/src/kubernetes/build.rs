@@ -5,7 +5,7 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
 };
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{
     Context, DATAPLANE_MODE, SETTLE,
@@ -59,6 +59,13 @@ pub async fn publish_loop(shared: &Shared, context: &Context, store: &Store) {
                 "learnt the mesh from the API server"
             );
         }
+        debug!(
+            workloads = built.workloads.len(),
+            local = built.workloads.local().count(),
+            service_ports = built.services.len(),
+            policies = built.policies.counts().0 + built.policies.counts().1,
+            "published the mesh"
+        );
         store.publish(|s| {
             s.set_workloads(built.workloads);
             s.set_services(built.services);

@@ -162,7 +162,11 @@ async fn run<K, F>(
                 if let Some(listed) = table.relisting.take() {
                     table.objects = listed;
                 }
-                if !table.synced {
+                if table.synced {
+                    // After a watch expired (410 Gone) or broke: the view
+                    // is current again.
+                    info!(kind, objects = table.objects.len(), "listed again");
+                } else {
                     info!(kind, objects = table.objects.len(), "listed");
                 }
                 table.synced = true;
