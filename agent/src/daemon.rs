@@ -194,6 +194,10 @@ impl Daemon {
                         pods = self.reconciler.enrolled().count(),
                         "warren agent ready"
                     );
+                } else if self.reconciler.take_departed_failures() {
+                    // A pod that kept a previous agent's pins (failing
+                    // closed) while it could not be enrolled has left.
+                    self.release_departed(&snapshot);
                 }
             }
             let retry = self.reconciler.next_retry();
@@ -325,6 +329,18 @@ impl Daemon {
             );
             config.issuer = running.issuer.clone();
             config.certificate_ttl = running.certificate_ttl;
+        }
+        if running.kubernetes.is_some()
+            && (config.trust_domain != running.trust_domain
+                || config.root_namespace != running.root_namespace)
+        {
+            warn!(
+                %why,
+                "with kubernetes, trustDomain and rootNamespace changes take effect when the \
+                 agent restarts; until then it keeps the ones it started with"
+            );
+            config.trust_domain = running.trust_domain.clone();
+            config.root_namespace = running.root_namespace.clone();
         }
         if config.kubernetes != running.kubernetes {
             warn!(

@@ -58,6 +58,10 @@ pub struct Reconciler<E: Enroller> {
     /// By `namespace/name`.
     enrolled: HashMap<String, (Arc<Workload>, E::Pod)>,
     failing: HashMap<String, Failing>,
+    /// Whether a pod that was failing left the mesh since the last
+    /// [`take_departed_failures`](Self::take_departed_failures): what a
+    /// previous agent pinned for it is to be released.
+    departed_failures: bool,
 }
 
 impl<E: Enroller> Reconciler<E> {
@@ -66,7 +70,13 @@ impl<E: Enroller> Reconciler<E> {
             enroller,
             enrolled: HashMap::new(),
             failing: HashMap::new(),
+            departed_failures: false,
         }
+    }
+
+    /// Whether pods that never enrolled have left since last asked.
+    pub fn take_departed_failures(&mut self) -> bool {
+        std::mem::take(&mut self.departed_failures)
     }
 
     pub fn enroller(&mut self) -> &mut E {
@@ -123,11 +133,13 @@ impl<E: Enroller> Reconciler<E> {
         }
         // A failing pod that changed gets a fresh start; one that left is
         // forgotten.
+        let failing = self.failing.len();
         self.failing.retain(|name, failing| {
             desired
                 .get(name)
                 .is_some_and(|d| d.same_pod(&failing.workload))
         });
+        self.departed_failures |= self.failing.len() < failing;
 
         let due: Vec<Arc<Workload>> = desired
             .into_iter()

@@ -129,6 +129,25 @@ pub fn agent_config(node: &Node, workloads: &[MeshWorkload]) -> String {
     config_yaml(&node.name, &issuer, Some(node), workloads)
 }
 
+/// Starts an agent on every node of `lab`, each with `workloads`, the policy
+/// directory `policies` and certificates from the lab's development CA;
+/// configs and logs go to `dir`.
+pub fn start_agents_with_policies(
+    lab: &Lab,
+    workloads: &[MeshWorkload],
+    policies: &Path,
+    dir: &Path,
+) -> Vec<Agent> {
+    lab.nodes()
+        .iter()
+        .map(|node| {
+            let config =
+                agent_config(node, workloads) + &format!("policyDir: {}\n", policies.display());
+            Agent::start(node, &config, dir).expect("agent starts")
+        })
+        .collect()
+}
+
 /// The agent config for `node` in Kubernetes mode: the mesh from the API
 /// server through `kubeconfig` (the agent's own service account), pods found
 /// under the node's kubelet cgroup root, certificates from the lab's

@@ -35,10 +35,17 @@ struct Cluster {
 
 impl Cluster {
     fn up(nodes: usize) -> Self {
+        Self::start(nodes, true)
+    }
+
+    /// `istio_crds`: whether Istio's security CRDs are installed.
+    fn start(nodes: usize, istio_crds: bool) -> Self {
         let lab = test_lab(nodes, 0);
         let cp = ControlPlane::start(&lab).expect("control plane");
         cp.apply(RBAC).expect("agent RBAC");
-        cp.apply(ISTIO_CRDS).expect("Istio CRDs");
+        if istio_crds {
+            cp.apply(ISTIO_CRDS).expect("Istio CRDs");
+        }
         let kubelet = Kubelet::start(&lab, &cp).expect("kubelet");
         let dir = lab::files_dir(lab.prefix()).join("agents");
         std::fs::create_dir_all(&dir).unwrap();
@@ -346,6 +353,34 @@ fn a_pod_labelled_ambient_is_enrolled_in_a_plain_namespace_and_host_network_pods
         .unwrap();
     assert_eq!(count(&cluster.agents[0], enrolled("plain/out")), 0);
     assert_eq!(count(&cluster.agents[0], enrolled("ambient/host")), 0);
+}
+
+#[test]
+fn without_istios_crds_there_are_no_policies_and_pods_are_enrolled_all_the_same() {
+    let mut cluster = Cluster::start(1, false);
+    for kind in ["PeerAuthentication", "AuthorizationPolicy"] {
+        let said = cluster.agents[0]
+            .wait_for(PATIENCE, |l| {
+                l.message()
+                    .starts_with("the API server does not serve this kind")
+                    && l.field("kind") == kind
+            })
+            .unwrap();
+        assert_eq!(said.field("group"), "security.istio.io");
+    }
+    cluster.namespace("shop", true, &["web"]);
+    let web = cluster.pod(&PodSpec::new("shop", "web", 0, "web"));
+    cluster.agents[0]
+        .wait_for(PATIENCE, enrolled("shop/web"))
+        .unwrap();
+    let other = cluster.pod(&PodSpec::new("shop", "other", 0, "web"));
+    cluster.agents[0]
+        .wait_for(PATIENCE, enrolled("shop/other"))
+        .unwrap();
+    let mut server = Server::start(&web, PORT).unwrap();
+    Call::default().run(&other, addr(&web, PORT)).unwrap();
+    assert_eq!(server.next_served().unwrap().peer.ip(), other.ip);
+    assert_eq!(cluster.agents[0].captures().pop().unwrap().path, "hbone");
 }
 
 /// Servers on `ports` in `pod`, one per port.

@@ -10,7 +10,9 @@ use std::{fs, path::PathBuf};
 
 use warren_tests::{
     Lab, Pod,
-    harness::{Agent, Call, LogLine, MeshWorkload, PATIENCE, Server, agent_config, test_lab},
+    harness::{
+        Agent, Call, LogLine, MeshWorkload, PATIENCE, Server, start_agents_with_policies, test_lab,
+    },
     lab::files_dir,
 };
 
@@ -38,15 +40,7 @@ impl PolicyMesh {
         let policies = dir.join("policies");
         fs::create_dir_all(&policies).unwrap();
         let workloads = [sleep.clone(), admin.clone(), web.clone(), db.clone()];
-        let agents = lab
-            .nodes()
-            .iter()
-            .map(|node| {
-                let config = agent_config(node, &workloads)
-                    + &format!("policyDir: {}\n", policies.display());
-                Agent::start(node, &config, &dir.join("agents")).unwrap()
-            })
-            .collect();
+        let agents = start_agents_with_policies(&lab, &workloads, &policies, &dir.join("agents"));
         Self {
             lab,
             sleep,

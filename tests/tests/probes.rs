@@ -16,7 +16,9 @@ use std::{
 
 use warren_tests::{
     Lab, Node, Pod,
-    harness::{Agent, Call, LogLine, MeshWorkload, PATIENCE, Server, agent_config, test_lab},
+    harness::{
+        Agent, Call, LogLine, MeshWorkload, PATIENCE, Server, start_agents_with_policies, test_lab,
+    },
     lab::files_dir,
 };
 
@@ -44,15 +46,7 @@ impl ProbeMesh {
         let policies = dir.join("policies");
         fs::create_dir_all(&policies).unwrap();
         let workloads = [web.clone(), sleep.clone()];
-        let agents = lab
-            .nodes()
-            .iter()
-            .map(|node| {
-                let config = agent_config(node, &workloads)
-                    + &format!("policyDir: {}\n", policies.display());
-                Agent::start(node, &config, &dir.join("agents")).unwrap()
-            })
-            .collect();
+        let agents = start_agents_with_policies(&lab, &workloads, &policies, &dir.join("agents"));
         Self {
             lab,
             web,

@@ -40,6 +40,15 @@ pub async fn publish_loop(shared: &Shared, context: &Context, store: &Store) {
             build(&tables, context)
         };
         let current = store.current();
+        for ip in built.workloads.conflicts() {
+            if !current.workloads().is_conflicted(*ip) {
+                warn!(
+                    %ip,
+                    "several live pods claim this address; connections to it are refused until \
+                     only one does"
+                );
+            }
+        }
         if current.synced()
             && built.workloads == *current.workloads()
             && built.services == *current.services()
@@ -98,9 +107,10 @@ pub fn build(tables: &Tables, context: &Context) -> Built {
 
 /// Whether Istio's labels put `pod` in the mesh: the pod's own
 /// `istio.io/dataplane-mode` (`none` opts out, `ambient` opts in), else its
-/// namespace's (`ambient`). Host-network pods never: they are the node.
+/// namespace's (`ambient`). Host-network pods never: they are the node; nor
+/// pods with Istio's sidecar, which does their mTLS.
 pub fn in_mesh(pod: &PodFacts, namespace_labels: Option<&crate::mesh::Labels>) -> bool {
-    if pod.host_network {
+    if pod.host_network || pod.has_sidecar {
         return false;
     }
     match pod.labels.get(DATAPLANE_MODE).map(String::as_str) {
@@ -113,7 +123,7 @@ pub fn in_mesh(pod: &PodFacts, namespace_labels: Option<&crate::mesh::Labels>) -
 }
 
 fn workloads(tables: &Tables, context: &Context) -> Workloads {
-    let mut by_ip: HashMap<Ipv4Addr, (&PodFacts, Workload)> = HashMap::new();
+    let mut by_ip: HashMap<Ipv4Addr, Vec<(&PodFacts, Workload)>> = HashMap::new();
     for pod in tables.pods.objects.values() {
         let (Some(ip), Some(node)) = (pod.ip, &pod.node) else {
             continue; // not scheduled, or no address yet
@@ -150,23 +160,43 @@ fn workloads(tables: &Tables, context: &Context) -> Workloads {
             },
             local,
         };
-        // Two pods with one address: a pod being deleted and the pod that
-        // got its address. The live one is the workload.
-        match by_ip.get(&ip) {
-            Some((other, _)) if !other.terminating && pod.terminating => {}
-            Some((other, _)) if other.terminating == pod.terminating => {
-                warn!(
-                    %ip,
-                    pods = %format!("{}/{} {}/{}", other.namespace, other.name, pod.namespace, pod.name),
-                    "two pods claim one address; keeping the first"
-                );
-            }
-            _ => {
-                by_ip.insert(ip, (pod, workload));
-            }
+        by_ip.entry(ip).or_default().push((pod, workload));
+    }
+    let mut workloads = Vec::with_capacity(by_ip.len());
+    let mut conflicted = Vec::new();
+    for (ip, claims) in by_ip {
+        match believed(claims) {
+            Some(workload) => workloads.push(workload),
+            None => conflicted.push(ip),
         }
     }
-    Workloads::new(by_ip.into_values().map(|(_, w)| w))
+    Workloads::new(workloads).with_conflicts(conflicted)
+}
+
+/// Which of the pods claiming one address is the workload there. A pod
+/// being deleted gives way to the pod that got its address. Two live pods
+/// should never claim one address (kubelets write addresses), but a
+/// compromised node could write any: a pod of this node is believed (its
+/// sandbox is checked to hold the address when it is enrolled); between
+/// others, nobody is, and connections to the address are refused rather
+/// than sent to either identity or in clear.
+fn believed(mut claims: Vec<(&PodFacts, Workload)>) -> Option<Workload> {
+    if claims.len() == 1 {
+        return claims.pop().map(|(_, w)| w);
+    }
+    // The oldest first, then by name: the same choice on every node.
+    claims.sort_by(|(a, _), (b, _)| {
+        (a.created, &a.namespace, &a.name).cmp(&(b.created, &b.namespace, &b.name))
+    });
+    let live: Vec<usize> = (0..claims.len())
+        .filter(|&i| !claims[i].0.terminating)
+        .collect();
+    let chosen = match live.as_slice() {
+        [] => 0,
+        [one] => *one,
+        several => *several.iter().find(|&&i| claims[i].1.local.is_some())?,
+    };
+    Some(claims.swap_remove(chosen).1)
 }
 
 fn services(tables: &Tables) -> Services {

@@ -20,6 +20,11 @@ use crate::mesh::{
     policy::{self, Document},
 };
 
+/// On a static pod's mirror Pod: the kubelet's UID for the pod.
+const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+/// On pods that Istio injected with a sidecar.
+const SIDECAR_ANNOTATION: &str = "sidecar.istio.io/status";
+
 pub fn namespace(namespace: &Namespace) -> Option<Labels> {
     Some(namespace.labels().clone())
 }
@@ -35,12 +40,18 @@ pub struct PodFacts {
     pub node: Option<String>,
     pub service_account: String,
     pub host_network: bool,
+    /// Injected with Istio's sidecar: its own proxy does mTLS (Istio's
+    /// ambient mode leaves such pods alone too).
+    pub has_sidecar: bool,
     /// Its IPv4 address, once it has one.
     pub ip: Option<Ipv4Addr>,
     /// Succeeded or Failed: its address may already be another pod's.
     pub finished: bool,
     /// Being deleted (it may still serve for its grace period).
     pub terminating: bool,
+    /// `metadata.creationTimestamp`: of two pods claiming one address, the
+    /// older one is believed.
+    pub created: Option<k8s_openapi::jiff::Timestamp>,
     /// The ports the kubelet probes (numeric; named ports resolved against
     /// the containers' ports).
     pub probe_ports: BTreeSet<u16>,
@@ -63,10 +74,18 @@ pub fn pod(pod: &Pod) -> Option<PodFacts> {
         .containers
         .iter()
         .chain(spec.init_containers.iter().flatten());
+    let annotations = pod.annotations();
     Some(PodFacts {
         name: pod.name_any(),
         namespace: pod.namespace().unwrap_or_default(),
-        uid: pod.uid().unwrap_or_default(),
+        // A static pod's cgroup is named after the kubelet's own UID for it,
+        // which its mirror Pod carries in this annotation.
+        uid: annotations
+            .get(MIRROR_ANNOTATION)
+            .cloned()
+            .or_else(|| pod.uid())
+            .unwrap_or_default(),
+        has_sidecar: annotations.contains_key(SIDECAR_ANNOTATION),
         labels: pod.labels().clone(),
         node: spec.node_name.clone(),
         service_account: spec
@@ -78,39 +97,52 @@ pub fn pod(pod: &Pod) -> Option<PodFacts> {
         ip,
         finished: matches!(phase, Some("Succeeded" | "Failed")),
         terminating: pod.metadata.deletion_timestamp.is_some(),
+        created: pod.metadata.creation_timestamp.as_ref().map(|t| t.0),
         probe_ports: probe_ports(containers),
     })
 }
 
+/// Probe ports a pod may have let through: each is an entry in a kernel map
+/// that the node's pods share.
+pub const MAX_PROBE_PORTS: usize = 16;
+
 /// The ports of the containers' httpGet, tcpSocket and grpc probes
-/// (readiness, liveness, startup). A named port that no container declares
-/// is left out: the kubelet could not probe it either.
-fn probe_ports<'a>(containers: impl Iterator<Item = &'a Container> + Clone) -> BTreeSet<u16> {
-    let named: BTreeMap<&str, u16> = containers
-        .clone()
-        .flat_map(|c| c.ports.iter().flatten())
-        .filter_map(|p| Some((p.name.as_deref()?, u16::try_from(p.container_port).ok()?)))
-        .collect();
-    let resolve = |port: &IntOrString| match port {
-        IntOrString::Int(port) => u16::try_from(*port).ok(),
-        IntOrString::String(name) => named
-            .get(name.as_str())
-            .copied()
-            .or_else(|| name.parse().ok()),
-    };
-    containers
-        .flat_map(|c| [&c.readiness_probe, &c.liveness_probe, &c.startup_probe])
-        .flatten()
-        .flat_map(|probe| {
-            [
-                probe.http_get.as_ref().and_then(|h| resolve(&h.port)),
-                probe.tcp_socket.as_ref().and_then(|t| resolve(&t.port)),
-                probe.grpc.as_ref().and_then(|g| u16::try_from(g.port).ok()),
-            ]
-        })
-        .flatten()
-        .filter(|&port| port != 0)
-        .collect()
+/// (readiness, liveness, startup), a named port resolved against the
+/// probing container's own ports, as the kubelet does. A name that the
+/// container does not declare is left out: the kubelet could not probe it
+/// either. At most [`MAX_PROBE_PORTS`] (the lowest).
+fn probe_ports<'a>(containers: impl Iterator<Item = &'a Container>) -> BTreeSet<u16> {
+    let mut ports = BTreeSet::new();
+    for container in containers {
+        let named: BTreeMap<&str, u16> = container
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|p| Some((p.name.as_deref()?, u16::try_from(p.container_port).ok()?)))
+            .collect();
+        let resolve = |port: &IntOrString| match port {
+            IntOrString::Int(port) => u16::try_from(*port).ok(),
+            IntOrString::String(name) => named.get(name.as_str()).copied(),
+        };
+        let probes = [
+            &container.readiness_probe,
+            &container.liveness_probe,
+            &container.startup_probe,
+        ];
+        for probe in probes.into_iter().flatten() {
+            ports.extend(
+                [
+                    probe.http_get.as_ref().and_then(|h| resolve(&h.port)),
+                    probe.tcp_socket.as_ref().and_then(|t| resolve(&t.port)),
+                    probe.grpc.as_ref().and_then(|g| u16::try_from(g.port).ok()),
+                ]
+                .into_iter()
+                .flatten()
+                .filter(|&port| port != 0),
+            );
+        }
+    }
+    ports.into_iter().take(MAX_PROBE_PORTS).collect()
 }
 
 /// A Service's virtual addresses and TCP ports.
@@ -238,7 +270,16 @@ pub fn endpoint_slice(resource: &ApiResource, slice: &DynamicObject) -> Option<S
         .flatten()
         // No condition means unknown, which the API says to take as ready.
         .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
-        .filter_map(|e| e.addresses.first()?.parse().ok())
+        .filter_map(|e| e.addresses.first()?.parse::<Ipv4Addr>().ok())
+        // Whoever writes EndpointSlices could otherwise send clients to
+        // their own namespace's loopback, or nowhere that is a pod.
+        .filter(|ip| {
+            !(ip.is_loopback()
+                || ip.is_link_local()
+                || ip.is_unspecified()
+                || ip.is_multicast()
+                || ip.is_broadcast())
+        })
         .collect();
     Some(SliceFacts {
         namespace: slice.namespace().unwrap_or_default(),

@@ -27,7 +27,7 @@ use kube::{
     discovery::{self, ApiResource},
 };
 use tokio::task::JoinSet;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{config::KubernetesSettings, identity::TrustDomain, mesh::Store};
 pub use build::Built;
@@ -135,7 +135,18 @@ pub fn spawn(client: Client, context: Context, store: Store) -> tokio::task::Joi
             |t: &mut Tables| &mut t.authorization_policies,
             move |ar, object| facts::policy(ar, object, &root_namespace),
         ));
-        build::publish_loop(&shared, &context, &store).await;
+        tokio::select! {
+            () = build::publish_loop(&shared, &context, &store) => {}
+            // Watches run forever; one that stops (a bug) would freeze its
+            // kind's view without a word.
+            Some(stopped) = watches.join_next() => {
+                error!(
+                    result = ?stopped.map_err(|e| e.to_string()),
+                    "a watch of the API server stopped; the view of the mesh no longer follows \
+                     the cluster: restart the agent"
+                );
+            }
+        }
     })
 }
 
@@ -159,6 +170,7 @@ async fn discovered<F: Send + 'static>(
                 Some((resource, _)) => break resource,
                 None => true,
             },
+            Err(kube::Error::Discovery(kube::error::DiscoveryError::MissingApiGroup(_))) => true,
             Err(kube::Error::Api(status)) if status.code == 404 => true,
             Err(error) => {
                 warn!(group, kind, error = %error, "API discovery failed; retrying");

@@ -35,6 +35,9 @@ fn pod(namespace: &str, name: &str, node: &str, ip: &str, labels: serde_json::Va
                 "readinessProbe": {"httpGet": {"port": "http"}},
                 "livenessProbe": {"tcpSocket": {"port": 9000}},
                 "startupProbe": {"exec": {"command": ["true"]}}
+            }, {
+                "name": "b",
+                "readinessProbe": {"httpGet": {"port": "admin"}}
             }],
             "initContainers": [{"name": "sidecar", "readinessProbe": {"grpc": {"port": 7070}}}]
         },
@@ -153,7 +156,8 @@ fn a_workload_has_its_service_account_identity_and_this_nodes_pods_are_local() {
         })
     );
     // Probes: a named httpGet port, a numeric tcpSocket port, an init
-    // container's grpc port; exec probes have none.
+    // container's grpc port; exec probes have none, and a name another
+    // container declares is not the probing container's port.
     assert_eq!(
         here.probe_ports.iter().copied().collect::<Vec<_>>(),
         [7070, 8080, 9000]
@@ -162,6 +166,45 @@ fn a_workload_has_its_service_account_identity_and_this_nodes_pods_are_local() {
     assert_eq!(there.local, None);
     assert!(there.probe_ports.is_empty());
     assert_eq!(built.workloads.local().count(), 1);
+}
+
+#[test]
+fn static_pods_are_found_by_the_kubelets_uid_and_sidecar_pods_are_left_alone() {
+    let mut tables = Tables::default();
+    let labels = json!({"istio.io/dataplane-mode": "ambient"});
+    let mut mirror = pod(
+        "kube-system",
+        "static",
+        "node-1",
+        "10.244.1.5",
+        labels.clone(),
+    );
+    mirror.metadata.annotations = Some(
+        [(
+            "kubernetes.io/config.mirror".to_owned(),
+            "0123456789abcdef0123456789abcdef".to_owned(),
+        )]
+        .into(),
+    );
+    insert(&mut tables.pods, "kube-system/static", facts::pod(&mirror));
+    let mut injected = pod("shop", "injected", "node-1", "10.244.1.6", labels);
+    injected.metadata.annotations =
+        Some([("sidecar.istio.io/status".to_owned(), "{}".to_owned())].into());
+    insert(&mut tables.pods, "shop/injected", facts::pod(&injected));
+    let built = build(&tables, &context());
+    let found = built.workloads.by_ip(Ipv4Addr::new(10, 244, 1, 5)).unwrap();
+    assert_eq!(
+        found.local,
+        Some(LocalPod::Kubelet {
+            uid: "0123456789abcdef0123456789abcdef".into()
+        })
+    );
+    assert!(
+        built
+            .workloads
+            .by_ip(Ipv4Addr::new(10, 244, 1, 6))
+            .is_none()
+    );
 }
 
 #[test]
@@ -187,6 +230,46 @@ fn a_pod_being_deleted_gives_way_to_the_pod_that_got_its_address() {
             .name,
         "new"
     );
+}
+
+#[test]
+fn of_pods_claiming_one_address_a_local_one_is_believed_and_remote_ones_are_not() {
+    let labels = json!({"istio.io/dataplane-mode": "ambient"});
+    let at = |pod: &mut Pod, time: &str| {
+        pod.metadata.creation_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(time.parse().unwrap()),
+        );
+    };
+    let ip = Ipv4Addr::new(10, 244, 1, 2);
+    // A pod of this node, and an older pod of another node whose status
+    // claims the same address (a compromised node can write that).
+    let mut here = pod("shop", "here", "node-1", "10.244.1.2", labels.clone());
+    at(&mut here, "2026-12-01T00:00:00Z");
+    let mut impostor = pod("evil", "old", "node-2", "10.244.1.2", labels.clone());
+    at(&mut impostor, "2026-01-01T00:00:00Z");
+    for keys in [["a", "b"], ["b", "a"]] {
+        let mut tables = Tables::default();
+        insert(&mut tables.pods, keys[0], facts::pod(&here));
+        insert(&mut tables.pods, keys[1], facts::pod(&impostor));
+        let built = build(&tables, &context());
+        assert_eq!(
+            built.workloads.by_ip(ip).unwrap().qualified_name(),
+            "shop/here"
+        );
+        assert!(!built.workloads.is_conflicted(ip));
+    }
+    // Seen from a third node, neither is believed, and the address is
+    // marked so that connections to it are refused.
+    let mut tables = Tables::default();
+    insert(&mut tables.pods, "a", facts::pod(&here));
+    insert(&mut tables.pods, "b", facts::pod(&impostor));
+    let elsewhere = Context {
+        node: "node-3".into(),
+        ..context()
+    };
+    let built = build(&tables, &elsewhere);
+    assert!(built.workloads.by_ip(ip).is_none());
+    assert!(built.workloads.is_conflicted(ip));
 }
 
 fn slice(

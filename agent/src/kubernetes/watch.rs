@@ -15,7 +15,7 @@ use kube::{
 };
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::facts::{PodFacts, PolicyFacts, ServiceFacts, SliceFacts};
 use crate::mesh::Labels;
@@ -131,11 +131,21 @@ async fn run<K, F>(
             Err(error) => {
                 // The backoff paces these: at most one every 30 s once the
                 // outage has lasted.
-                warn!(
-                    kind,
-                    error = %error,
-                    "cannot watch the API server; serving the last view of the mesh, retrying"
-                );
+                if forbidden(&error) {
+                    error!(
+                        kind,
+                        error = %error,
+                        "the agent's service account may not list or watch this kind (RBAC, see \
+                         deploy/agent-rbac.yaml); until it can, this kind's view stays as it is \
+                         (none before a first list: nothing is enrolled), retrying"
+                    );
+                } else {
+                    warn!(
+                        kind,
+                        error = %error,
+                        "cannot watch the API server; serving the last view of the mesh, retrying"
+                    );
+                }
                 failing = true;
                 continue;
             }
@@ -185,5 +195,16 @@ async fn run<K, F>(
         }
         drop(tables);
         shared.changed.notify_one();
+    }
+}
+
+/// Whether the API server refused the agent (RBAC), rather than failed.
+fn forbidden(error: &watcher::Error) -> bool {
+    match error {
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status))
+        | watcher::Error::WatchFailed(kube::Error::Api(status)) => status.is_forbidden(),
+        watcher::Error::WatchError(status) => status.is_forbidden(),
+        _ => false,
     }
 }

@@ -70,6 +70,10 @@ impl Workload {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Workloads {
     by_ip: HashMap<Ipv4Addr, Arc<Workload>>,
+    /// Addresses several pods claim, none believed: connections to them
+    /// are refused (neither identity can be expected, and plaintext would
+    /// leak).
+    conflicted: BTreeSet<Ipv4Addr>,
 }
 
 impl Workloads {
@@ -78,7 +82,22 @@ impl Workloads {
     pub fn new(workloads: impl IntoIterator<Item = Workload>) -> Self {
         Self {
             by_ip: workloads.into_iter().map(|w| (w.ip, Arc::new(w))).collect(),
+            conflicted: BTreeSet::new(),
         }
+    }
+
+    /// With `ips` marked as claimed by several pods.
+    pub fn with_conflicts(mut self, ips: impl IntoIterator<Item = Ipv4Addr>) -> Self {
+        self.conflicted.extend(ips);
+        self
+    }
+
+    pub fn is_conflicted(&self, ip: Ipv4Addr) -> bool {
+        self.conflicted.contains(&ip)
+    }
+
+    pub fn conflicts(&self) -> impl Iterator<Item = &Ipv4Addr> {
+        self.conflicted.iter()
     }
 
     pub fn by_ip(&self, ip: Ipv4Addr) -> Option<&Arc<Workload>> {

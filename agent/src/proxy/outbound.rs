@@ -73,6 +73,8 @@ pub enum OutboundError {
     Refused(http::StatusCode),
     #[error("timed out {0}")]
     Timeout(&'static str),
+    #[error("{0} is claimed by several pods; refused until only one does")]
+    Conflicted(Ipv4Addr),
     #[error("service {service}: no ready endpoint")]
     NoEndpoint { service: String },
     #[error("service {service}: no endpoint could be reached (tried {tried}); last: {last}")]
@@ -158,17 +160,24 @@ impl PodProxy {
             return;
         };
         let _ = client.set_nodelay(true);
-        let (dst_workload, mode, service) = {
+        let (dst_workload, mode, service, conflicted) = {
             let state = self.state.borrow();
+            let conflicted = state.workloads().is_conflicted(*dst.ip());
             let dst_workload = state.workload_by_ip(*dst.ip()).cloned();
             let mode = dst_workload
                 .as_ref()
                 .map(|w| state.policies().mtls_mode(w, dst.port()));
             let service = state.service(dst).cloned();
-            (dst_workload, mode, service)
+            (dst_workload, mode, service, conflicted)
         };
         let started = Instant::now();
         let result = match &dst_workload {
+            // Neither claimant's identity can be expected, and plaintext
+            // would leak to whichever it is.
+            None if conflicted => {
+                reset(&client);
+                Err(OutboundError::Conflicted(*dst.ip()))
+            }
             None if service.is_some() => {
                 let service = service.expect("checked");
                 self.to_service(client, src, dst, &service).await
@@ -344,14 +353,18 @@ impl PodProxy {
                     }),
                 None => {
                     info!(%workload, %src, dst = %endpoint, service = name, dst_workload = "-", path = "passthrough", "captured outbound connection");
-                    self.netns
-                        .connect(endpoint.into())
-                        .await
-                        .map(Upstream::Plain)
-                        .map_err(|source| OutboundError::Connect {
-                            dst: endpoint.into(),
-                            source,
-                        })
+                    // Bounded: a black-holed endpoint must not hold the
+                    // client for the kernel's minutes of SYN retries.
+                    match timeout(hbone::CONNECT_TIMEOUT, self.netns.connect(endpoint.into())).await
+                    {
+                        Ok(connected) => connected.map(Upstream::Plain).map_err(|source| {
+                            OutboundError::Connect {
+                                dst: endpoint.into(),
+                                source,
+                            }
+                        }),
+                        Err(_) => Err(OutboundError::Timeout("connecting to the endpoint")),
+                    }
                 }
             };
             match opened {
@@ -364,8 +377,12 @@ impl PodProxy {
                 }
                 // A policy refusal is an answer, not an unreachable endpoint:
                 // another endpoint of the same service would say the same.
-                Err(OutboundError::Refused(status)) if status == http::StatusCode::UNAUTHORIZED => {
-                    return Err(OutboundError::Refused(status));
+                // And without a certificate of its own, this pod reaches no
+                // endpoint over HBONE.
+                Err(error @ OutboundError::Refused(http::StatusCode::UNAUTHORIZED))
+                | Err(error @ OutboundError::NoCertificate) => {
+                    reset(&client);
+                    return Err(error);
                 }
                 // The client has sent nothing anywhere yet: another endpoint
                 // can take it.

@@ -142,10 +142,13 @@ async fn a_failing_pod_that_changes_is_tried_at_once_and_one_that_leaves_is_forg
     // A new address (its sandbox was recreated): a new pod, tried now.
     reconciler.reconcile([Arc::new(pod("a", 4))], now).await;
     assert_eq!(calls(&mut reconciler), ["enroll ns/a"]);
-    // Gone: no retry is scheduled for it.
+    assert!(reconciler.take_departed_failures(), "the first a left");
+    // Gone: no retry is scheduled for it, and its departure is told once.
     reconciler.reconcile([], now).await;
     assert_eq!(reconciler.next_retry(), None);
     assert!(calls(&mut reconciler).is_empty());
+    assert!(reconciler.take_departed_failures());
+    assert!(!reconciler.take_departed_failures());
 }
 
 #[test]

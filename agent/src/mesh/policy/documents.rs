@@ -20,6 +20,8 @@ use super::{
 const GROUP: &str = "security.istio.io";
 const VERSIONS: [&str; 2] = ["v1", "v1beta1"];
 const DRY_RUN: &str = "istio.io/dry-run";
+/// Ports a PeerAuthentication's `portLevelMtls` may list (see its check).
+pub const MAX_PORT_LEVEL_MODES: usize = 64;
 
 /// One parsed document.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -312,6 +314,18 @@ impl RawPeerAuthentication {
             return Err((
                 "spec.portLevelMtls".into(),
                 "applies only with a selector (as in Istio)".into(),
+            ));
+        }
+        // Each port is an entry in the kernel's map on every node running a
+        // selected pod; the map is shared by the node's pods, so one policy
+        // must not be able to fill it.
+        if self.port_level_mtls.len() > MAX_PORT_LEVEL_MODES {
+            return Err((
+                "spec.portLevelMtls".into(),
+                format!(
+                    "{} ports; at most {MAX_PORT_LEVEL_MODES} are accepted",
+                    self.port_level_mtls.len()
+                ),
             ));
         }
         let mut ports = BTreeMap::new();

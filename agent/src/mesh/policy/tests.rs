@@ -563,6 +563,20 @@ fn invalid_documents_are_refused_one_by_one() {
             "shop/n: spec.portLevelMtls: applies only with a selector",
         ),
         (
+            pa(
+                "shop",
+                "many",
+                &format!(
+                    "  selector: {{matchLabels: {{app: web}}}}\n  portLevelMtls: {{{}}}",
+                    (1..=65)
+                        .map(|p| format!("\"{p}\": {{mode: PERMISSIVE}}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ),
+            "shop/many: spec.portLevelMtls: 65 ports; at most 64 are accepted",
+        ),
+        (
             ap("shop", "v", "  rules: []").replace("security.istio.io/v1", "security.istio.io/v2"),
             "shop/v: apiVersion",
         ),
