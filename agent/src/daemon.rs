@@ -40,6 +40,9 @@ use crate::{
     watch::{WatchError, watch_files},
 };
 
+/// How often kubelet pods' sandboxes are checked for having been recreated.
+const SANDBOX_CHECK: Duration = Duration::from_secs(10);
+
 /// A node credential closer than this to its expiry is warned about at start.
 const CREDENTIAL_WARNING: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -176,6 +179,7 @@ impl Daemon {
         let mut watched = self.watched_files();
         let mut watcher = watch_files(&watched, tx.clone())?;
         let mut mesh = self.store.subscribe();
+        let mut sandbox_check = tokio::time::interval(SANDBOX_CHECK);
         // Pins of pods that went away while no agent ran are released once
         // the mesh is fully known, never from a partial view.
         let mut released = false;
@@ -224,6 +228,10 @@ impl Daemon {
                 }
                 Ok(()) = mesh.changed() => {}
                 () = sleep_until(retry) => {}
+                _ = sandbox_check.tick() => {
+                    // Those withdrawn are enrolled where they are now, below.
+                    self.reconciler.recheck().await;
+                }
                 _ = terminate.recv() => break,
                 _ = interrupt.recv() => break,
             }

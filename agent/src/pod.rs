@@ -33,7 +33,7 @@ use crate::{
     reconcile::Enroller,
     redirect::{Attachment, InboundModes, RedirectError, Redirector},
     renewal,
-    sandbox::{self, HostRoots, SandboxError},
+    sandbox::{self, HostRoots, NsId, SandboxError},
     tls::{CertificateSource, WorkloadCertificate},
 };
 
@@ -69,6 +69,10 @@ pub struct PodRuntime {
     /// probes may come from.
     node_address: Ipv4Addr,
     probe_ports: BTreeSet<u16>,
+    /// For a kubelet pod: the sandbox process found, and its namespace; if
+    /// that process's namespace is no longer this one, the sandbox was
+    /// recreated.
+    sandbox: Option<(PathBuf, NsId)>,
     /// Outbound listener, HBONE listener, plaintext listener, certificate
     /// renewal.
     tasks: Vec<JoinHandle<()>>,
@@ -130,7 +134,7 @@ impl Enroller for NodePods {
         let mut results = Vec::with_capacity(workloads.len());
         for ((workload, located), certificate) in workloads.iter().zip(located).zip(certificates) {
             let result = match located {
-                Ok((netns, cgroup)) => self.enroll_one(workload, netns, cgroup, certificate).await,
+                Ok(located) => self.enroll_one(workload, located, certificate).await,
                 Err(error) => Err(error),
             };
             results.push(result);
@@ -157,6 +161,16 @@ impl Enroller for NodePods {
         }
         pod.proxy.withdraw().await;
         info!(workload = %name, "withdrew from pod: its traffic is no longer captured");
+    }
+
+    fn still_there(&self, pod: &PodRuntime) -> bool {
+        // A pod given by paths is where the config says.
+        let Some((netns, id)) = &pod.sandbox else {
+            return true;
+        };
+        std::fs::File::open(netns)
+            .and_then(|file| NsId::of(&file))
+            .is_ok_and(|now| now == *id)
     }
 
     fn refresh(&mut self, pod: &mut PodRuntime, workload: &Arc<Workload>) {
@@ -193,10 +207,15 @@ impl Enroller for NodePods {
 }
 
 impl NodePods {
-    /// The pod's network namespace file and cgroup directory.
-    async fn locate(&self, workload: &Workload) -> Result<(PathBuf, PathBuf), EnrollError> {
+    /// The pod's network namespace file and cgroup directory, and for a
+    /// kubelet pod what identifies its sandbox.
+    async fn locate(&self, workload: &Workload) -> Result<Located, EnrollError> {
         match &workload.local {
-            Some(LocalPod::Paths { netns, cgroup }) => Ok((netns.clone(), cgroup.clone())),
+            Some(LocalPod::Paths { netns, cgroup }) => Ok(Located {
+                netns: netns.clone(),
+                cgroup: cgroup.clone(),
+                sandbox: None,
+            }),
             Some(LocalPod::Kubelet { uid }) => {
                 let (host, ip) = (self.host.clone(), workload.ip);
                 let (uid, task_uid) = (uid.clone(), uid.clone());
@@ -211,7 +230,11 @@ impl NodePods {
                                 problem: format!("looking for it failed: {e}"),
                             })
                         })?;
-                Ok((found.netns, found.cgroup))
+                Ok(Located {
+                    sandbox: Some((found.netns.clone(), found.netns_id)),
+                    netns: found.netns,
+                    cgroup: found.cgroup,
+                })
             }
             None => unreachable!("only this node's workloads are enrolled"),
         }
@@ -222,10 +245,14 @@ impl NodePods {
     async fn enroll_one(
         &mut self,
         workload: &Arc<Workload>,
-        netns_path: PathBuf,
-        cgroup: PathBuf,
+        located: Located,
         certificate: Option<WorkloadCertificate>,
     ) -> Result<PodRuntime, EnrollError> {
+        let Located {
+            netns: netns_path,
+            cgroup,
+            sandbox,
+        } = located;
         let name = workload.qualified_name();
         let netns = Arc::new(NetNs::open(&netns_path).await?);
         // The kubelet (and anything else on the node) reaches the pod from
@@ -294,6 +321,7 @@ impl NodePods {
             modes,
             node_address,
             probe_ports,
+            sandbox,
             tasks: vec![
                 tokio::spawn(outbound::serve(outbound_listener, proxy)),
                 tokio::spawn(inbound::serve(hbone_listener, inbound.clone())),
@@ -305,6 +333,15 @@ impl NodePods {
             ],
         })
     }
+}
+
+/// Where a pod was found.
+struct Located {
+    netns: PathBuf,
+    cgroup: PathBuf,
+    /// A kubelet pod's sandbox: the namespace file of its process and the
+    /// namespace it held.
+    sandbox: Option<(PathBuf, NsId)>,
 }
 
 /// A workload's first certificate, if the CA gives one in time; a failure

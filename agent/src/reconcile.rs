@@ -43,6 +43,11 @@ pub trait Enroller {
     /// labels or probe ports may have changed) and with the policies in
     /// force. Cheap when nothing changed.
     fn refresh(&mut self, pod: &mut Self::Pod, workload: &Arc<Workload>);
+
+    /// Whether the pod is still where it was enrolled. A sandbox can be
+    /// recreated under the same pod, with the same address: the new one
+    /// would go unenforced.
+    fn still_there(&self, pod: &Self::Pod) -> bool;
 }
 
 /// A pod that failed to enroll, waiting for its next attempt.
@@ -188,6 +193,25 @@ impl<E: Enroller> Reconciler<E> {
                 }
             }
         }
+    }
+
+    /// Withdraws the enrolled pods that are no longer where they were
+    /// enrolled; the next [`reconcile`](Self::reconcile) enrolls them again
+    /// where they are now. Returns how many were.
+    pub async fn recheck(&mut self) -> usize {
+        let moved: Vec<String> = self
+            .enrolled
+            .iter()
+            .filter(|(_, (_, pod))| !self.enroller.still_there(pod))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in &moved {
+            if let Some((_, pod)) = self.enrolled.remove(name) {
+                warn!(workload = %name, "the pod's sandbox was recreated; enrolling it again");
+                self.enroller.withdraw(pod).await;
+            }
+        }
+        moved.len()
     }
 
     /// Refreshes every enrolled pod (the policies changed).

@@ -492,6 +492,31 @@ fn services_reach_their_ready_mesh_endpoints_over_hbone() {
         })
         .unwrap();
 
+    // Endpoints come and go: a new pod behind the Service gets calls once
+    // its EndpointSlice says it is ready.
+    let web3 = cluster.pod(
+        &PodSpec::new("shop", "web-3", 1, "web")
+            .label("app", "web")
+            .container(&port(8082)),
+    );
+    let mut s3 = servers(&web3, &[8082]);
+    let deadline = Instant::now() + 3 * PATIENCE;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "web-3 never got a call; client's agent:\n{}",
+            cluster.agents[0].log_text()
+        );
+        Call::quick().run(&sleep, vip).unwrap();
+        let capture = cluster.agents[0].captures().pop().unwrap();
+        if capture.dst_workload == "shop/web-3" {
+            assert_eq!(capture.dst, addr(&web3, 8082));
+            assert_eq!(s3[0].next_served().unwrap().peer.ip(), sleep.ip);
+            break;
+        }
+        s2[0].next_served().unwrap();
+    }
+
     // A Service of endpoints outside the mesh: passed through to the
     // virtual address (no kube-proxy in the lab, so the call itself fails).
     let old_vip = SocketAddrV4::new(cluster_ip(&cluster, "legacy", "old"), 80);

@@ -6,6 +6,7 @@
 //! - `lab up|down|status|exec`: a lab that stays up for poking at by hand.
 
 mod bench;
+mod bench_discovery;
 mod demo;
 mod lab;
 mod setup;
@@ -47,6 +48,8 @@ enum Task {
     },
     /// Measure throughput, latency and connection rate with warren against without (needs root).
     Bench,
+    /// Measure what the agent's Kubernetes discovery costs at scale, 10k pods (needs root).
+    BenchDiscovery(bench_discovery::Args),
 }
 
 fn main() -> Result<()> {
@@ -56,6 +59,7 @@ fn main() -> Result<()> {
         Task::Demo => demo::run(),
         Task::Lab { action } => lab::run(action),
         Task::Bench => bench::run(),
+        Task::BenchDiscovery(args) => bench_discovery::run(&args),
     }
 }
 

@@ -14,6 +14,8 @@ use crate::{
 struct Recorder {
     calls: Vec<String>,
     broken: HashSet<String>,
+    /// Pods whose sandbox is gone.
+    moved: HashSet<String>,
 }
 
 impl Enroller for Recorder {
@@ -37,6 +39,10 @@ impl Enroller for Recorder {
 
     async fn withdraw(&mut self, pod: String) {
         self.calls.push(format!("withdraw {pod}"));
+    }
+
+    fn still_there(&self, pod: &String) -> bool {
+        !self.moved.contains(pod)
     }
 
     fn refresh(&mut self, pod: &mut String, workload: &Arc<Workload>) {
@@ -149,6 +155,22 @@ async fn a_failing_pod_that_changes_is_tried_at_once_and_one_that_leaves_is_forg
     assert!(calls(&mut reconciler).is_empty());
     assert!(reconciler.take_departed_failures());
     assert!(!reconciler.take_departed_failures());
+}
+
+#[tokio::test]
+async fn a_pod_whose_sandbox_was_recreated_is_withdrawn_and_enrolled_again() {
+    let mut reconciler = Reconciler::new(Recorder::default());
+    let now = Instant::now();
+    let (a, b) = (Arc::new(pod("a", 2)), Arc::new(pod("b", 3)));
+    reconciler.reconcile([a.clone(), b.clone()], now).await;
+    calls(&mut reconciler);
+    assert_eq!(reconciler.recheck().await, 0);
+    reconciler.enroller().moved.insert("ns/a".into());
+    assert_eq!(reconciler.recheck().await, 1);
+    assert_eq!(calls(&mut reconciler), ["withdraw ns/a"]);
+    reconciler.enroller().moved.clear();
+    reconciler.reconcile([a, b], now).await;
+    assert_eq!(calls(&mut reconciler), ["enroll ns/a", "refresh ns/b []"]);
 }
 
 #[test]

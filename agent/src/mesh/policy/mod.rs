@@ -361,6 +361,13 @@ impl Policies {
             };
             key(a).cmp(&key(b))
         });
+        // Their order decides nothing (any matching DENY denies, any
+        // matching ALLOW allows) but which one a log line names; sorted, the
+        // same documents make equal sets whatever order they came in (the
+        // API server's watches deliver them in any order).
+        policies
+            .authorization_policies
+            .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         policies
     }
 
