@@ -148,6 +148,27 @@ pub fn start_agents_with_policies(
         .collect()
 }
 
+/// Replaces the policies in the directory `policies` with `yaml`
+/// (atomically, as config management does) and waits until every one of
+/// `agents` has loaded them.
+pub fn replace_policies(agents: &mut [Agent], policies: &Path, yaml: &str) {
+    let loaded = |l: &LogLine| l.message() == "policies loaded";
+    let before: Vec<usize> = agents
+        .iter()
+        .map(|a| a.lines().iter().filter(|l| loaded(l)).count())
+        .collect();
+    let tmp = policies.join(".policies.yaml.new");
+    fs::write(&tmp, yaml).expect("write policies");
+    fs::rename(&tmp, policies.join("policies.yaml")).expect("replace policies");
+    // Any load from now on read the new file: the agent waits for the
+    // writes to settle before reading.
+    for (agent, before) in agents.iter_mut().zip(before) {
+        agent
+            .wait_for_count(PATIENCE, before + 1, loaded)
+            .expect("policies loaded");
+    }
+}
+
 /// The agent config for `node` in Kubernetes mode: the mesh from the API
 /// server through `kubeconfig` (the agent's own service account), pods found
 /// under the node's kubelet cgroup root, certificates from the lab's

@@ -358,8 +358,9 @@ fn reports(pod: &KubePod, pod_ip: Ipv4Addr) -> bool {
 }
 
 /// A Running, Ready status, with one running container status per container; the first
-/// container carries the sandbox's container id (the lab has one cgroup per pod).
-fn running_status(
+/// container carries the sandbox's container id (the lab has one cgroup per pod), the
+/// others (and all, without one) random ids. What a kubelet reports once the pod runs.
+pub fn running_status(
     pod: &KubePod,
     node_ip: Ipv4Addr,
     pod_ip: Ipv4Addr,

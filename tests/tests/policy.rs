@@ -11,7 +11,8 @@ use std::{fs, path::PathBuf};
 use warren_tests::{
     Lab, Pod,
     harness::{
-        Agent, Call, LogLine, MeshWorkload, PATIENCE, Server, start_agents_with_policies, test_lab,
+        Agent, Call, LogLine, MeshWorkload, PATIENCE, Server, replace_policies,
+        start_agents_with_policies, test_lab,
     },
     lab::files_dir,
 };
@@ -60,20 +61,7 @@ impl PolicyMesh {
     /// Replaces the policies with `yaml` (atomically, as config management
     /// does) and waits until both agents have loaded them.
     fn set_policies(&mut self, yaml: &str) {
-        let loaded = |l: &LogLine| l.message() == "policies loaded";
-        let before: Vec<usize> = self
-            .agents
-            .iter()
-            .map(|a| a.lines().iter().filter(|l| loaded(l)).count())
-            .collect();
-        let tmp = self.policies.join(".policies.yaml.new");
-        fs::write(&tmp, yaml).unwrap();
-        fs::rename(&tmp, self.policies.join("policies.yaml")).unwrap();
-        // Any load from now on read the new file: the agent waits for the
-        // writes to settle before reading.
-        for (agent, before) in self.agents.iter_mut().zip(before) {
-            agent.wait_for_count(PATIENCE, before + 1, loaded).unwrap();
-        }
+        replace_policies(&mut self.agents, &self.policies, yaml);
     }
 }
 

@@ -338,35 +338,6 @@ impl Plan {
         (namespace, name, object)
     }
 
-    /// Pod `p`'s status as its kubelet would report it once running.
-    fn pod_status(&self, p: usize, node_ip: Ipv4Addr, now: &Value) -> Value {
-        let ip = Self::pod_ip(p).to_string();
-        let condition = |kind: &str| json!({"type": kind, "status": "True", "lastProbeTime": null, "lastTransitionTime": now});
-        json!({"status": {
-            "phase": "Running",
-            "hostIP": node_ip.to_string(),
-            "podIP": ip,
-            "podIPs": [{"ip": ip}],
-            "startTime": now,
-            "conditions": [
-                condition("Initialized"),
-                condition("Ready"),
-                condition("ContainersReady"),
-                condition("PodScheduled"),
-            ],
-            "containerStatuses": [{
-                "name": "app",
-                "ready": true,
-                "started": true,
-                "restartCount": 0,
-                "image": format!("registry.example/bench/{}:1.0", self.pod_app(p)),
-                "imageID": "registry.example/bench@sha256:5b0b3bd8b8e0a04a4bd4c5ca1b0f0d8d1f0e6f4a1b9d7c3e2f1a0b9c8d7e6f5a",
-                "containerID": format!("containerd://{:064x}", p + 1),
-                "state": {"running": {"startedAt": now}},
-            }],
-        }})
-    }
-
     fn service(&self, s: usize) -> (String, Value) {
         let namespace = self.namespace(s % self.namespaces);
         let j = s / self.namespaces;
@@ -602,8 +573,6 @@ impl Creation {
         let start = Instant::now();
         let done = AtomicUsize::new(0);
         let done = &done;
-        let now = now();
-        let now = &now;
         let step = (plan.pods / 10).max(1);
         cp.block_on(run_all(plan.pods, plan.concurrency, move |p| async move {
             let (namespace, name, object) = plan.pod(p);
@@ -611,7 +580,12 @@ impl Creation {
             let api: Api<KubePod> = Api::namespaced(client.clone(), &namespace);
             let api = &api;
             create(|| format!("Pod {namespace}/{name}"), api, &pod).await?;
-            let status = plan.pod_status(p, Plan::fake_node_ip(p % plan.nodes), now);
+            let status = warren_tests::kubelet::running_status(
+                &pod,
+                Plan::fake_node_ip(p % plan.nodes),
+                Plan::pod_ip(p),
+                None,
+            );
             let (name, status) = (&name, &status);
             retry(
                 || format!("reporting the status of Pod {namespace}/{name}"),
