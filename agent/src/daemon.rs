@@ -67,6 +67,12 @@ pub enum DaemonError {
     Policies(PathBuf),
     #[error(transparent)]
     Kubernetes(#[from] KubernetesError),
+    #[error(
+        "the Kubernetes source stopped (see the log): the agent exits rather than serve a view \
+         that no longer follows the cluster; its pods stay pinned, failing closed, until it is \
+         restarted"
+    )]
+    KubernetesStopped,
     #[error("cannot install signal handler: {0}")]
     Signal(std::io::Error),
 }
@@ -179,11 +185,12 @@ impl Daemon {
         let mut watched = self.watched_files();
         let mut watcher = watch_files(&watched, tx.clone())?;
         let mut mesh = self.store.subscribe();
+        let mut kubernetes = self.kubernetes.take();
         let mut sandbox_check = tokio::time::interval(SANDBOX_CHECK);
         // Pins of pods that went away while no agent ran are released once
         // the mesh is fully known, never from a partial view.
         let mut released = false;
-        if self.kubernetes.is_some() {
+        if kubernetes.is_some() {
             info!("waiting for the API server's view of the mesh before enrolling pods");
         }
         loop {
@@ -232,6 +239,7 @@ impl Daemon {
                     // Those withdrawn are enrolled where they are now, below.
                     self.reconciler.recheck().await;
                 }
+                () = stopped(&mut kubernetes) => return Err(DaemonError::KubernetesStopped),
                 _ = terminate.recv() => break,
                 _ = interrupt.recv() => break,
             }
@@ -252,7 +260,7 @@ impl Daemon {
             }
         }
         drop(watcher);
-        if let Some(kubernetes) = self.kubernetes.take() {
+        if let Some(kubernetes) = kubernetes {
             kubernetes.abort();
         }
         // The pods' programs stay (pinned): until an agent takes over, their
@@ -424,6 +432,16 @@ impl Daemon {
         files.extend(self.config.trust_bundle_path());
         files.extend(self.config.policy_dir.clone());
         files
+    }
+}
+
+/// Returns when the task `source` ends, never without one.
+async fn stopped(source: &mut Option<JoinHandle<()>>) {
+    match source {
+        Some(task) => {
+            let _ = task.await;
+        }
+        None => std::future::pending().await,
     }
 }
 

@@ -163,14 +163,35 @@ impl Enroller for NodePods {
         info!(workload = %name, "withdrew from pod: its traffic is no longer captured");
     }
 
-    fn still_there(&self, pod: &PodRuntime) -> bool {
+    async fn still_there(&mut self, pod: &mut PodRuntime) -> bool {
         // A pod given by paths is where the config says.
         let Some((netns, id)) = &pod.sandbox else {
             return true;
         };
-        std::fs::File::open(netns)
+        let same = std::fs::File::open(netns)
             .and_then(|file| NsId::of(&file))
-            .is_ok_and(|now| now == *id)
+            .is_ok_and(|now| now == *id);
+        if same {
+            return true;
+        }
+        // The process it was found through is gone. Without an infra
+        // container (CRI-O's drop_infra_ctr) that is any container that
+        // ended; the namespace may well be there, held by another process.
+        let Some(LocalPod::Kubelet { uid }) = &pod.workload.local else {
+            return true;
+        };
+        let (host, uid, ip, id) = (self.host.clone(), uid.clone(), pod.workload.ip, *id);
+        match tokio::task::spawn_blocking(move || sandbox::locate(&host, &uid, ip)).await {
+            Ok(Ok(found)) if found.netns_id == id => {
+                pod.sandbox = Some((found.netns, found.netns_id));
+                true
+            }
+            // Another namespace holds the pod's address: a new sandbox.
+            Ok(Ok(_)) => false,
+            // None holds it now: the pod is going away, or its sandbox is
+            // being remade (the next check finds the new one).
+            Ok(Err(_)) | Err(_) => true,
+        }
     }
 
     fn refresh(&mut self, pod: &mut PodRuntime, workload: &Arc<Workload>) {

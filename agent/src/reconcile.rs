@@ -44,10 +44,11 @@ pub trait Enroller {
     /// force. Cheap when nothing changed.
     fn refresh(&mut self, pod: &mut Self::Pod, workload: &Arc<Workload>);
 
-    /// Whether the pod is still where it was enrolled. A sandbox can be
+    /// Whether the pod is still where it was enrolled (updating how it is
+    /// found if that changed but the place did not). A sandbox can be
     /// recreated under the same pod, with the same address: the new one
     /// would go unenforced.
-    fn still_there(&self, pod: &Self::Pod) -> bool;
+    fn still_there(&mut self, pod: &mut Self::Pod) -> impl Future<Output = bool>;
 }
 
 /// A pod that failed to enroll, waiting for its next attempt.
@@ -199,12 +200,12 @@ impl<E: Enroller> Reconciler<E> {
     /// enrolled; the next [`reconcile`](Self::reconcile) enrolls them again
     /// where they are now. Returns how many were.
     pub async fn recheck(&mut self) -> usize {
-        let moved: Vec<String> = self
-            .enrolled
-            .iter()
-            .filter(|(_, (_, pod))| !self.enroller.still_there(pod))
-            .map(|(name, _)| name.clone())
-            .collect();
+        let mut moved = Vec::new();
+        for (name, (_, pod)) in &mut self.enrolled {
+            if !self.enroller.still_there(pod).await {
+                moved.push(name.clone());
+            }
+        }
         for name in &moved {
             if let Some((_, pod)) = self.enrolled.remove(name) {
                 warn!(workload = %name, "the pod's sandbox was recreated; enrolling it again");

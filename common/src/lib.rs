@@ -63,6 +63,11 @@ pub mod names {
 pub const FLOW_MAP_ENTRIES: u32 = 65_536;
 /// Capacity of [`names::PODS`]: pods enrolled on one node.
 pub const POD_MAP_ENTRIES: u32 = 4_096;
+/// Capacity of [`names::INBOUND_MODES`]: a default and up to 64 per-port
+/// modes (the agent refuses PeerAuthentications with more) for each of
+/// about a thousand pods, far above what a node runs. Tenants' policies
+/// fill it, and a full map keeps pods from being enrolled.
+pub const INBOUND_MODE_ENTRIES: u32 = 65_536;
 
 /// Capacity of [`names::PROBES`]: a few probe ports per pod, usually from a
 /// single node address.

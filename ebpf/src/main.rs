@@ -50,8 +50,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use warren_common::{
-    FLOW_MAP_ENTRIES, FlowKey, HBONE_PORT, InboundKey, Ipv4Dst, POD_MAP_ENTRIES, PROBE_MAP_ENTRIES,
-    PodInfo, ProbeKey, mode,
+    FLOW_MAP_ENTRIES, FlowKey, HBONE_PORT, INBOUND_MODE_ENTRIES, InboundKey, Ipv4Dst,
+    POD_MAP_ENTRIES, PROBE_MAP_ENTRIES, PodInfo, ProbeKey, mode,
 };
 
 const AF_INET: u32 = 2;
@@ -197,7 +197,7 @@ pub fn warren_sock_ops(ctx: SockOpsContext) -> u32 {
 }
 
 #[map(name = "INBOUND_MODES")]
-static INBOUND_MODES: HashMap<InboundKey, u32> = HashMap::with_max_entries(POD_MAP_ENTRIES * 4, 0);
+static INBOUND_MODES: HashMap<InboundKey, u32> = HashMap::with_max_entries(INBOUND_MODE_ENTRIES, 0);
 
 #[map(name = "INBOUND_LISTENERS")]
 static INBOUND_LISTENERS: SockHash<u32> = SockHash::with_max_entries(POD_MAP_ENTRIES, 0);

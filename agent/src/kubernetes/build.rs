@@ -86,8 +86,8 @@ pub async fn publish_loop(shared: &Shared, context: &Context, store: &Store) {
 
 /// The mesh as the tables describe it.
 pub fn build(tables: &Tables, context: &Context) -> Built {
-    let workloads = workloads(tables, context);
     let services = services(tables);
+    let workloads = workloads(tables, context, &services);
     let policies = Policies::from_documents(
         &context.root_namespace,
         tables
@@ -122,81 +122,122 @@ pub fn in_mesh(pod: &PodFacts, namespace_labels: Option<&crate::mesh::Labels>) -
     }
 }
 
-fn workloads(tables: &Tables, context: &Context) -> Workloads {
-    let mut by_ip: HashMap<Ipv4Addr, Vec<(&PodFacts, Workload)>> = HashMap::new();
+fn workloads(tables: &Tables, context: &Context, services: &Services) -> Workloads {
+    // Every pod with an address claims it, in the mesh or not: a pod outside
+    // the mesh that holds an address must not be taken for the mesh pod that
+    // held it before.
+    let mut by_ip: HashMap<Ipv4Addr, Vec<(&PodFacts, Option<Workload>)>> = HashMap::new();
     for pod in tables.pods.objects.values() {
         let (Some(ip), Some(node)) = (pod.ip, &pod.node) else {
             continue; // not scheduled, or no address yet
         };
-        if pod.finished || !in_mesh(pod, tables.namespaces.objects.get(&pod.namespace)) {
+        if pod.finished || pod.host_network {
             continue;
         }
-        let identity = match SpiffeId::new(
-            context.trust_domain.clone(),
-            &pod.namespace,
-            &pod.service_account,
-        ) {
-            Ok(identity) => identity,
-            Err(error) => {
-                warn!(pod = %format!("{}/{}", pod.namespace, pod.name), %error, "pod left out of the mesh");
-                continue;
-            }
-        };
-        let local = (*node == context.node).then(|| LocalPod::Kubelet {
-            uid: pod.uid.clone(),
-        });
-        let workload = Workload {
-            name: pod.name.clone(),
-            namespace: pod.namespace.clone(),
-            service_account: pod.service_account.clone(),
-            identity,
-            ip,
-            node: node.clone(),
-            labels: pod.labels.clone(),
-            probe_ports: if local.is_some() {
-                pod.probe_ports.clone()
-            } else {
-                Default::default()
-            },
-            local,
-        };
+        if services.is_vip(ip) {
+            // A pod claiming a Service's virtual address would take its
+            // clients; kubelets never write one.
+            warn!(pod = %format!("{}/{}", pod.namespace, pod.name), %ip, "pod claims a Service's virtual address; ignored");
+            continue;
+        }
+        let workload = in_mesh(pod, tables.namespaces.objects.get(&pod.namespace))
+            .then(|| workload(pod, ip, node, context))
+            .flatten();
         by_ip.entry(ip).or_default().push((pod, workload));
     }
     let mut workloads = Vec::with_capacity(by_ip.len());
     let mut conflicted = Vec::new();
     for (ip, claims) in by_ip {
-        match believed(claims) {
-            Some(workload) => workloads.push(workload),
-            None => conflicted.push(ip),
+        match believed(claims, &context.node) {
+            Believed::Pod(Some(workload)) => workloads.push(*workload),
+            Believed::Pod(None) => {} // a pod outside the mesh
+            Believed::Nobody => conflicted.push(ip),
         }
     }
     Workloads::new(workloads).with_conflicts(conflicted)
 }
 
-/// Which of the pods claiming one address is the workload there. A pod
-/// being deleted gives way to the pod that got its address. Two live pods
-/// should never claim one address (kubelets write addresses), but a
-/// compromised node could write any: a pod of this node is believed (its
-/// sandbox is checked to hold the address when it is enrolled); between
-/// others, nobody is, and connections to the address are refused rather
-/// than sent to either identity or in clear.
-fn believed(mut claims: Vec<(&PodFacts, Workload)>) -> Option<Workload> {
-    if claims.len() == 1 {
-        return claims.pop().map(|(_, w)| w);
-    }
-    // The oldest first, then by name: the same choice on every node.
-    claims.sort_by(|(a, _), (b, _)| {
-        (a.created, &a.namespace, &a.name).cmp(&(b.created, &b.namespace, &b.name))
-    });
-    let live: Vec<usize> = (0..claims.len())
-        .filter(|&i| !claims[i].0.terminating)
-        .collect();
-    let chosen = match live.as_slice() {
-        [] => 0,
-        [one] => *one,
-        several => *several.iter().find(|&&i| claims[i].1.local.is_some())?,
+/// The workload a mesh pod is, if its identity is valid.
+fn workload(pod: &PodFacts, ip: Ipv4Addr, node: &str, context: &Context) -> Option<Workload> {
+    let identity = match SpiffeId::new(
+        context.trust_domain.clone(),
+        &pod.namespace,
+        &pod.service_account,
+    ) {
+        Ok(identity) => identity,
+        Err(error) => {
+            warn!(pod = %format!("{}/{}", pod.namespace, pod.name), %error, "pod left out of the mesh");
+            return None;
+        }
     };
-    Some(claims.swap_remove(chosen).1)
+    let local = (node == context.node).then(|| LocalPod::Kubelet {
+        uid: pod.uid.clone(),
+    });
+    Some(Workload {
+        name: pod.name.clone(),
+        namespace: pod.namespace.clone(),
+        service_account: pod.service_account.clone(),
+        identity,
+        ip,
+        node: node.to_owned(),
+        labels: pod.labels.clone(),
+        probe_ports: if local.is_some() {
+            pod.probe_ports.clone()
+        } else {
+            Default::default()
+        },
+        local,
+    })
+}
+
+/// Who holds an address several pods claim.
+#[derive(Debug)]
+enum Believed {
+    /// This pod (a mesh workload, or None for a pod outside the mesh).
+    Pod(Option<Box<Workload>>),
+    /// Nobody can be believed: connections to the address are refused.
+    Nobody,
+}
+
+/// Which of the pods claiming one address holds it. An address passes
+/// from a pod to a newer one, never back, so where claims are otherwise
+/// equal the newest is believed: a pod lingering in deletion gives way to
+/// the pod that got its address. Kubelets write addresses, but a
+/// compromised node could write any:
+///
+/// - a pod of this node is believed first (live before terminating, then
+///   the newest): enrolling it checks that its sandbox holds the address;
+/// - otherwise a single live pod is believed, and with none live the
+///   newest terminating one;
+/// - several live pods elsewhere: nobody. Connections to the address are
+///   refused rather than sent to either identity, or in clear.
+///
+/// The same on every node but for its own pods, whatever the order claims
+/// come in.
+fn believed(mut claims: Vec<(&PodFacts, Option<Workload>)>, this_node: &str) -> Believed {
+    // Newest first, then by name.
+    claims.sort_by(|(a, _), (b, _)| {
+        (b.created, &b.namespace, &b.name).cmp(&(a.created, &a.namespace, &a.name))
+    });
+    let local = |p: &PodFacts| p.node.as_deref() == Some(this_node);
+    let pick = claims
+        .iter()
+        .position(|(p, _)| local(p) && !p.terminating)
+        .or_else(|| claims.iter().position(|(p, _)| local(p)))
+        .or_else(|| {
+            let live: Vec<usize> = (0..claims.len())
+                .filter(|&i| !claims[i].0.terminating)
+                .collect();
+            match live.as_slice() {
+                [] => Some(0),
+                [one] => Some(*one),
+                _ => None,
+            }
+        });
+    match pick {
+        Some(i) => Believed::Pod(claims.swap_remove(i).1.map(Box::new)),
+        None => Believed::Nobody,
+    }
 }
 
 fn services(tables: &Tables) -> Services {

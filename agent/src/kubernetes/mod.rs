@@ -37,6 +37,9 @@ use watch::{Shared, Tables};
 /// rollout's burst of events makes one snapshot, not hundreds.
 pub const SETTLE: Duration = Duration::from_millis(100);
 
+/// How often a kind the API server does not serve (yet) is looked for.
+const DISCOVERY_RETRY: Duration = Duration::from_secs(5);
+
 /// The label, on namespaces and pods, that enrolls pods in ambient mode.
 pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 
@@ -143,7 +146,7 @@ pub fn spawn(client: Client, context: Context, store: Store) -> tokio::task::Joi
                 error!(
                     result = ?stopped.map_err(|e| e.to_string()),
                     "a watch of the API server stopped; the view of the mesh no longer follows \
-                     the cluster: restart the agent"
+                     the cluster"
                 );
             }
         }
@@ -154,7 +157,7 @@ pub fn spawn(client: Client, context: Context, store: Store) -> tokio::task::Joi
 /// EndpointSlices are `v1` where served and `v1beta1` on older servers, and
 /// Istio's policies `v1` or `v1beta1`). A group the server does not serve
 /// (Istio's CRDs not installed) holds no objects: that is said in the log,
-/// and looked for again every minute.
+/// and looked for again every few seconds.
 async fn discovered<F: Send + 'static>(
     client: Client,
     group: &'static str,
@@ -170,8 +173,9 @@ async fn discovered<F: Send + 'static>(
                 Some((resource, _)) => break resource,
                 None => true,
             },
+            // Truthful: the API server lists its groups, and this is not
+            // one (deleting a CRD deletes its objects too).
             Err(kube::Error::Discovery(kube::error::DiscoveryError::MissingApiGroup(_))) => true,
-            Err(kube::Error::Api(status)) if status.code == 404 => true,
             Err(error) => {
                 warn!(group, kind, error = %error, "API discovery failed; retrying");
                 false
@@ -188,7 +192,8 @@ async fn discovered<F: Send + 'static>(
             // Nothing to wait for: no objects is the truth for now.
             shared.mark_synced_empty(table);
         }
-        tokio::time::sleep(Duration::from_secs(if absent { 60 } else { 5 })).await;
+        // Policies installed after the agent started apply within this.
+        tokio::time::sleep(DISCOVERY_RETRY).await;
     };
     info!(group, kind, version = %resource.version, "watching");
     let api = Api::all_with(client, &resource);

@@ -272,6 +272,105 @@ fn of_pods_claiming_one_address_a_local_one_is_believed_and_remote_ones_are_not(
     assert!(built.workloads.is_conflicted(ip));
 }
 
+/// Pod facts with a creation time and, if `terminating`, a deletion time.
+fn claim(ns: &str, name: &str, node: &str, mesh: bool, created: &str, terminating: bool) -> Pod {
+    let labels = if mesh {
+        json!({"istio.io/dataplane-mode": "ambient"})
+    } else {
+        json!({})
+    };
+    let mut pod = pod(ns, name, node, "10.244.1.2", labels);
+    let time = |t: &str| k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(t.parse().unwrap());
+    pod.metadata.creation_timestamp = Some(time(created));
+    if terminating {
+        pod.metadata.deletion_timestamp = Some(time("2026-12-01T12:00:00Z"));
+    }
+    pod
+}
+
+/// Who holds 10.244.1.2 as `node` sees it, given `pods` in every order:
+/// `Some(name)` for a workload, `None` for nobody in the mesh, and
+/// `"conflict"` for refused.
+fn holder(node: &str, pods: &[Pod]) -> String {
+    let ip = Ipv4Addr::new(10, 244, 1, 2);
+    let mut seen = std::collections::BTreeSet::new();
+    for rotation in 0..pods.len() {
+        let mut tables = Tables::default();
+        for (i, pod) in pods
+            .iter()
+            .cycle()
+            .skip(rotation)
+            .take(pods.len())
+            .enumerate()
+        {
+            insert(&mut tables.pods, &format!("k{i}"), facts::pod(pod));
+        }
+        let built = build(
+            &tables,
+            &Context {
+                node: node.into(),
+                ..context()
+            },
+        );
+        seen.insert(match built.workloads.by_ip(ip) {
+            Some(w) => w.qualified_name(),
+            None if built.workloads.is_conflicted(ip) => "conflict".into(),
+            None => "-".into(),
+        });
+    }
+    assert_eq!(seen.len(), 1, "depends on the order: {seen:?}");
+    seen.pop_first().unwrap()
+}
+
+#[test]
+fn claims_on_one_address_are_settled_the_same_whatever_their_order() {
+    let jan = "2026-01-01T00:00:00Z";
+    let feb = "2026-02-01T00:00:00Z";
+    // Lingering in deletion, both: the newer got the address from the older.
+    let old = claim("a", "old", "node-1", true, jan, true);
+    let new = claim("a", "new", "node-1", true, feb, true);
+    assert_eq!(holder("node-1", &[old.clone(), new.clone()]), "a/new");
+    assert_eq!(holder("node-3", &[old.clone(), new]), "a/new");
+    // A pod of this node, even terminating, over a live claim from elsewhere.
+    let here = claim("a", "here", "node-1", true, feb, true);
+    let there = claim("evil", "there", "node-2", true, jan, false);
+    assert_eq!(holder("node-1", &[here.clone(), there.clone()]), "a/here");
+    // Elsewhere: the live one.
+    assert_eq!(holder("node-3", &[here, there]), "evil/there");
+    // A live pod outside the mesh holds it, not a lingering mesh pod.
+    let outside = claim("b", "outside", "node-2", false, feb, false);
+    let lingering = claim("a", "lingering", "node-2", true, jan, true);
+    assert_eq!(holder("node-3", &[outside.clone(), lingering]), "-");
+    // Two live pods elsewhere, in the mesh or not: nobody.
+    let live = claim("a", "live", "node-2", true, jan, false);
+    assert_eq!(holder("node-3", &[outside, live]), "conflict");
+}
+
+#[test]
+fn a_pod_claiming_a_services_virtual_address_is_ignored() {
+    let mut tables = Tables::default();
+    let service: Service = serde_json::from_value(json!({
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}
+    }))
+    .unwrap();
+    insert(&mut tables.services, "shop/web", facts::service(&service));
+    let labels = json!({"istio.io/dataplane-mode": "ambient"});
+    insert(
+        &mut tables.pods,
+        "evil/p",
+        facts::pod(&pod("evil", "p", "node-2", "10.96.0.10", labels)),
+    );
+    let built = build(&tables, &context());
+    assert!(
+        built
+            .workloads
+            .by_ip(Ipv4Addr::new(10, 96, 0, 10))
+            .is_none()
+    );
+    assert!(built.services.is_vip(Ipv4Addr::new(10, 96, 0, 10)));
+}
+
 fn slice(
     version: &str,
     service: &str,

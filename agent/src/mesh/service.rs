@@ -1,7 +1,11 @@
 //! Services: virtual addresses (a Kubernetes ClusterIP and port) and the
 //! ready endpoints behind them.
 
-use std::{collections::HashMap, net::SocketAddrV4, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::Arc,
+};
 
 /// Where connections to one port of a Service's virtual address may go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,16 +24,23 @@ pub type Endpoint = SocketAddrV4;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Services {
     by_vip: HashMap<SocketAddrV4, Arc<ServicePort>>,
+    /// The virtual addresses, whatever the port.
+    vips: HashSet<Ipv4Addr>,
 }
 
 impl Services {
     pub fn new(ports: impl IntoIterator<Item = (SocketAddrV4, ServicePort)>) -> Self {
-        Self {
-            by_vip: ports
-                .into_iter()
-                .map(|(vip, port)| (vip, Arc::new(port)))
-                .collect(),
-        }
+        let by_vip: HashMap<SocketAddrV4, Arc<ServicePort>> = ports
+            .into_iter()
+            .map(|(vip, port)| (vip, Arc::new(port)))
+            .collect();
+        let vips = by_vip.keys().map(|vip| *vip.ip()).collect();
+        Self { by_vip, vips }
+    }
+
+    /// Whether `ip` is a Service's virtual address.
+    pub fn is_vip(&self, ip: Ipv4Addr) -> bool {
+        self.vips.contains(&ip)
     }
 
     /// The service port at `vip` (a ClusterIP and a port), if any.

@@ -11,10 +11,12 @@
 //!   the mesh: to one of its ready endpoints, chosen at random, each way as
 //!   above (HBONE to a mesh endpoint, whose CONNECT authority is
 //!   `<endpoint IP>:<target port>`); an endpoint that cannot be reached is
-//!   replaced by another before the client sees a failure. A Service with
-//!   no ready endpoint: the client's connection is reset at once. A Service
-//!   with no endpoint in the mesh is passed through to its virtual address
-//!   unchanged (the node's service proxy takes it from there);
+//!   replaced by another (up to three tries) before the client sees a
+//!   failure. Endpoints at an address several pods claim are left out. A
+//!   Service with no ready endpoint: the client's connection is reset at
+//!   once. A Service with no endpoint in the mesh is passed through to its
+//!   virtual address unchanged (the node's service proxy takes it from
+//!   there);
 //! - anywhere else: passthrough, plain TCP to the original destination.
 //!
 //! Either way the agent's socket is made in the pod's namespace, so traffic
@@ -86,6 +88,9 @@ pub enum OutboundError {
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
 }
+
+/// How many of a Service's endpoints one connection tries.
+const MAX_ENDPOINT_TRIES: usize = 3;
 
 /// Makes closing `client` send a reset: its connect() appeared to succeed
 /// (the agent accepted it), so a reset is how it learns at once that there
@@ -321,25 +326,45 @@ impl PodProxy {
         }
         // Where each endpoint is, as of now: a mesh workload (HBONE, unless
         // it takes plaintext only) or not.
-        let endpoints: Vec<(SocketAddrV4, Option<std::sync::Arc<Workload>>)> = {
+        // Where each endpoint is, as of now: a mesh workload (HBONE, unless
+        // it takes plaintext only), outside the mesh, or an address several
+        // pods claim (left out: neither identity can be expected, and
+        // plaintext could reach a mesh pod).
+        let (endpoints, contested) = {
             let state = self.state.borrow();
-            service
+            let contested = service
                 .endpoints
                 .iter()
+                .filter(|e| state.workloads().is_conflicted(*e.ip()))
+                .count();
+            let endpoints: Vec<(SocketAddrV4, Option<std::sync::Arc<Workload>>)> = service
+                .endpoints
+                .iter()
+                .filter(|e| !state.workloads().is_conflicted(*e.ip()))
                 .map(|&endpoint| {
                     let mesh = state.workload_by_ip(*endpoint.ip()).filter(|w| {
                         state.policies().mtls_mode(w, endpoint.port()) != MtlsMode::Disable
                     });
                     (endpoint, mesh.cloned())
                 })
-                .collect()
+                .collect();
+            (endpoints, contested)
         };
-        if endpoints.iter().all(|(_, mesh)| mesh.is_none()) {
+        if endpoints.is_empty() {
+            reset(&client);
+            return Err(OutboundError::Conflicted(*service.endpoints[0].ip()));
+        }
+        // The node's service proxy may pick any endpoint, a contested one
+        // too: only with none contested is the virtual address left to it.
+        if contested == 0 && endpoints.iter().all(|(_, mesh)| mesh.is_none()) {
             info!(%workload, %src, dst = %vip, service = name, dst_workload = "-", path = "passthrough", "captured outbound connection");
             return self.passthrough(client, vip).await;
         }
         let mut order = endpoints;
         order.shuffle(&mut rand::rng());
+        // A few tries, not one per endpoint: each may take a connect timeout,
+        // and the client is waiting.
+        order.truncate(MAX_ENDPOINT_TRIES);
         let tried = order.len();
         let mut last = None;
         for (endpoint, mesh) in order {

@@ -41,7 +41,7 @@ impl Enroller for Recorder {
         self.calls.push(format!("withdraw {pod}"));
     }
 
-    fn still_there(&self, pod: &String) -> bool {
+    async fn still_there(&mut self, pod: &mut String) -> bool {
         !self.moved.contains(pod)
     }
 

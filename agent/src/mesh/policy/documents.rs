@@ -153,7 +153,12 @@ fn fallback(value: &serde_yaml::Value) -> Option<Document> {
         "PeerAuthentication" => Some(Document::PeerAuthentication(PeerAuthentication {
             name,
             namespace,
-            created: None,
+            // Where the refused policy stood among several at its scope,
+            // its stand-in stands: a newer, valid policy must not win.
+            created: metadata
+                .get("creationTimestamp")
+                .and_then(|t| t.as_str())
+                .map(str::to_owned),
             selector,
             mode: Some(MtlsMode::Strict),
             ports: BTreeMap::new(),

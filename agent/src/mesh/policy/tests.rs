@@ -605,6 +605,39 @@ fn invalid_documents_are_refused_one_by_one() {
 }
 
 #[test]
+fn a_refused_peer_authentication_keeps_its_place_among_newer_ones() {
+    let dated = |name: &str, created: &str, spec: &str| {
+        format!(
+            "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: \
+             {{name: {name}, namespace: shop, creationTimestamp: \"{created}\"}}\nspec:\n{spec}\n"
+        )
+    };
+    let many: Vec<String> = (1..=65)
+        .map(|p| format!("\"{p}\": {{mode: PERMISSIVE}}"))
+        .collect();
+    // The older policy is refused (too many ports); a newer valid one at the
+    // same scope must not take its place.
+    let loaded = load(
+        &(dated(
+            "web-ports",
+            "2026-01-01T00:00:00Z",
+            &format!(
+                "  selector: {{matchLabels: {{app: web}}}}\n  mtls: {{mode: PERMISSIVE}}\n  \
+                 portLevelMtls: {{{}}}",
+                many.join(", ")
+            ),
+        ) + &dated(
+            "web-loose",
+            "2026-02-01T00:00:00Z",
+            "  selector: {matchLabels: {app: web}}\n  mtls: {mode: PERMISSIVE}",
+        )),
+    );
+    assert_eq!(loaded.errors.len(), 1);
+    let web = workload("shop", "app=web");
+    assert_eq!(loaded.policies.mtls_mode(&web, 8080), MtlsMode::Strict);
+}
+
+#[test]
 fn a_refused_policy_fails_closed_over_its_workloads() {
     let web = workload("shop", "app=web");
     let db = workload("shop", "app=db");
