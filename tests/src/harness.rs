@@ -393,6 +393,13 @@ impl Agent {
     /// Writes `config` next to the log in `dir`, starts the agent in the
     /// node's namespace and waits until it is ready.
     pub fn start(node: &Node, config: &str, dir: &Path) -> Result<Self> {
+        let mut agent = Self::spawn(node, config, dir)?;
+        agent.wait_for(PATIENCE, |l| l.message() == "warren agent ready")?;
+        Ok(agent)
+    }
+
+    /// Like [`start`](Self::start), without waiting for it to be ready.
+    pub fn spawn(node: &Node, config: &str, dir: &Path) -> Result<Self> {
         fs::create_dir_all(dir)?;
         let config_path = dir.join(format!("{}.yaml", node.name));
         fs::write(&config_path, config)?;
@@ -407,13 +414,11 @@ impl Agent {
             &args,
             dir.join(format!("{}.log", node.name)),
         )?;
-        let mut agent = Self {
+        Ok(Self {
             daemon,
             config: config_path,
             node: node.name.clone(),
-        };
-        agent.wait_for(PATIENCE, |l| l.message() == "warren agent ready")?;
-        Ok(agent)
+        })
     }
 
     pub fn config_path(&self) -> &Path {

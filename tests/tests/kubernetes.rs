@@ -40,9 +40,15 @@ impl Cluster {
 
     /// `istio_crds`: whether Istio's security CRDs are installed.
     fn start(nodes: usize, istio_crds: bool) -> Self {
+        Self::start_with(nodes, istio_crds, RBAC, true)
+    }
+
+    /// With the agents' RBAC `rbac`; `ready`: whether to wait for the agents
+    /// to be ready.
+    fn start_with(nodes: usize, istio_crds: bool, rbac: &str, ready: bool) -> Self {
         let lab = test_lab(nodes, 0);
         let cp = ControlPlane::start(&lab).expect("control plane");
-        cp.apply(RBAC).expect("agent RBAC");
+        cp.apply(rbac).expect("agent RBAC");
         if istio_crds {
             cp.apply(ISTIO_CRDS).expect("Istio CRDs");
         }
@@ -56,8 +62,12 @@ impl Cluster {
             .nodes()
             .iter()
             .map(|node| {
-                Agent::start(node, &kube_agent_config(node, &kubeconfig), &dir)
-                    .expect("agent starts")
+                let config = kube_agent_config(node, &kubeconfig);
+                if ready {
+                    Agent::start(node, &config, &dir).expect("agent starts")
+                } else {
+                    Agent::spawn(node, &config, &dir).expect("agent starts")
+                }
             })
             .collect();
         Self {
@@ -381,6 +391,38 @@ fn without_istios_crds_there_are_no_policies_and_pods_are_enrolled_all_the_same(
     Call::default().run(&other, addr(&web, PORT)).unwrap();
     assert_eq!(server.next_served().unwrap().peer.ip(), other.ip);
     assert_eq!(cluster.agents[0].captures().pop().unwrap().path, "hbone");
+}
+
+#[test]
+fn an_agent_refused_the_policies_by_rbac_enrolls_nothing_until_it_may_read_them() {
+    // The deployed RBAC but for Istio's kinds.
+    let without_policies = RBAC.replace(
+        "resources: [peerauthentications, authorizationpolicies]",
+        "resources: [authorizationpolicies]",
+    );
+    assert_ne!(without_policies, RBAC, "the RBAC file changed shape");
+    let mut cluster = Cluster::start_with(1, true, &without_policies, false);
+    cluster.namespace("shop", true, &["web"]);
+    cluster.pod(&PodSpec::new("shop", "web", 0, "web"));
+    let refused = cluster.agents[0]
+        .wait_for(PATIENCE, |l| {
+            l.message()
+                .starts_with("the agent's service account may not list or watch this kind")
+        })
+        .unwrap();
+    assert_eq!(refused.field("kind"), "PeerAuthentication");
+    // Policies unknown: nothing enrolled (not even as PERMISSIVE).
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(count(&cluster.agents[0], enrolled("shop/web")), 0);
+    assert_eq!(
+        count(&cluster.agents[0], |l| l.message() == "warren agent ready"),
+        0
+    );
+    // Granted: the watch's retry lists them, and the pod is enrolled.
+    cluster.apply(RBAC);
+    cluster.agents[0]
+        .wait_for(Duration::from_secs(60), enrolled("shop/web"))
+        .unwrap();
 }
 
 /// Servers on `ports` in `pod`, one per port.
