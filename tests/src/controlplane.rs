@@ -19,7 +19,6 @@ use std::fs::{self, File, OpenOptions};
 use std::future::Future;
 use std::io::Read as _;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdTcpListener};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -538,26 +537,12 @@ impl Process {
             .append(true)
             .open(&log)
             .with_context(|| format!("opening {}", log.display()))?;
-        let procs_path = cgroup.join("cgroup.procs");
-        let procs = OpenOptions::new()
-            .write(true)
-            .open(&procs_path)
-            .with_context(|| format!("opening {}", procs_path.display()))?;
-        let mut cmd = Command::new(program);
+        let mut cmd = crate::lab::placed_command(program, None, cgroup)?;
         cmd.args(args)
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(output.try_clone()?)
             .stderr(output);
-        // SAFETY: runs in the forked child before exec, where only async-signal-safe work
-        // is allowed: one write(2) on a descriptor opened above, no allocation. "0" moves
-        // the writing process itself (cgroup v2).
-        unsafe {
-            cmd.pre_exec(move || {
-                nix::unistd::write(&procs, b"0")?;
-                Ok(())
-            });
-        }
         let child = cmd
             .spawn()
             .with_context(|| format!("starting {}", program.display()))?;

@@ -470,7 +470,7 @@ impl Node {
     }
 
     pub fn try_command(&self, program: impl AsRef<OsStr>) -> Result<Command> {
-        placed_command(program, &self.netns_path(), &self.cgroup)
+        placed_command(program, Some(&self.netns_path()), &self.cgroup)
     }
 
     /// Where this node's kubelet would keep its pods' cgroups: `{lab cgroup}/{name}-kubelet`.
@@ -782,7 +782,7 @@ impl Pod {
     }
 
     pub fn try_command(&self, program: impl AsRef<OsStr>) -> Result<Command> {
-        placed_command(program, &self.netns_path(), &self.cgroup)
+        placed_command(program, Some(&self.netns_path()), &self.cgroup)
     }
 }
 
@@ -812,9 +812,18 @@ pub fn build_labpod() -> Result<PathBuf> {
         .context("cargo built no labpod executable")
 }
 
-fn placed_command(program: impl AsRef<OsStr>, netns: &Path, cgroup: &Path) -> Result<Command> {
-    let netns_file =
-        File::open(netns).with_context(|| format!("opening netns {}", netns.display()))?;
+/// A command that starts in `cgroup` and, if given, the network namespace
+/// `netns` (else the caller's).
+pub(crate) fn placed_command(
+    program: impl AsRef<OsStr>,
+    netns: Option<&Path>,
+    cgroup: &Path,
+) -> Result<Command> {
+    let netns_file = netns
+        .map(|netns| {
+            File::open(netns).with_context(|| format!("opening netns {}", netns.display()))
+        })
+        .transpose()?;
     let procs_path = cgroup.join("cgroup.procs");
     let procs = OpenOptions::new()
         .write(true)
@@ -822,12 +831,14 @@ fn placed_command(program: impl AsRef<OsStr>, netns: &Path, cgroup: &Path) -> Re
         .with_context(|| format!("opening {}", procs_path.display()))?;
     let mut cmd = Command::new(program);
     // SAFETY: the hook runs in the forked child before exec, where only async-signal-safe
-    // work is allowed. It makes two syscalls on descriptors opened above and allocates
-    // nothing (nix errors convert to raw-errno io::Errors). Writing "0" to cgroup.procs moves
-    // the writing process itself (cgroup v2).
+    // work is allowed. It makes at most two syscalls on descriptors opened above and
+    // allocates nothing (nix errors convert to raw-errno io::Errors). Writing "0" to
+    // cgroup.procs moves the writing process itself (cgroup v2).
     unsafe {
         cmd.pre_exec(move || {
-            setns(&netns_file, CloneFlags::CLONE_NEWNET)?;
+            if let Some(netns_file) = &netns_file {
+                setns(netns_file, CloneFlags::CLONE_NEWNET)?;
+            }
             nix::unistd::write(&procs, b"0")?;
             Ok(())
         });
