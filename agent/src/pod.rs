@@ -33,7 +33,7 @@ use crate::{
     reconcile::Enroller,
     redirect::{Attachment, InboundModes, RedirectError, Redirector},
     renewal,
-    sandbox::{self, HostRoots, NsId, SandboxError},
+    sandbox::{self, HostRoots, NsId, Sandbox, SandboxError},
     tls::{CertificateSource, WorkloadCertificate},
 };
 
@@ -79,10 +79,6 @@ pub struct PodRuntime {
 }
 
 impl PodRuntime {
-    pub fn workload(&self) -> &Workload {
-        &self.workload
-    }
-
     pub fn netns_cookie(&self) -> u64 {
         self.proxy.netns.cookie()
     }
@@ -180,17 +176,17 @@ impl Enroller for NodePods {
         let Some(LocalPod::Kubelet { uid }) = &pod.workload.local else {
             return true;
         };
-        let (host, uid, ip, id) = (self.host.clone(), uid.clone(), pod.workload.ip, *id);
-        match tokio::task::spawn_blocking(move || sandbox::locate(&host, &uid, ip)).await {
-            Ok(Ok(found)) if found.netns_id == id => {
+        let id = *id;
+        match self.locate_kubelet_pod(uid, pod.workload.ip).await {
+            Ok(found) if found.netns_id == id => {
                 pod.sandbox = Some((found.netns, found.netns_id));
                 true
             }
             // Another namespace holds the pod's address: a new sandbox.
-            Ok(Ok(_)) => false,
+            Ok(_) => false,
             // None holds it now: the pod is going away, or its sandbox is
             // being remade (the next check finds the new one).
-            Ok(Err(_)) | Err(_) => true,
+            Err(_) => true,
         }
     }
 
@@ -238,19 +234,7 @@ impl NodePods {
                 sandbox: None,
             }),
             Some(LocalPod::Kubelet { uid }) => {
-                let (host, ip) = (self.host.clone(), workload.ip);
-                let (uid, task_uid) = (uid.clone(), uid.clone());
-                // Reads /proc and cgroupfs, and enters namespaces: not for
-                // the runtime's threads.
-                let found =
-                    tokio::task::spawn_blocking(move || sandbox::locate(&host, &task_uid, ip))
-                        .await
-                        .unwrap_or_else(|e| {
-                            Err(SandboxError::NotYet {
-                                uid,
-                                problem: format!("looking for it failed: {e}"),
-                            })
-                        })?;
+                let found = self.locate_kubelet_pod(uid, workload.ip).await?;
                 Ok(Located {
                     sandbox: Some((found.netns.clone(), found.netns_id)),
                     netns: found.netns,
@@ -259,6 +243,21 @@ impl NodePods {
             }
             None => unreachable!("only this node's workloads are enrolled"),
         }
+    }
+
+    /// Finds the kubelet pod `uid` whose address is `ip` on this node.
+    async fn locate_kubelet_pod(&self, uid: &str, ip: Ipv4Addr) -> Result<Sandbox, SandboxError> {
+        let (host, task_uid) = (self.host.clone(), uid.to_owned());
+        // Reads /proc and cgroupfs, and enters namespaces: not for the
+        // runtime's threads.
+        tokio::task::spawn_blocking(move || sandbox::locate(&host, &task_uid, ip))
+            .await
+            .unwrap_or_else(|e| {
+                Err(SandboxError::NotYet {
+                    uid: uid.to_owned(),
+                    problem: format!("looking for it failed: {e}"),
+                })
+            })
     }
 
     /// Captures the pod and serves it; with no `certificate` (the CA did not

@@ -30,7 +30,6 @@ use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
 use crate::{config::KubernetesSettings, identity::TrustDomain, mesh::Store};
-pub use build::Built;
 use watch::{Shared, Tables};
 
 /// How long the builder lets changes pile up before publishing them: a

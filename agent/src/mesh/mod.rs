@@ -12,6 +12,6 @@ mod store;
 mod workload;
 
 pub use policy::Policies;
-pub use service::{Endpoint, ServicePort, Services};
+pub use service::{ServicePort, Services};
 pub use store::{Snapshot, Store};
 pub use workload::{Labels, LocalPod, Workload, Workloads};

@@ -17,9 +17,6 @@ pub struct ServicePort {
     pub endpoints: Vec<SocketAddrV4>,
 }
 
-/// A ready endpoint of a service port.
-pub type Endpoint = SocketAddrV4;
-
 /// Every service port of the mesh, by virtual address and port.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Services {

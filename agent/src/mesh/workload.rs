@@ -116,8 +116,4 @@ impl Workloads {
     pub fn is_empty(&self) -> bool {
         self.by_ip.is_empty()
     }
-
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<Workload>> {
-        self.by_ip.values()
-    }
 }

@@ -89,6 +89,15 @@ pub enum OutboundError {
     Io(#[from] io::Error),
 }
 
+/// Relays a plain TCP connection both ways until both ends are done.
+async fn relay_plain(
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+) -> Result<Relayed, OutboundError> {
+    let (sent, received) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
+    Ok(Relayed { sent, received })
+}
+
 /// How many of a Service's endpoints one connection tries.
 const MAX_ENDPOINT_TRIES: usize = 3;
 
@@ -222,10 +231,10 @@ impl PodProxy {
 
     async fn passthrough(
         &self,
-        mut client: TcpStream,
+        client: TcpStream,
         dst: SocketAddrV4,
     ) -> Result<Relayed, OutboundError> {
-        let mut upstream =
+        let upstream =
             self.netns
                 .connect(dst.into())
                 .await
@@ -233,8 +242,7 @@ impl PodProxy {
                     dst: dst.into(),
                     source,
                 })?;
-        let (sent, received) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
-        Ok(Relayed { sent, received })
+        relay_plain(client, upstream).await
     }
 
     async fn tunnel(
@@ -325,23 +333,18 @@ impl PodProxy {
             });
         }
         // Where each endpoint is, as of now: a mesh workload (HBONE, unless
-        // it takes plaintext only) or not.
-        // Where each endpoint is, as of now: a mesh workload (HBONE, unless
         // it takes plaintext only), outside the mesh, or an address several
         // pods claim (left out: neither identity can be expected, and
         // plaintext could reach a mesh pod).
         let (endpoints, contested) = {
             let state = self.state.borrow();
-            let contested = service
+            let (contested, clear): (Vec<SocketAddrV4>, Vec<SocketAddrV4>) = service
                 .endpoints
                 .iter()
-                .filter(|e| state.workloads().is_conflicted(*e.ip()))
-                .count();
-            let endpoints: Vec<(SocketAddrV4, Option<std::sync::Arc<Workload>>)> = service
-                .endpoints
-                .iter()
-                .filter(|e| !state.workloads().is_conflicted(*e.ip()))
-                .map(|&endpoint| {
+                .partition(|e| state.workloads().is_conflicted(*e.ip()));
+            let endpoints: Vec<(SocketAddrV4, Option<Arc<Workload>>)> = clear
+                .into_iter()
+                .map(|endpoint| {
                     let mesh = state.workload_by_ip(*endpoint.ip()).filter(|w| {
                         state.policies().mtls_mode(w, endpoint.port()) != MtlsMode::Disable
                     });
@@ -350,13 +353,13 @@ impl PodProxy {
                 .collect();
             (endpoints, contested)
         };
-        if endpoints.is_empty() {
+        if let ([], [first, ..]) = (endpoints.as_slice(), contested.as_slice()) {
             reset(&client);
-            return Err(OutboundError::Conflicted(*service.endpoints[0].ip()));
+            return Err(OutboundError::Conflicted(*first.ip()));
         }
         // The node's service proxy may pick any endpoint, a contested one
         // too: only with none contested is the virtual address left to it.
-        if contested == 0 && endpoints.iter().all(|(_, mesh)| mesh.is_none()) {
+        if contested.is_empty() && endpoints.iter().all(|(_, mesh)| mesh.is_none()) {
             info!(%workload, %src, dst = %vip, service = name, dst_workload = "-", path = "passthrough", "captured outbound connection");
             return self.passthrough(client, vip).await;
         }
@@ -394,12 +397,7 @@ impl PodProxy {
             };
             match opened {
                 Ok(Upstream::Tunnel(stream)) => return stream.relay(client).await,
-                Ok(Upstream::Plain(mut upstream)) => {
-                    let mut client = client;
-                    let (sent, received) =
-                        tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
-                    return Ok(Relayed { sent, received });
-                }
+                Ok(Upstream::Plain(upstream)) => return relay_plain(client, upstream).await,
                 // A policy refusal is an answer, not an unreachable endpoint:
                 // another endpoint of the same service would say the same.
                 // And without a certificate of its own, this pod reaches no
