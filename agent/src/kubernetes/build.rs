@@ -1,7 +1,7 @@
 //! From the facts of the watched objects to the mesh model.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     net::{Ipv4Addr, SocketAddrV4},
 };
 
@@ -23,12 +23,15 @@ pub struct Built {
     pub workloads: Workloads,
     pub services: Services,
     pub policies: Policies,
+    /// Pods ignored for claiming a Service's virtual address.
+    pub vip_claims: BTreeSet<(String, Ipv4Addr)>,
 }
 
 /// Publishes the mesh whenever the watches change it, once every kind has
 /// been listed; never returns.
 pub async fn publish_loop(shared: &Shared, context: &Context, store: &Store) {
     let mut first = true;
+    let mut vip_claims = BTreeSet::new();
     loop {
         shared.changed.notified().await;
         tokio::time::sleep(SETTLE).await;
@@ -39,6 +42,10 @@ pub async fn publish_loop(shared: &Shared, context: &Context, store: &Store) {
             }
             build(&tables, context)
         };
+        for (pod, ip) in built.vip_claims.difference(&vip_claims) {
+            warn!(%pod, %ip, "pod claims a Service's virtual address; ignored");
+        }
+        vip_claims = built.vip_claims;
         let current = store.current();
         for ip in built.workloads.conflicts() {
             if !current.workloads().is_conflicted(*ip) {
@@ -87,7 +94,7 @@ pub async fn publish_loop(shared: &Shared, context: &Context, store: &Store) {
 /// The mesh as the tables describe it.
 pub fn build(tables: &Tables, context: &Context) -> Built {
     let services = services(tables);
-    let workloads = workloads(tables, context, &services);
+    let (workloads, vip_claims) = workloads(tables, context, &services);
     let policies = Policies::from_documents(
         &context.root_namespace,
         tables
@@ -102,6 +109,7 @@ pub fn build(tables: &Tables, context: &Context) -> Built {
         workloads,
         services,
         policies,
+        vip_claims,
     }
 }
 
@@ -122,7 +130,14 @@ pub fn in_mesh(pod: &PodFacts, namespace_labels: Option<&crate::mesh::Labels>) -
     }
 }
 
-fn workloads(tables: &Tables, context: &Context, services: &Services) -> Workloads {
+/// The workloads, and the pods ignored for claiming a Service's virtual
+/// address.
+fn workloads(
+    tables: &Tables,
+    context: &Context,
+    services: &Services,
+) -> (Workloads, BTreeSet<(String, Ipv4Addr)>) {
+    let mut vip_claims = BTreeSet::new();
     // Every pod with an address claims it, in the mesh or not: a pod outside
     // the mesh that holds an address must not be taken for the mesh pod that
     // held it before.
@@ -136,8 +151,8 @@ fn workloads(tables: &Tables, context: &Context, services: &Services) -> Workloa
         }
         if services.is_vip(ip) {
             // A pod claiming a Service's virtual address would take its
-            // clients; kubelets never write one.
-            warn!(pod = %format!("{}/{}", pod.namespace, pod.name), %ip, "pod claims a Service's virtual address; ignored");
+            // clients; kubelets never write one. Reported when published.
+            vip_claims.insert((format!("{}/{}", pod.namespace, pod.name), ip));
             continue;
         }
         let workload = in_mesh(pod, tables.namespaces.objects.get(&pod.namespace))
@@ -154,7 +169,10 @@ fn workloads(tables: &Tables, context: &Context, services: &Services) -> Workloa
             Believed::Nobody => conflicted.push(ip),
         }
     }
-    Workloads::new(workloads).with_conflicts(conflicted)
+    (
+        Workloads::new(workloads).with_conflicts(conflicted),
+        vip_claims,
+    )
 }
 
 /// The workload a mesh pod is, if its identity is valid.
@@ -207,10 +225,12 @@ enum Believed {
 ///
 /// - a pod of this node is believed first (live before terminating, then
 ///   the newest): enrolling it checks that its sandbox holds the address;
-/// - otherwise a single live pod is believed, and with none live the
-///   newest terminating one;
-/// - several live pods elsewhere: nobody. Connections to the address are
-///   refused rather than sent to either identity, or in clear.
+/// - otherwise, among pods of one other node, a single live pod is
+///   believed, and with none live the newest terminating one;
+/// - several live pods elsewhere, or pods of several other nodes (an
+///   address is reused within its node's range; a node claiming another's
+///   is not believed): nobody. Connections to the address are refused
+///   rather than sent to either identity, or in clear.
 ///
 /// The same on every node but for its own pods, whatever the order claims
 /// come in.
@@ -225,6 +245,10 @@ fn believed(mut claims: Vec<(&PodFacts, Option<Workload>)>, this_node: &str) -> 
         .position(|(p, _)| local(p) && !p.terminating)
         .or_else(|| claims.iter().position(|(p, _)| local(p)))
         .or_else(|| {
+            let node = claims[0].0.node.as_deref();
+            if claims.iter().any(|(p, _)| p.node.as_deref() != node) {
+                return None;
+            }
             let live: Vec<usize> = (0..claims.len())
                 .filter(|&i| !claims[i].0.terminating)
                 .collect();

@@ -335,8 +335,13 @@ fn claims_on_one_address_are_settled_the_same_whatever_their_order() {
     let here = claim("a", "here", "node-1", true, feb, true);
     let there = claim("evil", "there", "node-2", true, jan, false);
     assert_eq!(holder("node-1", &[here.clone(), there.clone()]), "a/here");
-    // Elsewhere: the live one.
-    assert_eq!(holder("node-3", &[here, there]), "evil/there");
+    // Elsewhere: claims from two nodes, neither believed.
+    assert_eq!(holder("node-3", &[here, there]), "conflict");
+    // A lingering mesh pod of one node against a live pod outside the mesh
+    // on another (a compromised node's claim): nobody, not plaintext.
+    let victim = claim("a", "victim", "node-2", true, feb, true);
+    let claimant = claim("evil", "claimant", "node-4", false, jan, false);
+    assert_eq!(holder("node-3", &[victim, claimant]), "conflict");
     // A live pod outside the mesh holds it, not a lingering mesh pod.
     let outside = claim("b", "outside", "node-2", false, feb, false);
     let lingering = claim("a", "lingering", "node-2", true, jan, true);
