@@ -16,12 +16,13 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::{
-    identity::{NodeId, SpiffeId, TrustDomain},
-    mesh::{Labels, LocalPod, Workload, policy::DEFAULT_ROOT_NAMESPACE},
+use warren_pki::{
+    identity::{DEFAULT_TRUST_DOMAIN, IdentityError, NodeId, SpiffeId, TrustDomain},
+    transport::NODE_ROOTS,
 };
 
-pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+use crate::mesh::{Labels, LocalPod, Workload, policy::DEFAULT_ROOT_NAMESPACE};
+
 pub const DEFAULT_DEV_CA_DIR: &str = "/var/lib/warren/dev-ca";
 pub const DEFAULT_BPF_PIN_DIR: &str = "/sys/fs/bpf/warren";
 pub const DEFAULT_CERTIFICATE_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -96,7 +97,7 @@ pub enum Issuer {
     /// A self-signed root kept in `dir`, created on first use. Every agent of
     /// a mesh must share it, or they will not trust each other. Labs only.
     DevCa { dir: PathBuf },
-    /// A CA service speaking Istio's certificate API (`warren ca serve`),
+    /// A CA service speaking Istio's certificate API (`warren-ca serve`),
     /// reached as this node.
     Ca(CaSettings),
 }
@@ -106,14 +107,14 @@ pub struct CaSettings {
     /// `host:port` of the CA service.
     pub address: String,
     /// Directory of the node's credential (`node.pem`, `node-key.pem`, and
-    /// `ca-roots.pem`), as `warren ca node-credential` writes it. Read at
+    /// `ca-roots.pem`), as `warren-ca node-credential` writes it. Read at
     /// each connection to the CA, so a renewed credential needs no restart.
     pub node_credential: PathBuf,
 }
 
 impl Config {
     /// This agent's node identity, as its node credential must name it.
-    pub fn node_id(&self) -> Result<NodeId, crate::identity::IdentityError> {
+    pub fn node_id(&self) -> Result<NodeId, IdentityError> {
         NodeId::new(self.trust_domain.clone(), &self.node)
     }
 
@@ -122,9 +123,7 @@ impl Config {
     pub fn trust_bundle_path(&self) -> Option<PathBuf> {
         match (&self.trust_bundle, &self.issuer) {
             (Some(path), _) => Some(path.clone()),
-            (None, Issuer::Ca(ca)) => {
-                Some(ca.node_credential.join(crate::ca::transport::NODE_ROOTS))
-            }
+            (None, Issuer::Ca(ca)) => Some(ca.node_credential.join(NODE_ROOTS)),
             (None, Issuer::DevCa { .. }) => None,
         }
     }
@@ -391,7 +390,7 @@ impl RawWorkload {
         let identity = SpiffeId::new(trust_domain.clone(), &self.namespace, &self.service_account)
             .map_err(|e| {
                 let field = match e {
-                    crate::identity::IdentityError::Namespace(..) => "namespace",
+                    IdentityError::Namespace(..) => "namespace",
                     _ => "serviceAccount",
                 };
                 (at(field), e.to_string())

@@ -22,22 +22,26 @@ use tokio::{
 };
 use tracing::{error, info, warn};
 
+use warren_pki::{
+    ca::CaError,
+    client::{CaClient, ClientError},
+    logging::Chain,
+    tls::{TlsError, TrustBundle},
+    transport::{self, NodeCredential, TransportError},
+    watch::{WatchError, watch_files},
+};
+
 use crate::{
-    ca::{
-        client::{CaClient, ClientError, CsrSource},
-        transport::{self, NodeCredential, TransportError},
-    },
+    ca::CsrSource,
     config::{CaSettings, Config, ConfigError, Issuer},
     hbone::pool::{self, Pool},
     kubernetes::{self, KubernetesError},
-    logging::Chain,
     mesh::{Policies, Snapshot, Store, Workloads},
     pod::NodePods,
     reconcile::Reconciler,
     redirect::{RedirectError, Redirector},
     sandbox::HostRoots,
-    tls::{CertificateSource, DevCa, TlsError, TrustBundle},
-    watch::{WatchError, watch_files},
+    tls::{CertificateSource, DevCa},
 };
 
 /// How often kubelet pods' sandboxes are checked for having been recreated.
@@ -54,6 +58,8 @@ pub enum DaemonError {
     Redirect(#[from] RedirectError),
     #[error("certificates: {0}")]
     Tls(#[from] TlsError),
+    #[error("development CA: {0}")]
+    DevCa(#[from] CaError),
     #[error("{}: {source}", dir.display())]
     NodeCredential {
         dir: PathBuf,
@@ -111,7 +117,10 @@ impl Daemon {
                     "USING THE DEVELOPMENT CA: workload certificates are issued by a self-signed \
                      root kept on this machine. Fine for a lab, not for production"
                 );
-                Some(DevCa::load_or_create(dir)?.with_validity(config.certificate_ttl))
+                Some(
+                    DevCa::load_or_create(dir, &config.trust_domain)?
+                        .with_validity(config.certificate_ttl),
+                )
             }
             Issuer::Ca(_) => None,
         };
@@ -529,7 +538,7 @@ fn ca_source(config: &Config, ca: &CaSettings, store: &Store) -> Result<CsrSourc
         warn!(
             dir = %dir.display(),
             expires_in_h = left.as_secs() / 3600,
-            "the node credential expires soon; renew it with `warren ca node-credential --replace`"
+            "the node credential expires soon; renew it with `warren-ca node-credential --replace`"
         );
     }
     info!(ca = %ca.address, node = %node, "workload certificates come from the CA service");

@@ -1,14 +1,12 @@
 //! warren's node agent. See ARCHITECTURE.md for the data path and how these
-//! modules fit together.
+//! modules fit together. Identities, certificates and the CA's API are
+//! `warren-pki`'s, shared with the CA (`warren-ca`).
 
 pub mod ca;
 pub mod config;
 pub mod daemon;
-pub mod files;
 pub mod hbone;
-pub mod identity;
 pub mod kubernetes;
-pub mod logging;
 pub mod mesh;
 pub mod netns;
 pub mod node_route;
@@ -19,4 +17,3 @@ pub mod redirect;
 pub mod renewal;
 pub mod sandbox;
 pub mod tls;
-pub mod watch;

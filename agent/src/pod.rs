@@ -19,9 +19,10 @@ use std::{
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::{error, info, warn};
 
+use warren_pki::{logging::Chain, tls::WorkloadCertificate};
+
 use crate::{
     hbone::pool::Pool,
-    logging::Chain,
     mesh::{LocalPod, Policies, Snapshot, Workload, policy::MtlsMode},
     netns::{NetNs, NetnsError},
     node_route::{self, RouteError},
@@ -34,7 +35,7 @@ use crate::{
     redirect::{Attachment, InboundModes, RedirectError, Redirector},
     renewal,
     sandbox::{self, HostRoots, NsId, Sandbox, SandboxError},
-    tls::{CertificateSource, WorkloadCertificate},
+    tls::CertificateSource,
 };
 
 /// How long enrollment waits for a pod's first certificate before going on

@@ -11,12 +11,13 @@ use std::{
 
 use tracing::{error, info, warn};
 
-use crate::{
+use warren_pki::{
     identity::SpiffeId,
     logging::Chain,
-    proxy::inbound::PodInbound,
-    tls::{CertificateSource, TlsError, WorkloadCertificate},
+    tls::{TlsError, WorkloadCertificate},
 };
+
+use crate::{proxy::inbound::PodInbound, tls::CertificateSource};
 
 /// First retry after a failure; doubled after each further one.
 const RETRY_MIN: Duration = Duration::from_secs(1);

@@ -45,8 +45,8 @@ pub fn binary(name: &str) -> Result<PathBuf> {
     let path = dir.join(name);
     if !path.exists() {
         bail!(
-            "{} not found: build it first (`cargo build -p warren-agent -p warren-tests`; \
-             `cargo xtask test` does)",
+            "{} not found: build it first (`cargo build -p warren-agent -p warren-ca -p \
+             warren-tests`; `cargo xtask test` does)",
             path.display()
         );
     }
@@ -248,7 +248,8 @@ fn config_yaml(
     yaml
 }
 
-/// A `warren` process (agent or CA) on a lab node, logging JSON to a file.
+/// A `warren` agent or `warren-ca` process on a lab node, logging JSON to a
+/// file.
 pub struct Daemon {
     child: Option<Child>,
     log: PathBuf,
@@ -257,11 +258,18 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts `warren <args>` in `node`'s namespace, logging to `log`.
-    fn start(node: &Node, name: String, args: &[&OsStr], log: PathBuf) -> Result<Self> {
+    /// Starts `<program> <args>` (`warren` or `warren-ca`) in `node`'s
+    /// namespace, logging to `log`.
+    fn start(
+        node: &Node,
+        program: &str,
+        name: String,
+        args: &[&OsStr],
+        log: PathBuf,
+    ) -> Result<Self> {
         let log_file = fs::File::create(&log)?;
         let child = node
-            .try_command(binary("warren")?)?
+            .try_command(binary(program)?)?
             .args(args)
             .args([
                 "--log-format",
@@ -410,6 +418,7 @@ impl Agent {
         ];
         let daemon = Daemon::start(
             node,
+            "warren",
             format!("agent on {}", node.name),
             &args,
             dir.join(format!("{}.log", node.name)),
@@ -476,7 +485,7 @@ impl std::ops::DerefMut for Agent {
     }
 }
 
-/// A lab CA's signing files, as `warren ca init` makes them: a root and an
+/// A lab CA's signing files, as `warren-ca init` makes them: a root and an
 /// intermediate that signs.
 #[derive(Debug, Clone)]
 pub struct LabCa {
@@ -484,15 +493,15 @@ pub struct LabCa {
 }
 
 impl LabCa {
-    /// Runs `warren ca init --dir dir`.
+    /// Runs `warren-ca init --dir dir`.
     pub fn init(dir: &Path) -> Result<Self> {
-        let output = Command::new(binary("warren")?)
-            .args(["ca", "init", "--dir"])
+        let output = Command::new(binary("warren-ca")?)
+            .args(["init", "--dir"])
             .arg(dir)
             .output()?;
         if !output.status.success() {
             bail!(
-                "warren ca init failed: {}",
+                "warren-ca init failed: {}",
                 String::from_utf8_lossy(&output.stderr)
             );
         }
@@ -517,7 +526,7 @@ impl LabCa {
         ]
     }
 
-    /// Runs `warren ca node-credential` for `node` into `out`; `replace` to
+    /// Runs `warren-ca node-credential` for `node` into `out`; `replace` to
     /// renew one there.
     pub fn node_credential(
         &self,
@@ -526,15 +535,15 @@ impl LabCa {
         out: &Path,
         replace: bool,
     ) -> Result<()> {
-        let output = Command::new(binary("warren")?)
-            .args(["ca", "node-credential", "--node", &node.name, "--out"])
+        let output = Command::new(binary("warren-ca")?)
+            .args(["node-credential", "--node", &node.name, "--out"])
             .arg(out)
             .args(self.signing_args(roots))
             .args(replace.then_some("--replace"))
             .output()?;
         if !output.status.success() {
             bail!(
-                "warren ca node-credential failed: {}",
+                "warren-ca node-credential failed: {}",
                 String::from_utf8_lossy(&output.stderr)
             );
         }
@@ -542,7 +551,7 @@ impl LabCa {
     }
 }
 
-/// `warren ca serve` on a lab node, listening on the node's address.
+/// `warren-ca serve` on a lab node, listening on the node's address.
 pub struct CaService {
     daemon: Daemon,
     pub addr: SocketAddrV4,
@@ -562,16 +571,12 @@ impl CaService {
         log: PathBuf,
     ) -> Result<Self> {
         let addr = SocketAddrV4::new(node.ip, CA_PORT);
-        let mut args: Vec<std::ffi::OsString> = vec![
-            "ca".into(),
-            "serve".into(),
-            "--listen".into(),
-            addr.to_string().into(),
-        ];
+        let mut args: Vec<std::ffi::OsString> =
+            vec!["serve".into(), "--listen".into(), addr.to_string().into()];
         args.extend(ca.signing_args(roots));
         args.extend(["--workloads".into(), workloads.into()]);
         let args: Vec<&OsStr> = args.iter().map(|a| a.as_os_str()).collect();
-        let mut daemon = Daemon::start(node, "CA".into(), &args, log)?;
+        let mut daemon = Daemon::start(node, "warren-ca", "CA".into(), &args, log)?;
         daemon.wait_for(PATIENCE, |l| {
             l.message() == "warren CA serving istio.v1.auth.IstioCertificateService"
         })?;

@@ -1,4 +1,4 @@
-//! Workload certificates from the CA service, end to end: real `warren ca
+//! Workload certificates from the CA service, end to end: real `warren-ca
 //! serve` and agent processes on lab nodes, real eBPF capture and HBONE.
 //!
 //! Node 1 runs the CA (as a control-plane process would) and the client pod

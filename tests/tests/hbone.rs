@@ -19,9 +19,12 @@ use rustls::{
 };
 use warren_agent::{
     hbone::{self, client::Connection},
-    identity::{SpiffeId, TrustDomain},
     netns::NetNs,
-    tls::{self, DevCa, WorkloadCertificate, testing},
+    tls::{self, DevCa, testing},
+};
+use warren_pki::{
+    identity::{SpiffeId, TrustDomain},
+    tls::WorkloadCertificate,
 };
 use warren_tests::{
     Lab, Pod,
@@ -83,7 +86,8 @@ impl Mesh {
 
     /// The development CA the agents share (created by the first of them).
     fn ca(&self) -> DevCa {
-        DevCa::load_or_create(&dev_ca_dir(self.lab.node(0))).expect("the lab's dev CA")
+        DevCa::load_or_create(&dev_ca_dir(self.lab.node(0)), &testing::trust_domain())
+            .expect("the lab's dev CA")
     }
 }
 

@@ -54,8 +54,8 @@ pub fn run() -> Result<()> {
         dir.join("ca.log"),
     )?;
     println!(
-        "\nThe mesh CA (`warren ca serve`) runs on node-1 at {}. It signs with an intermediate \
-         of a root made for this lab by `warren ca init` (in production: an intermediate of your \
+        "\nThe mesh CA (`warren-ca serve`) runs on node-1 at {}. It signs with an intermediate \
+         of a root made for this lab by `warren-ca init` (in production: an intermediate of your \
          organisation's root).",
         ca.addr
     );

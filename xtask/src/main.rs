@@ -4,10 +4,12 @@
 //! - `test`: setup, unit tests, then the end-to-end suites (root).
 //! - `demo`: a two-node lab with real eBPF capture, narrated, then torn down.
 //! - `lab up|down|status|exec`: a lab that stays up for poking at by hand.
+//! - `image`: OCI images of the agent and the CA under target/images/, each run once to check it.
 
 mod bench;
 mod bench_discovery;
 mod demo;
+mod image;
 mod lab;
 mod setup;
 
@@ -50,6 +52,9 @@ enum Task {
     Bench,
     /// Measure what the agent's Kubernetes discovery costs at scale, 10k pods (needs root).
     BenchDiscovery(bench_discovery::Args),
+    /// Build OCI images of the agent and the CA as archives under target/images/, and run
+    /// each with podman to check it (needs root).
+    Image(image::Args),
 }
 
 fn main() -> Result<()> {
@@ -60,6 +65,7 @@ fn main() -> Result<()> {
         Task::Lab { action } => lab::run(action),
         Task::Bench => bench::run(),
         Task::BenchDiscovery(args) => bench_discovery::run(&args),
+        Task::Image(args) => image::run(&args),
     }
 }
 
@@ -73,6 +79,10 @@ fn test(args: &[String]) -> Result<()> {
         "test",
         "-p",
         "warren-agent",
+        "-p",
+        "warren-ca",
+        "-p",
+        "warren-pki",
         "-p",
         "warren-common",
         "-p",
@@ -138,12 +148,15 @@ enum Profile {
     Release,
 }
 
-/// Builds the `warren` and `labpod` binaries; returns the directory holding them.
+/// Builds the `warren`, `warren-ca` and `labpod` binaries; returns the
+/// directory holding them.
 fn build(profile: Profile) -> Result<PathBuf> {
     let mut args = vec![
         "build",
         "-p",
         "warren-agent",
+        "-p",
+        "warren-ca",
         "-p",
         "warren-tests",
         "--bins",

@@ -15,6 +15,9 @@ mod kubernetes;
 /// llvm-22-dev and libpolly-22-dev are only needed to build bpf-linker against Debian's
 /// LLVM 22; golang-go, rsync and the reflect2 sources to build the tests' Kubernetes
 /// control plane (`kubernetes`), which runs etcd (etcd-server, etcd-client for etcdctl).
+/// `cargo xtask image`: umoci assembles the images, skopeo writes (and pushes) them,
+/// binutils strips the binaries, podman with runc runs them (crun, podman's default,
+/// refuses these machines' hybrid cgroup layout).
 const PACKAGES: &[&str] = &[
     "iproute2",
     "tcpdump",
@@ -26,6 +29,11 @@ const PACKAGES: &[&str] = &[
     "golang-github-modern-go-reflect2-dev",
     "etcd-server",
     "etcd-client",
+    "umoci",
+    "skopeo",
+    "binutils",
+    "podman",
+    "runc",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

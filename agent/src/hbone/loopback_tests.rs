@@ -29,8 +29,8 @@ struct Ends {
     _ca: testing::TempCa,
     client: Arc<rustls::ClientConfig>,
     hbone: SocketAddr,
-    client_id: crate::identity::SpiffeId,
-    server_id: crate::identity::SpiffeId,
+    client_id: warren_pki::identity::SpiffeId,
+    server_id: warren_pki::identity::SpiffeId,
 }
 
 /// An HBONE server on loopback that delivers every accepted stream to `app`.

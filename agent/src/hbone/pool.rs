@@ -21,7 +21,7 @@ use std::{
 };
 
 use super::client::{Connection, Keepalive};
-use crate::identity::SpiffeId;
+use warren_pki::identity::SpiffeId;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {

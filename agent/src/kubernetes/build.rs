@@ -12,10 +12,9 @@ use super::{
     facts::{PodFacts, SliceFacts},
     watch::{Shared, Tables},
 };
-use crate::{
-    identity::SpiffeId,
-    mesh::{LocalPod, Policies, ServicePort, Services, Store, Workload, Workloads},
-};
+use warren_pki::identity::SpiffeId;
+
+use crate::mesh::{LocalPod, Policies, ServicePort, Services, Store, Workload, Workloads};
 
 /// The parts of the mesh the API server feeds.
 #[derive(Debug, PartialEq, Eq)]

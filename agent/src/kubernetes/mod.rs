@@ -29,7 +29,9 @@ use kube::{
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
-use crate::{config::KubernetesSettings, identity::TrustDomain, mesh::Store};
+use warren_pki::identity::TrustDomain;
+
+use crate::{config::KubernetesSettings, mesh::Store};
 use watch::{Shared, Tables};
 
 /// How long the builder lets changes pile up before publishing them: a

@@ -13,7 +13,9 @@ use super::{
     facts,
     watch::{Table, Tables},
 };
-use crate::{identity::TrustDomain, mesh::LocalPod};
+use warren_pki::identity::TrustDomain;
+
+use crate::mesh::LocalPod;
 
 fn context() -> Context {
     Context {

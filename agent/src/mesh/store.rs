@@ -6,8 +6,9 @@ use std::{net::Ipv4Addr, net::SocketAddrV4, sync::Arc};
 
 use tokio::sync::watch;
 
+use warren_pki::tls::TrustBundle;
+
 use super::{Policies, ServicePort, Services, Workload, Workloads};
-use crate::tls::TrustBundle;
 
 /// What the agent knows of the mesh at one moment. Cheap to clone: every
 /// part is shared, and a source replaces only the parts it feeds.
@@ -127,7 +128,9 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
-    use crate::{identity::SpiffeId, identity::TrustDomain, tls::testing::TempCa};
+    use warren_pki::identity::{SpiffeId, TrustDomain};
+
+    use crate::tls::testing::TempCa;
 
     fn workload(ip: [u8; 4]) -> Workload {
         Workload {

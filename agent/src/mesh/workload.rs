@@ -7,7 +7,7 @@ use std::{
     sync::Arc,
 };
 
-use crate::identity::SpiffeId;
+use warren_pki::identity::SpiffeId;
 
 /// Pod labels, as policy selectors match them.
 pub type Labels = BTreeMap<String, String>;

@@ -25,12 +25,16 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
 use super::{PodProxy, transparent};
-use crate::{
-    hbone::{self, Refusal, copy::relay, server},
+use warren_pki::{
     identity::SpiffeId,
     logging::Chain,
+    tls::{TlsError, TrustBundle, WorkloadCertificate, handshake_error},
+};
+
+use crate::{
+    hbone::{self, Refusal, copy::relay, server},
     mesh::policy::MtlsMode,
-    tls::{self, TlsError, TrustBundle, WorkloadCertificate},
+    tls,
 };
 use warren_common::INBOUND_PLAINTEXT_PORT;
 
@@ -295,7 +299,7 @@ impl PodInbound {
         let tls = match timeout(hbone::CONNECT_TIMEOUT, acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(error)) => {
-                let error = tls::handshake_error(&error);
+                let error = handshake_error(&error);
                 warn!(%workload, %peer, %error, "HBONE connection refused: TLS handshake failed");
                 return;
             }

@@ -18,16 +18,19 @@ use std::{
 use tokio::sync::watch;
 use tracing::info;
 
+use warren_pki::{
+    identity::SpiffeId,
+    tls::{TrustBundle, WorkloadCertificate},
+};
+
 use crate::{
     hbone::pool::Pool,
-    identity::SpiffeId,
     mesh::{
         Policies, Snapshot, Workload,
         policy::{Connection, Decision},
     },
     netns::NetNs,
     redirect::OriginalDsts,
-    tls::{TrustBundle, WorkloadCertificate},
 };
 
 /// Everything the proxies of one enrolled pod need.

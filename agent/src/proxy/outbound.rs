@@ -39,6 +39,10 @@ use tokio::{
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info, warn};
 use warren_common::OUTBOUND_PORT;
+use warren_pki::{
+    logging::Chain,
+    tls::{TlsError, handshake_error},
+};
 
 use super::PodProxy;
 use crate::{
@@ -48,9 +52,8 @@ use crate::{
         copy::{Relayed, relay},
         pool::{Checkout, PoolKey},
     },
-    logging::Chain,
     mesh::{ServicePort, Workload, policy::MtlsMode},
-    tls::{self, TlsError},
+    tls,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -451,7 +454,7 @@ impl PodProxy {
             .await
             .map_err(|e| OutboundError::Handshake {
                 dst: key.dst_addr,
-                reason: tls::handshake_error(&e),
+                reason: handshake_error(&e),
             })?;
         // No stream rides it once either end's certificate has expired.
         let valid_until = tls::peer_not_after(tls.get_ref().1)

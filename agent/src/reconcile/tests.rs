@@ -4,10 +4,9 @@ use std::{
 };
 
 use super::*;
-use crate::{
-    identity::{SpiffeId, TrustDomain},
-    mesh::LocalPod,
-};
+use warren_pki::identity::{SpiffeId, TrustDomain};
+
+use crate::mesh::LocalPod;
 
 /// Records what it is asked to do; pods named in `broken` fail to enroll.
 #[derive(Default)]

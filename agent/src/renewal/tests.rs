@@ -12,7 +12,10 @@ use std::{
 };
 
 use super::*;
-use crate::tls::{DevCa, testing::TempCa};
+use crate::tls::{
+    DevCa,
+    testing::{TempCa, trust_domain},
+};
 
 const LIFETIME: Duration = Duration::from_secs(4);
 
@@ -27,7 +30,7 @@ struct Ca {
 impl Ca {
     fn new(up: bool) -> Arc<Self> {
         let dir = TempCa::new();
-        let ca = DevCa::load_or_create(dir.dir())
+        let ca = DevCa::load_or_create(dir.dir(), &trust_domain())
             .unwrap()
             .with_validity(LIFETIME);
         Arc::new(Self {

@@ -7,13 +7,15 @@ use rustls::{
     version::TLS13,
 };
 
-use super::{
-    TlsError, TrustBundle, WorkloadCertificate,
-    provider::provider,
-    spiffe_id_of,
-    verify::{CheckedClient, CheckedServer, InTrustDomain, OneOf},
+use warren_pki::{
+    identity::SpiffeId,
+    tls::{
+        TlsError, TrustBundle, WorkloadCertificate,
+        provider::provider,
+        spiffe_id_of, validity_of,
+        verify::{CheckedClient, CheckedServer, InTrustDomain, OneOf},
+    },
 };
-use crate::identity::SpiffeId;
 
 const ALPN_H2: &[u8] = b"h2";
 
@@ -74,7 +76,5 @@ pub fn peer_identity(conn: &CommonState) -> Option<SpiffeId> {
 /// streams after that.
 pub fn peer_not_after(conn: &CommonState) -> Option<SystemTime> {
     let leaf = conn.peer_certificates()?.first()?;
-    super::certs::validity_of(leaf)
-        .ok()
-        .map(|(_, not_after)| not_after)
+    validity_of(leaf).ok().map(|(_, not_after)| not_after)
 }

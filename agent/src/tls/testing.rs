@@ -1,6 +1,7 @@
-//! Helpers for tests, in this crate and in others: a development CA in a
-//! temporary directory, and certificates that peers must refuse. They panic
-//! on failure, as test code may; production code has no use for them.
+//! Helpers for tests, in this crate and in others (the `testing` feature): a
+//! development CA in a temporary directory, and certificates that peers must
+//! refuse. They panic on failure, as test code may; production code has no
+//! use for them.
 
 use std::{
     ops::Deref,
@@ -8,11 +9,15 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use rustls::pki_types::PrivateKeyDer;
+use rcgen::{SanType, string::Ia5String};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tempfile::TempDir;
+use warren_pki::{
+    identity::{DEFAULT_TRUST_DOMAIN, SpiffeId, TrustDomain},
+    tls::WorkloadCertificate,
+};
 
-use super::{DevCa, WorkloadCertificate};
-use crate::identity::SpiffeId;
+use super::DevCa;
 
 /// A [`DevCa`] whose directory is removed when this is dropped.
 pub struct TempCa {
@@ -21,11 +26,12 @@ pub struct TempCa {
 }
 
 impl TempCa {
-    /// A new CA with a root of its own, so two `TempCa`s do not trust each
-    /// other's certificates.
+    /// A new CA (of trust domain `cluster.local`) with a root of its own, so
+    /// two `TempCa`s do not trust each other's certificates.
     pub fn new() -> Self {
         let dir = tempfile::tempdir().expect("cannot create a temporary directory");
-        let ca = DevCa::load_or_create(dir.path()).expect("cannot create a development CA");
+        let ca = DevCa::load_or_create(dir.path(), &trust_domain())
+            .expect("cannot create a development CA");
         Self { ca, dir }
     }
 
@@ -49,6 +55,11 @@ impl Deref for TempCa {
     }
 }
 
+/// The trust domain of tests: `cluster.local`.
+pub fn trust_domain() -> TrustDomain {
+    TrustDomain::new(DEFAULT_TRUST_DOMAIN).expect("the default trust domain is valid")
+}
+
 /// Parses a SPIFFE ID written in a test.
 pub fn spiffe_id(id: &str) -> SpiffeId {
     id.parse()
@@ -60,8 +71,26 @@ pub fn spiffe_id(id: &str) -> SpiffeId {
 pub fn expired(ca: &DevCa, id: &SpiffeId) -> WorkloadCertificate {
     let hour = Duration::from_secs(3600);
     let now = SystemTime::now();
-    ca.issue_with(id, now - 2 * hour, now - hour)
-        .expect("cannot issue an expired certificate")
+    let uri = SanType::URI(Ia5String::try_from(id.to_string()).expect("an ASCII URI"));
+    let (leaf, key) = signed_leaf(ca, vec![uri], now - 2 * hour, now - hour);
+    WorkloadCertificate::new(vec![leaf], key).expect("cannot use an expired certificate")
+}
+
+/// A leaf of `ca` with any SANs (none, several, not SPIFFE IDs), valid
+/// exactly from `not_before` to `not_after`, and its key.
+pub fn signed_leaf(
+    ca: &DevCa,
+    subject_alt_names: Vec<SanType>,
+    not_before: SystemTime,
+    not_after: SystemTime,
+) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
+    let credential = ca
+        .authority()
+        .issue_unchecked(subject_alt_names, not_before, not_after)
+        .expect("cannot sign a test certificate");
+    let key = credential.key();
+    let leaf = credential.chain.into_iter().next().expect("a leaf first");
+    (leaf, key)
 }
 
 /// The certificate's chain and key as PEM, e.g. to hand to another process.

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use rcgen::{SanType, string::Ia5String};
+use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256, SanType, string::Ia5String};
 use rustls::{
     CipherSuite, ClientConfig, CommonState, ProtocolVersion, ServerConfig,
     pki_types::{CertificateDer, PrivateKeyDer, ServerName},
@@ -21,11 +21,16 @@ use tokio::{
 };
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
+use warren_pki::{
+    ca::{Authority, Policy, init},
+    identity::SpiffeId,
+    tls::{TlsError, TrustBundle, WorkloadCertificate, provider::provider, spiffe_id_of, verify},
+};
+
 use super::{
-    testing::{TempCa, expired, spiffe_id, to_pem},
+    testing::{TempCa, expired, signed_leaf, spiffe_id, to_pem, trust_domain},
     *,
 };
-use crate::identity::SpiffeId;
 
 fn sleep() -> SpiffeId {
     spiffe_id("spiffe://cluster.local/ns/default/sa/sleep")
@@ -111,7 +116,7 @@ fn raw_client(
     expected: SpiffeId,
     cert: Option<(CertificateDer<'static>, PrivateKeyDer<'static>)>,
 ) -> Arc<ClientConfig> {
-    let provider = super::provider::provider();
+    let provider = provider();
     let verifier = verify::CheckedServer::new(
         trust.store(),
         provider.signature_verification_algorithms,
@@ -205,7 +210,7 @@ async fn client_without_spiffe_id_is_refused() {
     let server = server_config(&ca.issue(&httpbin()).unwrap(), &trust).unwrap();
     let dns_only = SanType::DnsName(Ia5String::try_from("sleep.default").unwrap());
     let (from, to) = day();
-    let cert = ca.sign_leaf(vec![dns_only], from, to).unwrap();
+    let cert = signed_leaf(&ca, vec![dns_only], from, to);
     let client = raw_client(&trust, httpbin(), Some(cert));
     assert_refused(
         exchange(server, client).await,
@@ -327,7 +332,7 @@ fn merging_a_bundle_with_itself_changes_nothing() {
 #[test]
 fn dev_ca_reloads_its_root() {
     let ca = TempCa::new();
-    let again = DevCa::load_or_create(ca.dir()).unwrap();
+    let again = DevCa::load_or_create(ca.dir(), &trust_domain()).unwrap();
     assert_eq!(again.root(), ca.root());
     // The reloaded key signs certificates the first root vouches for.
     let cert = again.issue(&sleep()).unwrap();
@@ -345,7 +350,7 @@ fn agents_starting_together_share_one_root() {
             let (dir, start) = (dir.path().to_owned(), Arc::clone(&start));
             thread::spawn(move || {
                 start.wait();
-                DevCa::load_or_create(&dir).unwrap().root()
+                DevCa::load_or_create(&dir, &trust_domain()).unwrap().root()
             })
         })
         .collect::<Vec<_>>()
@@ -386,7 +391,7 @@ fn issued_certificate_round_trips_through_pem() {
 #[test]
 fn renewal_is_due_half_way_from_receipt_however_far_backdated() {
     let ca = TempCa::new();
-    let ten_seconds = DevCa::load_or_create(ca.dir())
+    let ten_seconds = DevCa::load_or_create(ca.dir(), &trust_domain())
         .unwrap()
         .with_validity(Duration::from_secs(10));
     let cert = ten_seconds.issue(&sleep()).unwrap();
@@ -412,7 +417,7 @@ fn issued_certificates_last_the_validity() {
     );
     assert!(cert.refresh_at() > SystemTime::now());
 
-    let hour = DevCa::load_or_create(ca.dir())
+    let hour = DevCa::load_or_create(ca.dir(), &trust_domain())
         .unwrap()
         .with_validity(Duration::from_secs(3600));
     let short = hour.issue(&sleep()).unwrap();
@@ -486,24 +491,19 @@ fn spiffe_id_must_be_the_one_uri_san() {
     let ca = TempCa::new();
     let (from, to) = day();
     let uri = |s: &str| SanType::URI(Ia5String::try_from(s).unwrap());
-    let (two, _) = ca
-        .sign_leaf(
-            vec![uri(&sleep().to_string()), uri(&httpbin().to_string())],
-            from,
-            to,
-        )
-        .unwrap();
+    let (two, _) = signed_leaf(
+        &ca,
+        vec![uri(&sleep().to_string()), uri(&httpbin().to_string())],
+        from,
+        to,
+    );
     assert!(matches!(
         spiffe_id_of(&two),
         Err(TlsError::SeveralSpiffeIds)
     ));
-    let (none, _) = ca
-        .sign_leaf(vec![uri("https://example.org/")], from, to)
-        .unwrap();
+    let (none, _) = signed_leaf(&ca, vec![uri("https://example.org/")], from, to);
     assert!(matches!(spiffe_id_of(&none), Err(TlsError::NoSpiffeId)));
-    let (bad, _) = ca
-        .sign_leaf(vec![uri("spiffe://cluster.local/x")], from, to)
-        .unwrap();
+    let (bad, _) = signed_leaf(&ca, vec![uri("spiffe://cluster.local/x")], from, to);
     assert!(matches!(spiffe_id_of(&bad), Err(TlsError::BadSpiffeId(_))));
     assert!(spiffe_id_of(&CertificateDer::from(vec![1, 2, 3])).is_err());
 }
@@ -525,4 +525,41 @@ fn debug_output_leaves_the_key_out() {
         "{shown}"
     );
     assert!(!shown.to_lowercase().contains("key"), "{shown}");
+}
+
+/// Certificates the CA service signs (as an intermediate of a lab root, from
+/// workloads' CSRs) carry identities both ends of HBONE accept.
+#[tokio::test]
+async fn ca_signed_certificates_work_for_mutual_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    init::lab(dir.path(), &trust_domain()).unwrap();
+    let authority = Authority::load(
+        &dir.path().join("ca-cert.pem"),
+        &dir.path().join("ca-key.pem"),
+        &dir.path().join("root.pem"),
+        Policy::new(trust_domain()),
+    )
+    .unwrap();
+    let roots = authority.roots();
+    let workload = |id: &SpiffeId| {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(Ia5String::try_from(id.to_string()).unwrap())];
+        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+        let chain = authority.sign(&csr, Duration::ZERO, |_| Ok(())).unwrap();
+        WorkloadCertificate::from_pem(chain.concat().as_bytes(), key.serialize_pem().as_bytes())
+            .unwrap()
+    };
+    let client = workload(&sleep());
+    let server = workload(&httpbin());
+    assert_eq!(client.identity(), &sleep());
+    assert_eq!(client.chain().len(), 2);
+
+    let (server_saw, client_saw) = exchange(
+        server_config(&server, roots).unwrap(),
+        client_config(&client, roots, &[httpbin()]).unwrap(),
+    )
+    .await;
+    assert_eq!(client_saw.unwrap().peer, Some(httpbin()));
+    assert_eq!(server_saw.unwrap().peer, Some(sleep()));
 }

@@ -30,7 +30,7 @@ use std::{
 use ipnet::IpNet;
 
 use super::{Labels, Workload};
-use crate::identity::SpiffeId;
+use warren_pki::identity::SpiffeId;
 
 /// Istio's default root namespace, where mesh-wide policies live.
 pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";

@@ -1,5 +1,6 @@
-//! Structured logs: human-readable text by default, one JSON object per line
-//! with `--log-format json` (what log pipelines, and warren's tests, read).
+//! Structured logs of warren's daemons (the agent, the CA): human-readable
+//! text by default, one JSON object per line with `--log-format json` (what
+//! log pipelines, and warren's tests, read).
 
 use tracing_subscriber::{EnvFilter, fmt};
 
@@ -9,9 +10,8 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber. `filter` takes `RUST_LOG` syntax; records
-/// from the eBPF programs (via aya-log) arrive at debug level under the
-/// `warren_ebpf` target.
+/// Installs the global subscriber, logging to stderr. `filter` takes
+/// `RUST_LOG` syntax.
 pub fn init(format: LogFormat, filter: &str) -> Result<(), String> {
     let filter =
         EnvFilter::try_new(filter).map_err(|e| format!("bad --log-level {filter:?}: {e}"))?;

@@ -1,4 +1,4 @@
-//! `warren ca init`: the files a newcomer needs to run a CA, and what to do
+//! `warren-ca init`: the files a newcomer needs to run a CA, and what to do
 //! with them next. Never overwrites anything: existing keys may already sign
 //! certificates that workloads rely on.
 
@@ -42,7 +42,7 @@ openssl x509 -req -in ca.csr -CA root.pem -CAkey root-key.pem -CAcreateserial \\
 /// The last steps, the same for both paths.
 const AGENTS: &str = "
 Then, for each node, make its credential (same --ca-cert, --ca-key and --roots):
-  warren ca node-credential ... --node <node name> --out /etc/warren/nodes/<node name>
+  warren-ca node-credential ... --node <node name> --out /etc/warren/nodes/<node name>
 copy that directory to the node as /etc/warren/node (keep node-key.pem mode 0600),
 and give the node's agent, instead of devCaDir:
   ca:
@@ -98,12 +98,12 @@ pub fn lab(dir: &Path, trust_domain: &TrustDomain) -> Result<String, CaError> {
          \x20 ca-key.pem    the intermediate's key (mode 0600): the CA's signing key\n\
          \n\
          Next, start the CA (mesh.yaml: the workloads, in the agent's config format):\n\
-         \x20 warren ca serve --ca-cert {ca_cert} --ca-key {ca_key} --roots {root_cert} \\\n\
+         \x20 warren-ca serve --ca-cert {ca_cert} --ca-key {ca_key} --roots {root_cert} \\\n\
          \x20   --workloads mesh.yaml\n\
          {AGENTS}\
          \n\
          This root is for a lab. In production, make only the intermediate's key and a CSR\n\
-         (the CSR mode of `warren ca init`) and have your organisation's PKI sign it.\n",
+         (the CSR mode of `warren-ca init`) and have your organisation's PKI sign it.\n",
         dir = dir.display(),
         root_cert = root_cert_path.display(),
         ca_cert = ca_cert_path.display(),
@@ -116,7 +116,7 @@ pub fn lab(dir: &Path, trust_domain: &TrustDomain) -> Result<String, CaError> {
 /// For an organisation's PKI: the intermediate's key (`ca-key.pem`, mode
 /// 0600), which never leaves `dir`, and a CSR for it (`ca.csr`) for their
 /// root to sign. Returns the next steps, including an OpenSSL command their
-/// PKI administrator can paste, and what to pass to `warren ca serve`.
+/// PKI administrator can paste, and what to pass to `warren-ca serve`.
 pub fn csr(dir: &Path, trust_domain: &TrustDomain) -> Result<String, CaError> {
     let key_path = dir.join(names::CA_KEY);
     let csr_path = dir.join(names::CA_CSR);
@@ -151,7 +151,7 @@ pub fn csr(dir: &Path, trust_domain: &TrustDomain) -> Result<String, CaError> {
          \x20  that workloads must trust as {roots}.\n\
          3. Start the CA. It first checks that the certificate is a CA, matches the key\n\
          \x20  and chains to the roots:\n\
-         \x20  warren ca serve --ca-cert {cert} --ca-key {key} --roots {roots} \\\n\
+         \x20  warren-ca serve --ca-cert {cert} --ca-key {key} --roots {roots} \\\n\
          \x20    --workloads mesh.yaml\n\
          {AGENTS}",
         dir = dir.display(),

@@ -15,24 +15,31 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::oneshot,
 };
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_rustls::TlsConnector;
 use tonic::Code;
-
-use super::{
-    Authority, Policy,
-    client::{CaClient, ClientError, CsrSource},
-    init,
-    service::CaServer,
-    tests::{id, sleep, td},
+use warren_pki::{
+    ca::{Authority, Policy, init},
+    client::{CaClient, ClientError},
+    identity::{NodeId, SpiffeId, TrustDomain},
+    tls::{TrustBundle, WorkloadCertificate},
     transport::{self, NodeCredential},
 };
-use crate::{
-    config::Config,
-    identity::{NodeId, SpiffeId},
-    tls::{self, CertificateSource, TrustBundle, WorkloadCertificate},
-};
+
+use crate::{service::CaServer, workloads::Workloads};
 
 const HOUR: Duration = Duration::from_secs(3600);
+
+fn td() -> TrustDomain {
+    TrustDomain::new("cluster.local").unwrap()
+}
+
+fn id(s: &str) -> SpiffeId {
+    s.parse().unwrap()
+}
+
+fn sleep() -> SpiffeId {
+    id("spiffe://cluster.local/ns/default/sa/sleep")
+}
 
 /// `sleep` runs on node-1 and node-3, `web` on node-2; `httpbin` on node-1.
 const WORKLOADS: &str = "
@@ -49,13 +56,13 @@ fn web() -> SpiffeId {
     id("spiffe://cluster.local/ns/shop/sa/web")
 }
 
-/// A lab CA (root + intermediate, as `warren ca init` makes them) served on
+/// A lab CA (root + intermediate, as `warren-ca init` makes them) served on
 /// a loopback port until dropped.
 struct Served {
     dir: TempDir,
     addr: SocketAddr,
     /// The same CA, loaded again, to issue node credentials as
-    /// `warren ca node-credential` does.
+    /// `warren-ca node-credential` does.
     issuer: Authority,
     roots: TrustBundle,
     _stop: oneshot::Sender<()>,
@@ -82,11 +89,11 @@ impl Served {
         let mut policy = Policy::new(td());
         policy.max_ttl = max_ttl;
         policy.default_ttl = policy.default_ttl.min(max_ttl);
-        let config = Config::parse(Path::new("workloads.yaml"), WORKLOADS).unwrap();
+        let workloads = Workloads::parse(Path::new("workloads.yaml"), WORKLOADS).unwrap();
         let server = CaServer::new(
             load_lab(dir.path(), policy),
-            &config.trust_domain,
-            &config.workloads,
+            &workloads.trust_domain,
+            &workloads.placements,
         )
         .unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -227,7 +234,7 @@ async fn bad_requests_are_invalid_arguments() {
     assert!(refused.message().contains("2 URI SANs"), "{refused:?}");
 
     // A key too weak to sign with (made by OpenSSL: see testdata/README.md).
-    let weak = include_str!("testdata/rsa1024.csr");
+    let weak = include_str!("../../pki/src/ca/testdata/rsa1024.csr");
     let refused = status(client.create_certificate(weak, HOUR).await.unwrap_err());
     assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
     assert!(
@@ -383,37 +390,4 @@ async fn a_credential_from_another_ca_is_refused() {
     .await;
     let error = outcome.expect_err("the client trusted a CA outside its roots");
     assert!(format!("{error:?}").contains("UnknownIssuer"), "{error:?}");
-}
-
-#[tokio::test]
-async fn csr_source_certificates_work_for_hbone() {
-    let ca = Served::start().await;
-    let client = ca.client("node-1").await;
-    let source = CsrSource::new(client, HOUR);
-    let httpbin = id("spiffe://cluster.local/ns/default/sa/httpbin");
-    let client_cert = source.certificate(&sleep()).await.unwrap();
-    let server_cert = source.certificate(&httpbin).await.unwrap();
-    assert_eq!(client_cert.identity(), &sleep());
-    // The root is dropped: peers have it.
-    assert_eq!(client_cert.chain().len(), 2);
-    // A workload of another node is refused through the source too.
-    let refused = source.certificate(&web()).await.unwrap_err();
-    assert!(
-        refused.to_string().contains("not authorized to obtain"),
-        "{refused}"
-    );
-
-    let trust = ca.roots.clone();
-    let server = tls::server_config(&server_cert, &trust).unwrap();
-    let client = tls::client_config(&client_cert, &trust, std::slice::from_ref(&httpbin)).unwrap();
-    let (near, far) = tokio::io::duplex(64 * 1024);
-    let accept = tokio::spawn(async move { TlsAcceptor::from(server).accept(far).await });
-    let name = ServerName::try_from("unused").unwrap();
-    let connected = TlsConnector::from(client)
-        .connect(name, near)
-        .await
-        .unwrap();
-    let accepted = accept.await.unwrap().unwrap();
-    assert_eq!(tls::peer_identity(accepted.get_ref().1), Some(sleep()));
-    assert_eq!(tls::peer_identity(connected.get_ref().1), Some(httpbin));
 }

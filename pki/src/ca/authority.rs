@@ -96,28 +96,38 @@ impl Authority {
 
     /// A self-signed root that signs workload certificates directly, for
     /// labs and tests: made in `dir` on first use (`root.pem`, and
-    /// `root-key.pem` with mode 0600) and loaded from there afterwards.
-    /// [`is_self_signed`](Self::is_self_signed) is then true, so that callers
-    /// can warn.
+    /// `root-key.pem` with mode 0600) and loaded from there afterwards, with
+    /// the checks of [`load`](Self::load). [`is_self_signed`](Self::is_self_signed)
+    /// is then true, so that callers can warn.
+    ///
+    /// Several processes may share `dir` and start together (the agents of a
+    /// lab sharing a development CA), so they may race to make the root. Each
+    /// file is written under a temporary name and published only if no file
+    /// has that name yet; a loser uses the winner's file. The key is
+    /// published first and the certificate made from whichever key won, so
+    /// whoever wins the certificate, certificate and key match; and a run
+    /// that died between the two leaves a key that the next one certifies.
     pub fn self_signed(dir: &Path, policy: Policy) -> Result<Self, CaError> {
         policy.check()?;
         files::create_dir(dir)?;
         let cert = dir.join(names::ROOT_CERT);
         let key = dir.join(names::ROOT_KEY);
-        // The key first: a run that died between the two steps leaves a key
-        // that the next run certifies.
         if !key.exists() {
             let new = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-            files::write_new(&key, new.serialize_pem().as_bytes(), KEY_MODE)?;
+            files::publish(&key, new.serialize_pem().as_bytes(), KEY_MODE)?;
         }
         if !cert.exists() {
             let key_pair = load_key(&key)?;
             let name = format!("warren self-signed CA {}", policy.trust_domain);
             let params = init::root_params(&name, &key_pair, 0, SELF_SIGNED_VALIDITY)?;
             let root = params.self_signed(&key_pair)?;
-            files::write_new(&cert, root.pem().as_bytes(), PUBLIC_MODE)?;
+            files::publish(&cert, root.pem().as_bytes(), PUBLIC_MODE)?;
         }
-        Self::load(&cert, &key, &cert, policy)
+        Self::load(&cert, &key, &cert, policy).map_err(|error| match error {
+            // Replacing it is the fix, which the message says.
+            CaError::Expired { path, not_after } => CaError::SelfSignedExpired { path, not_after },
+            other => other,
+        })
     }
 
     /// Whether the CA signs with a self-signed root rather than as an
@@ -179,19 +189,43 @@ impl Authority {
         &self.chain
     }
 
-    /// A credential for one of warren's own parts (a node, the CA service),
-    /// whose identity `uri` the caller has decided on: a fresh P-256 key made
-    /// here, and its certificate, valid `ttl` (never past the signing
-    /// certificate). No CSR and no policy: this is the CA's operator acting.
+    /// A credential whose identity `uri` the caller has decided on: for one
+    /// of warren's own parts (a node, the CA service), or a workload of the
+    /// agent's development CA. A fresh P-256 key made here, and its
+    /// certificate, as [`sign`](Self::sign) makes them, valid `ttl` (never
+    /// past the signing certificate). No CSR and no policy: this is the CA's
+    /// operator acting.
     pub fn issue_credential(&self, uri: &str, ttl: Duration) -> Result<Credential, CaError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let leaf = self.issue(&key, false, uri, ttl)?;
-        Ok(Credential {
-            chain: iter::once(leaf).chain(self.chain.iter().cloned()).collect(),
-            key,
-        })
+        Ok(self.credential(leaf, key))
     }
 
+    /// Tests only: a credential with any SANs (none, several, not SPIFFE
+    /// IDs), valid exactly from `not_before` to `not_after`, which may lie in
+    /// the past or outside the signing certificate's validity: certificates
+    /// that peers must refuse. Otherwise made as every leaf is.
+    #[cfg(feature = "testing")]
+    pub fn issue_unchecked(
+        &self,
+        subject_alt_names: Vec<SanType>,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<Credential, CaError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let leaf = self.sign_leaf(&key, false, subject_alt_names, not_before, not_after)?;
+        Ok(self.credential(leaf, key))
+    }
+
+    fn credential(&self, leaf: CertificateDer<'static>, key: KeyPair) -> Credential {
+        Credential {
+            chain: iter::once(leaf).chain(self.chain.iter().cloned()).collect(),
+            key,
+        }
+    }
+
+    /// A leaf for `uri` valid `ttl` from now: backdated a few minutes, and
+    /// kept within the signing certificate's validity.
     fn issue(
         &self,
         key: &impl PublicKeyData,
@@ -210,13 +244,25 @@ impl Authority {
         let not_after = now
             .checked_add(ttl)
             .map_or(self.not_after, |end| end.min(self.not_after));
+        let san = SanType::URI(Ia5String::try_from(uri)?);
+        self.sign_leaf(key, rsa, vec![san], not_before, not_after)
+    }
 
+    /// The one place leaves are made: what a leaf is, whoever asked for it.
+    fn sign_leaf(
+        &self,
+        key: &impl PublicKeyData,
+        rsa: bool,
+        subject_alt_names: Vec<SanType>,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<CertificateDer<'static>, CaError> {
         let mut params = CertificateParams::default();
         // Like Istio's workload certificates: an empty subject, the identity
         // only in the URI SAN (which rcgen then marks critical, as RFC 5280
         // asks of a certificate without a subject).
         params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(Ia5String::try_from(uri)?)];
+        params.subject_alt_names = subject_alt_names;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = if rsa {
             vec![

@@ -1,23 +1,26 @@
-//! `warren ca serve` as a real process: made with `warren ca init`, a node
-//! credential from `warren ca node-credential`, and the library's client.
+//! `warren-ca` as a real process: made with `warren-ca init`, a node
+//! credential from `warren-ca node-credential`, and the client the agents
+//! use.
 
 use std::{
     fs,
     net::TcpListener,
+    os::unix::fs::PermissionsExt,
     path::Path,
     process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
-use warren_agent::{
-    ca::{
-        client::{CaClient, CsrSource},
-        transport::{NODE_ROOTS, NodeCredential},
-    },
-    tls::{CertificateSource, TrustBundle},
+use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256, SanType, string::Ia5String};
+use rustls::pki_types::{PrivateKeyDer, pem::PemObject};
+use warren_pki::{
+    client::CaClient,
+    identity::{NodeId, SpiffeId, TrustDomain},
+    tls::{TrustBundle, WorkloadCertificate, certificates_from_pem},
+    transport::{NODE_ROOTS, NodeCredential},
 };
 
-const WARREN: &str = env!("CARGO_BIN_EXE_warren");
+const WARREN_CA: &str = env!("CARGO_BIN_EXE_warren-ca");
 
 const WORKLOADS: &str = "
 node: ca
@@ -26,7 +29,7 @@ workloads:
   - {name: web-1, namespace: shop, serviceAccount: web, ip: 10.244.2.2, node: node-2}
 ";
 
-/// The signing files `warren ca init --dir ca` makes, as the CA commands
+/// The signing files `warren-ca init --dir ca` makes, as the CA commands
 /// take them.
 const SIGNING: [&str; 6] = [
     "--ca-cert",
@@ -37,16 +40,16 @@ const SIGNING: [&str; 6] = [
     "ca/root.pem",
 ];
 
-/// Runs `warren args` in `dir`; fails the test if it fails.
-fn warren(args: &[&str], dir: &Path) {
-    let (ok, text) = warren_output(args, dir);
-    assert!(ok, "warren {args:?}: {text}");
+/// Runs `warren-ca args` in `dir`; fails the test if it fails.
+fn warren_ca(args: &[&str], dir: &Path) {
+    let (ok, text) = warren_ca_output(args, dir);
+    assert!(ok, "warren-ca {args:?}: {text}");
 }
 
-/// Runs `warren args` in `dir`; returns whether it succeeded, and what it
+/// Runs `warren-ca args` in `dir`; returns whether it succeeded, and what it
 /// printed on stdout and stderr.
-fn warren_output(args: &[&str], dir: &Path) -> (bool, String) {
-    let output = Command::new(WARREN)
+fn warren_ca_output(args: &[&str], dir: &Path) -> (bool, String) {
+    let output = Command::new(WARREN_CA)
         .args(args)
         .current_dir(dir)
         .output()
@@ -66,21 +69,22 @@ impl Drop for Running {
     }
 }
 
+/// A CSR for `id` alone, as an agent makes it, and its key.
+fn csr_for(id: &SpiffeId) -> (String, KeyPair) {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![SanType::URI(Ia5String::try_from(id.to_string()).unwrap())];
+    (params.serialize_request(&key).unwrap().pem().unwrap(), key)
+}
+
 #[tokio::test]
 async fn a_ca_process_serves_its_nodes() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    warren(&["ca", "init", "--dir", "ca"], dir);
-    let mut args = vec![
-        "ca",
-        "node-credential",
-        "--node",
-        "node-1",
-        "--out",
-        "node-1",
-    ];
+    warren_ca(&["init", "--dir", "ca"], dir);
+    let mut args = vec!["node-credential", "--node", "node-1", "--out", "node-1"];
     args.extend(SIGNING);
-    warren(&args, dir);
+    warren_ca(&args, dir);
     fs::write(dir.join("workloads.yaml"), WORKLOADS).unwrap();
 
     // A free port: taken and released, then given to the CA.
@@ -92,7 +96,6 @@ async fn a_ca_process_serves_its_nodes() {
     let addr = format!("127.0.0.1:{port}");
     let log = fs::File::create(dir.join("ca.log")).unwrap();
     let mut serve = vec![
-        "ca",
         "serve",
         "--workloads",
         "workloads.yaml",
@@ -103,7 +106,7 @@ async fn a_ca_process_serves_its_nodes() {
     ];
     serve.extend(SIGNING);
     let ca = Running(
-        Command::new(WARREN)
+        Command::new(WARREN_CA)
             .args(&serve)
             .current_dir(dir)
             .env("NO_COLOR", "1")
@@ -125,21 +128,29 @@ async fn a_ca_process_serves_its_nodes() {
             Err(e) => panic!("the CA did not come up: {e}"),
         }
     };
-    let source = CsrSource::new(client, Duration::from_secs(48 * 3600));
 
-    let sleep = "spiffe://cluster.local/ns/default/sa/sleep"
+    let sleep: SpiffeId = "spiffe://cluster.local/ns/default/sa/sleep"
         .parse()
         .unwrap();
-    let cert = source.certificate(&sleep).await.unwrap();
-    assert_eq!(cert.identity(), &sleep);
-    let left = cert
-        .not_after()
-        .duration_since(std::time::SystemTime::now())
+    let (csr, key) = csr_for(&sleep);
+    let chain = client
+        .create_certificate(&csr, Duration::from_secs(48 * 3600))
+        .await
         .unwrap();
+    let chain = certificates_from_pem(chain.concat().as_bytes(), "chain").unwrap();
+    let key = PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap();
+    let cert = WorkloadCertificate::from_issued(chain, key).unwrap();
+    assert_eq!(cert.identity(), &sleep);
+    let left = cert.not_after().duration_since(SystemTime::now()).unwrap();
     assert!(left <= Duration::from_secs(3600), "not capped: {left:?}");
 
     let web = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
-    let refused = source.certificate(&web).await.unwrap_err().to_string();
+    let (csr, _) = csr_for(&web);
+    let refused = client
+        .create_certificate(&csr, Duration::from_secs(3600))
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(refused.contains("node-2"), "{refused}");
     drop(ca);
 
@@ -154,61 +165,41 @@ async fn a_ca_process_serves_its_nodes() {
 }
 
 #[test]
-fn node_credentials_are_checked_before_the_agent_relies_on_them() {
+fn node_credentials_are_never_overwritten_by_mistake() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    warren(&["ca", "init", "--dir", "ca"], dir);
+    warren_ca(&["init", "--dir", "ca"], dir);
     let credential = |node: &str, extra: &[&str]| {
-        let mut args = vec!["ca", "node-credential", "--node", node, "--out", "node"];
+        let mut args = vec!["node-credential", "--node", node, "--out", "node"];
         args.extend(SIGNING);
         args.extend(extra);
-        warren_output(&args, dir)
+        warren_ca_output(&args, dir)
     };
-    let config = |node: &str| {
-        fs::write(
-            dir.join("agent.yaml"),
-            format!("node: {node}\nca: {{address: \"127.0.0.1:15012\", nodeCredential: node}}\n"),
-        )
-        .unwrap();
-        warren_output(&["check-config", "agent.yaml"], dir)
-    };
+    let node = |name: &str| NodeId::new(TrustDomain::new("cluster.local").unwrap(), name).unwrap();
 
-    assert!(credential("node-1", &[]).0);
-    let (ok, text) = config("node-1");
+    let (ok, text) = credential("node-1", &[]);
     assert!(ok, "{text}");
     assert!(
-        text.contains("with the node credential of spiffe://cluster.local/warren/node/node-1"),
+        text.contains("Wrote the credential of spiffe://cluster.local/warren/node/node-1"),
         "{text}"
     );
-    assert!(
-        text.contains("trusting the 1 root(s) in node/ca-roots.pem"),
-        "{text}"
-    );
-
-    // Another node's credential.
-    let (ok, text) = config("node-2");
-    assert!(!ok);
-    assert!(
-        text.contains("it is for spiffe://cluster.local/warren/node/node-1, but this agent is spiffe://cluster.local/warren/node/node-2"),
-        "{text}"
-    );
-
-    // A key others can read.
     let key = dir.join("node/node-key.pem");
-    fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
-    let (ok, text) = config("node-1");
-    assert!(!ok);
-    assert!(
-        text.contains("readable by group or others (mode 0644)"),
-        "{text}"
+    assert_eq!(
+        fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
     );
+    NodeCredential::load_for(&dir.join("node"), &node("node-1")).unwrap();
 
     // Never overwritten by mistake; renewed on purpose.
     let (ok, text) = credential("node-2", &[]);
     assert!(!ok);
     assert!(text.contains("renew it with --replace"), "{text}");
+    NodeCredential::load_for(&dir.join("node"), &node("node-1")).unwrap();
     let (ok, text) = credential("node-2", &["--replace"]);
     assert!(ok, "{text}");
-    let (ok, text) = config("node-2");
-    assert!(ok, "{text}");
+    NodeCredential::load_for(&dir.join("node"), &node("node-2")).unwrap();
+    assert_eq!(
+        fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
 }

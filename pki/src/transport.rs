@@ -23,16 +23,16 @@ use rustls::{
 };
 use x509_parser::{certificate::X509Certificate, extensions::GeneralName, prelude::FromDer};
 
-use super::Credential;
 use crate::{
+    ca::Credential,
     identity::{NodeId, TrustDomain, ca_service_id},
     tls::{
-        TrustBundle,
+        TrustBundle, validity_of,
         verify::{CheckedClient, CheckedServer, PeerCheck, Refused},
     },
 };
 
-/// File names of a node credential, as `warren ca node-credential` writes them.
+/// File names of a node credential, as `warren-ca node-credential` writes them.
 pub const NODE_CERT: &str = "node.pem";
 pub const NODE_KEY: &str = "node-key.pem";
 pub const NODE_ROOTS: &str = "ca-roots.pem";
@@ -81,10 +81,10 @@ impl NodeCredential {
             .ok_or_else(|| TransportError::Credential("no PEM certificate in the chain".into()))?;
         let node = node_of(leaf).map_err(TransportError::Credential)?;
         let (_, not_after) =
-            crate::tls::validity_of(leaf).map_err(|e| TransportError::Credential(e.to_string()))?;
+            validity_of(leaf).map_err(|e| TransportError::Credential(e.to_string()))?;
         if not_after <= SystemTime::now() {
             return Err(TransportError::Credential(format!(
-                "it expired at {}; make a new one with `warren ca node-credential --replace`",
+                "it expired at {}; make a new one with `warren-ca node-credential --replace`",
                 humantime::format_rfc3339_seconds(not_after)
             )));
         }
@@ -101,7 +101,7 @@ impl NodeCredential {
     pub fn load(dir: &Path) -> Result<Self, TransportError> {
         let path = dir.join(NODE_CERT);
         let chain = fs::read(&path).map_err(|source| TransportError::Read { path, source })?;
-        let key = super::files::read_private_key(&dir.join(NODE_KEY))
+        let key = crate::ca::files::read_private_key(&dir.join(NODE_KEY))
             .map_err(|e| TransportError::Credential(e.to_string()))?;
         Self::new(&chain, key)
     }
@@ -143,7 +143,7 @@ fn provider() -> Arc<CryptoProvider> {
 
 /// The CA service's side: presents `own` and requires a node credential
 /// chained to `roots`, of `trust_domain`.
-pub(super) fn server_config(
+pub fn server_config(
     own: &Credential,
     roots: &TrustBundle,
     trust_domain: TrustDomain,
@@ -198,7 +198,7 @@ fn uri_sans(cert: &CertificateDer<'_>) -> Result<Vec<String>, String> {
 }
 
 /// The node a certificate names: exactly one URI SAN, a node SPIFFE ID.
-pub(super) fn node_of(cert: &CertificateDer<'_>) -> Result<NodeId, String> {
+pub fn node_of(cert: &CertificateDer<'_>) -> Result<NodeId, String> {
     match uri_sans(cert)?.as_slice() {
         [one] => one.parse().map_err(|e| format!("{e}")),
         [] => Err("certificate has no URI SAN; a node credential names its node".into()),
@@ -255,11 +255,11 @@ fn ca_service_verifier(
     )
 }
 
-/// A client that presents `certificate` (chain and key), or none at all,
-/// without the checks `NodeCredential` makes: for tests of the server's
-/// refusals.
-#[cfg(test)]
-pub(super) fn test_client_config(
+/// Tests only: a client that presents `certificate` (chain and key), or
+/// none at all, without the checks `NodeCredential` makes: for tests of the
+/// server's refusals.
+#[cfg(feature = "testing")]
+pub fn test_client_config(
     roots: &TrustBundle,
     trust_domain: &TrustDomain,
     certificate: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,

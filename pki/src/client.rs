@@ -1,32 +1,21 @@
-//! The agent's side of the CA API: a client of Istio's certificate service
-//! (warren's CA or istiod), authenticated as its node, and [`CsrSource`], a
-//! [`CertificateSource`] that gets each workload certificate from it.
-//!
-//! Private keys are made here, one per certificate, and never leave the
-//! process: the CA sees only the CSR.
+//! A client of Istio's certificate service (warren's CA or istiod),
+//! authenticated as its node: what the agent's workload certificates come
+//! through, and what the CA's tests talk to it with.
 
-use std::{future::Future, io, pin::Pin, sync::Arc, time::Duration};
+use std::{future::Future, io, sync::Arc, time::Duration};
 
 use hyper_util::rt::TokioIo;
-use rcgen::{
-    CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA256, SanType,
-    string::Ia5String,
-};
 use rustls::{ClientConfig, pki_types::ServerName};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint};
-use x509_parser::{certificate::X509Certificate, prelude::FromDer};
 
-use super::{
-    pb::{
+use crate::{
+    api::{
         IstioCertificateRequest, istio_certificate_service_client::IstioCertificateServiceClient,
     },
+    tls::TrustBundle,
     transport::{self, NodeCredential, TransportError},
-};
-use crate::{
-    identity::SpiffeId,
-    tls::{CertificateSource, TlsError, TrustBundle, WorkloadCertificate},
 };
 
 /// Connecting (TCP and TLS) and each request take at most this long, so that
@@ -168,65 +157,4 @@ async fn connect_tls(addr: String, tls: Arc<ClientConfig>) -> io::Result<CaStrea
             format!("connecting to the CA at {addr} took longer than {TIMEOUT:?}"),
         )),
     }
-}
-
-/// Workload certificates from a CA: a fresh ECDSA P-256 key per certificate,
-/// a CSR with only the workload's URI SAN, the chain the CA returns.
-#[derive(Debug, Clone)]
-pub struct CsrSource {
-    client: CaClient,
-    ttl: Duration,
-}
-
-impl CsrSource {
-    /// Certificates from `client`'s CA, asked to live `ttl`.
-    pub fn new(client: CaClient, ttl: Duration) -> Self {
-        Self { client, ttl }
-    }
-
-    async fn issue(&self, id: &SpiffeId) -> Result<WorkloadCertificate, TlsError> {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(Ia5String::try_from(id.to_string())?)];
-        let csr = params.serialize_request(&key)?.pem()?;
-        let mut chain = self
-            .client
-            .create_certificate(&csr, self.ttl)
-            .await
-            .map_err(|e| TlsError::CertificateAuthority(e.to_string()))?;
-        // Istio's CAs end the chain with the root; peers have it already.
-        if chain.len() > 1 && chain.last().is_some_and(|pem| is_self_signed(pem)) {
-            chain.pop();
-        }
-        let certificate = WorkloadCertificate::from_pem(
-            chain.concat().as_bytes(),
-            key.serialize_pem().as_bytes(),
-        )?;
-        if certificate.identity() != id {
-            return Err(TlsError::CertificateAuthority(format!(
-                "asked for {id}, got a certificate for {}",
-                certificate.identity()
-            )));
-        }
-        Ok(certificate)
-    }
-}
-
-impl CertificateSource for CsrSource {
-    fn certificate(
-        &self,
-        id: &SpiffeId,
-    ) -> Pin<Box<dyn Future<Output = Result<WorkloadCertificate, TlsError>> + Send + '_>> {
-        let id = id.clone();
-        Box::pin(async move { self.issue(&id).await })
-    }
-}
-
-fn is_self_signed(pem_text: &str) -> bool {
-    let Ok(block) = pem::parse(pem_text) else {
-        return false;
-    };
-    X509Certificate::from_der(block.contents())
-        .is_ok_and(|(_, cert)| cert.issuer().as_raw() == cert.subject().as_raw())
 }

@@ -1,4 +1,4 @@
-//! Certificates and keys as the rest of the agent holds them, parsed and
+//! Certificates and keys as the agent and the CA hold them, parsed and
 //! checked once when they arrive.
 
 use std::{
@@ -37,7 +37,7 @@ impl WorkloadCertificate {
     /// Takes the identity and validity from the leaf, and checks that the key
     /// is the leaf's: a mismatch would otherwise surface only at the first
     /// handshake, far from its cause.
-    pub(super) fn new(
+    pub fn new(
         chain: Vec<CertificateDer<'static>>,
         key: PrivateKeyDer<'static>,
     ) -> Result<Self, TlsError> {
@@ -56,6 +56,20 @@ impl WorkloadCertificate {
             not_after,
             received: SystemTime::now().max(not_before),
         })
+    }
+
+    /// A chain as a CA issued it (leaf first) and its key. Istio's CAs end
+    /// the chain with the root, and a self-signed CA's chain is leaf and
+    /// root: a trailing self-signed certificate is dropped, as peers have the
+    /// roots already and need not be sent them at every handshake.
+    pub fn from_issued(
+        mut chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<Self, TlsError> {
+        if chain.len() > 1 && chain.last().is_some_and(is_self_signed) {
+            chain.pop();
+        }
+        Self::new(chain, key)
     }
 
     /// Reads a PEM chain (leaf first) and its PEM private key.
@@ -103,7 +117,9 @@ impl WorkloadCertificate {
         self.received + self.lifetime() / 2
     }
 
-    pub(super) fn key(&self) -> PrivateKeyDer<'static> {
+    /// The private key, for a TLS configuration that presents this
+    /// certificate.
+    pub fn key(&self) -> PrivateKeyDer<'static> {
         self.key.clone_key()
     }
 }
@@ -196,7 +212,8 @@ impl TrustBundle {
         other.roots.iter().all(|root| self.roots.contains(root))
     }
 
-    pub(crate) fn store(&self) -> Arc<RootCertStore> {
+    /// The roots as rustls verifiers take them.
+    pub fn store(&self) -> Arc<RootCertStore> {
         Arc::clone(&self.store)
     }
 }
@@ -233,7 +250,8 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, TlsError> {
     }
 }
 
-pub(crate) fn validity_of(cert: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime), TlsError> {
+/// When the certificate starts and stops being valid.
+pub fn validity_of(cert: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime), TlsError> {
     let x509 = parse(cert)?;
     let validity = x509.validity();
     let out_of_range = || TlsError::BadCertificate("validity out of range".into());
@@ -249,8 +267,14 @@ fn parse<'a>(cert: &'a CertificateDer<'_>) -> Result<X509Certificate<'a>, TlsErr
         .map_err(|e| TlsError::BadCertificate(e.to_string()))
 }
 
+/// Whether the certificate's issuer is its own subject: a root.
+fn is_self_signed(cert: &CertificateDer<'_>) -> bool {
+    parse(cert).is_ok_and(|x509| x509.issuer().as_raw() == x509.subject().as_raw())
+}
+
 /// Every `CERTIFICATE` block; other blocks (keys, parameters) are skipped.
-pub(super) fn certificates_from_pem(
+/// `what` names the file's role in errors ("trust bundle").
+pub fn certificates_from_pem(
     pem: &[u8],
     what: &'static str,
 ) -> Result<Vec<CertificateDer<'static>>, TlsError> {

@@ -1,7 +1,8 @@
 //! Peer certificate checks. Chains are verified by rustls' webpki code
 //! (signatures, expiry, key usage); a [`PeerCheck`] then says what the leaf
 //! must be, in place of the hostname check that SPIFFE certificates have
-//! nothing for. HBONE uses the checks below; the CA's transport has its own.
+//! nothing for. HBONE uses [`OneOf`] and [`InTrustDomain`]; the CA's
+//! transport has its own checks.
 
 use std::{error::Error, fmt, sync::Arc};
 
@@ -24,28 +25,24 @@ use super::{TlsError, spiffe_id_of};
 use crate::identity::{SpiffeId, TrustDomain};
 
 /// Why a peer's leaf certificate is refused, in words for the logs.
-pub(crate) type Refused = Box<dyn Error + Send + Sync>;
+pub type Refused = Box<dyn Error + Send + Sync>;
 
 /// What a peer's leaf certificate must be, once its chain is verified.
-pub(crate) trait PeerCheck: fmt::Debug + Send + Sync {
+pub trait PeerCheck: fmt::Debug + Send + Sync {
     fn check(&self, leaf: &CertificateDer<'_>) -> Result<(), Refused>;
 }
 
 /// Client side: the server must chain to `roots` (no hostname check), then
 /// pass `check`.
 #[derive(Debug)]
-pub(crate) struct CheckedServer<C> {
+pub struct CheckedServer<C> {
     roots: Arc<RootCertStore>,
     algorithms: WebPkiSupportedAlgorithms,
     check: C,
 }
 
 impl<C> CheckedServer<C> {
-    pub(crate) fn new(
-        roots: Arc<RootCertStore>,
-        algorithms: WebPkiSupportedAlgorithms,
-        check: C,
-    ) -> Self {
+    pub fn new(roots: Arc<RootCertStore>, algorithms: WebPkiSupportedAlgorithms, check: C) -> Self {
         Self {
             roots,
             algorithms,
@@ -101,13 +98,13 @@ impl<C: PeerCheck> ServerCertVerifier for CheckedServer<C> {
 /// Server side: rustls' client verifier (chain, expiry, clientAuth usage),
 /// then `check`. A client certificate is mandatory.
 #[derive(Debug)]
-pub(crate) struct CheckedClient<C> {
+pub struct CheckedClient<C> {
     chain: Arc<dyn ClientCertVerifier>,
     check: C,
 }
 
 impl<C> CheckedClient<C> {
-    pub(crate) fn new(chain: Arc<dyn ClientCertVerifier>, check: C) -> Self {
+    pub fn new(chain: Arc<dyn ClientCertVerifier>, check: C) -> Self {
         Self { chain, check }
     }
 }
@@ -159,7 +156,7 @@ impl<C: PeerCheck> ClientCertVerifier for CheckedClient<C> {
 /// HBONE client: the server is one of the identities expected for the
 /// destination.
 #[derive(Debug)]
-pub(super) struct OneOf(pub(super) Vec<SpiffeId>);
+pub struct OneOf(pub Vec<SpiffeId>);
 
 impl PeerCheck for OneOf {
     fn check(&self, leaf: &CertificateDer<'_>) -> Result<(), Refused> {
@@ -177,7 +174,7 @@ impl PeerCheck for OneOf {
 
 /// HBONE server: the client is a workload of our own trust domain.
 #[derive(Debug)]
-pub(super) struct InTrustDomain(pub(super) TrustDomain);
+pub struct InTrustDomain(pub TrustDomain);
 
 impl PeerCheck for InTrustDomain {
     fn check(&self, leaf: &CertificateDer<'_>) -> Result<(), Refused> {

@@ -1,11 +1,11 @@
-//! `warren ca serve`: the CA as a gRPC service speaking Istio's certificate
+//! `warren-ca serve`: the CA as a gRPC service speaking Istio's certificate
 //! API (`istio.v1.auth.IstioCertificateService/CreateCertificate`), over
 //! mutual TLS where each client is a node.
 //!
 //! Node authorization: a node may obtain the identity of a workload only if
-//! the CA's view of the cluster (the workloads config file) places a workload
-//! with that identity on that node. A compromised node can then mint only the
-//! identities it already runs.
+//! the CA's view of the cluster ([`Placements`], e.g. from the workloads
+//! file) places a workload with that identity on that node. A compromised
+//! node can then mint only the identities it already runs.
 //!
 //! The returned chain ends with the root, as istiod's does: Istio's clients
 //! take the last certificate of `cert_chain` as the root. warren's client
@@ -33,20 +33,17 @@ use tonic::{Request, Response, Status, transport::server::Connected};
 use tracing::{info, warn};
 use x509_parser::{certificate::X509Certificate, prelude::FromDer};
 
-use super::{
-    Authority, CaError,
-    pb::{
+use warren_pki::{
+    api::{
         IstioCertificateRequest, IstioCertificateResponse,
         istio_certificate_service_server::{
             IstioCertificateService, IstioCertificateServiceServer,
         },
     },
-    transport::{self, TransportError},
-};
-use crate::{
+    ca::{Authority, CaError},
     identity::{NodeId, SpiffeId, TrustDomain, ca_service_id},
-    mesh::Workload,
     tls::{handshake_error, validity_of},
+    transport::{self, TransportError},
 };
 
 /// A client that does not finish its handshake in this time is dropped, so
@@ -70,6 +67,14 @@ pub enum ServiceError {
     Server(#[from] tonic::transport::Error),
 }
 
+/// A workload identity placed on a node: that node may obtain it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    pub identity: SpiffeId,
+    /// The node's name, as its node credential names it.
+    pub node: String,
+}
+
 /// The CA service, ready to serve.
 pub struct CaServer {
     tls: Arc<ServerConfig>,
@@ -79,19 +84,19 @@ pub struct CaServer {
 impl CaServer {
     /// Issues the service's own TLS certificate (identity
     /// `spiffe://<td>/warren/ca`, key generated here and kept in memory only;
-    /// valid as long as the signing certificate) and learns from `workloads`
+    /// valid as long as the signing certificate) and learns from `placements`
     /// (of `trust_domain`) which node runs which identities.
     pub fn new(
         authority: Authority,
         trust_domain: &TrustDomain,
-        workloads: &[Workload],
+        placements: &[Placement],
     ) -> Result<Self, ServiceError> {
         let ca_domain = authority.policy().trust_domain.clone();
-        let placements = Placements {
+        let view = Placements {
             trust_domain: ca_domain.clone(),
             current: Arc::new(RwLock::new(Arc::new(HashMap::new()))),
         };
-        placements.update(trust_domain, workloads)?;
+        view.update(trust_domain, placements)?;
 
         let lifetime = authority
             .not_after()
@@ -104,7 +109,7 @@ impl CaServer {
             tls,
             handler: Handler {
                 authority: Arc::new(authority),
-                placements,
+                placements: view,
                 root,
             },
         })
@@ -255,12 +260,12 @@ pub struct Placements {
 type NodesById = HashMap<SpiffeId, BTreeSet<String>>;
 
 impl Placements {
-    /// Replaces the view with `workloads`' (which must be of the CA's trust
+    /// Replaces the view with `placements` (which must be of the CA's trust
     /// domain). Requests under way finish with the view they started with.
     pub fn update(
         &self,
         trust_domain: &TrustDomain,
-        workloads: &[Workload],
+        placements: &[Placement],
     ) -> Result<(), ServiceError> {
         if *trust_domain != self.trust_domain {
             return Err(ServiceError::TrustDomainMismatch {
@@ -268,14 +273,14 @@ impl Placements {
                 ca: self.trust_domain.to_string(),
             });
         }
-        let mut placements = NodesById::new();
-        for workload in workloads {
-            placements
-                .entry(workload.identity.clone())
+        let mut nodes = NodesById::new();
+        for placement in placements {
+            nodes
+                .entry(placement.identity.clone())
                 .or_default()
-                .insert(workload.node.clone());
+                .insert(placement.node.clone());
         }
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(placements);
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(nodes);
         Ok(())
     }
 

@@ -7,9 +7,12 @@
 //! workload identity and the reverse.
 //!
 //! Parsed and validated once, at the edge (config, certificates), so the rest
-//! of the agent handles only well-formed identities.
+//! of the agent and the CA handle only well-formed identities.
 
 use std::{fmt, str::FromStr};
+
+/// The trust domain when a config or command names none, as in Istio.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdentityError {

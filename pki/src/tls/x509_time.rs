@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 use time::OffsetDateTime;
 
 /// A time as certificates hold it; None if it cannot be one.
-pub(crate) fn to_x509(time: SystemTime) -> Option<OffsetDateTime> {
+pub fn to_x509(time: SystemTime) -> Option<OffsetDateTime> {
     let seconds = match time.duration_since(SystemTime::UNIX_EPOCH) {
         Ok(after) => i64::try_from(after.as_secs()).ok(),
         Err(before) => i64::try_from(before.duration().as_secs()).ok().map(|s| -s),
@@ -16,7 +16,7 @@ pub(crate) fn to_x509(time: SystemTime) -> Option<OffsetDateTime> {
 
 /// A certificate's time (seconds from the epoch); None if `SystemTime`
 /// cannot hold it.
-pub(crate) fn from_x509(unix_seconds: i64) -> Option<SystemTime> {
+pub fn from_x509(unix_seconds: i64) -> Option<SystemTime> {
     let offset = Duration::from_secs(unix_seconds.unsigned_abs());
     if unix_seconds >= 0 {
         SystemTime::UNIX_EPOCH.checked_add(offset)

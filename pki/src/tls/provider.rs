@@ -1,4 +1,5 @@
-//! The one crypto provider every TLS configuration of warren uses.
+//! The crypto provider of warren's HBONE connections. (The CA's transport
+//! uses ring's defaults: it is not bound by ztunnel's choice of suites.)
 
 use std::sync::{Arc, LazyLock};
 
@@ -15,6 +16,8 @@ static PROVIDER: LazyLock<Arc<CryptoProvider>> = LazyLock::new(|| {
     Arc::new(provider)
 });
 
-pub(crate) fn provider() -> Arc<CryptoProvider> {
+/// The provider of every HBONE configuration (and of the checks of
+/// workload certificates).
+pub fn provider() -> Arc<CryptoProvider> {
     Arc::clone(&PROVIDER)
 }
