@@ -77,6 +77,9 @@ pub struct Config {
     pub workloads: Vec<Workload>,
     /// Learn the mesh from the API server instead of `workloads`.
     pub kubernetes: Option<KubernetesSettings>,
+    /// Where to serve the health endpoints for the kubelet's probes
+    /// (`host:port`), if anywhere.
+    pub health_listen: Option<String>,
 }
 
 /// How the agent reaches the API server and finds pods on its node.
@@ -106,10 +109,21 @@ pub enum Issuer {
 pub struct CaSettings {
     /// `host:port` of the CA service.
     pub address: String,
-    /// Directory of the node's credential (`node.pem`, `node-key.pem`, and
-    /// `ca-roots.pem`), as `warren-ca node-credential` writes it. Read at
-    /// each connection to the CA, so a renewed credential needs no restart.
-    pub node_credential: PathBuf,
+    /// How the agent proves which node it is.
+    pub credential: CaCredential,
+}
+
+/// How the agent authenticates to the CA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaCredential {
+    /// Hosts without Kubernetes: the directory of the node's credential
+    /// (`node.pem`, `node-key.pem`, and `ca-roots.pem`), as `warren-ca
+    /// node-credential` writes it. Read at each connection to the CA, so a
+    /// renewed credential needs no restart.
+    Node(PathBuf),
+    /// On Kubernetes: the agent Pod's projected service-account token (for
+    /// the CA's audience), read at each request, as the kubelet rotates it.
+    Token(PathBuf),
 }
 
 impl Config {
@@ -119,11 +133,15 @@ impl Config {
     }
 
     /// The file holding the roots to trust, if any: `trustBundle`, or with a
-    /// CA service and no `trustBundle`, the roots of the node credential.
+    /// CA service and no `trustBundle`, the roots of the node credential
+    /// (with a token, `trustBundle` is required).
     pub fn trust_bundle_path(&self) -> Option<PathBuf> {
         match (&self.trust_bundle, &self.issuer) {
             (Some(path), _) => Some(path.clone()),
-            (None, Issuer::Ca(ca)) => Some(ca.node_credential.join(NODE_ROOTS)),
+            (None, Issuer::Ca(ca)) => match &ca.credential {
+                CaCredential::Node(dir) => Some(dir.join(NODE_ROOTS)),
+                CaCredential::Token(_) => None,
+            },
             (None, Issuer::DevCa { .. }) => None,
         }
     }
@@ -193,6 +211,8 @@ struct RawConfig {
     workloads: Vec<RawWorkload>,
     #[serde(default)]
     kubernetes: Option<RawKubernetes>,
+    #[serde(default)]
+    health_listen: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -210,7 +230,10 @@ struct RawKubernetes {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawCa {
     address: String,
-    node_credential: PathBuf,
+    #[serde(default)]
+    node_credential: Option<PathBuf>,
+    #[serde(default)]
+    token: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -279,6 +302,15 @@ impl RawConfig {
         if root_namespace.trim().is_empty() {
             return Err(("rootNamespace".into(), "must not be empty".into()));
         }
+        let health_listen = match self.health_listen {
+            Some(address) if !is_host_port(&address) => {
+                return Err((
+                    "healthListen".into(),
+                    format!("{address:?} is not host:port (e.g. 0.0.0.0:15021)"),
+                ));
+            }
+            other => other,
+        };
         let issuer = match (self.ca, self.dev_ca_dir) {
             (Some(_), Some(_)) => {
                 return Err((
@@ -286,7 +318,18 @@ impl RawConfig {
                     "cannot be used with `ca`: certificates come from one or the other".into(),
                 ));
             }
-            (Some(ca), None) => Issuer::Ca(ca.validate()?),
+            (Some(ca), None) => {
+                let ca = ca.validate()?;
+                if matches!(ca.credential, CaCredential::Token(_)) && self.trust_bundle.is_none() {
+                    return Err((
+                        "trustBundle".into(),
+                        "is required with ca.token: the roots the CA's own certificate chains to \
+                         (on Kubernetes, the warren-trust-bundle ConfigMap, mounted)"
+                            .into(),
+                    ));
+                }
+                Issuer::Ca(ca)
+            }
             (None, dir) => Issuer::DevCa {
                 dir: dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DEV_CA_DIR)),
             },
@@ -348,31 +391,62 @@ impl RawConfig {
             certificate_ttl,
             workloads,
             kubernetes,
+            health_listen,
         })
     }
 }
 
+/// `host:port` with a host and a port other than 0.
+fn is_host_port(address: &str) -> bool {
+    let port = address
+        .rsplit_once(':')
+        .map(|(host, port)| (host, port.parse::<u16>()));
+    matches!(port, Some((host, Ok(port))) if !host.is_empty() && port != 0)
+}
+
 impl RawCa {
     fn validate(self) -> Result<CaSettings, Invalid> {
-        let port = self
-            .address
-            .rsplit_once(':')
-            .map(|(host, port)| (host, port.parse::<u16>()));
-        if !matches!(port, Some((host, Ok(port))) if !host.is_empty() && port != 0) {
+        if !is_host_port(&self.address) {
             return Err((
                 "ca.address".into(),
                 format!("{:?} is not host:port (e.g. 10.0.0.1:15012)", self.address),
             ));
         }
-        if self.node_credential.as_os_str().is_empty() {
-            return Err((
-                "ca.nodeCredential".into(),
-                "must name the directory of this node's credential".into(),
-            ));
-        }
+        let credential = match (self.node_credential, self.token) {
+            (Some(_), Some(_)) => {
+                return Err((
+                    "ca.token".into(),
+                    "cannot be used with ca.nodeCredential: the agent authenticates with one or \
+                     the other"
+                        .into(),
+                ));
+            }
+            (None, None) => {
+                return Err((
+                    "ca".into(),
+                    "needs nodeCredential (the directory of this node's credential) or token \
+                     (the file of the agent pod's projected service-account token)"
+                        .into(),
+                ));
+            }
+            (Some(dir), None) if dir.as_os_str().is_empty() => {
+                return Err((
+                    "ca.nodeCredential".into(),
+                    "must name the directory of this node's credential".into(),
+                ));
+            }
+            (None, Some(file)) if file.as_os_str().is_empty() => {
+                return Err((
+                    "ca.token".into(),
+                    "must name the file of the agent pod's service-account token".into(),
+                ));
+            }
+            (Some(dir), None) => CaCredential::Node(dir),
+            (None, Some(file)) => CaCredential::Token(file),
+        };
         Ok(CaSettings {
             address: self.address,
-            node_credential: self.node_credential,
+            credential,
         })
     }
 }
@@ -482,6 +556,21 @@ workloads:
         parse(text).unwrap_err().to_string()
     }
 
+    /// `text` is refused, naming `field`, for a reason that says `why`.
+    fn assert_invalid(text: &str, field: &str, why: &str) {
+        match parse(text) {
+            Err(ConfigError::Invalid {
+                field: named,
+                problem,
+                ..
+            }) => {
+                assert_eq!(named, field, "{problem}");
+                assert!(problem.contains(why), "{field}: {problem}");
+            }
+            other => panic!("expected {field} to be refused, got {other:?}"),
+        }
+    }
+
     #[test]
     fn parses_a_full_config() {
         let config = parse(GOOD).unwrap();
@@ -522,6 +611,37 @@ workloads:
     }
 
     #[test]
+    fn on_kubernetes_the_agent_presents_its_token_and_trusts_the_bundle() {
+        let text = GOOD.replace(
+            "devCaDir: /tmp/dev-ca\n",
+            "ca:\n  address: warren-ca.warren-system.svc:15012\n  token: /var/run/secrets/warren/token\n\
+             healthListen: 0.0.0.0:15021\n",
+        );
+        let config = parse(&text).unwrap();
+        assert_eq!(
+            config.issuer,
+            Issuer::Ca(CaSettings {
+                address: "warren-ca.warren-system.svc:15012".into(),
+                credential: CaCredential::Token("/var/run/secrets/warren/token".into()),
+            })
+        );
+        assert_eq!(config.health_listen.as_deref(), Some("0.0.0.0:15021"));
+        assert_eq!(
+            config.trust_bundle_path().unwrap(),
+            Path::new("/etc/warren/roots.pem")
+        );
+
+        let unrooted = text.replace("trustBundle: /etc/warren/roots.pem\n", "");
+        assert_invalid(&unrooted, "trustBundle", "required with ca.token");
+        let both = text.replace("  token:", "  nodeCredential: /etc/warren/node\n  token:");
+        assert_invalid(&both, "ca.token", "cannot be used with ca.nodeCredential");
+        let neither = text.replace("  token: /var/run/secrets/warren/token\n", "");
+        assert_invalid(&neither, "ca", "needs nodeCredential");
+        let bad_health = text.replace("0.0.0.0:15021", "15021");
+        assert_invalid(&bad_health, "healthListen", "not host:port");
+    }
+
+    #[test]
     fn a_ca_service_replaces_the_development_ca() {
         let text = GOOD.replace(
             "devCaDir: /tmp/dev-ca\ntrustBundle: /etc/warren/roots.pem\n",
@@ -532,7 +652,7 @@ workloads:
             config.issuer,
             Issuer::Ca(CaSettings {
                 address: "ca.example:15012".into(),
-                node_credential: "/etc/warren/node".into(),
+                credential: CaCredential::Node("/etc/warren/node".into()),
             })
         );
         // The node credential's roots, unless a trust bundle is named.
@@ -615,7 +735,7 @@ workloads:
             ),
             (
                 "node: n\nca: {address: ca:15012}\n".to_string(),
-                "missing field `nodeCredential`",
+                "ca: needs nodeCredential (the directory of this node's credential) or token",
             ),
             (
                 format!("{GOOD}kubernetes: {{}}\n"),

@@ -11,7 +11,10 @@
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant, SystemTime},
 };
 
@@ -22,18 +25,21 @@ use tokio::{
 };
 use tracing::{error, info, warn};
 
+use warren_daemon::{
+    health,
+    logging::Chain,
+    watch::{WatchError, watch_files},
+};
 use warren_pki::{
     ca::CaError,
     client::{CaClient, ClientError},
-    logging::Chain,
     tls::{TlsError, TrustBundle},
     transport::{self, NodeCredential, TransportError},
-    watch::{WatchError, watch_files},
 };
 
 use crate::{
     ca::CsrSource,
-    config::{CaSettings, Config, ConfigError, Issuer},
+    config::{CaCredential, CaSettings, Config, ConfigError, Issuer},
     hbone::pool::{self, Pool},
     kubernetes::{self, KubernetesError},
     mesh::{Policies, Snapshot, Store, Workloads},
@@ -81,6 +87,8 @@ pub enum DaemonError {
     KubernetesStopped,
     #[error("cannot install signal handler: {0}")]
     Signal(std::io::Error),
+    #[error("health endpoints: {0}")]
+    Health(std::io::Error),
 }
 
 pub struct Daemon {
@@ -196,6 +204,29 @@ impl Daemon {
         let mut mesh = self.store.subscribe();
         let mut kubernetes = self.kubernetes.take();
         let mut sandbox_check = tokio::time::interval(SANDBOX_CHECK);
+        // Ready once the mesh is known and this node's pods have been
+        // enrolled (each tried once: one that keeps failing is retried and
+        // logged, and must not hold up a rollout of every node).
+        let ready = Arc::new(AtomicBool::new(false));
+        if let Some(address) = &self.config.health_listen {
+            let ready = ready.clone();
+            let bound =
+                health::spawn(
+                    address,
+                    Arc::new(move || {
+                        if ready.load(Ordering::Acquire) {
+                            Ok(())
+                        } else {
+                            Err("waiting for the view of the mesh and the first enrollment of this \
+                             node's pods"
+                            .into())
+                        }
+                    }),
+                )
+                .await
+                .map_err(DaemonError::Health)?;
+            info!(listen = %bound, "health endpoints serving");
+        }
         // Pins of pods that went away while no agent ran are released once
         // the mesh is fully known, never from a partial view.
         let mut released = false;
@@ -210,6 +241,7 @@ impl Daemon {
                 if !released {
                     released = true;
                     self.release_departed(&snapshot);
+                    ready.store(true, Ordering::Release);
                     info!(
                         pods = self.reconciler.enrolled().count(),
                         "warren agent ready"
@@ -346,14 +378,18 @@ impl Daemon {
     /// something else.
     fn keep_running_settings(&self, mut config: Config, why: &str) -> Config {
         let running = &self.config;
-        if config.issuer != running.issuer || config.certificate_ttl != running.certificate_ttl {
+        if config.issuer != running.issuer
+            || config.certificate_ttl != running.certificate_ttl
+            || config.health_listen != running.health_listen
+        {
             warn!(
                 %why,
-                "devCaDir, ca and certificateTtl changes take effect when the agent restarts; \
-                 until then it keeps the ones it started with"
+                "devCaDir, ca, certificateTtl and healthListen changes take effect when the agent \
+                 restarts; until then it keeps the ones it started with"
             );
             config.issuer = running.issuer.clone();
             config.certificate_ttl = running.certificate_ttl;
+            config.health_listen = running.health_listen.clone();
         }
         if running.kubernetes.is_some()
             && (config.trust_domain != running.trust_domain
@@ -520,33 +556,49 @@ fn load_trust(config: &Config, dev_root: Option<&TrustBundle>) -> Result<TrustBu
 /// at each connection to the CA, so that a renewed one needs no restart;
 /// the CA must chain to the current trust bundle.
 fn ca_source(config: &Config, ca: &CaSettings, store: &Store) -> Result<CsrSource, DaemonError> {
-    let dir = ca.node_credential.clone();
-    let node = config.node_id().map_err(|e| DaemonError::NodeCredential {
-        dir: dir.clone(),
-        source: TransportError::Credential(e.to_string()),
-    })?;
-    let credential =
-        NodeCredential::load_for(&dir, &node).map_err(|source| DaemonError::NodeCredential {
-            dir: dir.clone(),
-            source,
-        })?;
-    let left = credential
-        .not_after()
-        .duration_since(SystemTime::now())
-        .unwrap_or_default();
-    if left < CREDENTIAL_WARNING {
-        warn!(
-            dir = %dir.display(),
-            expires_in_h = left.as_secs() / 3600,
-            "the node credential expires soon; renew it with `warren-ca node-credential --replace`"
-        );
-    }
-    info!(ca = %ca.address, node = %node, "workload certificates come from the CA service");
     let state = store.subscribe();
-    let tls = move || {
-        let credential = NodeCredential::load_for(&dir, &node)?;
-        transport::client_config(&credential, state.borrow().trust())
+    let client = match &ca.credential {
+        CaCredential::Node(dir) => {
+            let dir = dir.clone();
+            let node = config.node_id().map_err(|e| DaemonError::NodeCredential {
+                dir: dir.clone(),
+                source: TransportError::Credential(e.to_string()),
+            })?;
+            let credential = NodeCredential::load_for(&dir, &node).map_err(|source| {
+                DaemonError::NodeCredential {
+                    dir: dir.clone(),
+                    source,
+                }
+            })?;
+            let left = credential
+                .not_after()
+                .duration_since(SystemTime::now())
+                .unwrap_or_default();
+            if left < CREDENTIAL_WARNING {
+                warn!(
+                    dir = %dir.display(),
+                    expires_in_h = left.as_secs() / 3600,
+                    "the node credential expires soon; renew it with `warren-ca node-credential \
+                     --replace`"
+                );
+            }
+            info!(ca = %ca.address, node = %node, "workload certificates come from the CA service, as this node");
+            let tls = move || {
+                let credential = NodeCredential::load_for(&dir, &node)?;
+                transport::client_config(&credential, state.borrow().trust())
+            };
+            CaClient::lazy(&ca.address, Arc::new(tls))?
+        }
+        CaCredential::Token(file) => {
+            info!(
+                ca = %ca.address,
+                token = %file.display(),
+                "workload certificates come from the CA service, with this pod's service-account token"
+            );
+            let trust_domain = config.trust_domain.clone();
+            let tls = move || transport::token_client_config(state.borrow().trust(), &trust_domain);
+            CaClient::lazy(&ca.address, Arc::new(tls))?.with_token(file)
+        }
     };
-    let client = CaClient::lazy(&ca.address, Arc::new(tls))?;
     Ok(CsrSource::new(client, config.certificate_ttl))
 }

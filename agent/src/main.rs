@@ -5,14 +5,11 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use warren_agent::{
-    config::{Config, Issuer},
+    config::{CaCredential, Config, Issuer},
     daemon::Daemon,
 };
-use warren_pki::{
-    logging::{self, Chain, LogFormat},
-    tls::TrustBundle,
-    transport::NodeCredential,
-};
+use warren_daemon::logging::{self, Chain, LogFormat};
+use warren_pki::{tls::TrustBundle, transport::NodeCredential};
 
 #[derive(Parser)]
 #[command(
@@ -46,6 +43,10 @@ enum Command {
         /// The agent's config file (for its bpfPinDir).
         #[arg(long, short)]
         config: PathBuf,
+        /// Then stay until SIGTERM: for a DaemonSet that cleans every node
+        /// and is ready once its node is clean.
+        #[arg(long)]
+        wait: bool,
     },
 }
 
@@ -74,7 +75,7 @@ fn main() -> ExitCode {
             }
             run_agent(config)
         }
-        Command::Uninstall { config } => {
+        Command::Uninstall { config, wait } => {
             let released = Config::load(&config)
                 .map_err(|e| e.to_string())
                 .and_then(|config| {
@@ -89,6 +90,10 @@ fn main() -> ExitCode {
                          longer captured",
                         dir.display()
                     );
+                    if wait {
+                        println!("waiting for SIGTERM");
+                        wait_for_termination();
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -154,16 +159,31 @@ fn check_certificate_files(config: &Config) -> Result<Vec<String>, String> {
             "certificates from the development CA in {} (labs only)",
             dir.display()
         )),
-        Issuer::Ca(ca) => {
-            let node = config.node_id().map_err(|e| e.to_string())?;
-            NodeCredential::load_for(&ca.node_credential, &node)
-                .map_err(|e| format!("{}: {e}", ca.node_credential.display()))?;
-            found.push(format!(
-                "certificates from the CA at {}, with the node credential of {node} in {}",
-                ca.address,
-                ca.node_credential.display()
-            ));
-        }
+        Issuer::Ca(ca) => match &ca.credential {
+            CaCredential::Node(dir) => {
+                let node = config.node_id().map_err(|e| e.to_string())?;
+                NodeCredential::load_for(dir, &node)
+                    .map_err(|e| format!("{}: {e}", dir.display()))?;
+                found.push(format!(
+                    "certificates from the CA at {}, with the node credential of {node} in {}",
+                    ca.address,
+                    dir.display()
+                ));
+            }
+            CaCredential::Token(file) => {
+                // Only whether there is one: the token itself is never shown.
+                let token = std::fs::read_to_string(file)
+                    .map_err(|e| format!("{}: cannot read the token: {e}", file.display()))?;
+                if token.trim().is_empty() {
+                    return Err(format!("{}: the token file is empty", file.display()));
+                }
+                found.push(format!(
+                    "certificates from the CA at {}, with the service-account token in {}",
+                    ca.address,
+                    file.display()
+                ));
+            }
+        },
     }
     if let Some(bundle) = config.trust_bundle_path() {
         let roots = TrustBundle::from_pem_file(&bundle).map_err(|e| Chain(&e).to_string())?;
@@ -174,6 +194,20 @@ fn check_certificate_files(config: &Config) -> Result<Vec<String>, String> {
         ));
     }
     Ok(found)
+}
+
+/// Blocks until SIGTERM or SIGINT.
+#[tokio::main(flavor = "current_thread")]
+async fn wait_for_termination() {
+    let Ok(mut terminate) =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    else {
+        return;
+    };
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
 }
 
 #[tokio::main]

@@ -19,7 +19,8 @@ use std::{
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::{error, info, warn};
 
-use warren_pki::{logging::Chain, tls::WorkloadCertificate};
+use warren_daemon::logging::Chain;
+use warren_pki::tls::WorkloadCertificate;
 
 use crate::{
     hbone::pool::Pool,

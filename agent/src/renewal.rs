@@ -11,9 +11,9 @@ use std::{
 
 use tracing::{error, info, warn};
 
+use warren_daemon::logging::Chain;
 use warren_pki::{
     identity::SpiffeId,
-    logging::Chain,
     tls::{TlsError, WorkloadCertificate},
 };
 

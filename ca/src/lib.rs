@@ -3,6 +3,7 @@
 //! the API and the transport are `warren-pki`'s, shared with the agent; this
 //! crate is the service around them and what it learns the mesh from.
 
+pub mod kubernetes;
 pub mod service;
 pub mod workloads;
 

@@ -4,6 +4,10 @@
 use std::{
     path::{Path, PathBuf},
     process::ExitCode,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -13,15 +17,19 @@ use tokio::{
     sync::mpsc,
 };
 use warren_ca::{
+    kubernetes::{self, Authenticator, ObjectRef, Pods, Settings},
     service::{CaServer, Placements},
     workloads::Workloads,
+};
+use warren_daemon::{
+    health::{self, Readiness},
+    logging::{self, Chain, LogFormat},
+    watch,
 };
 use warren_pki::{
     ca::{self, Authority, CaError, Policy},
     identity::{DEFAULT_TRUST_DOMAIN, NodeId, TrustDomain},
-    logging::{self, Chain, LogFormat},
     transport::{NODE_CERT, NODE_KEY, NODE_ROOTS},
-    watch,
 };
 
 #[derive(Parser)]
@@ -75,18 +83,29 @@ enum Command {
     },
 }
 
-/// `serve`'s options: what it signs with, how it learns which node runs
-/// which identities, where it listens.
+/// `serve`'s options: what it signs with, how it knows its callers and
+/// which node runs which identities, where it listens.
 #[derive(clap::Args)]
 struct Serve {
     #[command(flatten)]
     signing: SigningFiles,
-    /// The workloads file, in the agent's config file format: which node
+    /// Hosts without Kubernetes: agents present node credentials (mutual
+    /// TLS), and this file (in the agent's config format) says which node
     /// runs which identities, and the trust domain.
-    #[arg(long)]
-    workloads: PathBuf,
+    #[arg(
+        long,
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
+    workloads: Option<PathBuf>,
+    #[command(flatten)]
+    kubernetes: KubernetesArgs,
     #[arg(long, default_value = "0.0.0.0:15012")]
     listen: String,
+    /// Serve GET /healthz/ready and /healthz/live here (plain HTTP, for the
+    /// kubelet's probes).
+    #[arg(long, value_name = "ADDRESS")]
+    health_listen: Option<String>,
     /// Longest certificate lifetime granted; longer requests get this.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     max_ttl: Duration,
@@ -97,12 +116,53 @@ struct Serve {
     log_level: String,
 }
 
+/// On Kubernetes: agents present their Pod's projected service-account
+/// token, which the API server reviews; the CA watches Pods to know which
+/// node runs which identities.
+#[derive(clap::Args)]
+struct KubernetesArgs {
+    /// Authenticate agents by service-account tokens (TokenReview) and place
+    /// them by the CA's own watch of Pods.
+    #[arg(long)]
+    kubernetes: bool,
+    /// The API server's kubeconfig (default: the Pod's in-cluster credentials).
+    #[arg(long, requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
+    /// The trust domain of the identities signed (with --workloads, the file
+    /// says).
+    #[arg(long, requires = "kubernetes", default_value = DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// The agents' service account: only its tokens are accepted.
+    #[arg(
+        long,
+        value_name = "NAMESPACE/NAME",
+        default_value = "warren-system/warren-agent"
+    )]
+    agent_service_account: String,
+    /// The audience agents' tokens must be for.
+    #[arg(long, default_value = "warren-ca")]
+    token_audience: String,
+    /// How long the API server's review of a token is trusted (never past
+    /// the token's expiry): while the API server is away, agents reviewed
+    /// this recently still get certificates.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    review_lifetime: Duration,
+    /// Publish the CA's roots in this ConfigMap (key roots.pem), which the
+    /// agents mount as their trust bundle.
+    #[arg(long, value_name = "NAMESPACE/NAME", requires = "kubernetes")]
+    trust_bundle_configmap: Option<String>,
+}
+
 /// The CA's signing certificate and key: files (normally an intermediate of
 /// your organisation's root), or a self-signed root for labs.
 #[derive(clap::Args)]
 struct SigningFiles {
     /// The CA's certificate (PEM; then any intermediates above it).
-    #[arg(long, required_unless_present = "self_signed", requires_all = ["ca_key", "roots"])]
+    #[arg(
+        long,
+        required_unless_present_any = ["self_signed", "cacerts"],
+        requires_all = ["ca_key", "roots"]
+    )]
     ca_cert: Option<PathBuf>,
     /// The CA's private key (PEM; must not be readable by group or others).
     #[arg(long, requires = "ca_cert")]
@@ -110,6 +170,10 @@ struct SigningFiles {
     /// The root bundle that workloads trust (PEM).
     #[arg(long, requires = "ca_cert")]
     roots: Option<PathBuf>,
+    /// A directory in Istio's plug-in CA layout, e.g. the `cacerts` Secret
+    /// mounted: ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["ca_cert", "ca_key", "roots", "self_signed"])]
+    cacerts: Option<PathBuf>,
     /// Labs and tests only: a self-signed root kept in DIR (made on first use).
     #[arg(long, value_name = "DIR", conflicts_with_all = ["ca_cert", "ca_key", "roots"])]
     self_signed: Option<PathBuf>,
@@ -117,11 +181,25 @@ struct SigningFiles {
 
 impl SigningFiles {
     fn load(&self, policy: Policy) -> Result<Authority, String> {
-        let loaded = match (&self.self_signed, &self.ca_cert, &self.ca_key, &self.roots) {
+        let loaded = match (
+            &self.self_signed,
+            &self.cacerts,
+            &self.ca_cert,
+            &self.ca_key,
+            &self.roots,
+        ) {
             (Some(dir), ..) => Authority::self_signed(dir, policy),
-            (None, Some(cert), Some(key), Some(roots)) => Authority::load(cert, key, roots, policy),
+            (None, Some(dir), ..) => Authority::load_cacerts(dir, policy),
+            (None, None, Some(cert), Some(key), Some(roots)) => {
+                Authority::load(cert, key, roots, policy)
+            }
             // clap's rules above make this unreachable; say what is missing anyway.
-            _ => return Err("give --ca-cert, --ca-key and --roots, or --self-signed DIR".into()),
+            _ => {
+                return Err(
+                    "give --cacerts DIR, or --ca-cert, --ca-key and --roots, or --self-signed DIR"
+                        .into(),
+                );
+            }
         };
         loaded.map_err(|e| Chain(&e).to_string())
     }
@@ -204,30 +282,24 @@ fn policy(trust_domain: TrustDomain, max_ttl: Duration) -> Result<Policy, String
 
 #[tokio::main]
 async fn run_ca(serve: &Serve) -> Result<(), String> {
-    let workloads = Workloads::load(&serve.workloads).map_err(|e| e.to_string())?;
-    let trust_domain = workloads.trust_domain.clone();
-    let authority = serve
-        .signing
-        .load(policy(trust_domain.clone(), serve.max_ttl)?)?;
-    if authority.is_self_signed() {
-        tracing::warn!(
-            "the CA signs with a SELF-SIGNED root: fine for a lab, not for production; \
-             give it an intermediate of your organisation's root (--ca-cert, --ca-key, --roots)"
-        );
+    let serving = Arc::new(AtomicBool::new(false));
+    let (server, trust_domain, ready) = match &serve.workloads {
+        Some(workloads) => file_mode(serve, workloads)?,
+        None => kubernetes_mode(serve).await?,
+    };
+    if let Some(address) = &serve.health_listen {
+        let serving = serving.clone();
+        let readiness: Readiness = Arc::new(move || {
+            if !serving.load(Ordering::Acquire) {
+                return Err("not serving yet".into());
+            }
+            ready()
+        });
+        let bound = health::spawn(address, readiness)
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(listen = %bound, "health endpoints serving");
     }
-    let server = CaServer::new(authority, &trust_domain, &workloads.placements)
-        .map_err(|e| Chain(&e).to_string())?;
-
-    // How the CA learns which node runs which identities: the workloads
-    // file, followed as it changes.
-    let (tx, changed) = mpsc::unbounded_channel();
-    let _watcher = watch::watch_files(std::slice::from_ref(&serve.workloads), tx)
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(reload_workloads(
-        serve.workloads.clone(),
-        server.placements(),
-        changed,
-    ));
 
     let listener = tokio::net::TcpListener::bind(&serve.listen)
         .await
@@ -236,14 +308,120 @@ async fn run_ca(serve: &Serve) -> Result<(), String> {
     tracing::info!(
         listen = %local,
         trust_domain = %trust_domain,
-        workloads = workloads.placements.len(),
+        callers = if serve.workloads.is_some() { "node credentials" } else { "service-account tokens" },
         max_ttl = %humantime::format_duration(serve.max_ttl),
         "warren CA serving istio.v1.auth.IstioCertificateService"
     );
+    serving.store(true, Ordering::Release);
     server
         .serve(listener, stop_signal())
         .await
         .map_err(|e| Chain(&e).to_string())
+}
+
+/// Whether the CA is ready besides serving, and if not, why.
+type Ready = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// Loads the signing material for `trust_domain`, warning about a
+/// self-signed root.
+fn authority(serve: &Serve, trust_domain: &TrustDomain) -> Result<Authority, String> {
+    let authority = serve
+        .signing
+        .load(policy(trust_domain.clone(), serve.max_ttl)?)?;
+    if authority.is_self_signed() {
+        tracing::warn!(
+            "the CA signs with a SELF-SIGNED root: fine for a lab, not for production; \
+             give it an intermediate of your organisation's root (--cacerts, or --ca-cert, \
+             --ca-key, --roots)"
+        );
+    }
+    Ok(authority)
+}
+
+/// Node credentials, and the workloads file followed as it changes.
+fn file_mode(serve: &Serve, path: &Path) -> Result<(CaServer, TrustDomain, Ready), String> {
+    let workloads = Workloads::load(path).map_err(|e| e.to_string())?;
+    let trust_domain = workloads.trust_domain.clone();
+    let server = CaServer::new(
+        authority(serve, &trust_domain)?,
+        &trust_domain,
+        &workloads.placements,
+    )
+    .map_err(|e| Chain(&e).to_string())?;
+    tracing::info!(workloads = workloads.placements.len(), path = %path.display(), "workloads loaded");
+    let placements = server
+        .placements()
+        .expect("a CA with node credentials has placements");
+    let (tx, changed) = mpsc::unbounded_channel();
+    let path = path.to_owned();
+    let watcher = watch::watch_files(std::slice::from_ref(&path), tx).map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        // The watch lasts as long as the reloads.
+        let _watcher = watcher;
+        reload_workloads(path, placements, changed).await;
+    });
+    Ok((server, trust_domain, Box::new(|| Ok(()))))
+}
+
+/// Service-account tokens and the Pod watch; the roots published in a
+/// ConfigMap if asked.
+async fn kubernetes_mode(serve: &Serve) -> Result<(CaServer, TrustDomain, Ready), String> {
+    let args = &serve.kubernetes;
+    let trust_domain = TrustDomain::new(&args.trust_domain).map_err(|e| e.to_string())?;
+    let agent = ObjectRef::parse("--agent-service-account", &args.agent_service_account)
+        .map_err(|e| e.to_string())?;
+    let configmap = args
+        .trust_bundle_configmap
+        .as_deref()
+        .map(|c| ObjectRef::parse("--trust-bundle-configmap", c))
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    if args.token_audience.is_empty() {
+        return Err("--token-audience must not be empty".into());
+    }
+    let authority = authority(serve, &trust_domain)?;
+    let roots_pem: String = authority.roots().roots().iter().map(ca::to_pem).collect();
+    let client = kubernetes::client(args.kubeconfig.as_deref())
+        .await
+        .map_err(|e| Chain(&e).to_string())?;
+
+    let pods = Arc::new(Pods::default());
+    let watching = pods.clone();
+    let watch_client = client.clone();
+    tokio::spawn(async move { watching.watch(watch_client).await });
+    let published = Arc::new(AtomicBool::new(configmap.is_none()));
+    if let Some(configmap) = configmap {
+        tokio::spawn(kubernetes::publish_roots(
+            client.clone(),
+            configmap,
+            roots_pem,
+            published.clone(),
+        ));
+    }
+    let settings = Settings {
+        agent,
+        audience: args.token_audience.clone(),
+        review_lifetime: args.review_lifetime,
+    };
+    tracing::info!(
+        agents = %settings.agent,
+        audience = %settings.audience,
+        review_lifetime = %humantime::format_duration(settings.review_lifetime),
+        "agents authenticate with service-account tokens (TokenReview)"
+    );
+    let authenticator = Arc::new(Authenticator::new(client, settings, pods.clone()));
+    let server =
+        CaServer::with_tokens(authority, authenticator).map_err(|e| Chain(&e).to_string())?;
+    let ready: Ready = Box::new(move || {
+        if !pods.synced() {
+            Err("the pods are not listed yet".into())
+        } else if !published.load(Ordering::Acquire) {
+            Err("the trust bundle is not published yet".into())
+        } else {
+            Ok(())
+        }
+    });
+    Ok((server, trust_domain, ready))
 }
 
 /// Completes at SIGTERM or SIGINT.

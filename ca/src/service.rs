@@ -1,11 +1,17 @@
 //! `warren-ca serve`: the CA as a gRPC service speaking Istio's certificate
-//! API (`istio.v1.auth.IstioCertificateService/CreateCertificate`), over
-//! mutual TLS where each client is a node.
+//! API (`istio.v1.auth.IstioCertificateService/CreateCertificate`) over TLS,
+//! to callers that are nodes, authenticated one of two ways ([`Callers`]):
+//!
+//! - without Kubernetes, by their node credential (mutual TLS), placed on
+//!   nodes by the workloads file ([`Placements`]);
+//! - on Kubernetes, by the projected service-account token of the agent's
+//!   Pod (`authorization: Bearer`, as Istio's agents send it), placed by the
+//!   CA's own watch of Pods ([`crate::kubernetes`]).
 //!
 //! Node authorization: a node may obtain the identity of a workload only if
-//! the CA's view of the cluster ([`Placements`], e.g. from the workloads
-//! file) places a workload with that identity on that node. A compromised
-//! node can then mint only the identities it already runs.
+//! the CA's view of the cluster places a workload with that identity on that
+//! node. A compromised node can then mint only the identities it already
+//! runs.
 //!
 //! The returned chain ends with the root, as istiod's does: Istio's clients
 //! take the last certificate of `cert_chain` as the root. warren's client
@@ -33,6 +39,7 @@ use tonic::{Request, Response, Status, transport::server::Connected};
 use tracing::{info, warn};
 use x509_parser::{certificate::X509Certificate, prelude::FromDer};
 
+use crate::kubernetes::{Authenticator, Caller, Refusal};
 use warren_pki::{
     api::{
         IstioCertificateRequest, IstioCertificateResponse,
@@ -75,6 +82,14 @@ pub struct Placement {
     pub node: String,
 }
 
+/// Who may ask, and how the CA knows which node they are.
+pub enum Callers {
+    /// Node credentials (mutual TLS) and the placements of the workloads file.
+    NodeCredentials(Placements),
+    /// Agents' service-account tokens, and the CA's watch of Pods.
+    Kubernetes(Arc<Authenticator>),
+}
+
 /// The CA service, ready to serve.
 pub struct CaServer {
     tls: Arc<ServerConfig>,
@@ -91,33 +106,54 @@ impl CaServer {
         trust_domain: &TrustDomain,
         placements: &[Placement],
     ) -> Result<Self, ServiceError> {
-        let ca_domain = authority.policy().trust_domain.clone();
         let view = Placements {
-            trust_domain: ca_domain.clone(),
+            trust_domain: authority.policy().trust_domain.clone(),
             current: Arc::new(RwLock::new(Arc::new(HashMap::new()))),
         };
         view.update(trust_domain, placements)?;
+        Self::serving(authority, Callers::NodeCredentials(view))
+    }
 
+    /// The same service for agents on Kubernetes: no client certificate,
+    /// a service-account token in each request instead.
+    pub fn with_tokens(
+        authority: Authority,
+        authenticator: Arc<Authenticator>,
+    ) -> Result<Self, ServiceError> {
+        Self::serving(authority, Callers::Kubernetes(authenticator))
+    }
+
+    fn serving(authority: Authority, callers: Callers) -> Result<Self, ServiceError> {
+        let ca_domain = authority.policy().trust_domain.clone();
         let lifetime = authority
             .not_after()
             .duration_since(SystemTime::now())
             .unwrap_or_default();
         let own = authority.issue_credential(&ca_service_id(&ca_domain), lifetime)?;
-        let tls = transport::server_config(&own, authority.roots(), ca_domain)?;
+        let tls = match &callers {
+            Callers::NodeCredentials(_) => {
+                transport::server_config(&own, authority.roots(), ca_domain)?
+            }
+            Callers::Kubernetes(_) => transport::token_server_config(&own)?,
+        };
         let root = root_above(authority.chain(), authority.roots().roots());
         Ok(Self {
             tls,
             handler: Handler {
                 authority: Arc::new(authority),
-                placements: view,
+                callers,
                 root,
             },
         })
     }
 
-    /// A handle to replace the CA's view of the cluster while it serves.
-    pub fn placements(&self) -> Placements {
-        self.handler.placements.clone()
+    /// A handle to replace the CA's view of the cluster while it serves:
+    /// with node credentials only (on Kubernetes, the Pod watch keeps it).
+    pub fn placements(&self) -> Option<Placements> {
+        match &self.handler.callers {
+            Callers::NodeCredentials(placements) => Some(placements.clone()),
+            Callers::Kubernetes(_) => None,
+        }
     }
 
     /// Serves on `listener` until `shutdown` completes.
@@ -127,7 +163,13 @@ impl CaServer {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ServiceError> {
         let (streams, accepted) = mpsc::channel(64);
-        let accept = tokio::spawn(accept_loop(listener, TlsAcceptor::from(self.tls), streams));
+        let tokens = matches!(self.handler.callers, Callers::Kubernetes(_));
+        let accept = tokio::spawn(accept_loop(
+            listener,
+            TlsAcceptor::from(self.tls),
+            streams,
+            tokens,
+        ));
         let incoming = futures_util::stream::unfold(accepted, |mut accepted| async move {
             let stream = accepted.recv().await?;
             Some((Ok::<_, io::Error>(stream), accepted))
@@ -154,6 +196,7 @@ async fn accept_loop(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     streams: mpsc::Sender<NodeStream>,
+    tokens: bool,
 ) {
     loop {
         let (tcp, peer) = match listener.accept().await {
@@ -179,30 +222,34 @@ async fn accept_loop(
                     return;
                 }
             };
-            // The verifier accepted exactly one node identity; read it back,
-            // and when its credential expires.
+            // With node credentials, the verifier accepted exactly one node
+            // identity: read it back, and when its credential expires. With
+            // tokens there is no client certificate; each request carries
+            // its token instead.
             let leaf = tls
                 .get_ref()
                 .1
                 .peer_certificates()
                 .and_then(|chain| chain.first());
             let node = leaf.map(|leaf| (transport::node_of(leaf), validity_of(leaf)));
-            match node {
-                Some((Ok(node), Ok((_, not_after)))) => {
-                    let peer = Peer { node, not_after };
-                    let _ = streams.send(NodeStream { tls, peer }).await;
+            let peer = match node {
+                Some((Ok(node), Ok((_, not_after)))) => Some(Peer { node, not_after }),
+                None if tokens => None,
+                _ => {
+                    warn!(%peer, "CA client without a node identity after its handshake");
+                    return;
                 }
-                _ => warn!(%peer, "CA client without a node identity after its handshake"),
-            }
+            };
+            let _ = streams.send(NodeStream { tls, peer }).await;
         });
     }
 }
 
-/// A client's TLS connection, with the node it authenticated as: tonic puts
-/// the node into each request's extensions.
+/// A client's TLS connection, with the node it authenticated as (none when
+/// callers present tokens): tonic puts it into each request's extensions.
 struct NodeStream {
     tls: TlsStream<TcpStream>,
-    peer: Peer,
+    peer: Option<Peer>,
 }
 
 /// The node a connection authenticated as. Its credential is checked at the
@@ -214,9 +261,9 @@ struct Peer {
 }
 
 impl Connected for NodeStream {
-    type ConnectInfo = Peer;
+    type ConnectInfo = Option<Peer>;
 
-    fn connect_info(&self) -> Peer {
+    fn connect_info(&self) -> Option<Peer> {
         self.peer.clone()
     }
 }
@@ -294,17 +341,96 @@ impl Placements {
 
 struct Handler {
     authority: Arc<Authority>,
-    placements: Placements,
+    callers: Callers,
     /// The root the signing chain ends at, appended to every response
     /// (None when the signing certificate is itself the root).
     root: Option<String>,
 }
 
+/// Who a request came from, once authenticated.
+enum Requester {
+    Node(NodeId),
+    Agent(Caller),
+}
+
+impl Requester {
+    fn node(&self) -> &str {
+        match self {
+            Self::Node(node) => node.name(),
+            Self::Agent(caller) => &caller.node,
+        }
+    }
+}
+
 impl Handler {
-    /// Whether `node` may obtain `id`; if not, why, in words that name both.
-    fn authorize(&self, node: &NodeId, id: &SpiffeId) -> Result<(), String> {
+    /// Who sent `request`: the node of its connection's credential, or the
+    /// agent whose token it carries. Refusals are logged here.
+    async fn requester<T>(&self, request: &Request<T>) -> Result<Requester, Status> {
+        match &self.callers {
+            Callers::NodeCredentials(_) => {
+                let Some(Some(Peer { node, not_after })) =
+                    request.extensions().get::<Option<Peer>>().cloned()
+                else {
+                    // Every connection comes through `accept_loop`, which sets it.
+                    return Err(Status::unauthenticated(
+                        "no node identity on this connection",
+                    ));
+                };
+                if SystemTime::now() >= not_after {
+                    warn!(
+                        node = node.name(),
+                        "refused: the node credential has expired"
+                    );
+                    return Err(Status::unauthenticated(format!(
+                        "the node credential of {node} expired at {}",
+                        humantime::format_rfc3339_seconds(not_after)
+                    )));
+                }
+                Ok(Requester::Node(node))
+            }
+            Callers::Kubernetes(authenticator) => {
+                let token = match bearer_token(request) {
+                    Ok(token) => token,
+                    Err(why) => {
+                        warn!(reason = why, "refused: not authenticated");
+                        return Err(Status::unauthenticated(why));
+                    }
+                };
+                match authenticator.authenticate(token).await {
+                    Ok(caller) => Ok(Requester::Agent(caller)),
+                    Err(refusal) => {
+                        // The reason names the token's holder, never the token.
+                        warn!(reason = %refusal, "refused: not authenticated");
+                        Err(match refusal {
+                            Refusal::Unauthenticated(why) => Status::unauthenticated(why),
+                            Refusal::Denied(why) => Status::permission_denied(why),
+                            Refusal::Unavailable(why) => Status::unavailable(why),
+                        })
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether `requester` may obtain `id`; if not, why, in words that name
+    /// the node.
+    fn authorize(&self, requester: &Requester, id: &SpiffeId) -> Result<(), String> {
+        match (&self.callers, requester) {
+            (Callers::NodeCredentials(placements), Requester::Node(node)) => {
+                Self::placed(placements, node, id)
+            }
+            (Callers::Kubernetes(authenticator), Requester::Agent(caller)) => {
+                authenticator.authorize(caller, id.namespace(), id.service_account())
+            }
+            // `requester` authenticated the way `callers` asks.
+            _ => Err("the request was authenticated another way than this CA's".into()),
+        }
+    }
+
+    /// Whether the workloads file places `id` on `node`.
+    fn placed(placements: &Placements, node: &NodeId, id: &SpiffeId) -> Result<(), String> {
         let here = node.name();
-        match self.placements.get().get(id) {
+        match placements.get().get(id) {
             Some(nodes) if nodes.contains(here) => Ok(()),
             Some(nodes) => Err(format!(
                 "node {here} runs no workload with this identity (it runs on {})",
@@ -323,27 +449,13 @@ impl IstioCertificateService for Handler {
         &self,
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
-        let Some(Peer { node, not_after }) = request.extensions().get::<Peer>().cloned() else {
-            // Every connection comes through `accept_loop`, which sets it.
-            return Err(Status::unauthenticated(
-                "no node identity on this connection",
-            ));
-        };
-        if SystemTime::now() >= not_after {
-            warn!(
-                node = node.name(),
-                "refused: the node credential has expired"
-            );
-            return Err(Status::unauthenticated(format!(
-                "the node credential of {node} expired at {}",
-                humantime::format_rfc3339_seconds(not_after)
-            )));
-        }
+        let requester = self.requester(&request).await?;
+        let node = requester.node();
         // The metadata field is accepted, for Istio's clients, and ignored.
         let request = request.into_inner();
         let Ok(seconds) = u64::try_from(request.validity_duration) else {
             warn!(
-                node = node.name(),
+                node,
                 requested = request.validity_duration,
                 "refused: negative validity"
             );
@@ -355,13 +467,13 @@ impl IstioCertificateService for Handler {
         let mut asked = None;
         let signed = self.authority.sign(&request.csr, requested, |id| {
             asked = Some(id.clone());
-            self.authorize(&node, id)
+            self.authorize(&requester, id)
         });
         let identity = asked.as_ref().map(ToString::to_string);
         match signed {
             Ok(mut chain) => {
                 info!(
-                    node = node.name(),
+                    node,
                     identity,
                     requested_seconds = seconds,
                     "signed a workload certificate"
@@ -372,15 +484,15 @@ impl IstioCertificateService for Handler {
                 }))
             }
             Err(error @ CaError::Unauthorized { .. }) => {
-                warn!(node = node.name(), identity, reason = %error, "refused: not authorized");
+                warn!(node, identity, reason = %error, "refused: not authorized");
                 Err(Status::permission_denied(error.to_string()))
             }
             Err(error) if error.is_bad_request() => {
-                warn!(node = node.name(), identity, reason = %error, "refused: bad request");
+                warn!(node, identity, reason = %error, "refused: bad request");
                 Err(Status::invalid_argument(error.to_string()))
             }
             Err(error) => {
-                warn!(node = node.name(), identity, %error, "cannot sign");
+                warn!(node, identity, %error, "cannot sign");
                 Err(Status::internal(format!("the CA cannot sign: {error}")))
             }
         }
@@ -427,4 +539,18 @@ fn key_identifier(cert: &X509Certificate<'_>, authority: bool) -> Option<Vec<u8>
             ParsedExtension::SubjectKeyIdentifier(ski) if !authority => Some(ski.0.to_vec()),
             _ => None,
         })
+}
+
+/// The token of an `authorization: Bearer <token>` header.
+fn bearer_token<T>(request: &Request<T>) -> Result<&str, &'static str> {
+    let Some(value) = request.metadata().get("authorization") else {
+        return Err("no service-account token: send `authorization: Bearer <token>`");
+    };
+    let value = value
+        .to_str()
+        .map_err(|_| "the authorization header is not text")?;
+    match value.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => Ok(token.trim()),
+        _ => Err("the authorization header is not `Bearer <token>`"),
+    }
 }

@@ -1,14 +1,24 @@
 //! A client of Istio's certificate service (warren's CA or istiod),
-//! authenticated as its node: what the agent's workload certificates come
+//! authenticated as its node (a node credential, or on Kubernetes the agent
+//! Pod's service-account token): what the agent's workload certificates come
 //! through, and what the CA's tests talk to it with.
 
-use std::{future::Future, io, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    io,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use hyper_util::rt::TokioIo;
 use rustls::{ClientConfig, pki_types::ServerName};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-use tonic::transport::{Channel, Endpoint};
+use tonic::{
+    metadata::{Ascii, MetadataValue},
+    transport::{Channel, Endpoint},
+};
 
 use crate::{
     api::{
@@ -34,6 +44,8 @@ pub enum ClientError {
     Request(#[source] tonic::Status),
     #[error("the CA's answer is unusable: {0}")]
     BadAnswer(String),
+    #[error("service-account token {}: {reason}", path.display())]
+    Token { path: PathBuf, reason: String },
 }
 
 impl ClientError {
@@ -55,6 +67,9 @@ pub type TlsSource = Arc<dyn Fn() -> Result<Arc<ClientConfig>, TransportError> +
 #[derive(Clone, Debug)]
 pub struct CaClient {
     channel: Channel,
+    /// A file holding the token each request carries, if the CA
+    /// authenticates callers by token.
+    token: Option<PathBuf>,
 }
 
 impl CaClient {
@@ -74,7 +89,10 @@ impl CaClient {
             .connect_with_connector(connector(addr, Arc::new(move || Ok(tls.clone()))))
             .await
             .map_err(ClientError::Connect)?;
-        Ok(Self { channel })
+        Ok(Self {
+            channel,
+            token: None,
+        })
     }
 
     /// A client that connects at its first request, and again whenever the
@@ -82,7 +100,20 @@ impl CaClient {
     /// may be down when the agent starts, or restart with a new certificate.
     pub fn lazy(addr: &str, tls: TlsSource) -> Result<Self, ClientError> {
         let channel = endpoint(addr)?.connect_with_connector_lazy(connector(addr, tls));
-        Ok(Self { channel })
+        Ok(Self {
+            channel,
+            token: None,
+        })
+    }
+
+    /// Sends the token in `file` (read again for each request: the kubelet
+    /// rotates projected tokens) as `authorization: Bearer`, as Istio's
+    /// agents do.
+    pub fn with_token(self, file: &Path) -> Self {
+        Self {
+            token: Some(file.to_owned()),
+            ..self
+        }
     }
 
     /// Asks for a certificate for the PEM CSR `csr_pem`, valid `ttl` (the CA
@@ -92,11 +123,16 @@ impl CaClient {
         csr_pem: &str,
         ttl: Duration,
     ) -> Result<Vec<String>, ClientError> {
-        let request = IstioCertificateRequest {
+        let mut request = tonic::Request::new(IstioCertificateRequest {
             csr: csr_pem.to_owned(),
             validity_duration: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
             metadata: None,
-        };
+        });
+        if let Some(path) = &self.token {
+            request
+                .metadata_mut()
+                .insert("authorization", bearer(path).await?);
+        }
         let response = IstioCertificateServiceClient::new(self.channel.clone())
             .create_certificate(request)
             .await
@@ -157,4 +193,23 @@ async fn connect_tls(addr: String, tls: Arc<ClientConfig>) -> io::Result<CaStrea
             format!("connecting to the CA at {addr} took longer than {TIMEOUT:?}"),
         )),
     }
+}
+
+/// `Bearer <token>` from a token file, which must hold one token.
+async fn bearer(path: &Path) -> Result<MetadataValue<Ascii>, ClientError> {
+    let token_error = |reason: String| ClientError::Token {
+        path: path.to_owned(),
+        reason,
+    };
+    let text = tokio::fs::read_to_string(path)
+        .await
+        .map_err(|e| token_error(format!("cannot read it: {e}")))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(token_error("it is empty".into()));
+    }
+    // Never echo the token itself in an error.
+    format!("Bearer {token}")
+        .parse()
+        .map_err(|_| token_error("it holds characters a token cannot have".into()))
 }

@@ -101,8 +101,11 @@ impl NodeCredential {
     pub fn load(dir: &Path) -> Result<Self, TransportError> {
         let path = dir.join(NODE_CERT);
         let chain = fs::read(&path).map_err(|source| TransportError::Read { path, source })?;
-        let key = crate::ca::files::read_private_key(&dir.join(NODE_KEY))
-            .map_err(|e| TransportError::Credential(e.to_string()))?;
+        let key = crate::ca::files::read_private_key(
+            &dir.join(NODE_KEY),
+            crate::ca::files::KeyReaders::Owner,
+        )
+        .map_err(|e| TransportError::Credential(e.to_string()))?;
         Self::new(&chain, key)
     }
 
@@ -155,6 +158,37 @@ pub fn server_config(
         .with_client_cert_verifier(Arc::new(verifier))
         .with_single_cert(own.chain.clone(), own.key())?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The CA service's side on Kubernetes: presents `own` and asks for no
+/// client certificate; callers authenticate with the service-account token
+/// in each request instead.
+pub fn token_server_config(own: &Credential) -> Result<Arc<ServerConfig>, TransportError> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(own.chain.clone(), own.key())?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A node agent's side on Kubernetes: no client certificate (its token goes
+/// in each request); the server must chain to `roots` and be the CA service
+/// of `trust_domain`.
+pub fn token_client_config(
+    roots: &TrustBundle,
+    trust_domain: &TrustDomain,
+) -> Result<Arc<ClientConfig>, TransportError> {
+    let verifier = ca_service_verifier(roots, trust_domain);
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.enable_sni = false;
+    config.resumption = Resumption::disabled();
     Ok(Arc::new(config))
 }
 

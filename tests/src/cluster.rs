@@ -1,7 +1,7 @@
 //! A Kubernetes cluster in the lab: a real control plane ([`ControlPlane`]),
 //! the stand-in kubelet ([`Kubelet`]) and a warren agent per node in
 //! Kubernetes mode, talking to the API server with the token of the service
-//! account `deploy/agent-rbac.yaml` makes. Shared by the end-to-end tests and
+//! account `deploy/kustomize/base/agent/rbac.yaml` makes. Shared by the end-to-end tests and
 //! `cargo xtask demo`. Its methods panic, saying what failed: it is test
 //! support.
 
@@ -20,9 +20,15 @@ use crate::{
 };
 
 /// The agents' RBAC, as deployed.
-pub const RBAC: &str = include_str!("../../deploy/agent-rbac.yaml");
+pub const RBAC: &str = concat!(
+    include_str!("../../deploy/kustomize/base/namespace.yaml"),
+    "---
+",
+    include_str!("../../deploy/kustomize/base/agent/rbac.yaml")
+);
 /// Istio's security CRDs (PeerAuthentication, AuthorizationPolicy).
-pub const ISTIO_CRDS: &str = include_str!("../k8s/istio-security-crds.yaml");
+pub const ISTIO_CRDS: &str =
+    include_str!("../../deploy/kustomize/istio-crds/istio-security-crds.yaml");
 
 /// A lab cluster: the control plane, the stand-in kubelet, an agent per node.
 /// Fields drop in order: agents, kubelet, control plane, lab.

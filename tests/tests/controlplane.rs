@@ -19,8 +19,13 @@ use warren_tests::harness::{Call, Server, test_lab};
 use warren_tests::kubelet::Kubelet;
 use warren_tests::lab;
 
-const RBAC: &str = include_str!("../../deploy/agent-rbac.yaml");
-const ISTIO_CRDS: &str = include_str!("../k8s/istio-security-crds.yaml");
+const RBAC: &str = concat!(
+    include_str!("../../deploy/kustomize/base/namespace.yaml"),
+    "---
+",
+    include_str!("../../deploy/kustomize/base/agent/rbac.yaml")
+);
+const ISTIO_CRDS: &str = include_str!("../../deploy/kustomize/istio-crds/istio-security-crds.yaml");
 const WAIT: Duration = Duration::from_secs(15);
 
 fn peer_authentications() -> ApiResource {

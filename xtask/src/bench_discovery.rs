@@ -53,8 +53,13 @@ use warren_tests::{
     lab,
 };
 
-const RBAC: &str = include_str!("../../deploy/agent-rbac.yaml");
-const ISTIO_CRDS: &str = include_str!("../../tests/k8s/istio-security-crds.yaml");
+const RBAC: &str = concat!(
+    include_str!("../../deploy/kustomize/base/namespace.yaml"),
+    "---
+",
+    include_str!("../../deploy/kustomize/base/agent/rbac.yaml")
+);
+const ISTIO_CRDS: &str = include_str!("../../deploy/kustomize/istio-crds/istio-security-crds.yaml");
 /// The agent's log level: its discovery says "published the mesh" (with counts) and
 /// "listed again" at debug and info under this target.
 const LOG_LEVEL: &str = "info,warren_agent::kubernetes=debug";

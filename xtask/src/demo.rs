@@ -201,7 +201,7 @@ fn kubernetes() -> Result<()> {
     println!(
         "\n5. On Kubernetes: a real API server and controller manager (1.20, built from \
          Debian's source package), the lab playing the kubelet, an agent per node reading the \
-         API with its own service account (RBAC as in deploy/agent-rbac.yaml)"
+         API with its own service account (RBAC as in deploy/kustomize/base/agent/rbac.yaml)"
     );
     let cluster = Cluster::up(2);
     cluster.namespace("shop", false, &["web", "sleep"]);

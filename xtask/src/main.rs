@@ -84,6 +84,8 @@ fn test(args: &[String]) -> Result<()> {
         "-p",
         "warren-pki",
         "-p",
+        "warren-daemon",
+        "-p",
         "warren-common",
         "-p",
         "xtask",

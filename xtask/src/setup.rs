@@ -77,6 +77,7 @@ pub fn run(quiet_if_ready: bool) -> Result<Report> {
     rust_nightly(&mut report).context("setup: Rust nightly toolchain")?;
     bpf_linker(&mut report).context("setup: installing bpf-linker")?;
     kubernetes::control_plane(&mut report).context("setup: Kubernetes control plane")?;
+    kubernetes_validate(&mut report).context("setup: kubernetes-validate")?;
 
     if report.nothing_done() {
         if !quiet_if_ready {
@@ -260,6 +261,26 @@ fn bpf_linker(report: &mut Report) -> Result<()> {
         Some(found) if found.ends_with(BPF_LINKER_VERSION) => Ok(()),
         found => bail!("after cargo install, `bpf-linker --version` gives {found:?}"),
     }
+}
+
+/// The Kubernetes schemas the manifests test validates against, offline.
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+
+/// `kubernetes-validate` from PyPI (it carries the schemas of Kubernetes
+/// 1.25 to 1.37), for tests/tests/manifests.rs.
+fn kubernetes_validate(report: &mut Report) -> Result<()> {
+    let wanted = format!("kubernetes-validate {KUBERNETES_VALIDATE_VERSION}");
+    match output("kubernetes-validate --version") {
+        Ok(found) if found.contains(KUBERNETES_VALIDATE_VERSION) => {
+            report.ok(wanted);
+            return Ok(());
+        }
+        Ok(found) => report.action(format!("replacing {found} with {wanted}")),
+        Err(_) => report.action(format!("installing {wanted} (pip)")),
+    }
+    status(command(&format!(
+        "python3 -m pip install --quiet kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"
+    )))
 }
 
 /// A command from a whitespace-separated line (no quoting needed by any caller).

@@ -136,7 +136,7 @@ async fn run<K, F>(
                         kind,
                         error = %error,
                         "the agent's service account may not list or watch this kind (RBAC, see \
-                         deploy/agent-rbac.yaml); until it can, this kind's view stays as it is \
+                         deploy/kustomize/base/agent/rbac.yaml); until it can, this kind's view stays as it is \
                          (none before a first list: nothing is enrolled), retrying"
                     );
                 } else {

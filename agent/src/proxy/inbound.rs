@@ -25,9 +25,9 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
 use super::{PodProxy, transparent};
+use warren_daemon::logging::Chain;
 use warren_pki::{
     identity::SpiffeId,
-    logging::Chain,
     tls::{TlsError, TrustBundle, WorkloadCertificate, handshake_error},
 };
 

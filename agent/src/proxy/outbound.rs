@@ -39,10 +39,8 @@ use tokio::{
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info, warn};
 use warren_common::OUTBOUND_PORT;
-use warren_pki::{
-    logging::Chain,
-    tls::{TlsError, handshake_error},
-};
+use warren_daemon::logging::Chain;
+use warren_pki::tls::{TlsError, handshake_error};
 
 use super::PodProxy;
 use crate::{

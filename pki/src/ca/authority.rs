@@ -23,8 +23,8 @@ use rustls::{
 use x509_parser::certificate::X509Certificate;
 
 use super::{
-    BACKDATE, CaError, Policy, csr,
-    files::{self, KEY_MODE, PUBLIC_MODE},
+    BACKDATE, CaError, Policy, cacerts, csr,
+    files::{self, KEY_MODE, KeyReaders, PUBLIC_MODE},
     init, names, system_time, x509_time,
 };
 use crate::{identity::SpiffeId, tls::TrustBundle};
@@ -62,8 +62,56 @@ impl Authority {
     /// is checked the way workloads will check it: by signing a throwaway
     /// certificate and verifying it against the bundle.
     pub fn load(cert: &Path, key: &Path, roots: &Path, policy: Policy) -> Result<Self, CaError> {
+        Self::load_with(cert, key, roots, policy, KeyReaders::Owner)
+    }
+
+    /// Loads the signing material from a directory in Istio's plug-in CA
+    /// layout ([`cacerts`]), as a mounted `cacerts` Secret has it: the chain
+    /// from `cert-chain.pem` (which must start with `ca-cert.pem`'s
+    /// certificate; `ca-cert.pem` alone if there is none), the key from
+    /// `ca-key.pem`, the roots from `root-cert.pem`. With the checks of
+    /// [`load`](Self::load), except that the key may also be readable by the
+    /// file's group if this process is in it (how Kubernetes mounts a Secret
+    /// for a non-root process).
+    pub fn load_cacerts(dir: &Path, policy: Policy) -> Result<Self, CaError> {
+        let cert = dir.join(cacerts::CA_CERT);
+        let chain = dir.join(cacerts::CERT_CHAIN);
+        let chain = if chain.exists() {
+            let signing = files::read_certificates(&cert)?;
+            let listed = files::read_certificates(&chain)?;
+            if listed[0] != signing[0] {
+                return Err(CaError::BadCertificate {
+                    path: chain,
+                    reason: format!(
+                        "does not start with the certificate of {}; it must list {} first, then \
+                         every certificate above it up to the root",
+                        cacerts::CA_CERT,
+                        cacerts::CA_CERT
+                    ),
+                });
+            }
+            chain
+        } else {
+            cert
+        };
+        Self::load_with(
+            &chain,
+            &dir.join(cacerts::CA_KEY),
+            &dir.join(cacerts::ROOT_CERT),
+            policy,
+            KeyReaders::OwnerAndOwnGroup,
+        )
+    }
+
+    fn load_with(
+        cert: &Path,
+        key: &Path,
+        roots: &Path,
+        policy: Policy,
+        readers: KeyReaders,
+    ) -> Result<Self, CaError> {
         policy.check()?;
-        let key_pair = load_key(key)?;
+        let key_pair = load_key(key, readers)?;
         let chain = files::read_certificates(cert)?;
         // Never empty: `read_certificates` refuses a file without any.
         let signing_cert = &chain[0];
@@ -117,7 +165,7 @@ impl Authority {
             files::publish(&key, new.serialize_pem().as_bytes(), KEY_MODE)?;
         }
         if !cert.exists() {
-            let key_pair = load_key(&key)?;
+            let key_pair = load_key(&key, KeyReaders::Owner)?;
             let name = format!("warren self-signed CA {}", policy.trust_domain);
             let params = init::root_params(&name, &key_pair, 0, SELF_SIGNED_VALIDITY)?;
             let root = params.self_signed(&key_pair)?;
@@ -455,8 +503,8 @@ fn parse<'a>(path: &Path, cert: &'a CertificateDer<'_>) -> Result<X509Certificat
         })
 }
 
-fn load_key(path: &Path) -> Result<KeyPair, CaError> {
-    let der = files::read_private_key(path)?;
+fn load_key(path: &Path, readers: KeyReaders) -> Result<KeyPair, CaError> {
+    let der = files::read_private_key(path, readers)?;
     KeyPair::try_from(&der).map_err(|e| CaError::BadKey {
         path: path.to_owned(),
         reason: unusable_key(&der, e),
@@ -494,7 +542,8 @@ fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&bytes)
 }
 
-pub(super) fn to_pem(der: &CertificateDer<'_>) -> String {
+/// A certificate as PEM, with LF line endings.
+pub fn to_pem(der: &CertificateDer<'_>) -> String {
     let block = pem::Pem::new("CERTIFICATE", der.to_vec());
     pem::encode_config(
         &block,

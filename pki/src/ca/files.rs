@@ -4,7 +4,7 @@
 use std::{
     fs,
     io::{self, Read, Write},
-    os::unix::fs::PermissionsExt,
+    os::unix::fs::{MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
 };
 
@@ -17,9 +17,24 @@ pub(super) const KEY_MODE: u32 = 0o600;
 /// Mode of certificates and CSRs, which are public.
 pub(super) const PUBLIC_MODE: u32 = 0o644;
 
-/// Reads a PEM private key, refusing a file that anyone but its owner can
-/// read: a CA key others could copy would let them mint any identity.
-pub(crate) fn read_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, CaError> {
+/// Who may be able to read a CA key file besides its owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KeyReaders {
+    /// Nobody: mode 0600 or 0400.
+    Owner,
+    /// Also the file's group, if this process is in it: a Kubernetes Secret
+    /// mounted for a non-root process (`fsGroup`) is 0440, of the pod's
+    /// group. Others still may not read it, nor the group write it.
+    OwnerAndOwnGroup,
+}
+
+/// Reads a PEM private key, refusing a file that anyone but its owner (and,
+/// with [`KeyReaders::OwnerAndOwnGroup`], our own group) can read: a CA key
+/// others could copy would let them mint any identity.
+pub(crate) fn read_private_key(
+    path: &Path,
+    readers: KeyReaders,
+) -> Result<PrivateKeyDer<'static>, CaError> {
     let read_error = |source| CaError::Read {
         path: path.to_owned(),
         source,
@@ -27,8 +42,11 @@ pub(crate) fn read_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, Ca
     let mut file = fs::File::open(path).map_err(read_error)?;
     // The mode of the file we opened, not of whatever the name points to by
     // the time we look.
-    let mode = file.metadata().map_err(read_error)?.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
+    let metadata = file.metadata().map_err(read_error)?;
+    let mode = metadata.permissions().mode() & 0o777;
+    let group_ok =
+        readers == KeyReaders::OwnerAndOwnGroup && mode & 0o030 == 0 && in_group(metadata.gid());
+    if mode & 0o007 != 0 || (mode & 0o070 != 0 && !group_ok) {
         return Err(CaError::KeyPermissions {
             path: path.to_owned(),
             mode,
@@ -40,6 +58,13 @@ pub(crate) fn read_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, Ca
         path: path.to_owned(),
         reason: format!("no PEM private key found ({e})"),
     })
+}
+
+/// Whether this process is in group `gid` (effective or supplementary).
+fn in_group(gid: u32) -> bool {
+    let gid = nix::unistd::Gid::from_raw(gid);
+    nix::unistd::getegid() == gid
+        || nix::unistd::getgroups().is_ok_and(|groups| groups.contains(&gid))
 }
 
 /// Every PEM certificate in a file, in order.

@@ -36,7 +36,7 @@ use std::{
 
 use time::OffsetDateTime;
 
-pub use authority::{Authority, Credential};
+pub use authority::{Authority, Credential, to_pem};
 
 use crate::{
     identity::{IdentityError, SpiffeId, TrustDomain},
@@ -133,7 +133,8 @@ pub enum CaError {
 
     // The CA's own files and state.
     #[error(
-        "private key {} is readable by group or others (mode {mode:04o}); run `chmod 600 {}`",
+        "private key {} is readable by group or others (mode {mode:04o}); run `chmod 600 {}` \
+         (a mounted Secret: defaultMode 0400, or 0440 with the pod's fsGroup)",
         path.display(),
         path.display()
     )]
@@ -239,6 +240,19 @@ mod names {
     pub const CA_CERT: &str = "ca-cert.pem";
     pub const CA_KEY: &str = "ca-key.pem";
     pub const CA_CSR: &str = "ca.csr";
+}
+
+/// Istio's plug-in CA layout: the keys of the `cacerts` Secret that istiod
+/// reads, so that a cluster which plugged its PKI into Istio reuses it.
+pub mod cacerts {
+    /// The signing (intermediate) certificate.
+    pub const CA_CERT: &str = "ca-cert.pem";
+    /// Its private key.
+    pub const CA_KEY: &str = "ca-key.pem";
+    /// The roots workloads trust.
+    pub const ROOT_CERT: &str = "root-cert.pem";
+    /// `ca-cert.pem`, then every certificate above it up to the root.
+    pub const CERT_CHAIN: &str = "cert-chain.pem";
 }
 
 /// Writes a node credential into `dir` as `warren-ca node-credential` does:

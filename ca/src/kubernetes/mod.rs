@@ -1,0 +1,234 @@
+//! Agents on Kubernetes, as Istio's CA knows them: each agent presents its
+//! projected service-account token, which the API server reviews
+//! (TokenReview); the token must be the agent service account's and bound to
+//! a Pod, and that Pod (UID included) tells the agent's node. The CA then
+//! signs an identity for that node only if its own watch of Pods shows a Pod
+//! of that namespace and service account on the node.
+//!
+//! - [`reviews`]: TokenReview and a small cache of its answers. A review is
+//!   trusted for a bounded time (never past the token's expiry), so the CA
+//!   keeps serving agents it has seen while the API server is briefly away.
+//! - [`pods`]: the CA's view of Pods: who runs where, and the agents' own
+//!   Pods.
+//! - [`bundle`]: publishes the CA's roots in a ConfigMap the agents mount.
+//!
+//! Revoking an agent is deleting its Pod: the Pod check runs on every request
+//! against the live watch, cache or not.
+
+mod bundle;
+mod pods;
+mod reviews;
+#[cfg(test)]
+mod tests;
+
+use std::{fmt, path::Path, sync::Arc, time::Duration};
+
+use kube::{
+    Client,
+    config::{KubeConfigOptions, Kubeconfig},
+};
+
+pub use bundle::{ROOTS_KEY, publish_roots};
+pub use pods::Pods;
+pub use reviews::Reviewer;
+
+/// How long a positive review is trusted by default. Revocation does not
+/// wait for it (see the module's doc); the API server's load does.
+pub const DEFAULT_REVIEW_LIFETIME: Duration = Duration::from_secs(5 * 60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubernetesError {
+    #[error("kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: String,
+        source: kube::config::KubeconfigError,
+    },
+    #[error("in-cluster credentials (service-account token, KUBERNETES_SERVICE_HOST): {0}")]
+    InCluster(#[from] kube::config::InClusterError),
+    #[error("Kubernetes client: {0}")]
+    Client(#[from] kube::Error),
+    #[error("{what} {given:?} is not of the form <namespace>/<name>")]
+    NotNamespaced { what: &'static str, given: String },
+}
+
+/// A client for the API server, from a kubeconfig file or the Pod's own
+/// in-cluster credentials.
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubernetesError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kubeconfig_error = |source| KubernetesError::Kubeconfig {
+                path: path.display().to_string(),
+                source,
+            };
+            let kubeconfig = Kubeconfig::read_from(path).map_err(kubeconfig_error)?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .map_err(kubeconfig_error)?
+        }
+        None => kube::Config::incluster()?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+/// A namespaced object's name: `namespace/name`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ObjectRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectRef {
+    /// Parses `namespace/name`; `what` names the flag in errors.
+    pub fn parse(what: &'static str, given: &str) -> Result<Self, KubernetesError> {
+        match given.split_once('/') {
+            Some((namespace, name))
+                if !namespace.is_empty() && !name.is_empty() && !name.contains('/') =>
+            {
+                Ok(Self {
+                    namespace: namespace.to_owned(),
+                    name: name.to_owned(),
+                })
+            }
+            _ => Err(KubernetesError::NotNamespaced {
+                what,
+                given: given.to_owned(),
+            }),
+        }
+    }
+
+    /// The user name the API server gives this service account's tokens.
+    fn service_account_user(&self) -> String {
+        format!("system:serviceaccount:{}:{}", self.namespace, self.name)
+    }
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Who may ask, and how their tokens are checked.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The agents' service account: only its tokens are accepted.
+    pub agent: ObjectRef,
+    /// The audience agents' tokens must be for (and that reviews ask for), so
+    /// that a token meant for another service is useless here.
+    pub audience: String,
+    /// How long a positive review is trusted (never past the token's expiry).
+    pub review_lifetime: Duration,
+}
+
+/// An agent the CA has authenticated: its node, and the Pod that tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub node: String,
+    pub pod: ObjectRef,
+}
+
+/// Why a caller was not authenticated. The gRPC status follows the kind.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The token is not valid (expired, wrong audience, forged, no token).
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// A valid token, but not an agent's, or its Pod does not check out.
+    #[error("{0}")]
+    Denied(String),
+    /// The token could not be reviewed now (the API server is unreachable
+    /// and no review of it is remembered).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Authenticates agents by their tokens and places them on nodes.
+pub struct Authenticator {
+    reviewer: Reviewer,
+    pods: Arc<Pods>,
+    agent: ObjectRef,
+}
+
+impl Authenticator {
+    pub fn new(client: Client, settings: Settings, pods: Arc<Pods>) -> Self {
+        Self {
+            agent: settings.agent.clone(),
+            reviewer: Reviewer::new(client, settings),
+            pods,
+        }
+    }
+
+    /// The agent presenting `token`, if the API server vouches for the token
+    /// and the Pod it is bound to runs, with that UID, on a node.
+    pub async fn authenticate(&self, token: &str) -> Result<Caller, Refusal> {
+        let bound = self.reviewer.review(token).await?;
+        let pod = ObjectRef {
+            namespace: self.agent.namespace.clone(),
+            name: bound.pod_name.clone(),
+        };
+        let Some(running) = self.pods.agent_pod(&pod) else {
+            return Err(Refusal::Denied(format!(
+                "the token is bound to pod {pod}, which is not running (deleted, finished, or \
+                 not yet seen by the CA)"
+            )));
+        };
+        if running.uid != bound.pod_uid {
+            return Err(Refusal::Denied(format!(
+                "the token is bound to pod {pod} with UID {}, but that pod is now UID {} (the \
+                 pod was deleted and another made with its name)",
+                bound.pod_uid, running.uid
+            )));
+        }
+        if running.service_account != self.agent.name {
+            return Err(Refusal::Denied(format!(
+                "pod {pod} runs as service account {}, not {}",
+                running.service_account, self.agent
+            )));
+        }
+        let Some(node) = running.node else {
+            return Err(Refusal::Denied(format!(
+                "pod {pod} is not scheduled to a node"
+            )));
+        };
+        if let Some(claimed) = &bound.node_name
+            && *claimed != node
+        {
+            return Err(Refusal::Denied(format!(
+                "the token names node {claimed}, but its pod {pod} runs on {node}"
+            )));
+        }
+        Ok(Caller { node, pod })
+    }
+
+    /// Whether `caller`'s node runs a Pod of `namespace` and
+    /// `service_account`; if not, why, in words that name the node.
+    pub fn authorize(
+        &self,
+        caller: &Caller,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<(), String> {
+        if self.pods.runs_on(&caller.node, namespace, service_account) {
+            Ok(())
+        } else {
+            Err(format!(
+                "node {} runs no pod of namespace {namespace} with service account \
+                 {service_account}",
+                caller.node
+            ))
+        }
+    }
+}
+
+/// Whether a watch failed because RBAC forbids it (said differently in the
+/// log: retrying will not help until someone fixes the roles).
+fn forbidden(error: &kube::runtime::watcher::Error) -> bool {
+    use kube::runtime::watcher::Error;
+    match error {
+        Error::InitialListFailed(kube::Error::Api(status))
+        | Error::WatchStartFailed(kube::Error::Api(status))
+        | Error::WatchFailed(kube::Error::Api(status)) => status.is_forbidden(),
+        Error::WatchError(status) => status.is_forbidden(),
+        _ => false,
+    }
+}

@@ -1,0 +1,218 @@
+//! TokenReview: the API server says whose a token is, for which audience,
+//! and which Pod it is bound to. Answers are remembered briefly, by the
+//! token's SHA-256 (never the token itself): a positive one for the review
+//! lifetime or until the token expires, whichever is first; a refusal for a
+//! few seconds, so that a flood of bad tokens costs the API server little.
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use base64::Engine;
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
+use kube::{Api, Client, api::PostParams};
+
+use super::{ObjectRef, Refusal, Settings};
+
+/// A service-account token is about a kilobyte; anything much larger is not
+/// one, and is refused before it is hashed or sent anywhere.
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+/// How long a refusal by the API server is remembered.
+const REFUSAL_LIFETIME: Duration = Duration::from_secs(10);
+/// Reviews remembered at most: a few per agent. When full, expired ones go;
+/// if none has expired, the new answer is simply not remembered.
+const MAX_REMEMBERED: usize = 16 * 1024;
+
+const POD_NAME: &str = "authentication.kubernetes.io/pod-name";
+const POD_UID: &str = "authentication.kubernetes.io/pod-uid";
+/// Given by API servers from 1.32 on; older ones tell the node only through
+/// the Pod.
+const NODE_NAME: &str = "authentication.kubernetes.io/node-name";
+
+/// What a reviewed token says of its holder, once it is known to be the
+/// agents' service account's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bound {
+    pub pod_name: String,
+    pub pod_uid: String,
+    /// The node claim, where the API server gives one.
+    pub node_name: Option<String>,
+}
+
+struct Remembered {
+    outcome: Result<Bound, Refusal>,
+    until: Instant,
+}
+
+pub struct Reviewer {
+    api: Api<TokenReview>,
+    settings: Settings,
+    remembered: Mutex<HashMap<[u8; 32], Remembered>>,
+}
+
+impl Reviewer {
+    pub fn new(client: Client, settings: Settings) -> Self {
+        Self {
+            api: Api::all(client),
+            settings,
+            remembered: Mutex::default(),
+        }
+    }
+
+    /// Reviews `token` (or recalls a recent review of it).
+    pub async fn review(&self, token: &str) -> Result<Bound, Refusal> {
+        if token.is_empty() {
+            return Err(Refusal::Unauthenticated(
+                "no service-account token: send `authorization: Bearer <token>`".into(),
+            ));
+        }
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(Refusal::Unauthenticated(format!(
+                "the token is {} bytes, more than a service-account token's {MAX_TOKEN_BYTES}",
+                token.len()
+            )));
+        }
+        let key = digest(token);
+        let now = Instant::now();
+        if let Some(remembered) = self.remembered().get(&key)
+            && remembered.until > now
+        {
+            return remembered.outcome.clone();
+        }
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token.to_owned()),
+                audiences: Some(vec![self.settings.audience.clone()]),
+            },
+            ..TokenReview::default()
+        };
+        let answer = match self.api.create(&PostParams::default(), &review).await {
+            Ok(answer) => answer,
+            Err(kube::Error::Api(status)) if status.is_forbidden() => {
+                return Err(Refusal::Unavailable(format!(
+                    "the CA's service account may not create TokenReviews (RBAC, see deploy/): \
+                     {}",
+                    status.message
+                )));
+            }
+            Err(error) => {
+                return Err(Refusal::Unavailable(format!(
+                    "cannot review the token with the API server, and no recent review of it \
+                     is remembered: {error}"
+                )));
+            }
+        };
+        let outcome = interpret(answer.status.as_ref(), &self.settings);
+        let until = match &outcome {
+            Ok(_) => {
+                let expires_in = expiry(token)
+                    .and_then(|exp| exp.duration_since(SystemTime::now()).ok())
+                    .unwrap_or(Duration::ZERO);
+                now + self.settings.review_lifetime.min(expires_in)
+            }
+            Err(_) => now + REFUSAL_LIFETIME,
+        };
+        self.remember(key, outcome.clone(), until, now);
+        outcome
+    }
+
+    fn remember(
+        &self,
+        key: [u8; 32],
+        outcome: Result<Bound, Refusal>,
+        until: Instant,
+        now: Instant,
+    ) {
+        if until <= now {
+            return;
+        }
+        let mut remembered = self.remembered();
+        if remembered.len() >= MAX_REMEMBERED {
+            remembered.retain(|_, r| r.until > now);
+        }
+        if remembered.len() < MAX_REMEMBERED {
+            remembered.insert(key, Remembered { outcome, until });
+        }
+    }
+
+    fn remembered(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Remembered>> {
+        self.remembered.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// What the API server's answer means for a caller that must be an agent
+/// with a Pod-bound token for our audience.
+pub fn interpret(
+    status: Option<&TokenReviewStatus>,
+    settings: &Settings,
+) -> Result<Bound, Refusal> {
+    let Some(status) = status else {
+        return Err(Refusal::Unavailable(
+            "the API server answered the TokenReview without a status".into(),
+        ));
+    };
+    if status.authenticated != Some(true) {
+        let why = status
+            .error
+            .as_deref()
+            .filter(|e| !e.is_empty())
+            .unwrap_or("no reason given");
+        return Err(Refusal::Unauthenticated(format!(
+            "the API server does not accept the token: {why}"
+        )));
+    }
+    let audience = &settings.audience;
+    if !status.audiences.iter().flatten().any(|a| a == audience) {
+        return Err(Refusal::Unauthenticated(format!(
+            "the token is not for audience {audience}"
+        )));
+    }
+    let user = status.user.as_ref();
+    let username = user.and_then(|u| u.username.as_deref()).unwrap_or("");
+    let agent: &ObjectRef = &settings.agent;
+    if username != agent.service_account_user() {
+        return Err(Refusal::Denied(format!(
+            "the token is {username:?}'s, not the agents' service account {agent}'s"
+        )));
+    }
+    let extra = |key: &str| -> Option<String> {
+        match user?.extra.as_ref()?.get(key)?.as_slice() {
+            [one] if !one.is_empty() => Some(one.clone()),
+            _ => None,
+        }
+    };
+    let (Some(pod_name), Some(pod_uid)) = (extra(POD_NAME), extra(POD_UID)) else {
+        return Err(Refusal::Denied(
+            "the token is not bound to a pod: agents present the projected token of their \
+             pod (a serviceAccountToken volume), not a long-lived one"
+                .into(),
+        ));
+    };
+    Ok(Bound {
+        pod_name,
+        pod_uid,
+        node_name: extra(NODE_NAME),
+    })
+}
+
+/// When a JWT says it expires (`exp`), read without checking its signature:
+/// only used, after the API server has vouched for the token, to remember the
+/// review no longer than the token lives. None if it cannot be read.
+pub fn expiry(token: &str) -> Option<SystemTime> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let seconds = claims.get("exp")?.as_u64()?;
+    UNIX_EPOCH.checked_add(Duration::from_secs(seconds))
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    let hash = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    let mut key = [0; 32];
+    key.copy_from_slice(hash.as_ref());
+    key
+}

@@ -1,0 +1,274 @@
+//! The parts that need no API server: what a review's answer means, the Pod
+//! table, token expiry. The end-to-end suite (tests/tests/kubernetes_ca.rs)
+//! runs the whole path against a real API server with real tokens.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use base64::Engine;
+use k8s_openapi::{
+    api::{
+        authentication::v1::{TokenReviewStatus, UserInfo},
+        core::v1::{Pod, PodSpec, PodStatus},
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use kube::runtime::watcher::Event;
+
+use super::{ObjectRef, Pods, Refusal, Settings, reviews};
+
+fn settings() -> Settings {
+    Settings {
+        agent: ObjectRef::parse("--agent-service-account", "warren-system/warren-agent").unwrap(),
+        audience: "warren-ca".into(),
+        review_lifetime: Duration::from_secs(300),
+    }
+}
+
+fn status(username: &str, audiences: &[&str], extra: &[(&str, &str)]) -> TokenReviewStatus {
+    TokenReviewStatus {
+        authenticated: Some(true),
+        audiences: Some(audiences.iter().map(|a| a.to_string()).collect()),
+        user: Some(UserInfo {
+            username: Some(username.into()),
+            extra: Some(
+                extra
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), vec![v.to_string()]))
+                    .collect::<BTreeMap<_, _>>(),
+            ),
+            ..UserInfo::default()
+        }),
+        error: None,
+    }
+}
+
+const AGENT: &str = "system:serviceaccount:warren-system:warren-agent";
+const POD: (&str, &str) = (
+    "authentication.kubernetes.io/pod-name",
+    "warren-agent-abcde",
+);
+const UID: (&str, &str) = ("authentication.kubernetes.io/pod-uid", "1234");
+
+#[test]
+fn an_agents_pod_bound_token_is_accepted() {
+    let bound = reviews::interpret(
+        Some(&status(AGENT, &["warren-ca"], &[POD, UID])),
+        &settings(),
+    )
+    .unwrap();
+    assert_eq!(bound.pod_name, "warren-agent-abcde");
+    assert_eq!(bound.pod_uid, "1234");
+    assert_eq!(bound.node_name, None);
+    let with_node = status(
+        AGENT,
+        &["warren-ca"],
+        &[
+            POD,
+            UID,
+            ("authentication.kubernetes.io/node-name", "node-1"),
+        ],
+    );
+    let bound = reviews::interpret(Some(&with_node), &settings()).unwrap();
+    assert_eq!(bound.node_name.as_deref(), Some("node-1"));
+}
+
+#[test]
+fn refusals_say_why() {
+    let settings = settings();
+    let refused =
+        |status: TokenReviewStatus| reviews::interpret(Some(&status), &settings).unwrap_err();
+
+    let mut invalid = status(AGENT, &["warren-ca"], &[POD, UID]);
+    invalid.authenticated = Some(false);
+    invalid.error = Some("token has expired".into());
+    assert_eq!(
+        refused(invalid),
+        Refusal::Unauthenticated(
+            "the API server does not accept the token: token has expired".into()
+        )
+    );
+    assert!(matches!(
+        refused(status(AGENT, &["kubernetes"], &[POD, UID])),
+        Refusal::Unauthenticated(why) if why.contains("not for audience warren-ca")
+    ));
+    assert!(matches!(
+        refused(status("system:serviceaccount:default:default", &["warren-ca"], &[POD, UID])),
+        Refusal::Denied(why) if why.contains("not the agents' service account warren-system/warren-agent")
+    ));
+    // Same name in another namespace is another service account.
+    assert!(matches!(
+        refused(status(
+            "system:serviceaccount:other:warren-agent",
+            &["warren-ca"],
+            &[POD, UID]
+        )),
+        Refusal::Denied(_)
+    ));
+    assert!(matches!(
+        refused(status(AGENT, &["warren-ca"], &[])),
+        Refusal::Denied(why) if why.contains("not bound to a pod")
+    ));
+    assert!(matches!(
+        reviews::interpret(None, &settings).unwrap_err(),
+        Refusal::Unavailable(_)
+    ));
+}
+
+#[test]
+fn expiry_is_read_from_the_claims() {
+    let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(br#"{"aud":["warren-ca"],"exp":2000000000,"sub":"x"}"#);
+    let token = format!("e30.{claims}.c2ln");
+    assert_eq!(
+        reviews::expiry(&token),
+        Some(std::time::UNIX_EPOCH + Duration::from_secs(2_000_000_000))
+    );
+    assert_eq!(reviews::expiry("not a jwt"), None);
+    assert_eq!(reviews::expiry("a.!!!.c"), None);
+}
+
+fn pod(
+    namespace: &str,
+    name: &str,
+    uid: &str,
+    sa: Option<&str>,
+    node: Option<&str>,
+    phase: &str,
+) -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            namespace: Some(namespace.into()),
+            name: Some(name.into()),
+            uid: Some(uid.into()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec {
+            service_account_name: sa.map(Into::into),
+            node_name: node.map(Into::into),
+            ..PodSpec::default()
+        }),
+        status: Some(PodStatus {
+            phase: Some(phase.into()),
+            ..PodStatus::default()
+        }),
+    }
+}
+
+#[test]
+fn pods_place_service_accounts_on_nodes() {
+    let pods = Pods::default();
+    assert!(!pods.synced());
+    pods.apply(Event::Init);
+    pods.apply(Event::InitApply(pod(
+        "shop",
+        "web-1",
+        "u1",
+        Some("web"),
+        Some("node-1"),
+        "Running",
+    )));
+    pods.apply(Event::InitApply(pod(
+        "shop",
+        "web-2",
+        "u2",
+        Some("web"),
+        Some("node-1"),
+        "Running",
+    )));
+    pods.apply(Event::InitApply(pod(
+        "shop",
+        "batch",
+        "u3",
+        None,
+        Some("node-2"),
+        "Succeeded",
+    )));
+    pods.apply(Event::InitApply(pod(
+        "shop",
+        "pending",
+        "u4",
+        Some("db"),
+        None,
+        "Pending",
+    )));
+    assert!(
+        !pods.runs_on("node-1", "shop", "web"),
+        "not before the list completes"
+    );
+    pods.apply(Event::InitDone);
+    assert!(pods.synced());
+    assert!(pods.runs_on("node-1", "shop", "web"));
+    assert!(!pods.runs_on("node-2", "shop", "web"));
+    assert!(
+        !pods.runs_on("node-2", "shop", "default"),
+        "finished pods run nothing"
+    );
+    assert!(
+        !pods.runs_on("node-1", "shop", "db"),
+        "unscheduled pods run nowhere"
+    );
+
+    // One of two pods goes: the placement stays; the second goes: it is gone.
+    pods.apply(Event::Delete(pod(
+        "shop",
+        "web-1",
+        "u1",
+        Some("web"),
+        Some("node-1"),
+        "Running",
+    )));
+    assert!(pods.runs_on("node-1", "shop", "web"));
+    pods.apply(Event::Apply(pod(
+        "shop",
+        "web-2",
+        "u2",
+        Some("web"),
+        Some("node-1"),
+        "Failed",
+    )));
+    assert!(!pods.runs_on("node-1", "shop", "web"));
+
+    // Scheduling moves it; an empty service account is "default".
+    pods.apply(Event::Apply(pod(
+        "shop",
+        "pending",
+        "u4",
+        Some(""),
+        Some("node-2"),
+        "Running",
+    )));
+    assert!(pods.runs_on("node-2", "shop", "default"));
+    let agent = ObjectRef::parse("pod", "shop/pending").unwrap();
+    assert_eq!(pods.agent_pod(&agent).unwrap().uid, "u4");
+
+    // A relist replaces the view whole, and only when complete.
+    pods.apply(Event::Init);
+    pods.apply(Event::InitApply(pod(
+        "shop",
+        "web-3",
+        "u5",
+        Some("web"),
+        Some("node-3"),
+        "Running",
+    )));
+    assert!(
+        pods.runs_on("node-2", "shop", "default"),
+        "old view in force during a relist"
+    );
+    pods.apply(Event::InitDone);
+    assert!(!pods.runs_on("node-2", "shop", "default"));
+    assert!(pods.agent_pod(&agent).is_none());
+    assert!(pods.runs_on("node-3", "shop", "web"));
+}
+
+#[test]
+fn object_refs_are_namespace_slash_name() {
+    assert!(ObjectRef::parse("x", "warren-system/warren-agent").is_ok());
+    for bad in ["warren-agent", "/a", "a/", "a/b/c", ""] {
+        let error = ObjectRef::parse("--agent-service-account", bad).unwrap_err();
+        assert!(
+            error.to_string().contains("--agent-service-account"),
+            "{error}"
+        );
+    }
+}

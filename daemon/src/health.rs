@@ -1,0 +1,191 @@
+//! The health endpoints of warren's daemons, for the kubelet's probes, on
+//! the paths ztunnel uses:
+//!
+//! - `GET /healthz/ready`: 200 when the daemon says it is ready, else 503
+//!   with its reason in the body (what `kubectl describe` shows).
+//! - `GET /healthz/live`: 200 whenever the daemon's runtime answers at all.
+//!   Liveness asks nothing of the daemon's state on purpose: a slow or absent
+//!   API server makes a daemon unready, never a candidate for a restart that
+//!   would not help.
+//!
+//! Plain HTTP/1.1 without TLS, as kubelet probes are; nothing secret is served.
+
+use std::{convert::Infallible, future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+pub const READY_PATH: &str = "/healthz/ready";
+pub const LIVE_PATH: &str = "/healthz/live";
+
+/// A probe that takes longer than this to send its request is dropped: the
+/// endpoints must not be held open by a slow client.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Whether the daemon is ready, asked at each probe: `Err` says why not.
+pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// Serves the endpoints on `listener` until `shutdown` completes.
+pub async fn serve(listener: TcpListener, ready: Readiness, shutdown: impl Future<Output = ()>) {
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: pause, not spin.
+                    tracing::warn!(%error, "health endpoint cannot accept");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => return,
+        };
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| {
+                let ready = ready.clone();
+                async move { Ok::<_, Infallible>(answer(&request, &ready)) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .header_read_timeout(REQUEST_TIMEOUT)
+                .timer(hyper_util::rt::TokioTimer::new())
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), service);
+            // A probe that hangs up early is not worth a log line.
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT, connection).await;
+        });
+    }
+}
+
+/// Binds `address` and serves there in a task of its own, which ends with
+/// the runtime. Returns the address bound (a port of 0 picks one).
+pub async fn spawn(address: &str, ready: Readiness) -> io::Result<SocketAddr> {
+    let listener = TcpListener::bind(address).await.map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot listen on {address} for health probes: {e}"),
+        )
+    })?;
+    let local = listener.local_addr()?;
+    tokio::spawn(serve(listener, ready, std::future::pending()));
+    Ok(local)
+}
+
+fn answer(request: &Request<Incoming>, ready: &Readiness) -> Response<Full<Bytes>> {
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, "use GET\n".into());
+    }
+    match request.uri().path() {
+        READY_PATH => match ready() {
+            Ok(()) => reply(StatusCode::OK, "ready\n".into()),
+            Err(why) => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
+        },
+        LIVE_PATH => reply(StatusCode::OK, "live\n".into()),
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            format!("no such endpoint; try {READY_PATH} or {LIVE_PATH}\n"),
+        ),
+    }
+}
+
+fn reply(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+    };
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// Sends one raw request and returns the whole response.
+    async fn get(address: SocketAddr, request: &str) -> String {
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        response
+    }
+
+    fn probe(path: &str) -> String {
+        format!("GET {path} HTTP/1.1\r\nHost: probe\r\n\r\n")
+    }
+
+    #[tokio::test]
+    async fn readiness_follows_the_daemon_and_liveness_does_not() {
+        let state = Arc::new(Mutex::new(Err::<(), _>("pods not listed yet".to_owned())));
+        let asked = state.clone();
+        let address = spawn(
+            "127.0.0.1:0",
+            Arc::new(move || asked.lock().unwrap().clone()),
+        )
+        .await
+        .unwrap();
+
+        let response = get(address, &probe(READY_PATH)).await;
+        assert!(response.starts_with("HTTP/1.1 503"), "{response}");
+        assert!(
+            response.ends_with("not ready: pods not listed yet\n"),
+            "{response}"
+        );
+        let response = get(address, &probe(LIVE_PATH)).await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+
+        *state.lock().unwrap() = Ok(());
+        let response = get(address, &probe(READY_PATH)).await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        assert!(response.ends_with("ready\n"), "{response}");
+    }
+
+    #[tokio::test]
+    async fn other_paths_methods_and_garbage_are_refused() {
+        let address = spawn("127.0.0.1:0", Arc::new(|| Ok(()))).await.unwrap();
+        let response = get(address, &probe("/metrics")).await;
+        assert!(response.starts_with("HTTP/1.1 404"), "{response}");
+        let response = get(address, "POST /healthz/ready HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(response.starts_with("HTTP/1.1 405"), "{response}");
+        let response = get(address, "\x16\x03\x01garbage\r\n\r\n").await;
+        assert!(response.starts_with("HTTP/1.1 400"), "{response}");
+        // Still serving after all that.
+        let response = get(address, &probe(LIVE_PATH)).await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    }
+
+    #[tokio::test]
+    async fn a_silent_client_does_not_block_the_others() {
+        let called = Arc::new(AtomicBool::new(false));
+        let seen = called.clone();
+        let address = spawn(
+            "127.0.0.1:0",
+            Arc::new(move || {
+                seen.store(true, Ordering::Relaxed);
+                Ok(())
+            }),
+        )
+        .await
+        .unwrap();
+        let _silent = tokio::net::TcpStream::connect(address).await.unwrap();
+        let response = get(address, &probe(READY_PATH)).await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        assert!(called.load(Ordering::Relaxed));
+    }
+}

@@ -1,0 +1,11 @@
+//! The plumbing both of warren's daemons run on (the node agent `warren`
+//! and the mesh CA `warren-ca`), kept apart from their jobs:
+//!
+//! - [`logging`]: log setup (text or JSON) and error chains in one line.
+//! - [`watch`]: noticing that a file was replaced (config, trust bundle,
+//!   a kubelet-projected volume).
+//! - [`health`]: the readiness and liveness endpoints the kubelet probes.
+
+pub mod health;
+pub mod logging;
+pub mod watch;
