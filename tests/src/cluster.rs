@@ -5,18 +5,29 @@
 //! `cargo xtask demo`. Its methods panic, saying what failed: it is test
 //! support.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+};
 
-use k8s_openapi::api::core::v1::{Namespace, Service};
-use kube::api::{Api, Patch, PatchParams};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::{
+    authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
+    core::v1::{ConfigMap, Namespace, Pod as KubePod, Service, ServiceAccount},
+};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 use crate::{
     Lab,
     controlplane::ControlPlane,
-    harness::{Agent, LogLine, PATIENCE, kube_agent_config, test_lab},
+    harness::{
+        Agent, CA_PORT, CaService, HEALTH_PORT, LogLine, PATIENCE, dev_ca_dir, kube_agent_config,
+        test_lab,
+    },
     kubelet::Kubelet,
-    lab::{self, Pod},
+    lab::{self, Node, Pod},
 };
 
 /// The agents' RBAC, as deployed.
@@ -52,6 +63,14 @@ impl Cluster {
     /// With the agents' RBAC `rbac`; `ready`: whether to wait for the agents
     /// to be ready.
     pub fn start_with(nodes: usize, istio_crds: bool, rbac: &str, ready: bool) -> Self {
+        let mut cluster = Self::without_agents(nodes, istio_crds, rbac);
+        cluster.start_agents(ready, kube_agent_config);
+        cluster
+    }
+
+    /// The control plane (with `rbac` and, if `istio_crds`, Istio's CRDs)
+    /// and the kubelet, but no agents yet: see [`start_agents`](Self::start_agents).
+    pub fn without_agents(nodes: usize, istio_crds: bool, rbac: &str) -> Self {
         let lab = test_lab(nodes, 0);
         let cp = ControlPlane::start(&lab).expect("control plane");
         cp.apply(rbac).expect("agent RBAC");
@@ -59,16 +78,29 @@ impl Cluster {
             cp.apply(ISTIO_CRDS).expect("Istio CRDs");
         }
         let kubelet = Kubelet::start(&lab, &cp).expect("kubelet");
-        let dir = lab::files_dir(lab.prefix()).join("agents");
-        std::fs::create_dir_all(&dir).unwrap();
+        Self {
+            agents: Vec::new(),
+            kubelet,
+            cp,
+            lab,
+        }
+    }
+
+    /// Starts an agent on every node, with the config `config(node,
+    /// kubeconfig)`, where the kubeconfig holds a token of the agents'
+    /// service account; `ready`: whether to wait for each to be ready.
+    pub fn start_agents(&mut self, ready: bool, config: impl Fn(&Node, &Path) -> String) {
+        let dir = self.agents_dir();
         let kubeconfig = dir.join("agent.kubeconfig");
-        cp.agent_kubeconfig("warren-system", "warren-agent", &kubeconfig)
+        self.cp
+            .agent_kubeconfig("warren-system", "warren-agent", &kubeconfig)
             .expect("agent kubeconfig");
-        let agents = lab
+        self.agents = self
+            .lab
             .nodes()
             .iter()
             .map(|node| {
-                let config = kube_agent_config(node, &kubeconfig);
+                let config = config(node, &kubeconfig);
                 if ready {
                     Agent::start(node, &config, &dir).expect("agent starts")
                 } else {
@@ -76,12 +108,13 @@ impl Cluster {
                 }
             })
             .collect();
-        Self {
-            agents,
-            kubelet,
-            cp,
-            lab,
-        }
+    }
+
+    /// Where the agents' configs, kubeconfig and logs go.
+    pub fn agents_dir(&self) -> PathBuf {
+        let dir = lab::files_dir(self.lab.prefix()).join("agents");
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
     }
 
     pub fn apply(&self, yaml: &str) {
@@ -232,4 +265,164 @@ pub fn cluster_ip(cluster: &Cluster, namespace: &str, name: &str) -> Ipv4Addr {
         .expect("cluster IP")
         .parse()
         .unwrap()
+}
+
+/// The CA's service account and roles, and the trust-bundle ConfigMap, as
+/// deployed.
+pub const CA_RBAC: &str = concat!(
+    include_str!("../../deploy/kustomize/base/namespace.yaml"),
+    "---\n",
+    include_str!("../../deploy/kustomize/base/ca/rbac.yaml"),
+    "---\n",
+    include_str!("../../deploy/kustomize/base/trust-bundle.yaml"),
+);
+/// The audience of the agents' tokens, as deployed.
+pub const CA_AUDIENCE: &str = "warren-ca";
+
+/// `warren-ca serve --kubernetes` on node-1 (index 0) of a [`Cluster`], as
+/// deployed: its own service account, the agents authenticated by tokens
+/// bound to their Pods (one host-network agent Pod per node, as the
+/// DaemonSet makes), the roots published in the trust-bundle ConfigMap.
+pub struct KubeCa {
+    pub service: CaService,
+    /// The roots as the agents get them: from the ConfigMap.
+    pub trust: PathBuf,
+    /// The agents' token files, by node index.
+    pub tokens: Vec<PathBuf>,
+}
+
+impl Cluster {
+    /// Starts the CA on Kubernetes, waits until it has listed the Pods and
+    /// published its roots, checks the ConfigMap holds them, and makes each
+    /// node's agent Pod and token.
+    pub fn start_ca(&self) -> KubeCa {
+        self.apply(CA_RBAC);
+        let dir = self.agents_dir();
+        let kubeconfig = dir.join("ca.kubeconfig");
+        self.cp
+            .agent_kubeconfig("warren-system", "warren-ca", &kubeconfig)
+            .expect("CA kubeconfig");
+        let signing = dir.join("ca-signing");
+        let mut service = CaService::start_kubernetes(
+            self.lab.node(0),
+            &kubeconfig,
+            &signing,
+            &[],
+            dir.join("ca.log"),
+        )
+        .expect("CA starts");
+        service
+            .wait_for(PATIENCE, |l| l.message() == "pods listed")
+            .expect("CA lists pods");
+        service
+            .wait_for(PATIENCE, |l| l.message() == "published the trust bundle")
+            .expect("CA publishes its roots");
+
+        // What the kubelet projects into the agents: the ConfigMap's roots,
+        // which must be the CA's.
+        let configmaps: Api<ConfigMap> = Api::namespaced(self.cp.client(), "warren-system");
+        let published = self
+            .cp
+            .block_on(configmaps.get("warren-trust-bundle"))
+            .expect("trust-bundle ConfigMap");
+        let roots = published.data.unwrap_or_default()["roots.pem"].clone();
+        assert_eq!(
+            roots,
+            std::fs::read_to_string(signing.join("root.pem")).unwrap(),
+            "the ConfigMap holds the CA's roots"
+        );
+        let trust = dir.join("trust-roots.pem");
+        std::fs::write(&trust, roots).unwrap();
+
+        let tokens = self
+            .lab
+            .nodes()
+            .iter()
+            .enumerate()
+            .map(|(i, node)| {
+                let pod = agent_pod(self, &node.name, &format!("warren-agent-{}", node.name));
+                let path = dir.join(format!("token-{i}"));
+                std::fs::write(&path, bound_token(&self.cp, &pod, CA_AUDIENCE)).unwrap();
+                path
+            })
+            .collect();
+        KubeCa {
+            service,
+            trust,
+            tokens,
+        }
+    }
+
+    /// Starts the agents in Kubernetes mode with certificates from `ca`:
+    /// each presents its Pod's token, trusts the ConfigMap's roots and
+    /// serves its health endpoints on [`HEALTH_PORT`].
+    pub fn start_agents_with_ca(&mut self, ca: &KubeCa) {
+        let address = SocketAddrV4::new(self.lab.node(0).ip, CA_PORT);
+        let nodes: Vec<String> = self.lab.nodes().iter().map(|n| n.name.clone()).collect();
+        self.start_agents(true, |node, kubeconfig| {
+            let i = nodes.iter().position(|n| *n == node.name).unwrap();
+            kube_agent_config(node, kubeconfig).replace(
+                &format!("devCaDir: {}\n", dev_ca_dir(node).display()),
+                &format!(
+                    "ca:\n  address: {address}\n  token: {}\ntrustBundle: {}\n\
+                     healthListen: {}:{HEALTH_PORT}\n",
+                    ca.tokens[i].display(),
+                    ca.trust.display(),
+                    node.ip
+                ),
+            )
+        });
+    }
+}
+
+/// A host-network Pod of the agents' service account on `node`, as the
+/// DaemonSet makes; waits until it runs.
+pub fn agent_pod(cluster: &Cluster, node: &str, name: &str) -> KubePod {
+    cluster.apply(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: warren-system}}\n\
+         spec:\n  nodeName: {node}\n  hostNetwork: true\n  serviceAccountName: warren-agent\n  \
+         containers:\n  - name: agent\n    image: warren-agent\n"
+    ));
+    let pods: Api<KubePod> = Api::namespaced(cluster.cp.client(), "warren-system");
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let pod = cluster.cp.block_on(pods.get(name)).unwrap();
+        let phase = pod.status.as_ref().and_then(|s| s.phase.clone());
+        if phase.as_deref() == Some("Running") {
+            return pod;
+        }
+        assert!(Instant::now() < deadline, "{name} never ran");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A service-account token for `pod`'s service account, bound to `pod`, for
+/// `audience`, an hour long: what the kubelet projects into the agent.
+pub fn bound_token(cp: &ControlPlane, pod: &KubePod, audience: &str) -> String {
+    let namespace = pod.metadata.namespace.clone().unwrap();
+    let account = pod
+        .spec
+        .as_ref()
+        .unwrap()
+        .service_account_name
+        .clone()
+        .unwrap();
+    let api: Api<ServiceAccount> = Api::namespaced(cp.client(), &namespace);
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![audience.to_owned()],
+            expiration_seconds: Some(3600),
+            bound_object_ref: Some(BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: pod.metadata.name.clone(),
+                uid: pod.metadata.uid.clone(),
+            }),
+        },
+        ..TokenRequest::default()
+    };
+    let issued: TokenRequest = cp
+        .block_on(api.create_subresource("token", &account, &PostParams::default(), &request))
+        .unwrap();
+    issued.status.unwrap().token
 }

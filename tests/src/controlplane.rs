@@ -13,6 +13,10 @@
 //!
 //! Every process runs in `<lab cgroup>/control-plane`, so the lab's teardown kills them
 //! even if the test process dies; dropping the [`ControlPlane`] kills them sooner.
+//!
+//! The API server keeps an audit log of what service accounts do ([`AUDIT_POLICY`]), so
+//! that a test can check warren's RBAC against the requests its components really made
+//! ([`ControlPlane::audit_events`], [`crate::audit`]).
 
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
@@ -41,6 +45,7 @@ use serde::Deserialize as _;
 use tokio::runtime::Runtime;
 use tokio::task::JoinHandle;
 
+use crate::audit::{self, AuditEvent};
 use crate::lab::{self, Lab};
 
 pub const APISERVER: &str = "kube-apiserver";
@@ -61,6 +66,23 @@ const CONTROLLERS: &str =
     "endpoint,endpointslice,serviceaccount,serviceaccount-token,namespace,garbagecollector";
 /// A cold start takes 2-5 s; a loaded machine may take much longer.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+/// The API server's audit policy: request metadata (who, verb, resource, name, response
+/// code, the authorizer's decision; no bodies) of service accounts only, so the admin's
+/// and the controller manager's many requests cost nothing. Every stage is kept: 1.20
+/// logs a watch only when it ends (ResponseStarted and ResponseComplete together), so
+/// RequestReceived is what tells that a request is still open
+/// ([`ControlPlane::audit_events`] waits for them).
+pub const AUDIT_POLICY: &str = "\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+rules:
+  - level: Metadata
+    userGroups: [system:serviceaccounts]
+  - level: None
+";
+/// How long [`ControlPlane::audit_events`] waits for open requests to end: the server
+/// ends a watch within milliseconds of its client's going.
+const AUDIT_PATIENCE: Duration = Duration::from_secs(10);
 /// How long `apply` retries what a young cluster refuses for a moment (a CRD not yet
 /// served, a namespace whose service-account token does not exist yet).
 const APPLY_PATIENCE: Duration = Duration::from_secs(20);
@@ -114,6 +136,9 @@ pub struct ControlPlane {
     apiserver: Option<Process>,
     apiserver_args: Vec<OsString>,
     apiserver_port: u16,
+    audit_log: PathBuf,
+    /// The log's length at each kill of the API server: requests open then never end.
+    audit_cutoffs: Vec<usize>,
     controller_manager: Process,
     admin_kubeconfig: PathBuf,
     ca_pem: String,
@@ -168,6 +193,8 @@ impl ControlPlane {
             "tokens.csv",
             &format!("{},admin,1,system:masters\n", credentials.admin_token),
         )?;
+        let audit_policy = write("audit-policy.yaml", AUDIT_POLICY)?;
+        let audit_log = dir.join("audit.log");
 
         let [etcd_port, etcd_peer_port, apiserver_port] = free_ports()?;
         let etcd_endpoint = format!("http://127.0.0.1:{etcd_port}");
@@ -200,6 +227,12 @@ impl ControlPlane {
             // The agent runs privileged, as a DaemonSet would.
             "--allow-privileged=true".into(),
             "--profiling=false".into(),
+            format!("--audit-policy-file={}", audit_policy.display()),
+            format!("--audit-log-path={}", audit_log.display()),
+            "--audit-log-format=json".into(),
+            // Each event is written before its response is finished (the default, made
+            // explicit): what a client has seen answered is in the log when a test reads it.
+            "--audit-log-mode=blocking".into(),
         ]);
         let apiserver_bin = bin.join(APISERVER);
         let apiserver = Process::spawn(APISERVER, &apiserver_bin, &apiserver_args, &cgroup, &dir)?;
@@ -246,6 +279,8 @@ impl ControlPlane {
             apiserver: Some(apiserver),
             apiserver_args,
             apiserver_port,
+            audit_log,
+            audit_cutoffs: Vec::new(),
             controller_manager,
             admin_kubeconfig,
             ca_pem: credentials.ca_pem,
@@ -295,9 +330,73 @@ impl ControlPlane {
     }
 
     /// The directory with the control plane's files and logs (`etcd.log`,
-    /// `kube-apiserver.log`, `kube-controller-manager.log`).
+    /// `kube-apiserver.log`, `kube-controller-manager.log`, `audit.log`).
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The API server's audit log (JSON lines, see [`AUDIT_POLICY`]).
+    pub fn audit_log(&self) -> &Path {
+        &self.audit_log
+    }
+
+    /// Every request of a service account so far, one event per request in the order
+    /// they came, across API server restarts; for [`audit::unused_grants`] and
+    /// [`audit::denied`].
+    ///
+    /// Stop the clients first (agents, CA): it waits up to 10 s for every request to be
+    /// answered, since 1.20 logs a watch only once it ends, and fails naming those still
+    /// open. Everything a client has seen answered is in it.
+    pub fn audit_events(&self) -> Result<Vec<AuditEvent>> {
+        self.audit_events_within(AUDIT_PATIENCE)
+    }
+
+    /// [`Self::audit_events`], waiting at most `patience` for open requests to end.
+    pub fn audit_events_within(&self, patience: Duration) -> Result<Vec<AuditEvent>> {
+        let deadline = Instant::now() + patience;
+        loop {
+            let bytes = match fs::read(&self.audit_log) {
+                Ok(bytes) => bytes,
+                // The API server makes it at its first event.
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                Err(err) => {
+                    return Err(err)
+                        .with_context(|| format!("reading {}", self.audit_log.display()));
+                }
+            };
+            let mut events = Vec::new();
+            let mut open = Vec::new();
+            let mut start = 0;
+            // Requests of a killed API server's time that were open then never end: only
+            // those of the running one are waited for.
+            let ends = self.audit_cutoffs.iter().copied().chain([bytes.len()]);
+            for (segment, end) in ends.enumerate() {
+                let text = String::from_utf8_lossy(&bytes[start.min(end)..end]);
+                let parsed = audit::parse_log(&text)
+                    .with_context(|| format!("parsing {}", self.audit_log.display()))?;
+                if segment == self.audit_cutoffs.len() {
+                    open = parsed.iter().filter(|e| !e.answered()).cloned().collect();
+                }
+                events.extend(parsed);
+                start = end;
+            }
+            if open.is_empty() {
+                return Ok(events);
+            }
+            if Instant::now() > deadline {
+                let open: Vec<String> = open
+                    .iter()
+                    .map(|event| format!("{} by {}", event.describe(), event.user))
+                    .collect();
+                bail!(
+                    "{} requests still open after {patience:?} (stop their clients first: \
+                     {APISERVER} 1.20 logs a watch only when it ends): {}",
+                    open.len(),
+                    open.join("; ")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Creates or replaces every object of a multi-document YAML text (any kind, CRDs and
@@ -376,7 +475,11 @@ impl ControlPlane {
             .apiserver
             .take()
             .context("the API server is not running")?;
-        apiserver.kill()
+        apiserver.kill()?;
+        let logged = fs::metadata(&self.audit_log).map_or(0, |m| m.len());
+        self.audit_cutoffs
+            .push(usize::try_from(logged).context("audit log size")?);
+        Ok(())
     }
 
     /// Starts the API server again, same port, same etcd, and waits until it is ready.

@@ -559,6 +559,12 @@ pub struct CaService {
 
 /// The CA service's port.
 pub const CA_PORT: u16 = 15012;
+/// Where the agents serve their health endpoints (as deployed).
+pub const HEALTH_PORT: u16 = 15021;
+/// Where the CA serves its health endpoints in the lab: deployed, it has a
+/// network namespace of its own and uses 15021 too; here it shares one
+/// node's with that node's agent.
+pub const CA_HEALTH_PORT: u16 = 15031;
 
 impl CaService {
     /// Serves `ca`'s signing certificate, publishing `roots`, for the mesh
@@ -575,6 +581,44 @@ impl CaService {
             vec!["serve".into(), "--listen".into(), addr.to_string().into()];
         args.extend(ca.signing_args(roots));
         args.extend(["--workloads".into(), workloads.into()]);
+        Self::serve(node, args, log)
+    }
+
+    /// Serves for agents on Kubernetes, as the manifests run it: agents'
+    /// service-account tokens reviewed through the API server at
+    /// `kubeconfig` (the CA's own service account), the roots published in
+    /// the ConfigMap warren-system/warren-trust-bundle, health endpoints on
+    /// [`CA_HEALTH_PORT`]; signing with a self-signed root kept in `signing`.
+    pub fn start_kubernetes(
+        node: &Node,
+        kubeconfig: &Path,
+        signing: &Path,
+        extra: &[&str],
+        log: PathBuf,
+    ) -> Result<Self> {
+        let addr = SocketAddrV4::new(node.ip, CA_PORT);
+        let health = SocketAddrV4::new(node.ip, CA_HEALTH_PORT);
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "serve".into(),
+            "--listen".into(),
+            addr.to_string().into(),
+            "--health-listen".into(),
+            health.to_string().into(),
+            "--self-signed".into(),
+            signing.into(),
+            "--kubernetes".into(),
+            "--kubeconfig".into(),
+            kubeconfig.into(),
+            "--trust-bundle-configmap".into(),
+            "warren-system/warren-trust-bundle".into(),
+        ];
+        args.extend(extra.iter().map(Into::into));
+        Self::serve(node, args, log)
+    }
+
+    /// Starts `warren-ca` with `args` and waits until it listens.
+    fn serve(node: &Node, args: Vec<std::ffi::OsString>, log: PathBuf) -> Result<Self> {
+        let addr = SocketAddrV4::new(node.ip, CA_PORT);
         let args: Vec<&OsStr> = args.iter().map(|a| a.as_os_str()).collect();
         let mut daemon = Daemon::start(node, "warren-ca", "CA".into(), &args, log)?;
         daemon.wait_for(PATIENCE, |l| {

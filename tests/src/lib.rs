@@ -3,6 +3,7 @@
 //! `harness`, which runs agents, servers and clients in a lab, and a real Kubernetes
 //! control plane (`controlplane`) whose Pods the lab realizes (`kubelet`).
 
+pub mod audit;
 pub mod cluster;
 pub mod controlplane;
 pub mod harness;

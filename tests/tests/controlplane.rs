@@ -2,7 +2,8 @@
 //! `cargo xtask setup`) with the lab playing the kubelet. These check the pieces the
 //! agent's Kubernetes tests stand on: RBAC as deployed, reachability from node
 //! namespaces, Pods realized as lab pods with kubelet-shaped cgroups, EndpointSlices
-//! from the controller manager, and 410 Gone after etcd compaction.
+//! from the controller manager, 410 Gone after etcd compaction, and the audit log that
+//! checks RBAC both ways.
 
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -14,7 +15,10 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod as KubePod, Secret};
 use kube::api::{Api, ApiResource, DynamicObject, ListParams, PostParams, WatchEvent, WatchParams};
 use kube::core::GroupVersionKind;
-use warren_tests::controlplane::{ControlPlane, block_on_in_netns, kubeconfig_client};
+use warren_tests::audit::{denied, unused_grants};
+use warren_tests::controlplane::{
+    ControlPlane, block_on_in_netns, kubeconfig_client, write_kubeconfig,
+};
 use warren_tests::harness::{Call, Server, test_lab};
 use warren_tests::kubelet::Kubelet;
 use warren_tests::lab;
@@ -110,6 +114,129 @@ fn agent_token_from_a_node_reads_pods_and_policies_but_not_secrets() {
         }
         other => panic!("the agent read secrets: {other:?}"),
     }
+}
+
+/// A service account that may get and list ConfigMaps in its namespace and list and
+/// watch Pods everywhere.
+const READER_RBAC: &str = "\
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: reader, namespace: shop}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: reader, namespace: shop}
+rules:
+  - apiGroups: ['']
+    resources: [configmaps]
+    verbs: [get, list]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: reader, namespace: shop}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: reader}
+subjects: [{kind: ServiceAccount, name: reader, namespace: shop}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: reader-pods}
+rules:
+  - apiGroups: ['']
+    resources: [pods]
+    verbs: [list, watch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: reader-pods}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: reader-pods}
+subjects: [{kind: ServiceAccount, name: reader, namespace: shop}]
+";
+
+#[test]
+fn audit_log_shows_unused_grants_and_denied_requests() {
+    let lab = test_lab(1, 0);
+    let mut cp = ControlPlane::start(&lab).expect("control plane");
+    cp.apply(READER_RBAC).expect("reader RBAC");
+    let token = cp.service_account_token("shop", "reader").unwrap();
+    let kubeconfig = cp.dir().join("reader.kubeconfig");
+    write_kubeconfig(
+        &kubeconfig,
+        &cp.url(),
+        cp.ca_pem(),
+        "reader",
+        &token,
+        "shop",
+    )
+    .unwrap();
+    let user = "system:serviceaccount:shop:reader";
+
+    let (maps, pods, created, watch) = cp.block_on(async {
+        let client = kubeconfig_client(&kubeconfig).await.expect("reader client");
+        let maps = Api::<ConfigMap>::namespaced(client.clone(), "shop");
+        let listed = maps.list(&ListParams::default()).await;
+        let pods = Api::<KubePod>::all(client.clone());
+        let listed_pods = pods.list(&ListParams::default()).await;
+        let mut map = ConfigMap::default();
+        map.metadata.name = Some("mine".into());
+        let created = maps.create(&PostParams::default(), &map).await;
+        // Left open while the log is read.
+        let watch = pods.watch(&WatchParams::default(), "0").await;
+        (listed, listed_pods, created, watch)
+    });
+    maps.expect("the reader may list configmaps");
+    pods.expect("the reader may list pods");
+    match created {
+        Err(kube::Error::Api(status)) => assert_eq!(status.code, 403, "{status:?}"),
+        other => panic!("creating a configmap: {other:?}, not 403"),
+    }
+    let watch = watch.expect("the reader may watch pods");
+
+    // 1.20 logs a watch only when it ends: while it is open, its grant cannot be told
+    // used, and the log says so rather than have `watch pods` reported unused.
+    let open = cp
+        .audit_events_within(Duration::from_millis(300))
+        .expect_err("the watch is open");
+    assert!(
+        format!("{open:#}").contains("watch pods by system:serviceaccount:shop:reader"),
+        "{open:#}"
+    );
+    drop(watch);
+    let events = cp.audit_events().expect("audit events");
+    assert_eq!(
+        unused_grants(READER_RBAC, &events, user),
+        ["Role shop/reader: get configmaps never used"]
+    );
+    assert_eq!(
+        denied(&events, user),
+        ["create configmaps in namespace shop"]
+    );
+
+    // A watch open when the API server is killed never ends in the log: it is not
+    // waited for, and the restarted server's requests follow in the same log.
+    let client = cp.block_on(kubeconfig_client(&kubeconfig)).unwrap();
+    let maps = Api::<ConfigMap>::namespaced(client.clone(), "shop");
+    let pods = Api::<KubePod>::all(client);
+    let cut = cp
+        .block_on(pods.watch(&WatchParams::default(), "0"))
+        .unwrap();
+    cp.kill_apiserver().unwrap();
+    drop(cut);
+    cp.restart_apiserver().unwrap();
+    cp.block_on(maps.list(&ListParams::default())).unwrap();
+    let after = cp.audit_events().expect("audit events after a restart");
+    let new: Vec<_> = after[events.len()..]
+        .iter()
+        .map(|e| (e.verb.as_str(), e.resource.as_str(), e.answered()))
+        .collect();
+    assert_eq!(
+        new,
+        [("watch", "pods", false), ("list", "configmaps", true)]
+    );
+    assert_eq!(after[..events.len()], events);
 }
 
 #[test]

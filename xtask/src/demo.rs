@@ -11,7 +11,7 @@ use std::{net::SocketAddrV4, time::Instant};
 use anyhow::{Context, Result, ensure};
 use warren_tests::{
     Lab, LabSpec,
-    cluster::{Cluster, PodSpec, cluster_ip, enrolled},
+    cluster::{Cluster, PodSpec, RBAC, cluster_ip, enrolled},
     harness::{
         Agent, CA_PORT, CaService, Call, Capture, LabCa, MeshWorkload, PATIENCE, Server,
         WireCapture, ca_agent_config, ca_workloads, contains,
@@ -203,7 +203,16 @@ fn kubernetes() -> Result<()> {
          Debian's source package), the lab playing the kubelet, an agent per node reading the \
          API with its own service account (RBAC as in deploy/kustomize/base/agent/rbac.yaml)"
     );
-    let cluster = Cluster::up(2);
+    let mut cluster = Cluster::without_agents(2, true, RBAC);
+    let ca = cluster.start_ca();
+    println!(
+        "   The CA runs as the manifests run it (`warren-ca serve --kubernetes`, its own service \
+         account): it watches the Pods and published its roots in the ConfigMap \
+         warren-system/warren-trust-bundle, which the agents trust. Each agent presents the \
+         projected token of its own Pod; the CA has the API server review it (TokenReview) and \
+         signs only identities of pods on that Pod's node."
+    );
+    cluster.start_agents_with_ca(&ca);
     cluster.namespace("shop", false, &["web", "sleep"]);
     let http = |port: u16| format!("    ports: [{{name: http, containerPort: {port}}}]\n");
     let sleep = cluster.pod(&PodSpec::new("shop", "sleep", 0, "sleep"));
@@ -296,9 +305,23 @@ fn kubernetes() -> Result<()> {
     for agent in &mut agents {
         agent.stop()?;
     }
+    let signed: Vec<String> = ca
+        .service
+        .lines()
+        .iter()
+        .filter(|l| l.message() == "signed a workload certificate")
+        .map(|l| format!("{} on {}", l.field("identity"), l.field("node")))
+        .collect();
+    ensure!(
+        signed.iter().any(|s| s.ends_with("/sa/sleep on node-1"))
+            && signed.iter().any(|s| s.ends_with("/sa/web on node-2")),
+        "the CA did not sign the certificates the calls used: {signed:?}"
+    );
     println!(
         "   Calls to the Service's virtual address went to both endpoints, each to its own target \
-         port, mTLS all the way. Tearing down the lab and its control plane."
+         port, mTLS all the way, with certificates the CA signed for each agent's own pods: {}. \
+         Tearing down the lab and its control plane.",
+        signed.join(", ")
     );
     Ok(())
 }

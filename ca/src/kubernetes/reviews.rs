@@ -13,6 +13,7 @@ use std::{
 use base64::Engine;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use kube::{Api, Client, api::PostParams};
+use tokio::sync::Semaphore;
 
 use super::{ObjectRef, Refusal, Settings};
 
@@ -24,6 +25,9 @@ const REFUSAL_LIFETIME: Duration = Duration::from_secs(10);
 /// Reviews remembered at most: a few per agent. When full, expired ones go;
 /// if none has expired, the new answer is simply not remembered.
 const MAX_REMEMBERED: usize = 16 * 1024;
+/// Reviews in flight at most: whoever can reach the CA can send tokens, and
+/// the CA must not turn a flood of them into a flood on the API server.
+const MAX_REVIEWING: usize = 16;
 
 const POD_NAME: &str = "authentication.kubernetes.io/pod-name";
 const POD_UID: &str = "authentication.kubernetes.io/pod-uid";
@@ -50,6 +54,7 @@ pub struct Reviewer {
     api: Api<TokenReview>,
     settings: Settings,
     remembered: Mutex<HashMap<[u8; 32], Remembered>>,
+    reviewing: Semaphore,
 }
 
 impl Reviewer {
@@ -58,6 +63,7 @@ impl Reviewer {
             api: Api::all(client),
             settings,
             remembered: Mutex::default(),
+            reviewing: Semaphore::new(MAX_REVIEWING),
         }
     }
 
@@ -74,6 +80,21 @@ impl Reviewer {
                 token.len()
             )));
         }
+        // A service-account token is a JWT: three base64url parts. Anything
+        // else is refused here, without asking the API server.
+        let parts: Vec<&str> = token.split('.').collect();
+        if parts.len() != 3
+            || parts.iter().any(|part| {
+                part.is_empty()
+                    || !part
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            })
+        {
+            return Err(Refusal::Unauthenticated(
+                "the token is not a JWT, as service-account tokens are".into(),
+            ));
+        }
         let key = digest(token);
         let now = Instant::now();
         if let Some(remembered) = self.remembered().get(&key)
@@ -88,6 +109,8 @@ impl Reviewer {
             },
             ..TokenReview::default()
         };
+        // Closed never: the semaphore lives as long as the reviewer.
+        let _permit = self.reviewing.acquire().await.ok();
         let answer = match self.api.create(&PostParams::default(), &review).await {
             Ok(answer) => answer,
             Err(kube::Error::Api(status)) if status.is_forbidden() => {

@@ -671,6 +671,87 @@ fn load_refuses_a_key_others_can_read() {
     }
 }
 
+/// A directory in Istio's plug-in CA layout, from a lab CA: what a mounted
+/// `cacerts` Secret holds.
+fn cacerts_from(lab: &Lab) -> TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = |from: &str, to: &str| fs::copy(lab.path(from), dir.path().join(to)).unwrap();
+    copy("ca-cert.pem", cacerts::CA_CERT);
+    copy("ca-key.pem", cacerts::CA_KEY);
+    copy("root.pem", cacerts::ROOT_CERT);
+    let chain = fs::read_to_string(lab.path("ca-cert.pem")).unwrap()
+        + &fs::read_to_string(lab.path("root.pem")).unwrap();
+    fs::write(dir.path().join(cacerts::CERT_CHAIN), chain).unwrap();
+    dir
+}
+
+#[test]
+fn loads_istios_cacerts_layout() {
+    let lab = Lab::new();
+    let dir = cacerts_from(&lab);
+    let key = dir.path().join(cacerts::CA_KEY);
+    // As the kubelet mounts a Secret for a non-root process: 0440, the
+    // file's group one of ours (the pod's fsGroup).
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o440)).unwrap();
+    let authority = Authority::load_cacerts(dir.path(), Policy::new(td())).unwrap();
+    assert_eq!(authority.roots().roots(), lab.authority.roots().roots());
+    let (csr, _) = csr_for(&sleep());
+    let chain = authority.sign(&csr, HOUR, allow).unwrap();
+    verify(&chain, authority.roots()).unwrap();
+
+    // Without cert-chain.pem, ca-cert.pem alone.
+    fs::remove_file(dir.path().join(cacerts::CERT_CHAIN)).unwrap();
+    Authority::load_cacerts(dir.path(), Policy::new(td())).unwrap();
+}
+
+#[test]
+fn cacerts_keys_are_for_our_group_at_most() {
+    let lab = Lab::new();
+    let dir = cacerts_from(&lab);
+    let key = dir.path().join(cacerts::CA_KEY);
+    // Readable by others, or writable by the group: refused.
+    for loose in [0o444, 0o460, 0o644] {
+        fs::set_permissions(&key, fs::Permissions::from_mode(loose)).unwrap();
+        let err = Authority::load_cacerts(dir.path(), Policy::new(td())).unwrap_err();
+        assert!(matches!(err, CaError::KeyPermissions { mode, .. } if mode == loose), "{err:?}");
+    }
+    // Readable by a group this process is not in: refused.
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o440)).unwrap();
+    let stranger = (60000..65000)
+        .map(nix::unistd::Gid::from_raw)
+        .find(|gid| {
+            *gid != nix::unistd::getegid()
+                && !nix::unistd::getgroups().unwrap_or_default().contains(gid)
+        })
+        .unwrap();
+    nix::unistd::chown(&key, None, Some(stranger)).unwrap();
+    let err = Authority::load_cacerts(dir.path(), Policy::new(td())).unwrap_err();
+    assert!(matches!(err, CaError::KeyPermissions { .. }), "{err:?}");
+    // Files named directly keep the stricter rule.
+    nix::unistd::chown(&key, None, Some(nix::unistd::getegid())).unwrap();
+    let err = Authority::load(
+        &dir.path().join(cacerts::CA_CERT),
+        &key,
+        &dir.path().join(cacerts::ROOT_CERT),
+        Policy::new(td()),
+    )
+    .unwrap_err();
+    assert!(matches!(err, CaError::KeyPermissions { .. }), "{err:?}");
+}
+
+#[test]
+fn a_cert_chain_must_start_with_the_signing_certificate() {
+    let lab = Lab::new();
+    let dir = cacerts_from(&lab);
+    fs::copy(lab.path("root.pem"), dir.path().join(cacerts::CERT_CHAIN)).unwrap();
+    let err = Authority::load_cacerts(dir.path(), Policy::new(td())).unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.contains("cert-chain.pem") && message.contains("does not start with"),
+        "{message}"
+    );
+}
+
 #[test]
 fn load_refuses_a_key_of_another_certificate() {
     let one = Lab::new();
