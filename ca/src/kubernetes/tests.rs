@@ -281,9 +281,20 @@ async fn obvious_garbage_never_reaches_the_api_server() {
     let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
     let reviewer = super::Reviewer::new(kube::Client::try_from(config).unwrap(), settings());
     let huge = format!("a.{}.c", "b".repeat(reviews::MAX_TOKEN_BYTES));
-    for token in ["", "garbage", "a.b", "a..c", "a.b.c.d", "a.b!.c", huge.as_str()] {
+    for token in [
+        "",
+        "garbage",
+        "a.b",
+        "a..c",
+        "a.b.c.d",
+        "a.b!.c",
+        huge.as_str(),
+    ] {
         let refusal = reviewer.review(token).await.unwrap_err();
-        assert!(matches!(refusal, Refusal::Unauthenticated(_)), "{token:.20}: {refusal:?}");
+        assert!(
+            matches!(refusal, Refusal::Unauthenticated(_)),
+            "{token:.20}: {refusal:?}"
+        );
     }
     // A well-formed token does go to the (absent) API server.
     let refusal = reviewer.review("a.b.c").await.unwrap_err();

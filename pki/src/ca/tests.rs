@@ -713,7 +713,10 @@ fn cacerts_keys_are_for_our_group_at_most() {
     for loose in [0o444, 0o460, 0o644] {
         fs::set_permissions(&key, fs::Permissions::from_mode(loose)).unwrap();
         let err = Authority::load_cacerts(dir.path(), Policy::new(td())).unwrap_err();
-        assert!(matches!(err, CaError::KeyPermissions { mode, .. } if mode == loose), "{err:?}");
+        assert!(
+            matches!(err, CaError::KeyPermissions { mode, .. } if mode == loose),
+            "{err:?}"
+        );
     }
     // Readable by a group this process is not in: refused.
     fs::set_permissions(&key, fs::Permissions::from_mode(0o440)).unwrap();
