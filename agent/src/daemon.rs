@@ -13,7 +13,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicU8, Ordering},
     },
     time::{Duration, Instant, SystemTime},
 };
@@ -89,6 +89,52 @@ pub enum DaemonError {
     Signal(std::io::Error),
     #[error("health endpoints: {0}")]
     Health(std::io::Error),
+}
+
+/// What the readiness probe answers, from the daemon loop.
+#[derive(Clone)]
+struct Readiness(Arc<AtomicU8>);
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Self(Arc::new(AtomicU8::new(Self::WAITING)))
+    }
+}
+
+impl Readiness {
+    const WAITING: u8 = 0;
+    const NONE_ENROLLED: u8 = 1;
+    const READY: u8 = 2;
+
+    /// After a reconcile of the synced mesh, with `local` pods on this node
+    /// of which `enrolled` are enrolled. Ready once this node's pods have
+    /// each been tried; not while it has pods and none is enrolled (a CA
+    /// that refuses every certificate, say): a rollout then stops at this
+    /// node. One pod that keeps failing does not hold up the rest; it is
+    /// retried and logged.
+    fn set(&self, local: usize, enrolled: usize) {
+        let state = if local > 0 && enrolled == 0 {
+            Self::NONE_ENROLLED
+        } else {
+            Self::READY
+        };
+        self.0.store(state, Ordering::Release);
+    }
+
+    async fn serve(&self, address: &str) -> std::io::Result<std::net::SocketAddr> {
+        let state = self.0.clone();
+        health::spawn(
+            address,
+            Arc::new(move || match state.load(Ordering::Acquire) {
+                Self::READY => Ok(()),
+                Self::NONE_ENROLLED => Err("none of this node's pods is enrolled (see the \
+                                            log: can the agent get certificates?)"
+                    .into()),
+                _ => Err("waiting for the view of the mesh".into()),
+            }),
+        )
+        .await
+    }
 }
 
 pub struct Daemon {
@@ -204,25 +250,10 @@ impl Daemon {
         let mut mesh = self.store.subscribe();
         let mut kubernetes = self.kubernetes.take();
         let mut sandbox_check = tokio::time::interval(SANDBOX_CHECK);
-        // Ready once the mesh is known and this node's pods have been
-        // enrolled (each tried once: one that keeps failing is retried and
-        // logged, and must not hold up a rollout of every node).
-        let ready = Arc::new(AtomicBool::new(false));
+        let readiness = Readiness::default();
         if let Some(address) = &self.config.health_listen {
-            let ready = ready.clone();
-            let bound =
-                health::spawn(
-                    address,
-                    Arc::new(move || {
-                        if ready.load(Ordering::Acquire) {
-                            Ok(())
-                        } else {
-                            Err("waiting for the view of the mesh and the first enrollment of this \
-                             node's pods"
-                            .into())
-                        }
-                    }),
-                )
+            let bound = readiness
+                .serve(address)
                 .await
                 .map_err(DaemonError::Health)?;
             info!(listen = %bound, "health endpoints serving");
@@ -238,10 +269,13 @@ impl Daemon {
             if snapshot.synced() {
                 let local = snapshot.workloads().local().cloned();
                 self.reconciler.reconcile(local, Instant::now()).await;
+                readiness.set(
+                    snapshot.workloads().local().count(),
+                    self.reconciler.enrolled().count(),
+                );
                 if !released {
                     released = true;
                     self.release_departed(&snapshot);
-                    ready.store(true, Ordering::Release);
                     info!(
                         pods = self.reconciler.enrolled().count(),
                         "warren agent ready"
@@ -601,4 +635,42 @@ fn ca_source(config: &Config, ca: &CaSettings, store: &Store) -> Result<CsrSourc
         }
     };
     Ok(CsrSource::new(client, config.certificate_ttl))
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::Readiness;
+
+    async fn ready(address: std::net::SocketAddr) -> String {
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        stream
+            .write_all(b"GET /healthz/ready HTTP/1.1\r\nHost: probe\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        response
+    }
+
+    #[tokio::test]
+    async fn ready_once_this_nodes_pods_are_tried_and_not_while_none_is_enrolled() {
+        let readiness = Readiness::default();
+        let address = readiness.serve("127.0.0.1:0").await.unwrap();
+        let response = ready(address).await;
+        assert!(response.contains("503") && response.contains("waiting for the view"));
+
+        // Pods, none enrolled: a CA that refuses every certificate, say.
+        readiness.set(3, 0);
+        let response = ready(address).await;
+        assert!(response.contains("503") && response.contains("none of this node's pods"));
+
+        // One of three that keeps failing does not hold up a rollout.
+        readiness.set(3, 2);
+        assert!(ready(address).await.starts_with("HTTP/1.1 200"));
+        // A node without mesh pods is ready.
+        readiness.set(0, 0);
+        assert!(ready(address).await.starts_with("HTTP/1.1 200"));
+    }
 }

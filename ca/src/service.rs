@@ -22,8 +22,9 @@ use std::{
     collections::{BTreeSet, HashMap},
     future::Future,
     io,
+    net::{IpAddr, SocketAddr},
     pin::Pin,
-    sync::{Arc, RwLock},
+    sync::{Arc, Mutex, RwLock},
     task::{Context, Poll},
     time::{Duration, SystemTime},
 };
@@ -32,7 +33,7 @@ use rustls::{ServerConfig, pki_types::CertificateDer};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::mpsc,
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc},
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tonic::{Request, Response, Status, transport::server::Connected};
@@ -61,6 +62,18 @@ const MAX_CONNECTION_AGE: Duration = Duration::from_secs(15 * 60);
 /// Requests larger than this are refused before they are decoded; the
 /// policy's CSR limit (16 KiB by default) refuses smaller ones with a reason.
 const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Connections open at once, and from one address: an agent needs one, and
+/// on Kubernetes anyone who can reach the CA can connect (tokens are checked
+/// per request), so neither may pile up without bound.
+const MAX_CONNECTIONS: usize = 1024;
+const MAX_CONNECTIONS_PER_ADDRESS: usize = 16;
+/// Requests in flight on one connection; an agent sends a handful at once.
+const MAX_STREAMS_PER_CONNECTION: u32 = 16;
+/// A request (its token's review included) takes at most this long.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Idle connections are probed, and dropped when the peer is gone.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -178,6 +191,10 @@ impl CaServer {
             // Clients reconnect now and then, so that a renewed node
             // credential or a rotated root comes into use.
             .max_connection_age(MAX_CONNECTION_AGE)
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+            .timeout(REQUEST_TIMEOUT)
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .add_service(
                 IstioCertificateServiceServer::new(self.handler)
                     .max_decoding_message_size(MAX_REQUEST_BYTES),
@@ -198,6 +215,8 @@ async fn accept_loop(
     streams: mpsc::Sender<NodeStream>,
     tokens: bool,
 ) {
+    let open = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_address = Arc::new(Mutex::new(HashMap::<IpAddr, usize>::new()));
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -208,6 +227,19 @@ async fn accept_loop(
                 continue;
             }
         };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            warn!(%peer, limit = MAX_CONNECTIONS, "CA client refused: too many connections");
+            continue;
+        };
+        let Some(slot) = AddressSlot::take(&per_address, peer.ip()) else {
+            warn!(
+                %peer,
+                limit = MAX_CONNECTIONS_PER_ADDRESS,
+                "CA client refused: too many connections from its address"
+            );
+            continue;
+        };
+        let limits = (permit, slot);
         let acceptor = acceptor.clone();
         let streams = streams.clone();
         tokio::spawn(async move {
@@ -232,7 +264,7 @@ async fn accept_loop(
                 .peer_certificates()
                 .and_then(|chain| chain.first());
             let node = leaf.map(|leaf| (transport::node_of(leaf), validity_of(leaf)));
-            let peer = match node {
+            let node = match node {
                 Some((Ok(node), Ok((_, not_after)))) => Some(Peer { node, not_after }),
                 None if tokens => None,
                 _ => {
@@ -240,16 +272,66 @@ async fn accept_loop(
                     return;
                 }
             };
-            let _ = streams.send(NodeStream { tls, peer }).await;
+            let connection = Connection { addr: peer, node };
+            let _ = streams
+                .send(NodeStream {
+                    tls,
+                    connection,
+                    _limits: limits,
+                })
+                .await;
         });
     }
 }
 
-/// A client's TLS connection, with the node it authenticated as (none when
-/// callers present tokens): tonic puts it into each request's extensions.
+/// A client's TLS connection, with who it is: tonic puts that into each
+/// request's extensions. Holds its places under the connection limits until
+/// it closes.
 struct NodeStream {
     tls: TlsStream<TcpStream>,
-    peer: Option<Peer>,
+    connection: Connection,
+    _limits: (OwnedSemaphorePermit, AddressSlot),
+}
+
+/// Who is at the other end of a connection.
+#[derive(Clone)]
+struct Connection {
+    addr: SocketAddr,
+    /// The node its credential names (none when callers present tokens).
+    node: Option<Peer>,
+}
+
+/// One connection's place under the per-address limit, given back on drop.
+struct AddressSlot {
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    addr: IpAddr,
+}
+
+impl AddressSlot {
+    fn take(counts: &Arc<Mutex<HashMap<IpAddr, usize>>>, addr: IpAddr) -> Option<Self> {
+        let mut all = counts.lock().unwrap_or_else(|p| p.into_inner());
+        let count = all.entry(addr).or_default();
+        if *count >= MAX_CONNECTIONS_PER_ADDRESS {
+            return None;
+        }
+        *count += 1;
+        Some(Self {
+            counts: counts.clone(),
+            addr,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut all = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = all.get_mut(&self.addr) {
+            *count -= 1;
+            if *count == 0 {
+                all.remove(&self.addr);
+            }
+        }
+    }
 }
 
 /// The node a connection authenticated as. Its credential is checked at the
@@ -261,10 +343,10 @@ struct Peer {
 }
 
 impl Connected for NodeStream {
-    type ConnectInfo = Option<Peer>;
+    type ConnectInfo = Connection;
 
-    fn connect_info(&self) -> Option<Peer> {
-        self.peer.clone()
+    fn connect_info(&self) -> Connection {
+        self.connection.clone()
     }
 }
 
@@ -368,8 +450,10 @@ impl Handler {
     async fn requester<T>(&self, request: &Request<T>) -> Result<Requester, Status> {
         match &self.callers {
             Callers::NodeCredentials(_) => {
-                let Some(Some(Peer { node, not_after })) =
-                    request.extensions().get::<Option<Peer>>().cloned()
+                let Some(Connection {
+                    node: Some(Peer { node, not_after }),
+                    ..
+                }) = request.extensions().get::<Connection>().cloned()
                 else {
                     // Every connection comes through `accept_loop`, which sets it.
                     return Err(Status::unauthenticated(
@@ -389,10 +473,15 @@ impl Handler {
                 Ok(Requester::Node(node))
             }
             Callers::Kubernetes(authenticator) => {
+                let peer = request
+                    .extensions()
+                    .get::<Connection>()
+                    .map(|c| c.addr.to_string())
+                    .unwrap_or_default();
                 let token = match bearer_token(request) {
                     Ok(token) => token,
                     Err(why) => {
-                        warn!(reason = why, "refused: not authenticated");
+                        warn!(%peer, reason = why, "refused: not authenticated");
                         return Err(Status::unauthenticated(why));
                     }
                 };
@@ -400,7 +489,7 @@ impl Handler {
                     Ok(caller) => Ok(Requester::Agent(caller)),
                     Err(refusal) => {
                         // The reason names the token's holder, never the token.
-                        warn!(reason = %refusal, "refused: not authenticated");
+                        warn!(%peer, reason = %refusal, "refused: not authenticated");
                         Err(match refusal {
                             Refusal::Unauthenticated(why) => Status::unauthenticated(why),
                             Refusal::Denied(why) => Status::permission_denied(why),

@@ -25,6 +25,10 @@ pub const LIVE_PATH: &str = "/healthz/live";
 /// A probe that takes longer than this to send its request is dropped: the
 /// endpoints must not be held open by a slow client.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections served at once; more are closed at once. The kubelet opens
+/// one per probe, so this is far above what it needs, and far below what
+/// would cost the daemon its file descriptors.
+const MAX_CONNECTIONS: usize = 32;
 
 /// Whether the daemon is ready, asked at each probe: `Err` says why not.
 pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
@@ -32,6 +36,7 @@ pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 /// Serves the endpoints on `listener` until `shutdown` completes.
 pub async fn serve(listener: TcpListener, ready: Readiness, shutdown: impl Future<Output = ()>) {
     let mut shutdown = std::pin::pin!(shutdown);
+    let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, _peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -45,8 +50,13 @@ pub async fn serve(listener: TcpListener, ready: Readiness, shutdown: impl Futur
             },
             () = &mut shutdown => return,
         };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            // Dropping the stream closes it.
+            continue;
+        };
         let ready = ready.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let service = service_fn(move |request| {
                 let ready = ready.clone();
                 async move { Ok::<_, Infallible>(answer(&request, &ready)) }
@@ -119,11 +129,15 @@ mod tests {
 
     /// Sends one raw request and returns the whole response.
     async fn get(address: SocketAddr, request: &str) -> String {
-        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
-        stream.write_all(request.as_bytes()).await.unwrap();
+        try_get(address, request).await.unwrap()
+    }
+
+    async fn try_get(address: SocketAddr, request: &str) -> std::io::Result<String> {
+        let mut stream = tokio::net::TcpStream::connect(address).await?;
+        stream.write_all(request.as_bytes()).await?;
         let mut response = String::new();
-        stream.read_to_string(&mut response).await.unwrap();
-        response
+        stream.read_to_string(&mut response).await?;
+        Ok(response)
     }
 
     fn probe(path: &str) -> String {
@@ -168,6 +182,38 @@ mod tests {
         // Still serving after all that.
         let response = get(address, &probe(LIVE_PATH)).await;
         assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_limit_are_closed_until_others_end() {
+        let address = spawn("127.0.0.1:0", Arc::new(|| Ok(()))).await.unwrap();
+        let mut silent = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            silent.push(tokio::net::TcpStream::connect(address).await.unwrap());
+        }
+        // Let the server take them all in.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Closed unanswered (an empty response, or a reset).
+        let refused = try_get(address, &probe(LIVE_PATH)).await;
+        assert!(
+            refused.as_deref().is_ok_and(str::is_empty) || refused.is_err(),
+            "{refused:?}"
+        );
+        drop(silent);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            let response = try_get(address, &probe(LIVE_PATH))
+                .await
+                .unwrap_or_default();
+            if response.starts_with("HTTP/1.1 200") {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "still refused: {response:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     #[tokio::test]

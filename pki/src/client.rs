@@ -209,7 +209,10 @@ async fn bearer(path: &Path) -> Result<MetadataValue<Ascii>, ClientError> {
         return Err(token_error("it is empty".into()));
     }
     // Never echo the token itself in an error.
-    format!("Bearer {token}")
+    let mut value: MetadataValue<Ascii> = format!("Bearer {token}")
         .parse()
-        .map_err(|_| token_error("it holds characters a token cannot have".into()))
+        .map_err(|_| token_error("it holds characters a token cannot have".into()))?;
+    // Kept out of HTTP/2's header compression tables.
+    value.set_sensitive(true);
+    Ok(value)
 }

@@ -465,7 +465,18 @@ fn the_agent_runs_on_every_node_one_node_at_a_time() {
         );
         let config = agent_config(objects);
         let health = config["healthListen"].as_str().unwrap();
+        // Host-network: on loopback only, where the kubelet (on the node)
+        // still reaches it, and no pod does.
+        assert_eq!(
+            health.rsplit_once(':').unwrap().0,
+            "127.0.0.1",
+            "{name}: the agent's health endpoints are open beyond the node"
+        );
         for probe in [ready, &live_probe["httpGet"]] {
+            assert_eq!(
+                probe["host"], "127.0.0.1",
+                "{name}: the probes ask where the agent does not listen"
+            );
             assert_eq!(
                 health.rsplit_once(':').unwrap().1,
                 port_number(agent, &probe["port"]).to_string(),

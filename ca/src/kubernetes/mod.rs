@@ -168,8 +168,8 @@ impl Authenticator {
         };
         let Some(running) = self.pods.agent_pod(&pod) else {
             return Err(Refusal::Denied(format!(
-                "the token is bound to pod {pod}, which is not running (deleted, finished, or \
-                 not yet seen by the CA)"
+                "the token is bound to pod {pod}, which is not running (deleted or being \
+                 deleted, finished, or not yet seen by the CA)"
             )));
         };
         if running.uid != bound.pod_uid {

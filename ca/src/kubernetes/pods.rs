@@ -19,6 +19,9 @@ use tracing::{error, info, warn};
 
 use super::ObjectRef;
 
+/// On a mirror Pod: the kubelet made it for a static pod of its own node.
+const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+
 /// What the CA keeps of a Pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodFacts {
@@ -26,15 +29,27 @@ pub struct PodFacts {
     pub service_account: String,
     /// `spec.nodeName`: none until scheduled.
     pub node: Option<String>,
+    /// Being deleted: an agent's token is no longer honoured (its pod may
+    /// stay Terminating for as long as its node does not confirm, which is
+    /// when an unreachable or compromised node would be revoked).
+    pub terminating: bool,
 }
 
 impl PodFacts {
-    /// Facts of a Pod that runs or may run; None for one that has finished
-    /// (Succeeded or Failed), which runs nothing that needs a certificate.
+    /// Facts of a Pod that vouches for an identity on its node. None for:
+    /// - one that has finished (Succeeded or Failed): it runs nothing that
+    ///   needs a certificate;
+    /// - a mirror Pod: a node's kubelet may create one on its own node in
+    ///   any namespace, so it proves nothing about that node;
+    /// - one without `spec.serviceAccountName`: the API server sets it on
+    ///   every Pod it admits except mirror Pods; taking it for `default`
+    ///   would hand out each namespace's default identity.
     pub fn of(pod: &Pod) -> Option<(ObjectRef, Self)> {
         let spec = pod.spec.as_ref()?;
         let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-        if matches!(phase, Some("Succeeded" | "Failed")) {
+        if matches!(phase, Some("Succeeded" | "Failed"))
+            || pod.annotations().contains_key(MIRROR_ANNOTATION)
+        {
             return None;
         }
         let key = ObjectRef {
@@ -43,13 +58,12 @@ impl PodFacts {
         };
         let facts = Self {
             uid: pod.uid()?,
-            // The API server defaults it; an old object may lack it.
             service_account: spec
                 .service_account_name
                 .clone()
-                .filter(|sa| !sa.is_empty())
-                .unwrap_or_else(|| "default".to_owned()),
+                .filter(|sa| !sa.is_empty())?,
             node: spec.node_name.clone().filter(|n| !n.is_empty()),
+            terminating: pod.metadata.deletion_timestamp.is_some(),
         };
         Some((key, facts))
     }
@@ -128,9 +142,13 @@ impl Pods {
         self.table().placements.contains_key(&key)
     }
 
-    /// An agent's Pod, if it runs.
+    /// An agent's Pod, if it runs and is not being deleted.
     pub fn agent_pod(&self, pod: &ObjectRef) -> Option<PodFacts> {
-        self.table().pods.get(pod).cloned()
+        self.table()
+            .pods
+            .get(pod)
+            .filter(|facts| !facts.terminating)
+            .cloned()
     }
 
     /// Applies one event of the Pod watch.

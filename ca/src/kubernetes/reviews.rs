@@ -22,12 +22,18 @@ use super::{ObjectRef, Refusal, Settings};
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 /// How long a refusal by the API server is remembered.
 const REFUSAL_LIFETIME: Duration = Duration::from_secs(10);
-/// Reviews remembered at most: a few per agent. When full, expired ones go;
-/// if none has expired, the new answer is simply not remembered.
-const MAX_REMEMBERED: usize = 16 * 1024;
+/// Accepted tokens remembered at most: a few per agent. When full, expired
+/// ones go; if none has expired, the new answer is simply not remembered.
+const MAX_ACCEPTED: usize = 16 * 1024;
+/// Refused tokens remembered at most, apart from the accepted ones, so that
+/// a flood of bad tokens cannot push agents' reviews out.
+const MAX_REFUSED: usize = 1024;
 /// Reviews in flight at most: whoever can reach the CA can send tokens, and
 /// the CA must not turn a flood of them into a flood on the API server.
 const MAX_REVIEWING: usize = 16;
+/// How long a request waits for a review slot before it is answered
+/// UNAVAILABLE (the agent retries), rather than queueing without bound.
+const REVIEW_QUEUE_WAIT: Duration = Duration::from_secs(2);
 
 const POD_NAME: &str = "authentication.kubernetes.io/pod-name";
 const POD_UID: &str = "authentication.kubernetes.io/pod-uid";
@@ -53,7 +59,8 @@ struct Remembered {
 pub struct Reviewer {
     api: Api<TokenReview>,
     settings: Settings,
-    remembered: Mutex<HashMap<[u8; 32], Remembered>>,
+    accepted: Mutex<HashMap<[u8; 32], Remembered>>,
+    refused: Mutex<HashMap<[u8; 32], Remembered>>,
     reviewing: Semaphore,
 }
 
@@ -62,7 +69,8 @@ impl Reviewer {
         Self {
             api: Api::all(client),
             settings,
-            remembered: Mutex::default(),
+            accepted: Mutex::default(),
+            refused: Mutex::default(),
             reviewing: Semaphore::new(MAX_REVIEWING),
         }
     }
@@ -97,10 +105,12 @@ impl Reviewer {
         }
         let key = digest(token);
         let now = Instant::now();
-        if let Some(remembered) = self.remembered().get(&key)
-            && remembered.until > now
-        {
-            return remembered.outcome.clone();
+        for remembered in [&self.accepted, &self.refused] {
+            if let Some(remembered) = lock(remembered).get(&key)
+                && remembered.until > now
+            {
+                return remembered.outcome.clone();
+            }
         }
         let review = TokenReview {
             spec: TokenReviewSpec {
@@ -109,8 +119,13 @@ impl Reviewer {
             },
             ..TokenReview::default()
         };
-        // Closed never: the semaphore lives as long as the reviewer.
-        let _permit = self.reviewing.acquire().await.ok();
+        let Ok(Ok(_permit)) =
+            tokio::time::timeout(REVIEW_QUEUE_WAIT, self.reviewing.acquire()).await
+        else {
+            return Err(Refusal::Unavailable(
+                "the CA is busy reviewing other tokens; try again".into(),
+            ));
+        };
         let answer = match self.api.create(&PostParams::default(), &review).await {
             Ok(answer) => answer,
             Err(kube::Error::Api(status)) if status.is_forbidden() => {
@@ -151,18 +166,22 @@ impl Reviewer {
         if until <= now {
             return;
         }
-        let mut remembered = self.remembered();
-        if remembered.len() >= MAX_REMEMBERED {
+        let (table, max) = match outcome {
+            Ok(_) => (&self.accepted, MAX_ACCEPTED),
+            Err(_) => (&self.refused, MAX_REFUSED),
+        };
+        let mut remembered = lock(table);
+        if remembered.len() >= max {
             remembered.retain(|_, r| r.until > now);
         }
-        if remembered.len() < MAX_REMEMBERED {
+        if remembered.len() < max {
             remembered.insert(key, Remembered { outcome, until });
         }
     }
+}
 
-    fn remembered(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Remembered>> {
-        self.remembered.lock().unwrap_or_else(|p| p.into_inner())
-    }
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// What the API server's answer means for a caller that must be an agent

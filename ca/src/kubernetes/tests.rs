@@ -179,7 +179,7 @@ fn pods_place_service_accounts_on_nodes() {
         "shop",
         "batch",
         "u3",
-        None,
+        Some("default"),
         Some("node-2"),
         "Succeeded",
     )));
@@ -228,12 +228,12 @@ fn pods_place_service_accounts_on_nodes() {
     )));
     assert!(!pods.runs_on("node-1", "shop", "web"));
 
-    // Scheduling moves it; an empty service account is "default".
+    // Scheduling places it.
     pods.apply(Event::Apply(pod(
         "shop",
         "pending",
         "u4",
-        Some(""),
+        Some("default"),
         Some("node-2"),
         "Running",
     )));
@@ -299,4 +299,72 @@ async fn obvious_garbage_never_reaches_the_api_server() {
     // A well-formed token does go to the (absent) API server.
     let refusal = reviewer.review("a.b.c").await.unwrap_err();
     assert!(matches!(refusal, Refusal::Unavailable(_)), "{refusal:?}");
+}
+
+/// What a node's kubelet can make on its own (a mirror Pod, in any
+/// namespace, without a service account) places no identity on its node; a
+/// Pod without a service account is not taken for `default`.
+#[test]
+fn mirror_pods_and_pods_without_service_account_vouch_for_nothing() {
+    let pods = Pods::default();
+    pods.apply(Event::Init);
+    pods.apply(Event::InitDone);
+    let mut mirror = pod(
+        "payments",
+        "x-node-a",
+        "m1",
+        Some("api"),
+        Some("node-a"),
+        "Running",
+    );
+    mirror.metadata.annotations = Some(
+        [("kubernetes.io/config.mirror".to_owned(), "abc".to_owned())]
+            .into_iter()
+            .collect(),
+    );
+    pods.apply(Event::Apply(mirror));
+    assert!(!pods.runs_on("node-a", "payments", "api"));
+    assert!(
+        pods.agent_pod(&ObjectRef::parse("pod", "payments/x-node-a").unwrap())
+            .is_none()
+    );
+    for sa in [None, Some("")] {
+        pods.apply(Event::Apply(pod(
+            "payments",
+            "y",
+            "y1",
+            sa,
+            Some("node-a"),
+            "Pending",
+        )));
+        assert!(!pods.runs_on("node-a", "payments", "default"), "{sa:?}");
+        assert!(!pods.runs_on("node-a", "payments", ""), "{sa:?}");
+    }
+}
+
+/// An agent Pod being deleted no longer vouches for its token, even while
+/// its node has not confirmed the deletion; the workloads of a Terminating
+/// pod still run meanwhile.
+#[test]
+fn a_terminating_agent_pod_is_gone_for_authentication() {
+    let pods = Pods::default();
+    pods.apply(Event::Init);
+    pods.apply(Event::InitDone);
+    let mut agent = pod(
+        "warren-system",
+        "warren-agent-a",
+        "a1",
+        Some("warren-agent"),
+        Some("node-a"),
+        "Running",
+    );
+    pods.apply(Event::Apply(agent.clone()));
+    let key = ObjectRef::parse("pod", "warren-system/warren-agent-a").unwrap();
+    assert!(pods.agent_pod(&key).is_some());
+    agent.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        k8s_openapi::jiff::Timestamp::now(),
+    ));
+    pods.apply(Event::Apply(agent));
+    assert!(pods.agent_pod(&key).is_none());
+    assert!(pods.runs_on("node-a", "warren-system", "warren-agent"));
 }
