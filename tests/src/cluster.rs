@@ -64,7 +64,7 @@ impl Cluster {
     /// to be ready.
     pub fn start_with(nodes: usize, istio_crds: bool, rbac: &str, ready: bool) -> Self {
         let mut cluster = Self::without_agents(nodes, istio_crds, rbac);
-        cluster.start_agents(ready, kube_agent_config);
+        cluster.start_agents(ready, None, kube_agent_config);
         cluster
     }
 
@@ -88,8 +88,14 @@ impl Cluster {
 
     /// Starts an agent on every node, with the config `config(node,
     /// kubeconfig)`, where the kubeconfig holds a token of the agents'
-    /// service account; `ready`: whether to wait for each to be ready.
-    pub fn start_agents(&mut self, ready: bool, config: impl Fn(&Node, &Path) -> String) {
+    /// service account; `ready`: whether to wait for each to be ready;
+    /// `capabilities`: the only ones the agents get (all root has if None).
+    pub fn start_agents(
+        &mut self,
+        ready: bool,
+        capabilities: Option<&[String]>,
+        config: impl Fn(&Node, &Path) -> String,
+    ) {
         let dir = self.agents_dir();
         let kubeconfig = dir.join("agent.kubeconfig");
         self.cp
@@ -101,11 +107,14 @@ impl Cluster {
             .iter()
             .map(|node| {
                 let config = config(node, &kubeconfig);
+                let mut agent =
+                    Agent::spawn_limited(node, &config, &dir, capabilities).expect("agent starts");
                 if ready {
-                    Agent::start(node, &config, &dir).expect("agent starts")
-                } else {
-                    Agent::spawn(node, &config, &dir).expect("agent starts")
+                    agent
+                        .wait_for(PATIENCE, |l| l.message() == "warren agent ready")
+                        .expect("agent ready");
                 }
+                agent
             })
             .collect();
     }
@@ -279,6 +288,29 @@ pub const CA_RBAC: &str = concat!(
 /// The audience of the agents' tokens, as deployed.
 pub const CA_AUDIENCE: &str = "warren-ca";
 
+/// The capabilities the agent's DaemonSet adds (after dropping ALL).
+pub fn agent_capabilities() -> Vec<String> {
+    let daemonset: serde_json::Value = serde_yaml::from_str(include_str!(
+        "../../deploy/kustomize/base/agent/daemonset.yaml"
+    ))
+    .expect("the agent's DaemonSet is YAML");
+    let containers = daemonset["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .expect("containers");
+    let agent = containers
+        .iter()
+        .find(|c| c["name"] == "agent")
+        .expect("a container named agent");
+    let capabilities = &agent["securityContext"]["capabilities"];
+    assert_eq!(capabilities["drop"], json!(["ALL"]), "the agent drops ALL");
+    capabilities["add"]
+        .as_array()
+        .expect("capabilities added")
+        .iter()
+        .map(|c| c.as_str().expect("a capability name").to_owned())
+        .collect()
+}
+
 /// `warren-ca serve --kubernetes` on node-1 (index 0) of a [`Cluster`], as
 /// deployed: its own service account, the agents authenticated by tokens
 /// bound to their Pods (one host-network agent Pod per node, as the
@@ -353,13 +385,15 @@ impl Cluster {
         }
     }
 
-    /// Starts the agents in Kubernetes mode with certificates from `ca`:
-    /// each presents its Pod's token, trusts the ConfigMap's roots and
-    /// serves its health endpoints on [`HEALTH_PORT`].
+    /// Starts the agents in Kubernetes mode with certificates from `ca`, as
+    /// deployed: each presents its Pod's token, trusts the ConfigMap's roots,
+    /// serves its health endpoints on [`HEALTH_PORT`], and has exactly the
+    /// capabilities the DaemonSet grants ([`agent_capabilities`]).
     pub fn start_agents_with_ca(&mut self, ca: &KubeCa) {
         let address = SocketAddrV4::new(self.lab.node(0).ip, CA_PORT);
         let nodes: Vec<String> = self.lab.nodes().iter().map(|n| n.name.clone()).collect();
-        self.start_agents(true, |node, kubeconfig| {
+        let capabilities = agent_capabilities();
+        self.start_agents(true, Some(&capabilities), |node, kubeconfig| {
             let i = nodes.iter().position(|n| *n == node.name).unwrap();
             kube_agent_config(node, kubeconfig).replace(
                 &format!("devCaDir: {}\n", dev_ca_dir(node).display()),

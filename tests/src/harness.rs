@@ -267,9 +267,39 @@ impl Daemon {
         args: &[&OsStr],
         log: PathBuf,
     ) -> Result<Self> {
+        Self::start_limited(node, program, name, args, log, None)
+    }
+
+    /// Like [`start`](Self::start); with `capabilities` (names as a pod's
+    /// securityContext has them: `NET_ADMIN`), the process gets those and no
+    /// others, as a container that drops ALL and adds them does (setpriv
+    /// empties the bounding set but for them before exec).
+    fn start_limited(
+        node: &Node,
+        program: &str,
+        name: String,
+        args: &[&OsStr],
+        log: PathBuf,
+        capabilities: Option<&[String]>,
+    ) -> Result<Self> {
         let log_file = fs::File::create(&log)?;
-        let child = node
-            .try_command(binary(program)?)?
+        let mut command = match capabilities {
+            None => node.try_command(binary(program)?)?,
+            Some(capabilities) => {
+                let kept: Vec<String> = capabilities
+                    .iter()
+                    .map(|c| format!(",+{}", c.to_lowercase()))
+                    .collect();
+                let mut command = node.try_command("setpriv")?;
+                command
+                    .arg(format!("--bounding-set=-all{}", kept.concat()))
+                    .arg("--inh-caps=-all")
+                    .arg("--")
+                    .arg(binary(program)?);
+                command
+            }
+        };
+        let child = command
             .args(args)
             .args([
                 "--log-format",
@@ -292,6 +322,11 @@ impl Daemon {
 
     pub fn log_path(&self) -> &Path {
         &self.log
+    }
+
+    /// The process's ID, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Every JSON line logged so far.
@@ -408,6 +443,17 @@ impl Agent {
 
     /// Like [`start`](Self::start), without waiting for it to be ready.
     pub fn spawn(node: &Node, config: &str, dir: &Path) -> Result<Self> {
+        Self::spawn_limited(node, config, dir, None)
+    }
+
+    /// Like [`spawn`](Self::spawn); with `capabilities`, the agent has those
+    /// and no others (see [`Daemon`]).
+    pub fn spawn_limited(
+        node: &Node,
+        config: &str,
+        dir: &Path,
+        capabilities: Option<&[String]>,
+    ) -> Result<Self> {
         fs::create_dir_all(dir)?;
         let config_path = dir.join(format!("{}.yaml", node.name));
         fs::write(&config_path, config)?;
@@ -416,12 +462,13 @@ impl Agent {
             OsStr::new("--config"),
             config_path.as_os_str(),
         ];
-        let daemon = Daemon::start(
+        let daemon = Daemon::start_limited(
             node,
             "warren",
             format!("agent on {}", node.name),
             &args,
             dir.join(format!("{}.log", node.name)),
+            capabilities,
         )?;
         Ok(Self {
             daemon,

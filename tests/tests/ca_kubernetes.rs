@@ -25,8 +25,8 @@ use warren_pki::{
 use warren_tests::{
     audit,
     cluster::{
-        CA_AUDIENCE, CA_RBAC, Cluster, KubeCa, PodSpec, RBAC, addr, agent_pod, bound_token,
-        enrolled,
+        CA_AUDIENCE, CA_RBAC, Cluster, KubeCa, PodSpec, RBAC, addr, agent_capabilities, agent_pod,
+        bound_token, enrolled,
     },
     controlplane::{ControlPlane, block_on_in_netns},
     harness::{CA_HEALTH_PORT, CA_PORT, Call, HEALTH_PORT, LogLine, PATIENCE, Server},
@@ -234,6 +234,27 @@ fn agents_get_certificates_for_their_own_nodes_pods_with_their_tokens() {
     assert!(signed(&lines, &node1, &identity("shop", "web")).is_some());
     assert!(signed(&lines, &node2, &identity("shop", "db")).is_some());
     assert!(mesh.refusals().is_empty(), "{:?}", mesh.refusals());
+
+    // The agents ran with exactly the DaemonSet's capabilities, and no more.
+    let expected = agent_capabilities()
+        .iter()
+        .map(|name| match name.as_str() {
+            "NET_ADMIN" => 12,
+            "SYS_PTRACE" => 19,
+            "SYS_ADMIN" => 21,
+            "BPF" => 39,
+            other => panic!("a capability this test does not know: {other}"),
+        })
+        .fold(0u64, |mask, bit| mask | 1 << bit);
+    for agent in &mesh.cluster.agents {
+        let status = fs::read_to_string(format!("/proc/{}/status", agent.pid().unwrap())).unwrap();
+        let effective = status
+            .lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .map(|hex| u64::from_str_radix(hex.trim(), 16).unwrap())
+            .unwrap();
+        assert_eq!(effective, expected, "{}: {status}", agent.name);
+    }
 
     // The agents say they are ready where the kubelet asks.
     for i in 0..2 {
