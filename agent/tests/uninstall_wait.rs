@@ -18,7 +18,10 @@ fn uninstall_wait_cleans_then_stays_until_sigterm() {
     let pins = dir.path().join("no-pins-here");
     std::fs::write(
         &config,
-        format!("node: node-1\nbpfPinDir: {}\nworkloads: []\n", pins.display()),
+        format!(
+            "node: node-1\nbpfPinDir: {}\nworkloads: []\n",
+            pins.display()
+        ),
     )
     .unwrap();
     let mut child = Command::new(WARREN)
