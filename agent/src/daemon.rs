@@ -41,7 +41,7 @@ use crate::{
     ca::CsrSource,
     config::{CaCredential, CaSettings, Config, ConfigError, Issuer},
     hbone::pool::{self, Pool},
-    kubernetes::{self, KubernetesError},
+    kubernetes,
     mesh::{Policies, Snapshot, Store, Workloads},
     pod::NodePods,
     reconcile::Reconciler,
@@ -78,7 +78,7 @@ pub enum DaemonError {
     #[error("cannot read the policy directory {} (see the log)", .0.display())]
     Policies(PathBuf),
     #[error(transparent)]
-    Kubernetes(#[from] KubernetesError),
+    Kubernetes(#[from] warren_daemon::kubernetes::ClientError),
     #[error(
         "the Kubernetes source stopped (see the log): the agent exits rather than serve a view \
          that no longer follows the cluster; its pods stay pinned, failing closed, until it is \
@@ -195,7 +195,8 @@ impl Daemon {
         };
         let kubernetes = match &config.kubernetes {
             Some(settings) => {
-                let client = kubernetes::client(settings).await?;
+                let client =
+                    warren_daemon::kubernetes::client(settings.kubeconfig.as_deref()).await?;
                 Some(kubernetes::spawn(
                     client,
                     kubernetes::Context {

@@ -381,7 +381,7 @@ async fn kubernetes_mode(serve: &Serve) -> Result<(CaServer, TrustDomain, Ready)
     }
     let authority = authority(serve, &trust_domain)?;
     let roots_pem: String = authority.roots().roots().iter().map(ca::to_pem).collect();
-    let client = kubernetes::client(args.kubeconfig.as_deref())
+    let client = warren_daemon::kubernetes::client(args.kubeconfig.as_deref())
         .await
         .map_err(|e| Chain(&e).to_string())?;
 

@@ -5,7 +5,10 @@
 //! - [`watch`]: noticing that a file was replaced (config, trust bundle,
 //!   a kubelet-projected volume).
 //! - [`health`]: the readiness and liveness endpoints the kubelet probes.
+//! - [`kubernetes`]: a client for the API server, and RBAC refusals told
+//!   from outages.
 
 pub mod health;
+pub mod kubernetes;
 pub mod logging;
 pub mod watch;

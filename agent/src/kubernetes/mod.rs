@@ -19,11 +19,10 @@ mod facts;
 mod tests;
 mod watch;
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use kube::{
     Api, Client,
-    config::{KubeConfigOptions, Kubeconfig},
     discovery::{self, ApiResource},
 };
 use tokio::task::JoinSet;
@@ -31,7 +30,7 @@ use tracing::{error, info, warn};
 
 use warren_pki::identity::TrustDomain;
 
-use crate::{config::KubernetesSettings, mesh::Store};
+use crate::mesh::Store;
 use watch::{Shared, Tables};
 
 /// How long the builder lets changes pile up before publishing them: a
@@ -44,19 +43,6 @@ const DISCOVERY_RETRY: Duration = Duration::from_secs(5);
 /// The label, on namespaces and pods, that enrolls pods in ambient mode.
 pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 
-#[derive(Debug, thiserror::Error)]
-pub enum KubernetesError {
-    #[error("kubeconfig {}: {source}", path.display())]
-    Kubeconfig {
-        path: PathBuf,
-        source: kube::config::KubeconfigError,
-    },
-    #[error("in-cluster credentials (service-account token, KUBERNETES_SERVICE_HOST): {0}")]
-    InCluster(#[from] kube::config::InClusterError),
-    #[error("Kubernetes client: {0}")]
-    Client(#[from] kube::Error),
-}
-
 /// What the source needs to know of this agent.
 #[derive(Debug, Clone)]
 pub struct Context {
@@ -65,25 +51,6 @@ pub struct Context {
     pub trust_domain: TrustDomain,
     /// Where mesh-wide policies live.
     pub root_namespace: String,
-}
-
-/// A client for the API server, from a kubeconfig file or in-cluster
-/// credentials.
-pub async fn client(settings: &KubernetesSettings) -> Result<Client, KubernetesError> {
-    let config = match &settings.kubeconfig {
-        Some(path) => {
-            let kubeconfig_error = |source| KubernetesError::Kubeconfig {
-                path: path.clone(),
-                source,
-            };
-            let kubeconfig = Kubeconfig::read_from(path).map_err(kubeconfig_error)?;
-            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-                .await
-                .map_err(kubeconfig_error)?
-        }
-        None => kube::Config::incluster()?,
-    };
-    Ok(Client::try_from(config)?)
 }
 
 /// Starts watching the API server and publishing what it says into

@@ -131,7 +131,7 @@ async fn run<K, F>(
             Err(error) => {
                 // The backoff paces these: at most one every 30 s once the
                 // outage has lasted.
-                if forbidden(&error) {
+                if warren_daemon::kubernetes::forbidden(&error) {
                     error!(
                         kind,
                         error = %error,
@@ -195,16 +195,5 @@ async fn run<K, F>(
         }
         drop(tables);
         shared.changed.notify_one();
-    }
-}
-
-/// Whether the API server refused the agent (RBAC), rather than failed.
-fn forbidden(error: &watcher::Error) -> bool {
-    match error {
-        watcher::Error::InitialListFailed(kube::Error::Api(status))
-        | watcher::Error::WatchStartFailed(kube::Error::Api(status))
-        | watcher::Error::WatchFailed(kube::Error::Api(status)) => status.is_forbidden(),
-        watcher::Error::WatchError(status) => status.is_forbidden(),
-        _ => false,
     }
 }

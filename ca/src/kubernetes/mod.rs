@@ -21,12 +21,9 @@ mod reviews;
 #[cfg(test)]
 mod tests;
 
-use std::{fmt, path::Path, sync::Arc, time::Duration};
+use std::{fmt, sync::Arc, time::Duration};
 
-use kube::{
-    Client,
-    config::{KubeConfigOptions, Kubeconfig},
-};
+use kube::Client;
 
 pub use bundle::{ROOTS_KEY, publish_roots};
 pub use pods::Pods;
@@ -38,36 +35,8 @@ pub const DEFAULT_REVIEW_LIFETIME: Duration = Duration::from_secs(5 * 60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubernetesError {
-    #[error("kubeconfig {path}: {source}")]
-    Kubeconfig {
-        path: String,
-        source: kube::config::KubeconfigError,
-    },
-    #[error("in-cluster credentials (service-account token, KUBERNETES_SERVICE_HOST): {0}")]
-    InCluster(#[from] kube::config::InClusterError),
-    #[error("Kubernetes client: {0}")]
-    Client(#[from] kube::Error),
     #[error("{what} {given:?} is not of the form <namespace>/<name>")]
     NotNamespaced { what: &'static str, given: String },
-}
-
-/// A client for the API server, from a kubeconfig file or the Pod's own
-/// in-cluster credentials.
-pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubernetesError> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kubeconfig_error = |source| KubernetesError::Kubeconfig {
-                path: path.display().to_string(),
-                source,
-            };
-            let kubeconfig = Kubeconfig::read_from(path).map_err(kubeconfig_error)?;
-            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-                .await
-                .map_err(kubeconfig_error)?
-        }
-        None => kube::Config::incluster()?,
-    };
-    Ok(Client::try_from(config)?)
 }
 
 /// A namespaced object's name: `namespace/name`.
@@ -217,18 +186,5 @@ impl Authenticator {
                 caller.node
             ))
         }
-    }
-}
-
-/// Whether a watch failed because RBAC forbids it (said differently in the
-/// log: retrying will not help until someone fixes the roles).
-fn forbidden(error: &kube::runtime::watcher::Error) -> bool {
-    use kube::runtime::watcher::Error;
-    match error {
-        Error::InitialListFailed(kube::Error::Api(status))
-        | Error::WatchStartFailed(kube::Error::Api(status))
-        | Error::WatchFailed(kube::Error::Api(status)) => status.is_forbidden(),
-        Error::WatchError(status) => status.is_forbidden(),
-        _ => false,
     }
 }

@@ -215,7 +215,7 @@ impl Pods {
                     self.apply(event);
                 }
                 Err(error) => {
-                    if super::forbidden(&error) {
+                    if warren_daemon::kubernetes::forbidden(&error) {
                         error!(
                             %error,
                             "the CA's service account may not list or watch pods (RBAC, see \
