@@ -103,18 +103,19 @@ impl Default for Readiness {
 
 impl Readiness {
     const WAITING: u8 = 0;
-    const NONE_ENROLLED: u8 = 1;
+    const NONE_SERVING: u8 = 1;
     const READY: u8 = 2;
 
     /// After a reconcile of the synced mesh, with `local` pods on this node
-    /// of which `enrolled` are enrolled. Ready once this node's pods have
-    /// each been tried; not while it has pods and none is enrolled (a CA
-    /// that refuses every certificate, say): a rollout then stops at this
-    /// node. One pod that keeps failing does not hold up the rest; it is
-    /// retried and logged.
-    fn set(&self, local: usize, enrolled: usize) {
-        let state = if local > 0 && enrolled == 0 {
-            Self::NONE_ENROLLED
+    /// of which `serving` are enrolled with their certificate. Ready once
+    /// this node's pods have each been tried; not while it has pods and none
+    /// serves (a CA that refuses every certificate, say): a rollout then
+    /// stops at this node. One pod that keeps failing does not hold up the
+    /// rest; it is retried and logged. (A node whose only mesh pod keeps
+    /// failing does stay unready.)
+    fn set(&self, local: usize, serving: usize) {
+        let state = if local > 0 && serving == 0 {
+            Self::NONE_SERVING
         } else {
             Self::READY
         };
@@ -127,8 +128,9 @@ impl Readiness {
             address,
             Arc::new(move || match state.load(Ordering::Acquire) {
                 Self::READY => Ok(()),
-                Self::NONE_ENROLLED => Err("none of this node's pods is enrolled (see the \
-                                            log: can the agent get certificates?)"
+                Self::NONE_SERVING => Err("none of this node's pods is enrolled with a \
+                                           certificate (see the log: can the agent get \
+                                           certificates?)"
                     .into()),
                 _ => Err("waiting for the view of the mesh".into()),
             }),
@@ -270,9 +272,14 @@ impl Daemon {
             if snapshot.synced() {
                 let local = snapshot.workloads().local().cloned();
                 self.reconciler.reconcile(local, Instant::now()).await;
+                // Certificates arrive after enrollment: this runs again at
+                // every change and every SANDBOX_CHECK.
                 readiness.set(
                     snapshot.workloads().local().count(),
-                    self.reconciler.enrolled().count(),
+                    self.reconciler
+                        .enrolled()
+                        .filter(|(_, pod)| pod.has_certificate())
+                        .count(),
                 );
                 if !released {
                     released = true;

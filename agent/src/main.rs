@@ -73,7 +73,7 @@ fn main() -> ExitCode {
             if !init_logging(log_format, &log_level) {
                 return ExitCode::FAILURE;
             }
-            raise_open_files_limit();
+            warren_daemon::limits::raise_open_files();
             run_agent(config)
         }
         Command::Uninstall { config, wait } => {
@@ -195,21 +195,6 @@ fn check_certificate_files(config: &Config) -> Result<Vec<String>, String> {
         ));
     }
     Ok(found)
-}
-
-/// Lifts the soft limit on open files to the hard one: the agent holds two
-/// sockets per proxied connection and its listeners for every pod, and a
-/// container runtime's soft default (1024) is too few for a busy node.
-fn raise_open_files_limit() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-            Ok(()) => tracing::debug!(from = soft, to = hard, "raised the open files limit"),
-            Err(error) => tracing::warn!(%error, soft, "cannot raise the open files limit"),
-        },
-        Ok(_) => {}
-        Err(error) => tracing::warn!(%error, "cannot read the open files limit"),
-    }
 }
 
 /// Blocks until SIGTERM or SIGINT.

@@ -84,6 +84,12 @@ impl PodRuntime {
     pub fn netns_cookie(&self) -> u64 {
         self.proxy.netns.cookie()
     }
+
+    /// Whether the pod has its certificate (until then it is captured but
+    /// gets no tunnels).
+    pub fn has_certificate(&self) -> bool {
+        self.proxy.certificate().is_some()
+    }
 }
 
 impl Drop for PodRuntime {

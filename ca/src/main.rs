@@ -18,7 +18,7 @@ use tokio::{
 };
 use warren_ca::{
     kubernetes::{self, Authenticator, ObjectRef, Pods, Settings},
-    service::{CaServer, Placements},
+    service::{CaServer, ConnectionLimits, Placements},
     workloads::Workloads,
 };
 use warren_daemon::{
@@ -106,6 +106,14 @@ struct Serve {
     /// kubelet's probes).
     #[arg(long, value_name = "ADDRESS")]
     health_listen: Option<String>,
+    /// Connections held open at most, in all: one per node is what agents
+    /// need.
+    #[arg(long, default_value_t = ConnectionLimits::default().total)]
+    max_connections: usize,
+    /// Connections held open at most from one address (agents behind one
+    /// NAT share it).
+    #[arg(long, default_value_t = ConnectionLimits::default().per_address)]
+    max_connections_per_address: usize,
     /// Longest certificate lifetime granted; longer requests get this.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     max_ttl: Duration,
@@ -212,6 +220,7 @@ fn main() -> ExitCode {
                 eprintln!("warren-ca: {e}");
                 return ExitCode::FAILURE;
             }
+            warren_daemon::limits::raise_open_files();
             match run_ca(&serve) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -301,6 +310,15 @@ async fn run_ca(serve: &Serve) -> Result<(), String> {
         tracing::info!(listen = %bound, "health endpoints serving");
     }
 
+    if serve.max_connections == 0 || serve.max_connections_per_address == 0 {
+        return Err(
+            "--max-connections and --max-connections-per-address must be above zero".into(),
+        );
+    }
+    let server = server.with_limits(ConnectionLimits {
+        total: serve.max_connections,
+        per_address: serve.max_connections_per_address,
+    });
     let listener = tokio::net::TcpListener::bind(&serve.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", serve.listen))?;

@@ -62,11 +62,26 @@ const MAX_CONNECTION_AGE: Duration = Duration::from_secs(15 * 60);
 /// Requests larger than this are refused before they are decoded; the
 /// policy's CSR limit (16 KiB by default) refuses smaller ones with a reason.
 const MAX_REQUEST_BYTES: usize = 64 * 1024;
-/// Connections open at once, and from one address: an agent needs one, and
-/// on Kubernetes anyone who can reach the CA can connect (tokens are checked
-/// per request), so neither may pile up without bound.
-const MAX_CONNECTIONS: usize = 1024;
-const MAX_CONNECTIONS_PER_ADDRESS: usize = 16;
+/// How many connections the service holds open: in all, and from one
+/// address. An agent needs one; on Kubernetes anyone who can reach the CA can
+/// connect (tokens are checked per request), so neither may pile up without
+/// bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    pub total: usize,
+    pub per_address: usize,
+}
+
+impl Default for ConnectionLimits {
+    /// Room for every node of a large cluster, a share per address that a
+    /// few agents behind one NAT fit in and one attacker's pod cannot fill.
+    fn default() -> Self {
+        Self {
+            total: 16 * 1024,
+            per_address: 64,
+        }
+    }
+}
 /// Requests in flight on one connection; an agent sends a handful at once.
 const MAX_STREAMS_PER_CONNECTION: u32 = 16;
 /// A request (its token's review included) takes at most this long.
@@ -107,6 +122,7 @@ pub enum Callers {
 pub struct CaServer {
     tls: Arc<ServerConfig>,
     handler: Handler,
+    limits: ConnectionLimits,
 }
 
 impl CaServer {
@@ -152,12 +168,18 @@ impl CaServer {
         let root = root_above(authority.chain(), authority.roots().roots());
         Ok(Self {
             tls,
+            limits: ConnectionLimits::default(),
             handler: Handler {
                 authority: Arc::new(authority),
                 callers,
                 root,
             },
         })
+    }
+
+    /// With these connection limits instead of the defaults.
+    pub fn with_limits(self, limits: ConnectionLimits) -> Self {
+        Self { limits, ..self }
     }
 
     /// A handle to replace the CA's view of the cluster while it serves:
@@ -182,6 +204,7 @@ impl CaServer {
             TlsAcceptor::from(self.tls),
             streams,
             tokens,
+            self.limits,
         ));
         let incoming = futures_util::stream::unfold(accepted, |mut accepted| async move {
             let stream = accepted.recv().await?;
@@ -214,8 +237,9 @@ async fn accept_loop(
     acceptor: TlsAcceptor,
     streams: mpsc::Sender<NodeStream>,
     tokens: bool,
+    limits: ConnectionLimits,
 ) {
-    let open = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let open = Arc::new(Semaphore::new(limits.total));
     let per_address = Arc::new(Mutex::new(HashMap::<IpAddr, usize>::new()));
     loop {
         let (tcp, peer) = match listener.accept().await {
@@ -228,13 +252,13 @@ async fn accept_loop(
             }
         };
         let Ok(permit) = open.clone().try_acquire_owned() else {
-            warn!(%peer, limit = MAX_CONNECTIONS, "CA client refused: too many connections");
+            warn!(%peer, limit = limits.total, "CA client refused: too many connections");
             continue;
         };
-        let Some(slot) = AddressSlot::take(&per_address, peer.ip()) else {
+        let Some(slot) = AddressSlot::take(&per_address, peer.ip(), limits.per_address) else {
             warn!(
                 %peer,
-                limit = MAX_CONNECTIONS_PER_ADDRESS,
+                limit = limits.per_address,
                 "CA client refused: too many connections from its address"
             );
             continue;
@@ -308,10 +332,14 @@ struct AddressSlot {
 }
 
 impl AddressSlot {
-    fn take(counts: &Arc<Mutex<HashMap<IpAddr, usize>>>, addr: IpAddr) -> Option<Self> {
+    fn take(
+        counts: &Arc<Mutex<HashMap<IpAddr, usize>>>,
+        addr: IpAddr,
+        limit: usize,
+    ) -> Option<Self> {
         let mut all = counts.lock().unwrap_or_else(|p| p.into_inner());
         let count = all.entry(addr).or_default();
-        if *count >= MAX_CONNECTIONS_PER_ADDRESS {
+        if *count >= limit {
             return None;
         }
         *count += 1;

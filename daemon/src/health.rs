@@ -10,7 +10,15 @@
 //!
 //! Plain HTTP/1.1 without TLS, as kubelet probes are; nothing secret is served.
 
-use std::{convert::Infallible, future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    future::Future,
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -23,12 +31,16 @@ pub const READY_PATH: &str = "/healthz/ready";
 pub const LIVE_PATH: &str = "/healthz/live";
 
 /// A probe that takes longer than this to send its request is dropped: the
-/// endpoints must not be held open by a slow client.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections served at once; more are closed at once. The kubelet opens
-/// one per probe, so this is far above what it needs, and far below what
-/// would cost the daemon its file descriptors.
-const MAX_CONNECTIONS: usize = 32;
+/// endpoints must not be held open by a slow client. The kubelet sends its
+/// request at once.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connections served at once, in all and from one address; more are closed
+/// at once. The kubelet opens one per probe, from one address, so this is
+/// far above what it needs, and far below what would cost the daemon its
+/// file descriptors; the share per address keeps one client from taking
+/// them all and failing the kubelet's probes.
+const MAX_CONNECTIONS: usize = 256;
+const MAX_CONNECTIONS_PER_ADDRESS: usize = 4;
 
 /// Whether the daemon is ready, asked at each probe: `Err` says why not.
 pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
@@ -37,8 +49,9 @@ pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 pub async fn serve(listener: TcpListener, ready: Readiness, shutdown: impl Future<Output = ()>) {
     let mut shutdown = std::pin::pin!(shutdown);
     let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let per_address = Arc::new(Mutex::new(HashMap::<IpAddr, usize>::new()));
     loop {
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
@@ -50,13 +63,16 @@ pub async fn serve(listener: TcpListener, ready: Readiness, shutdown: impl Futur
             },
             () = &mut shutdown => return,
         };
+        // Dropping the stream closes it.
         let Ok(permit) = open.clone().try_acquire_owned() else {
-            // Dropping the stream closes it.
+            continue;
+        };
+        let Some(slot) = AddressSlot::take(&per_address, peer.ip()) else {
             continue;
         };
         let ready = ready.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let _held = (permit, slot);
             let service = service_fn(move |request| {
                 let ready = ready.clone();
                 async move { Ok::<_, Infallible>(answer(&request, &ready)) }
@@ -84,6 +100,39 @@ pub async fn spawn(address: &str, ready: Readiness) -> io::Result<SocketAddr> {
     let local = listener.local_addr()?;
     tokio::spawn(serve(listener, ready, std::future::pending()));
     Ok(local)
+}
+
+/// One connection's place under the per-address limit, given back on drop.
+struct AddressSlot {
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    addr: IpAddr,
+}
+
+impl AddressSlot {
+    fn take(counts: &Arc<Mutex<HashMap<IpAddr, usize>>>, addr: IpAddr) -> Option<Self> {
+        let mut all = counts.lock().unwrap_or_else(|p| p.into_inner());
+        let count = all.entry(addr).or_default();
+        if *count >= MAX_CONNECTIONS_PER_ADDRESS {
+            return None;
+        }
+        *count += 1;
+        Some(Self {
+            counts: counts.clone(),
+            addr,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut all = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = all.get_mut(&self.addr) {
+            *count -= 1;
+            if *count == 0 {
+                all.remove(&self.addr);
+            }
+        }
+    }
 }
 
 fn answer(request: &Request<Incoming>, ready: &Readiness) -> Response<Full<Bytes>> {
@@ -185,15 +234,29 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn connections_beyond_the_limit_are_closed_until_others_end() {
+    async fn connections_beyond_an_addresss_share_are_closed_until_others_end() {
         let address = spawn("127.0.0.1:0", Arc::new(|| Ok(()))).await.unwrap();
         let mut silent = Vec::new();
-        for _ in 0..MAX_CONNECTIONS {
+        for _ in 0..MAX_CONNECTIONS_PER_ADDRESS {
             silent.push(tokio::net::TcpStream::connect(address).await.unwrap());
         }
         // Let the server take them all in.
         tokio::time::sleep(Duration::from_millis(100)).await;
         // Closed unanswered (an empty response, or a reset).
+        let refused = try_get(address, &probe(LIVE_PATH)).await;
+        assert!(
+            refused.as_deref().is_ok_and(str::is_empty) || refused.is_err(),
+            "{refused:?}"
+        );
+        // Another address still gets its answer.
+        let other = SocketAddr::new("127.0.0.2".parse().unwrap(), 0);
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(other).unwrap();
+        let mut stream = socket.connect(address).await.unwrap();
+        stream.write_all(probe(LIVE_PATH).as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
         let refused = try_get(address, &probe(LIVE_PATH)).await;
         assert!(
             refused.as_deref().is_ok_and(str::is_empty) || refused.is_err(),

@@ -7,8 +7,10 @@
 //! - [`health`]: the readiness and liveness endpoints the kubelet probes.
 //! - [`kubernetes`]: a client for the API server, and RBAC refusals told
 //!   from outages.
+//! - [`limits`]: the process's own (open files).
 
 pub mod health;
 pub mod kubernetes;
+pub mod limits;
 pub mod logging;
 pub mod watch;

@@ -287,7 +287,8 @@ fn agents_get_certificates_for_their_own_nodes_pods_with_their_tokens() {
         identity("shop", "web")
     );
 
-    // A token for another audience (the API server's own).
+    // A token for another audience (the API server's own): its claims say
+    // so, and it is refused without asking the API server.
     let agent1: Api<KubePod> = Api::namespaced(mesh.cluster.cp.client(), "warren-system");
     let agent1 = mesh
         .cluster
@@ -305,7 +306,7 @@ fn agents_get_certificates_for_their_own_nodes_pods_with_their_tokens() {
     assert!(
         refusal
             .field("reason")
-            .contains("does not accept the token"),
+            .contains("not for audience warren-ca"),
         "{refusal:?}"
     );
 
@@ -318,12 +319,10 @@ fn agents_get_certificates_for_their_own_nodes_pods_with_their_tokens() {
         0,
         Some(&impostor),
         &identity("shop", "web"),
-        tonic::Code::PermissionDenied,
+        tonic::Code::Unauthenticated,
     );
     assert!(
-        refusal
-            .field("reason")
-            .contains("not the agents' service account warren-system/warren-agent"),
+        refusal.field("reason").contains("another subject"),
         "{refusal:?}"
     );
 
@@ -354,6 +353,21 @@ fn agents_get_certificates_for_their_own_nodes_pods_with_their_tokens() {
     let refusal = mesh.refused(
         0,
         Some("not.a.token"),
+        &identity("shop", "web"),
+        tonic::Code::Unauthenticated,
+    );
+    assert!(
+        refusal
+            .field("reason")
+            .contains("does not accept the token"),
+        "{refusal:?}"
+    );
+    // Claims a running agent's pod could make, a signature it could not:
+    // only the API server's review tells.
+    let forged = format!("{}.AAAA", token1.rsplit_once('.').unwrap().0);
+    let refusal = mesh.refused(
+        0,
+        Some(&forged),
         &identity("shop", "web"),
         tonic::Code::Unauthenticated,
     );
@@ -394,7 +408,7 @@ fn agents_get_certificates_for_their_own_nodes_pods_with_their_tokens() {
             }
             Err(error) => {
                 let status = error.status().expect("a refusal");
-                assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+                assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
                 break mesh.refusals().pop().unwrap();
             }
         }
@@ -402,13 +416,20 @@ fn agents_get_certificates_for_their_own_nodes_pods_with_their_tokens() {
     assert!(
         refusal
             .field("reason")
-            .contains("warren-system/warren-agent-spare, which is not running"),
+            .contains("agent pod warren-system/warren-agent-spare (UID"),
         "{refusal:?}"
     );
 
     // No token, reason or log line carries a token.
     let log = mesh.ca.service.log_text();
-    for token in [&token1, &other_audience, &impostor, &expired, &spare_token] {
+    for token in [
+        &token1,
+        &other_audience,
+        &impostor,
+        &expired,
+        &spare_token,
+        &forged,
+    ] {
         assert!(!log.contains(token.as_str()), "a token in the CA's log");
     }
 
@@ -491,5 +512,57 @@ fn the_ca_keeps_serving_reviewed_agents_while_the_api_server_is_away() {
                 std::thread::sleep(Duration::from_millis(200));
             }
         }
+    }
+}
+
+#[test]
+fn an_agent_the_ca_refuses_is_not_ready_until_it_gets_certificates() {
+    let mut mesh = Mesh::start();
+    // node-1's agent presents a token for the wrong audience.
+    let agent1: Api<KubePod> = Api::namespaced(mesh.cluster.cp.client(), "warren-system");
+    let node1 = mesh.node(0).name.clone();
+    let agent1 = mesh
+        .cluster
+        .cp
+        .block_on(agent1.get(&format!("warren-agent-{node1}")))
+        .unwrap();
+    let good = mesh.token(0);
+    let wrong = bound_token(&mesh.cluster.cp, &agent1, "https://kubernetes.default.svc");
+    fs::write(&mesh.ca.tokens[0], wrong).unwrap();
+    mesh.start_agents();
+    mesh.cluster.namespace("shop", true, &["web"]);
+    mesh.cluster.pod(&PodSpec::new("shop", "web", 0, "web"));
+    mesh.cluster.agents[0]
+        .wait_for(PATIENCE, enrolled("shop/web"))
+        .unwrap();
+
+    let probe = |i: usize| {
+        let address = SocketAddrV4::new(mesh.node(i).ip, HEALTH_PORT);
+        http_get(mesh.node(i), address, "/healthz/ready")
+    };
+    let deadline = Instant::now() + PATIENCE;
+    let refused = loop {
+        let response = probe(0);
+        if response.starts_with("HTTP/1.1 503") && response.contains("none of this node's pods") {
+            break response;
+        }
+        assert!(Instant::now() < deadline, "{response}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(refused.contains("certificate"), "{refused}");
+    // A node without mesh pods is ready.
+    assert!(probe(1).starts_with("HTTP/1.1 200"));
+
+    // The kubelet projects a good token: the agent reads it at its next
+    // request, gets its certificate, and becomes ready.
+    fs::write(&mesh.ca.tokens[0], good).unwrap();
+    let deadline = Instant::now() + 2 * PATIENCE;
+    loop {
+        let response = probe(0);
+        if response.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never ready: {response}");
+        std::thread::sleep(Duration::from_millis(500));
     }
 }

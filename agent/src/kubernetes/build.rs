@@ -117,7 +117,7 @@ pub fn build(tables: &Tables, context: &Context) -> Built {
 /// namespace's (`ambient`). Host-network pods never: they are the node; nor
 /// pods with Istio's sidecar, which does their mTLS.
 pub fn in_mesh(pod: &PodFacts, namespace_labels: Option<&crate::mesh::Labels>) -> bool {
-    if pod.host_network || pod.has_sidecar {
+    if pod.host_network || pod.has_sidecar || pod.mirror {
         return false;
     }
     match pod.labels.get(DATAPLANE_MODE).map(String::as_str) {

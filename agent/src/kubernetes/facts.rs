@@ -20,7 +20,7 @@ use crate::mesh::{
     policy::{self, Document},
 };
 
-/// On a static pod's mirror Pod: the kubelet's UID for the pod.
+/// On a static pod's mirror Pod (the kubelet's UID for the pod).
 const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 /// On pods that Istio injected with a sidecar.
 const SIDECAR_ANNOTATION: &str = "sidecar.istio.io/status";
@@ -43,6 +43,10 @@ pub struct PodFacts {
     /// Injected with Istio's sidecar: its own proxy does mTLS (Istio's
     /// ambient mode leaves such pods alone too).
     pub has_sidecar: bool,
+    /// A static pod's mirror: a node's kubelet may create one in any
+    /// namespace, without a service account, so it has no identity the CA
+    /// will sign (nor does Istio's); it stays out of the mesh.
+    pub mirror: bool,
     /// Its IPv4 address, once it has one.
     pub ip: Option<Ipv4Addr>,
     /// Succeeded or Failed: its address may already be another pod's.
@@ -78,14 +82,9 @@ pub fn pod(pod: &Pod) -> Option<PodFacts> {
     Some(PodFacts {
         name: pod.name_any(),
         namespace: pod.namespace().unwrap_or_default(),
-        // A static pod's cgroup is named after the kubelet's own UID for it,
-        // which its mirror Pod carries in this annotation.
-        uid: annotations
-            .get(MIRROR_ANNOTATION)
-            .cloned()
-            .or_else(|| pod.uid())
-            .unwrap_or_default(),
+        uid: pod.uid().unwrap_or_default(),
         has_sidecar: annotations.contains_key(SIDECAR_ANNOTATION),
+        mirror: annotations.contains_key(MIRROR_ANNOTATION),
         labels: pod.labels().clone(),
         node: spec.node_name.clone(),
         service_account: spec

@@ -115,14 +115,14 @@ pub enum Refusal {
 pub struct Authenticator {
     reviewer: Reviewer,
     pods: Arc<Pods>,
-    agent: ObjectRef,
+    settings: Settings,
 }
 
 impl Authenticator {
     pub fn new(client: Client, settings: Settings, pods: Arc<Pods>) -> Self {
         Self {
-            agent: settings.agent.clone(),
-            reviewer: Reviewer::new(client, settings),
+            reviewer: Reviewer::new(client, settings.clone()),
+            settings,
             pods,
         }
     }
@@ -130,9 +130,10 @@ impl Authenticator {
     /// The agent presenting `token`, if the API server vouches for the token
     /// and the Pod it is bound to runs, with that UID, on a node.
     pub async fn authenticate(&self, token: &str) -> Result<Caller, Refusal> {
+        self.claims_a_running_agent(token)?;
         let bound = self.reviewer.review(token).await?;
         let pod = ObjectRef {
-            namespace: self.agent.namespace.clone(),
+            namespace: self.settings.agent.namespace.clone(),
             name: bound.pod_name.clone(),
         };
         let Some(running) = self.pods.agent_pod(&pod) else {
@@ -148,10 +149,10 @@ impl Authenticator {
                 bound.pod_uid, running.uid
             )));
         }
-        if running.service_account != self.agent.name {
+        if running.service_account != self.settings.agent.name {
             return Err(Refusal::Denied(format!(
                 "pod {pod} runs as service account {}, not {}",
-                running.service_account, self.agent
+                running.service_account, self.settings.agent
             )));
         }
         let Some(node) = running.node else {
@@ -167,6 +168,28 @@ impl Authenticator {
             )));
         }
         Ok(Caller { node, pod })
+    }
+
+    /// Refuses, without asking the API server, a token whose (unchecked)
+    /// claims do not name a running agent Pod with its UID: only tokens that
+    /// could pass are reviewed, so a flood of forged ones costs a lookup
+    /// each. Tokens shaped otherwise (not a JWT) are left to the reviewer,
+    /// which refuses them too.
+    fn claims_a_running_agent(&self, token: &str) -> Result<(), Refusal> {
+        if reviews::claims(token).is_none() {
+            return Ok(());
+        }
+        let (name, uid) = reviews::claimed_agent_pod(token, &self.settings)?;
+        let pod = ObjectRef {
+            namespace: self.settings.agent.namespace.clone(),
+            name,
+        };
+        match self.pods.agent_pod(&pod) {
+            Some(running) if running.uid == uid => Ok(()),
+            _ => Err(Refusal::Unauthenticated(format!(
+                "the token claims agent pod {pod} (UID {uid}), which is not running"
+            ))),
+        }
     }
 
     /// Whether `caller`'s node runs a Pod of `namespace` and

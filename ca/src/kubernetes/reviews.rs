@@ -239,17 +239,62 @@ pub fn interpret(
     })
 }
 
-/// When a JWT says it expires (`exp`), read without checking its signature:
-/// only used, after the API server has vouched for the token, to remember the
-/// review no longer than the token lives. None if it cannot be read.
-pub fn expiry(token: &str) -> Option<SystemTime> {
+/// A JWT's claims, read without checking its signature: never a reason to
+/// accept a token, only to refuse one early or to bound how long a review
+/// the API server gave is remembered.
+pub fn claims(token: &str) -> Option<serde_json::Value> {
     let payload = token.split('.').nth(1)?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload.trim_end_matches('='))
         .ok()?;
-    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    let seconds = claims.get("exp")?.as_u64()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// When a JWT says it expires (`exp`), unchecked (see [`claims`]). None if
+/// it cannot be read.
+pub fn expiry(token: &str) -> Option<SystemTime> {
+    let seconds = claims(token)?.get("exp")?.as_u64()?;
     UNIX_EPOCH.checked_add(Duration::from_secs(seconds))
+}
+
+/// What an agent's token must claim, unchecked (see [`claims`]): the agents'
+/// service account, our audience, not expired, and bound to the Pod `pod`
+/// with UID `uid` — which the caller looks up among running agent Pods. A
+/// token that claims otherwise would be refused by the review anyway, so it
+/// is refused without one: forging tokens costs the API server nothing.
+/// Returns the Pod's name and UID the token claims.
+pub fn claimed_agent_pod(token: &str, settings: &Settings) -> Result<(String, String), Refusal> {
+    let unlike = |why: &str| {
+        Refusal::Unauthenticated(format!(
+            "the token is not an agent's pod-bound token: {why}"
+        ))
+    };
+    let claims = claims(token).ok_or_else(|| unlike("its claims cannot be read"))?;
+    if claims["sub"] != settings.agent.service_account_user() {
+        return Err(unlike("another subject"));
+    }
+    let audience = settings.audience.as_str();
+    let for_us = match &claims["aud"] {
+        serde_json::Value::String(one) => one == audience,
+        serde_json::Value::Array(all) => all.iter().any(|a| a == audience),
+        _ => false,
+    };
+    if !for_us {
+        return Err(unlike(&format!("not for audience {audience}")));
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if claims["exp"].as_u64().is_none_or(|exp| exp <= now) {
+        return Err(unlike("expired"));
+    }
+    let pod = &claims["kubernetes.io"]["pod"];
+    match (pod["name"].as_str(), pod["uid"].as_str()) {
+        (Some(name), Some(uid)) if !name.is_empty() && !uid.is_empty() => {
+            Ok((name.to_owned(), uid.to_owned()))
+        }
+        _ => Err(unlike("not bound to a pod")),
+    }
 }
 
 fn digest(token: &str) -> [u8; 32] {

@@ -368,3 +368,46 @@ fn a_terminating_agent_pod_is_gone_for_authentication() {
     assert!(pods.agent_pod(&key).is_none());
     assert!(pods.runs_on("node-a", "warren-system", "warren-agent"));
 }
+
+fn jwt(claims: serde_json::Value) -> String {
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    format!("{}.{}.c2ln", b64(b"{}"), b64(claims.to_string().as_bytes()))
+}
+
+/// Only a token whose claims could pass the review is reviewed.
+#[test]
+fn claims_that_could_not_pass_are_refused_before_any_review() {
+    let settings = settings();
+    let good = serde_json::json!({
+        "sub": AGENT,
+        "aud": ["warren-ca"],
+        "exp": 4_000_000_000u64,
+        "kubernetes.io": {"pod": {"name": "warren-agent-abcde", "uid": "1234"}},
+    });
+    assert_eq!(
+        reviews::claimed_agent_pod(&jwt(good.clone()), &settings).unwrap(),
+        ("warren-agent-abcde".to_owned(), "1234".to_owned())
+    );
+    let mut one_audience = good.clone();
+    one_audience["aud"] = "warren-ca".into();
+    assert!(reviews::claimed_agent_pod(&jwt(one_audience), &settings).is_ok());
+    let cases = [
+        (
+            "sub",
+            serde_json::json!("system:serviceaccount:default:default"),
+            "another subject",
+        ),
+        ("aud", serde_json::json!(["kubernetes"]), "not for audience"),
+        ("exp", serde_json::json!(1000), "expired"),
+        ("kubernetes.io", serde_json::json!({}), "not bound to a pod"),
+    ];
+    for (claim, value, why) in cases {
+        let mut claims = good.clone();
+        claims[claim] = value;
+        let refusal = reviews::claimed_agent_pod(&jwt(claims), &settings).unwrap_err();
+        assert!(
+            matches!(&refusal, Refusal::Unauthenticated(reason) if reason.contains(why)),
+            "{claim}: {refusal:?}"
+        );
+    }
+}
