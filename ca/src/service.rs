@@ -22,9 +22,9 @@ use std::{
     collections::{BTreeSet, HashMap},
     future::Future,
     io,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     pin::Pin,
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, RwLock},
     task::{Context, Poll},
     time::{Duration, SystemTime},
 };
@@ -41,6 +41,7 @@ use tracing::{info, warn};
 use x509_parser::{certificate::X509Certificate, prelude::FromDer};
 
 use crate::kubernetes::{Authenticator, Caller, Refusal};
+use warren_daemon::limits::{AddressSlot, PerAddress};
 use warren_pki::{
     api::{
         IstioCertificateRequest, IstioCertificateResponse,
@@ -240,7 +241,7 @@ async fn accept_loop(
     limits: ConnectionLimits,
 ) {
     let open = Arc::new(Semaphore::new(limits.total));
-    let per_address = Arc::new(Mutex::new(HashMap::<IpAddr, usize>::new()));
+    let per_address = PerAddress::new(limits.per_address);
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -255,7 +256,7 @@ async fn accept_loop(
             warn!(%peer, limit = limits.total, "CA client refused: too many connections");
             continue;
         };
-        let Some(slot) = AddressSlot::take(&per_address, peer.ip(), limits.per_address) else {
+        let Some(slot) = per_address.take(peer.ip()) else {
             warn!(
                 %peer,
                 limit = limits.per_address,
@@ -323,43 +324,6 @@ struct Connection {
     addr: SocketAddr,
     /// The node its credential names (none when callers present tokens).
     node: Option<Peer>,
-}
-
-/// One connection's place under the per-address limit, given back on drop.
-struct AddressSlot {
-    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    addr: IpAddr,
-}
-
-impl AddressSlot {
-    fn take(
-        counts: &Arc<Mutex<HashMap<IpAddr, usize>>>,
-        addr: IpAddr,
-        limit: usize,
-    ) -> Option<Self> {
-        let mut all = counts.lock().unwrap_or_else(|p| p.into_inner());
-        let count = all.entry(addr).or_default();
-        if *count >= limit {
-            return None;
-        }
-        *count += 1;
-        Some(Self {
-            counts: counts.clone(),
-            addr,
-        })
-    }
-}
-
-impl Drop for AddressSlot {
-    fn drop(&mut self) {
-        let mut all = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = all.get_mut(&self.addr) {
-            *count -= 1;
-            if *count == 0 {
-                all.remove(&self.addr);
-            }
-        }
-    }
 }
 
 /// The node a connection authenticated as. Its credential is checked at the

@@ -10,15 +10,7 @@
 //!
 //! Plain HTTP/1.1 without TLS, as kubelet probes are; nothing secret is served.
 
-use std::{
-    collections::HashMap,
-    convert::Infallible,
-    future::Future,
-    io,
-    net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{convert::Infallible, future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -26,6 +18,8 @@ use http_body_util::Full;
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
+
+use crate::limits::PerAddress;
 
 pub const READY_PATH: &str = "/healthz/ready";
 pub const LIVE_PATH: &str = "/healthz/live";
@@ -49,7 +43,7 @@ pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 pub async fn serve(listener: TcpListener, ready: Readiness, shutdown: impl Future<Output = ()>) {
     let mut shutdown = std::pin::pin!(shutdown);
     let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let per_address = Arc::new(Mutex::new(HashMap::<IpAddr, usize>::new()));
+    let per_address = PerAddress::new(MAX_CONNECTIONS_PER_ADDRESS);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -67,7 +61,7 @@ pub async fn serve(listener: TcpListener, ready: Readiness, shutdown: impl Futur
         let Ok(permit) = open.clone().try_acquire_owned() else {
             continue;
         };
-        let Some(slot) = AddressSlot::take(&per_address, peer.ip()) else {
+        let Some(slot) = per_address.take(peer.ip()) else {
             continue;
         };
         let ready = ready.clone();
@@ -100,39 +94,6 @@ pub async fn spawn(address: &str, ready: Readiness) -> io::Result<SocketAddr> {
     let local = listener.local_addr()?;
     tokio::spawn(serve(listener, ready, std::future::pending()));
     Ok(local)
-}
-
-/// One connection's place under the per-address limit, given back on drop.
-struct AddressSlot {
-    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    addr: IpAddr,
-}
-
-impl AddressSlot {
-    fn take(counts: &Arc<Mutex<HashMap<IpAddr, usize>>>, addr: IpAddr) -> Option<Self> {
-        let mut all = counts.lock().unwrap_or_else(|p| p.into_inner());
-        let count = all.entry(addr).or_default();
-        if *count >= MAX_CONNECTIONS_PER_ADDRESS {
-            return None;
-        }
-        *count += 1;
-        Some(Self {
-            counts: counts.clone(),
-            addr,
-        })
-    }
-}
-
-impl Drop for AddressSlot {
-    fn drop(&mut self) {
-        let mut all = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = all.get_mut(&self.addr) {
-            *count -= 1;
-            if *count == 0 {
-                all.remove(&self.addr);
-            }
-        }
-    }
 }
 
 fn answer(request: &Request<Incoming>, ready: &Readiness) -> Response<Full<Bytes>> {

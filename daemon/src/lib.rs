@@ -7,7 +7,8 @@
 //! - [`health`]: the readiness and liveness endpoints the kubelet probes.
 //! - [`kubernetes`]: a client for the API server, and RBAC refusals told
 //!   from outages.
-//! - [`limits`]: the process's own (open files).
+//! - [`limits`]: the process's own (open files), and connections per
+//!   client address.
 
 pub mod health;
 pub mod kubernetes;
