@@ -25,13 +25,9 @@ use std::{fmt, sync::Arc, time::Duration};
 
 use kube::Client;
 
-pub use bundle::{ROOTS_KEY, publish_roots};
+pub use bundle::publish_roots;
 pub use pods::Pods;
 pub use reviews::Reviewer;
-
-/// How long a positive review is trusted by default. Revocation does not
-/// wait for it (see the module's doc); the API server's load does.
-pub const DEFAULT_REVIEW_LIFETIME: Duration = Duration::from_secs(5 * 60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubernetesError {
@@ -171,14 +167,10 @@ impl Authenticator {
     }
 
     /// Refuses, without asking the API server, a token whose (unchecked)
-    /// claims do not name a running agent Pod with its UID: only tokens that
-    /// could pass are reviewed, so a flood of forged ones costs a lookup
-    /// each. Tokens shaped otherwise (not a JWT) are left to the reviewer,
-    /// which refuses them too.
+    /// claims cannot be read or do not name a running agent Pod with its
+    /// UID: only tokens that could pass are reviewed, so a flood of forged
+    /// ones costs a lookup each.
     fn claims_a_running_agent(&self, token: &str) -> Result<(), Refusal> {
-        if reviews::claims(token).is_none() {
-            return Ok(());
-        }
         let (name, uid) = reviews::claimed_agent_pod(token, &self.settings)?;
         let pod = ObjectRef {
             namespace: self.settings.agent.namespace.clone(),
