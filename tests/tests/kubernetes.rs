@@ -75,10 +75,16 @@ fn istio_labels_enroll_and_withdraw_pods_live() {
     cluster.agents[1]
         .wait_for(PATIENCE, withdrawn("shop/web-2"))
         .unwrap();
-    // The client's agent learns it too (its own view of the mesh).
+    // The client's agent learns it too (its own view of the mesh). Until
+    // then it may still tunnel to web-2, whose agent no longer answers for
+    // it: such a call fails, and is tried again.
     let deadline = Instant::now() + PATIENCE;
     loop {
-        Call::default().run(&sleep, addr(&web2, PORT)).unwrap();
+        if let Err(error) = Call::default().run(&sleep, addr(&web2, PORT)) {
+            assert!(Instant::now() < deadline, "{error:#}");
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
         assert_eq!(server.next_served().unwrap().peer.ip(), sleep.ip);
         let capture = cluster.agents[0].captures().pop().unwrap();
         if capture.path == "passthrough" {
