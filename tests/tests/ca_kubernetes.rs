@@ -90,14 +90,15 @@ impl Mesh {
         .unwrap()
     }
 
-    /// Asks as [`ask`](Self::ask) and expects a refusal with gRPC `code`;
-    /// returns the CA's log line saying why.
+    /// Asks as [`ask`](Self::ask) and expects a refusal with gRPC `code`,
+    /// for a reason (as the CA logs it) that says `why`; returns that log
+    /// line.
     fn refused(
         &mut self,
         from: usize,
         token: Option<&str>,
         identity: &str,
-        code: tonic::Code,
+        (code, why): (tonic::Code, &str),
     ) -> LogLine {
         let before = self.refusals().len();
         let error = self
@@ -114,7 +115,9 @@ impl Mesh {
                 l.message().starts_with("refused: ")
             })
             .unwrap();
-        lines[before].clone()
+        let refusal = lines[before].clone();
+        assert!(refusal.field("reason").contains(why), "{refusal:?}");
+        refusal
     }
 
     fn refusals(&self) -> Vec<LogLine> {
@@ -265,27 +268,21 @@ fn agents_get_certificates_for_their_own_nodes_pods_with_their_tokens() {
 
     // node-1's token does not get node-2's identities.
     let token1 = mesh.token(0);
+    let (web, db) = (identity("shop", "web"), identity("shop", "db"));
     let refusal = mesh.refused(
         0,
         Some(&token1),
-        &identity("shop", "db"),
-        tonic::Code::PermissionDenied,
+        &db,
+        (
+            tonic::Code::PermissionDenied,
+            &format!("node {node1} runs no pod of namespace shop with service account db"),
+        ),
     );
     assert_eq!(refusal.message(), "refused: not authorized");
     assert_eq!(refusal.field("node"), node1);
-    assert_eq!(refusal.field("identity"), identity("shop", "db"));
-    assert!(
-        refusal.field("reason").contains(&format!(
-            "node {node1} runs no pod of namespace shop with service account db"
-        )),
-        "{refusal:?}"
-    );
+    assert_eq!(refusal.field("identity"), db);
     // ...and does get its own.
-    assert_eq!(
-        mesh.ask(0, Some(&token1), &identity("shop", "web"))
-            .unwrap(),
-        identity("shop", "web")
-    );
+    assert_eq!(mesh.ask(0, Some(&token1), &web).unwrap(), web);
 
     // A token for another audience (the API server's own): its claims say
     // so, and it is refused without asking the API server.
@@ -296,99 +293,29 @@ fn agents_get_certificates_for_their_own_nodes_pods_with_their_tokens() {
         .block_on(agent1.get(&format!("warren-agent-{node1}")))
         .unwrap();
     let other_audience = bound_token(&mesh.cluster.cp, &agent1, "https://kubernetes.default.svc");
-    let refusal = mesh.refused(
-        0,
-        Some(&other_audience),
-        &identity("shop", "web"),
-        tonic::Code::Unauthenticated,
-    );
-    assert_eq!(refusal.message(), "refused: not authenticated");
-    assert!(
-        refusal
-            .field("reason")
-            .contains("not for audience warren-ca"),
-        "{refusal:?}"
-    );
-
     // Another service account's token, bound to its pod, for the CA's
     // audience: a workload posing as an agent.
     let web_pod: Api<KubePod> = Api::namespaced(mesh.cluster.cp.client(), "shop");
     let web_pod = mesh.cluster.cp.block_on(web_pod.get("web")).unwrap();
     let impostor = bound_token(&mesh.cluster.cp, &web_pod, CA_AUDIENCE);
-    let refusal = mesh.refused(
-        0,
-        Some(&impostor),
-        &identity("shop", "web"),
-        tonic::Code::Unauthenticated,
-    );
-    assert!(
-        refusal.field("reason").contains("another subject"),
-        "{refusal:?}"
-    );
-
     // An expired token, otherwise exactly the kubelet's.
     let expired = expired_token(&mesh.cluster.cp, &agent1);
-    let refusal = mesh.refused(
-        0,
-        Some(&expired),
-        &identity("shop", "web"),
-        tonic::Code::Unauthenticated,
-    );
-    assert!(
-        refusal.field("reason").to_lowercase().contains("expired"),
-        "{refusal:?}"
-    );
-
-    // No token, and garbage.
-    let refusal = mesh.refused(
-        0,
-        None,
-        &identity("shop", "web"),
-        tonic::Code::Unauthenticated,
-    );
-    assert!(
-        refusal.field("reason").contains("no service-account token"),
-        "{refusal:?}"
-    );
-    let refusal = mesh.refused(
-        0,
-        Some("not.a.token"),
-        &identity("shop", "web"),
-        tonic::Code::Unauthenticated,
-    );
-    assert!(
-        refusal
-            .field("reason")
-            .contains("its claims cannot be read"),
-        "{refusal:?}"
-    );
     // Claims a running agent's pod could make, a signature it could not:
     // only the API server's review tells.
     let forged = format!("{}.AAAA", token1.rsplit_once('.').unwrap().0);
-    let refusal = mesh.refused(
-        0,
-        Some(&forged),
-        &identity("shop", "web"),
-        tonic::Code::Unauthenticated,
-    );
-    assert!(
-        refusal
-            .field("reason")
-            .contains("does not accept the token"),
-        "{refusal:?}"
-    );
-    let refusal = mesh.refused(
-        0,
-        Some("garbage"),
-        &identity("shop", "web"),
-        tonic::Code::Unauthenticated,
-    );
-    assert!(
-        refusal
-            .field("reason")
-            .contains("its claims cannot be read"),
-        "{refusal:?}"
-    );
+    let unauthenticated = tonic::Code::Unauthenticated;
+    for (token, why) in [
+        (Some(other_audience.as_str()), "not for audience warren-ca"),
+        (Some(&impostor), "another subject"),
+        (Some(&expired), "expired"),
+        (None, "no service-account token"),
+        (Some("not.a.token"), "its claims cannot be read"),
+        (Some("garbage"), "its claims cannot be read"),
+        (Some(&forged), "does not accept the token"),
+    ] {
+        let refusal = mesh.refused(0, token, &web, (unauthenticated, why));
+        assert_eq!(refusal.message(), "refused: not authenticated");
+    }
 
     // A deleted agent pod: its token worked, and stops working at once,
     // although its review is remembered.
@@ -481,17 +408,14 @@ fn the_ca_keeps_serving_reviewed_agents_while_the_api_server_is_away() {
         identity("shop", "web"),
         "a reviewed agent is served from the remembered review"
     );
-    let refusal = mesh.refused(
+    mesh.refused(
         1,
         Some(&token2),
         &identity("shop", "db"),
-        tonic::Code::Unavailable,
-    );
-    assert!(
-        refusal
-            .field("reason")
-            .contains("cannot review the token with the API server"),
-        "{refusal:?}"
+        (
+            tonic::Code::Unavailable,
+            "cannot review the token with the API server",
+        ),
     );
     let ready = http_get(
         mesh.node(0),
