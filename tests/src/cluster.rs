@@ -33,8 +33,7 @@ use crate::{
 /// The agents' RBAC, as deployed.
 pub const RBAC: &str = concat!(
     include_str!("../../deploy/kustomize/base/namespace.yaml"),
-    "---
-",
+    "---\n",
     include_str!("../../deploy/kustomize/base/agent/rbac.yaml")
 );
 /// Istio's security CRDs (PeerAuthentication, AuthorizationPolicy).
@@ -110,9 +109,7 @@ impl Cluster {
                 let mut agent =
                     Agent::spawn_limited(node, &config, &dir, capabilities).expect("agent starts");
                 if ready {
-                    agent
-                        .wait_for(PATIENCE, |l| l.message() == "warren agent ready")
-                        .expect("agent ready");
+                    agent.wait_ready().expect("agent ready");
                 }
                 agent
             })

@@ -927,27 +927,50 @@ async fn dynamic_api(
 /// recovers from: a kind not yet discovered (a CRD just created), 404 from a resource not
 /// yet served, a conflict, a refused Pod while its namespace's service-account token is
 /// being made (500 ServerTimeout), an unavailable server.
-async fn retry<T, F, Fut>(what: &str, mut attempt: F) -> Result<T>
+async fn retry<T, F, Fut>(what: &str, attempt: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = kube::Result<T>>,
 {
-    let deadline = Instant::now() + APPLY_PATIENCE;
+    let young_cluster = |err: &kube::Error| match err {
+        kube::Error::Api(status) => matches!(status.code, 404 | 409 | 429 | 500 | 503 | 504),
+        kube::Error::Discovery(_) | kube::Error::HyperError(_) | kube::Error::Service(_) => true,
+        _ => false,
+    };
+    retry_while(
+        APPLY_PATIENCE,
+        young_cluster,
+        || {},
+        || what.to_owned(),
+        attempt,
+    )
+    .await
+}
+
+/// Sends `attempt` again, every 200 ms for `patience`, while it fails with an error that
+/// `transient` says the API server recovers from; `on_retry` hears of each retry. The
+/// error that ends it is given the context `what`.
+pub async fn retry_while<T, F, Fut>(
+    patience: Duration,
+    transient: impl Fn(&kube::Error) -> bool,
+    mut on_retry: impl FnMut(),
+    what: impl Fn() -> String,
+    mut attempt: F,
+) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = kube::Result<T>>,
+{
+    let deadline = Instant::now() + patience;
     loop {
         let err = match attempt().await {
             Ok(value) => return Ok(value),
             Err(err) => err,
         };
-        let transient = match &err {
-            kube::Error::Api(status) => matches!(status.code, 404 | 409 | 429 | 500 | 503 | 504),
-            kube::Error::Discovery(_) | kube::Error::HyperError(_) | kube::Error::Service(_) => {
-                true
-            }
-            _ => false,
-        };
-        if !transient || Instant::now() > deadline {
-            return Err(err).context(what.to_owned());
+        if !transient(&err) || Instant::now() > deadline {
+            return Err(err).with_context(what);
         }
+        on_retry();
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

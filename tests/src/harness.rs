@@ -437,8 +437,15 @@ impl Agent {
     /// node's namespace and waits until it is ready.
     pub fn start(node: &Node, config: &str, dir: &Path) -> Result<Self> {
         let mut agent = Self::spawn(node, config, dir)?;
-        agent.wait_for(PATIENCE, |l| l.message() == "warren agent ready")?;
+        agent.wait_ready()?;
         Ok(agent)
+    }
+
+    /// Waits until the agent says it is ready (the mesh known, its pods
+    /// tried).
+    pub fn wait_ready(&mut self) -> Result<()> {
+        self.wait_for(PATIENCE, |l| l.message() == "warren agent ready")
+            .map(drop)
     }
 
     /// Like [`start`](Self::start), without waiting for it to be ready.

@@ -16,6 +16,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod as KubePod, Secret};
 use kube::api::{Api, ApiResource, DynamicObject, ListParams, PostParams, WatchEvent, WatchParams};
 use kube::core::GroupVersionKind;
 use warren_tests::audit::{denied, unused_grants};
+use warren_tests::cluster::{ISTIO_CRDS, RBAC};
 use warren_tests::controlplane::{
     ControlPlane, block_on_in_netns, kubeconfig_client, write_kubeconfig,
 };
@@ -23,13 +24,6 @@ use warren_tests::harness::{Call, Server, test_lab};
 use warren_tests::kubelet::Kubelet;
 use warren_tests::lab;
 
-const RBAC: &str = concat!(
-    include_str!("../../deploy/kustomize/base/namespace.yaml"),
-    "---
-",
-    include_str!("../../deploy/kustomize/base/agent/rbac.yaml")
-);
-const ISTIO_CRDS: &str = include_str!("../../deploy/kustomize/istio-crds/istio-security-crds.yaml");
 const WAIT: Duration = Duration::from_secs(15);
 
 fn peer_authentications() -> ApiResource {

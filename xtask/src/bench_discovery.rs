@@ -48,18 +48,12 @@ use kube::{
 use serde_json::{Value, json};
 use warren_tests::{
     Lab, LabSpec, Node,
-    controlplane::ControlPlane,
+    cluster::{ISTIO_CRDS, RBAC},
+    controlplane::{self, ControlPlane},
     harness::{binary, kube_agent_config},
     lab,
 };
 
-const RBAC: &str = concat!(
-    include_str!("../../deploy/kustomize/base/namespace.yaml"),
-    "---
-",
-    include_str!("../../deploy/kustomize/base/agent/rbac.yaml")
-);
-const ISTIO_CRDS: &str = include_str!("../../deploy/kustomize/istio-crds/istio-security-crds.yaml");
 /// The agent's log level: its discovery says "published the mesh" (with counts) and
 /// "listed again" at debug and info under this target.
 const LOG_LEVEL: &str = "info,warren_agent::kubernetes=debug";
@@ -657,29 +651,22 @@ where
 }
 
 /// Sends a request again, for [`REQUEST_PATIENCE`], while the API server refuses it for a
-/// moment (overload, a namespace's token not made yet, a connection reset).
-async fn retry<T, F, Fut>(what: impl Fn() -> String, mut attempt: F) -> Result<T>
+/// moment (overload, a namespace's token not made yet, a connection reset); counted in
+/// [`RETRIES`].
+async fn retry<T, F, Fut>(what: impl Fn() -> String, attempt: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = kube::Result<T>>,
 {
-    let deadline = Instant::now() + REQUEST_PATIENCE;
-    loop {
-        let err = match attempt().await {
-            Ok(value) => return Ok(value),
-            Err(err) => err,
-        };
-        let transient = match &err {
-            kube::Error::Api(status) => matches!(status.code, 429 | 500 | 503 | 504),
-            kube::Error::HyperError(_) | kube::Error::Service(_) => true,
-            _ => false,
-        };
-        if !transient || Instant::now() > deadline {
-            return Err(err).with_context(what);
-        }
+    let overloaded = |err: &kube::Error| match err {
+        kube::Error::Api(status) => matches!(status.code, 429 | 500 | 503 | 504),
+        kube::Error::HyperError(_) | kube::Error::Service(_) => true,
+        _ => false,
+    };
+    let counted = || {
         RETRIES.fetch_add(1, Ordering::Relaxed);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    };
+    controlplane::retry_while(REQUEST_PATIENCE, overloaded, counted, what, attempt).await
 }
 
 /// Service ports as the agent counts them: each TCP port of each Service with a cluster
