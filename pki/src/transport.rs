@@ -18,7 +18,7 @@ use rustls::{
     client::Resumption,
     crypto::{CryptoProvider, ring},
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
-    server::WebPkiClientVerifier,
+    server::{WebPkiClientVerifier, danger::ClientCertVerifier},
     version::TLS13,
 };
 use x509_parser::{certificate::X509Certificate, extensions::GeneralName, prelude::FromDer};
@@ -153,21 +153,24 @@ pub fn server_config(
 ) -> Result<Arc<ServerConfig>, TransportError> {
     let chain = WebPkiClientVerifier::builder_with_provider(roots.store(), provider()).build()?;
     let verifier = CheckedClient::new(chain, NodeOf(trust_domain));
-    let mut config = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&TLS13])?
-        .with_client_cert_verifier(Arc::new(verifier))
-        .with_single_cert(own.chain.clone(), own.key())?;
-    config.alpn_protocols = vec![ALPN_H2.to_vec()];
-    Ok(Arc::new(config))
+    ca_server(own, Arc::new(verifier))
 }
 
 /// The CA service's side on Kubernetes: presents `own` and asks for no
 /// client certificate; callers authenticate with the service-account token
 /// in each request instead.
 pub fn token_server_config(own: &Credential) -> Result<Arc<ServerConfig>, TransportError> {
+    ca_server(own, WebPkiClientVerifier::no_client_auth())
+}
+
+/// The CA service's TLS: 1.3, `own` presented, clients checked by `clients`.
+fn ca_server(
+    own: &Credential,
+    clients: Arc<dyn ClientCertVerifier>,
+) -> Result<Arc<ServerConfig>, TransportError> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&TLS13])?
-        .with_no_client_auth()
+        .with_client_cert_verifier(clients)
         .with_single_cert(own.chain.clone(), own.key())?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(Arc::new(config))
@@ -180,16 +183,7 @@ pub fn token_client_config(
     roots: &TrustBundle,
     trust_domain: &TrustDomain,
 ) -> Result<Arc<ClientConfig>, TransportError> {
-    let verifier = ca_service_verifier(roots, trust_domain);
-    let mut config = ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
-    config.alpn_protocols = vec![ALPN_H2.to_vec()];
-    config.enable_sni = false;
-    config.resumption = Resumption::disabled();
-    Ok(Arc::new(config))
+    ca_client(roots, trust_domain, None)
 }
 
 /// A node agent's side: presents its node credential; the server must chain
@@ -198,12 +192,27 @@ pub fn client_config(
     credential: &NodeCredential,
     roots: &TrustBundle,
 ) -> Result<Arc<ClientConfig>, TransportError> {
-    let verifier = ca_service_verifier(roots, credential.node.trust_domain());
-    let mut config = ClientConfig::builder_with_provider(provider())
+    let certificate = (credential.chain.clone(), credential.key.clone_key());
+    ca_client(roots, credential.node.trust_domain(), Some(certificate))
+}
+
+/// A client of the CA service: TLS 1.3, h2, no SNI (the server is checked by
+/// its SPIFFE ID, chained to `roots`), no resumption; presenting
+/// `certificate` (chain and key), if any.
+fn ca_client(
+    roots: &TrustBundle,
+    trust_domain: &TrustDomain,
+    certificate: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<Arc<ClientConfig>, TransportError> {
+    let verifier = ca_service_verifier(roots, trust_domain);
+    let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_client_auth_cert(credential.chain.clone(), credential.key.clone_key())?;
+        .with_custom_certificate_verifier(Arc::new(verifier));
+    let mut config = match certificate {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key)?,
+        None => builder.with_no_client_auth(),
+    };
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     config.enable_sni = false;
     config.resumption = Resumption::disabled();
@@ -298,18 +307,5 @@ pub fn test_client_config(
     trust_domain: &TrustDomain,
     certificate: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 ) -> Arc<ClientConfig> {
-    let verifier = ca_service_verifier(roots, trust_domain);
-    let builder = ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&TLS13])
-        .expect("TLS 1.3 is supported")
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier));
-    let mut config = match certificate {
-        Some((chain, key)) => builder
-            .with_client_auth_cert(chain, key)
-            .expect("a valid test certificate"),
-        None => builder.with_no_client_auth(),
-    };
-    config.alpn_protocols = vec![ALPN_H2.to_vec()];
-    Arc::new(config)
+    ca_client(roots, trust_domain, certificate).expect("a valid test certificate")
 }
