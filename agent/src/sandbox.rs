@@ -139,8 +139,7 @@ impl SandboxError {
 }
 
 /// Finds the cgroup and network namespace of the pod `uid` (the Pod's
-/// `metadata.uid`; for a static pod, the kubelet's UID, which is its
-/// `kubernetes.io/config.mirror` annotation) whose IP is `pod_ip`.
+/// `metadata.uid`) whose IP is `pod_ip`.
 pub fn locate(roots: &HostRoots, uid: &str, pod_ip: Ipv4Addr) -> Result<Sandbox, SandboxError> {
     locate_with(roots, uid, pod_ip, &roots.proc.join("1/ns/net"))
 }

@@ -310,10 +310,13 @@ async fn run_ca(serve: &Serve) -> Result<(), String> {
         tracing::info!(listen = %bound, "health endpoints serving");
     }
 
-    if serve.max_connections == 0 || serve.max_connections_per_address == 0 {
-        return Err(
-            "--max-connections and --max-connections-per-address must be above zero".into(),
-        );
+    let sane = 1..=MAX_CONNECTIONS_FLAG;
+    if !sane.contains(&serve.max_connections) || !sane.contains(&serve.max_connections_per_address)
+    {
+        return Err(format!(
+            "--max-connections and --max-connections-per-address must be from 1 to \
+             {MAX_CONNECTIONS_FLAG}"
+        ));
     }
     let server = server.with_limits(ConnectionLimits {
         total: serve.max_connections,
@@ -336,6 +339,10 @@ async fn run_ca(serve: &Serve) -> Result<(), String> {
         .await
         .map_err(|e| Chain(&e).to_string())
 }
+
+/// The most connections the flags may allow: far above what a CA needs, and
+/// within what the process can count.
+const MAX_CONNECTIONS_FLAG: usize = 1 << 20;
 
 /// Whether the CA is ready besides serving, and if not, why.
 type Ready = Box<dyn Fn() -> Result<(), String> + Send + Sync>;

@@ -62,7 +62,14 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CONNECTION_AGE: Duration = Duration::from_secs(15 * 60);
 /// Requests larger than this are refused before they are decoded; the
 /// policy's CSR limit (16 KiB by default) refuses smaller ones with a reason.
-const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Request bodies are read before the caller is authenticated, so this, the
+/// flow-control windows and the limits below bound what anyone who reaches
+/// the CA can make it hold.
+const MAX_REQUEST_BYTES: usize = 32 * 1024;
+/// HTTP/2 flow-control windows: what one stream, and one connection, may
+/// have in flight to the CA.
+const STREAM_WINDOW: u32 = 32 * 1024;
+const CONNECTION_WINDOW: u32 = 64 * 1024;
 /// How many connections the service holds open: in all, and from one
 /// address. An agent needs one; on Kubernetes anyone who can reach the CA can
 /// connect (tokens are checked per request), so neither may pile up without
@@ -74,17 +81,20 @@ pub struct ConnectionLimits {
 }
 
 impl Default for ConnectionLimits {
-    /// Room for every node of a large cluster, a share per address that a
-    /// few agents behind one NAT fit in and one attacker's pod cannot fill.
+    /// Room for the nodes of a large cluster (an agent needs one), and a
+    /// share per address that a few agents behind one NAT fit in. With the
+    /// windows above, all of them together hold at most about 128 MiB of
+    /// requests in flight: half the Deployment's memory limit.
     fn default() -> Self {
         Self {
-            total: 16 * 1024,
-            per_address: 64,
+            total: 2048,
+            per_address: 16,
         }
     }
 }
-/// Requests in flight on one connection; an agent sends a handful at once.
-const MAX_STREAMS_PER_CONNECTION: u32 = 16;
+/// Requests in flight on one connection; an agent renews a few at a time
+/// (more wait their turn).
+const MAX_STREAMS_PER_CONNECTION: u32 = 4;
 /// A request (its token's review included) takes at most this long.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Idle connections are probed, and dropped when the peer is gone.
@@ -216,6 +226,8 @@ impl CaServer {
             // credential or a rotated root comes into use.
             .max_connection_age(MAX_CONNECTION_AGE)
             .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+            .initial_stream_window_size(Some(STREAM_WINDOW))
+            .initial_connection_window_size(Some(CONNECTION_WINDOW))
             .timeout(REQUEST_TIMEOUT)
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))

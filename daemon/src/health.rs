@@ -33,7 +33,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// far above what it needs, and far below what would cost the daemon its
 /// file descriptors; the share per address keeps one client from taking
 /// them all and failing the kubelet's probes.
-const MAX_CONNECTIONS: usize = 256;
+const MAX_CONNECTIONS: usize = 1024;
 const MAX_CONNECTIONS_PER_ADDRESS: usize = 4;
 
 /// Whether the daemon is ready, asked at each probe: `Err` says why not.

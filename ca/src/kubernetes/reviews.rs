@@ -239,6 +239,24 @@ pub fn interpret(
     })
 }
 
+/// How long past `exp` a token is still taken for unexpired, as the API
+/// server does.
+const EXPIRY_LEEWAY: Duration = Duration::from_secs(60);
+
+/// A Pod's name: a DNS subdomain (RFC 1123), as Kubernetes requires.
+fn is_pod_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+}
+
+/// A Kubernetes UID: a UUID's hex digits and dashes.
+fn is_uid(uid: &str) -> bool {
+    !uid.is_empty() && uid.len() <= 36 && uid.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
+}
+
 /// A JWT's claims, read without checking its signature: never a reason to
 /// accept a token, only to refuse one early or to bound how long a review
 /// the API server gave is remembered.
@@ -285,14 +303,22 @@ pub fn claimed_agent_pod(token: &str, settings: &Settings) -> Result<(String, St
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    if claims["exp"].as_u64().is_none_or(|exp| exp <= now) {
+    // The API server allows for clock skew past `exp`: so do we, or a CA
+    // whose clock runs ahead would refuse tokens the review accepts.
+    if claims["exp"]
+        .as_u64()
+        .is_none_or(|exp| exp.saturating_add(EXPIRY_LEEWAY.as_secs()) <= now)
+    {
         return Err(unlike("expired"));
     }
     let pod = &claims["kubernetes.io"]["pod"];
     match (pod["name"].as_str(), pod["uid"].as_str()) {
-        (Some(name), Some(uid)) if !name.is_empty() && !uid.is_empty() => {
+        (Some(name), Some(uid)) if is_pod_name(name) && is_uid(uid) => {
             Ok((name.to_owned(), uid.to_owned()))
         }
+        // Also keeps whatever a forger puts there out of the refusal's log
+        // line.
+        (Some(_), Some(_)) => Err(unlike("its pod's name or UID is malformed")),
         _ => Err(unlike("not bound to a pod")),
     }
 }

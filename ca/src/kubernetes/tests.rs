@@ -388,6 +388,14 @@ fn claims_that_could_not_pass_are_refused_before_any_review() {
         reviews::claimed_agent_pod(&jwt(good.clone()), &settings).unwrap(),
         ("warren-agent-abcde".to_owned(), "1234".to_owned())
     );
+    // Within the API server's leeway past `exp`, as it would accept it.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mut just_expired = good.clone();
+    just_expired["exp"] = (now - 10).into();
+    assert!(reviews::claimed_agent_pod(&jwt(just_expired), &settings).is_ok());
     let mut one_audience = good.clone();
     one_audience["aud"] = "warren-ca".into();
     assert!(reviews::claimed_agent_pod(&jwt(one_audience), &settings).is_ok());
@@ -400,6 +408,16 @@ fn claims_that_could_not_pass_are_refused_before_any_review() {
         ("aud", serde_json::json!(["kubernetes"]), "not for audience"),
         ("exp", serde_json::json!(1000), "expired"),
         ("kubernetes.io", serde_json::json!({}), "not bound to a pod"),
+        (
+            "kubernetes.io",
+            serde_json::json!({"pod": {"name": "Not A Name\n", "uid": "1234"}}),
+            "malformed",
+        ),
+        (
+            "kubernetes.io",
+            serde_json::json!({"pod": {"name": "warren-agent-abcde", "uid": "x".repeat(5000)}}),
+            "malformed",
+        ),
     ];
     for (claim, value, why) in cases {
         let mut claims = good.clone();
