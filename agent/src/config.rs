@@ -80,7 +80,37 @@ pub struct Config {
     /// Where to serve the health endpoints for the kubelet's probes
     /// (`host:port`), if anywhere.
     pub health_listen: Option<String>,
+    /// Serve the CNI plugin (`warren-cni`), so that new pods are enrolled
+    /// before they run.
+    pub cni: Option<CniSettings>,
 }
+
+/// The CNI plugin's side of the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CniSettings {
+    /// The Unix socket the plugin asks on. Its directory is made, or made
+    /// private (root only), by the agent; the membership file goes beside it.
+    pub socket: PathBuf,
+    /// Install the plugin into the node's CNI configuration and keep it
+    /// there, if set.
+    pub install: Option<CniInstall>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CniInstall {
+    /// The node's CNI configuration directory, as the agent sees it (e.g.
+    /// the host's `/etc/cni/net.d` mounted at `/host/etc/cni/net.d`).
+    pub conf_dir: PathBuf,
+    /// The node's CNI plugin directory, as the agent sees it.
+    pub bin_dir: PathBuf,
+    /// The plugin binary to copy there.
+    pub binary: PathBuf,
+    /// The socket's path as the host (the runtime) sees it, written into
+    /// the plugin's configuration; by default the same as `socket`.
+    pub host_socket: PathBuf,
+}
+
+pub const DEFAULT_CNI_SOCKET: &str = "/var/run/warren/cni.sock";
 
 /// How the agent reaches the API server and finds pods on its node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -213,6 +243,28 @@ struct RawConfig {
     kubernetes: Option<RawKubernetes>,
     #[serde(default)]
     health_listen: Option<String>,
+    #[serde(default)]
+    cni: Option<RawCni>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawCni {
+    #[serde(default)]
+    socket: Option<PathBuf>,
+    #[serde(default)]
+    install: Option<RawCniInstall>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawCniInstall {
+    conf_dir: PathBuf,
+    bin_dir: PathBuf,
+    #[serde(default)]
+    binary: Option<PathBuf>,
+    #[serde(default)]
+    host_socket: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -378,6 +430,10 @@ impl RawConfig {
                 host_cgroup: raw.host_cgroup.unwrap_or_else(|| "/sys/fs/cgroup".into()),
             }),
         };
+        let cni = match self.cni {
+            None => None,
+            Some(raw) => Some(raw.validate()?),
+        };
         Ok(Config {
             node,
             trust_domain,
@@ -392,7 +448,63 @@ impl RawConfig {
             workloads,
             kubernetes,
             health_listen,
+            cni,
         })
+    }
+}
+
+impl RawCni {
+    fn validate(self) -> Result<CniSettings, (String, String)> {
+        let absolute = |field: &str, path: &Path| {
+            if path.is_absolute() {
+                Ok(())
+            } else {
+                Err((
+                    field.to_owned(),
+                    format!("{} must be an absolute path", path.display()),
+                ))
+            }
+        };
+        let socket = self
+            .socket
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CNI_SOCKET));
+        absolute("cni.socket", &socket)?;
+        if socket.parent().is_none_or(|p| p == Path::new("/")) {
+            return Err((
+                "cni.socket".into(),
+                "must be in a directory of its own (the agent makes it root-only)".into(),
+            ));
+        }
+        let install = match self.install {
+            None => None,
+            Some(raw) => {
+                absolute("cni.install.confDir", &raw.conf_dir)?;
+                absolute("cni.install.binDir", &raw.bin_dir)?;
+                let binary = match raw.binary {
+                    Some(binary) => binary,
+                    // Shipped beside the agent.
+                    None => std::env::current_exe()
+                        .ok()
+                        .and_then(|exe| Some(exe.parent()?.join("warren-cni")))
+                        .ok_or_else(|| {
+                            (
+                                "cni.install.binary".to_owned(),
+                                "not given, and the agent's own directory is unknown".to_owned(),
+                            )
+                        })?,
+                };
+                absolute("cni.install.binary", &binary)?;
+                let host_socket = raw.host_socket.unwrap_or_else(|| socket.clone());
+                absolute("cni.install.hostSocket", &host_socket)?;
+                Some(CniInstall {
+                    conf_dir: raw.conf_dir,
+                    bin_dir: raw.bin_dir,
+                    binary,
+                    host_socket,
+                })
+            }
+        };
+        Ok(CniSettings { socket, install })
     }
 }
 

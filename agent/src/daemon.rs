@@ -37,14 +37,17 @@ use warren_pki::{
     transport::{self, NodeCredential, TransportError},
 };
 
+use warren_cni::{KnownPod, MEMBERSHIP_FILE, Membership, Others};
+
 use crate::{
     ca::CsrSource,
+    cni::{self, Directory},
     config::{CaCredential, CaSettings, Config, ConfigError, Issuer},
     hbone::pool::{self, Pool},
     kubernetes,
     mesh::{Policies, Snapshot, Store, Workloads},
     pod::NodePods,
-    reconcile::Reconciler,
+    reconcile::{Reconciler, States},
     redirect::{RedirectError, Redirector},
     sandbox::HostRoots,
     tls::{CertificateSource, DevCa},
@@ -89,6 +92,10 @@ pub enum DaemonError {
     Signal(std::io::Error),
     #[error("health endpoints: {0}")]
     Health(std::io::Error),
+    #[error("serving the CNI plugin: {0}")]
+    Cni(std::io::Error),
+    #[error("installing the CNI plugin: {0}")]
+    CniInstall(#[from] cni::install::InstallError),
 }
 
 /// What the readiness probe answers, from the daemon loop.
@@ -113,6 +120,10 @@ impl Readiness {
     /// stops at this node. One pod that keeps failing does not hold up the
     /// rest; it is retried and logged. (A node whose only mesh pod keeps
     /// failing does stay unready.)
+    fn is_ready(&self) -> bool {
+        self.0.load(Ordering::Acquire) == Self::READY
+    }
+
     fn set(&self, local: usize, serving: usize) {
         let state = if local > 0 && serving == 0 {
             Self::NONE_SERVING
@@ -150,6 +161,10 @@ pub struct Daemon {
     pool: Arc<Pool>,
     /// The Kubernetes source, when the mesh comes from the API server.
     kubernetes: Option<JoinHandle<()>>,
+    /// What the CNI server asks the Kubernetes source.
+    kubernetes_source: Option<kubernetes::Source>,
+    /// For removing the node's not-ready taint.
+    kubernetes_client: Option<kube::Client>,
 }
 
 impl Daemon {
@@ -195,21 +210,23 @@ impl Daemon {
             (None, Issuer::Ca(ca)) => Arc::new(ca_source(&config, ca, &store)?),
             (None, Issuer::DevCa { .. }) => unreachable!("the development CA was loaded above"),
         };
-        let kubernetes = match &config.kubernetes {
+        let (kubernetes, kubernetes_source, kubernetes_client) = match &config.kubernetes {
             Some(settings) => {
                 let client =
                     warren_daemon::kubernetes::client(settings.kubeconfig.as_deref()).await?;
-                Some(kubernetes::spawn(
-                    client,
+                let (task, source) = kubernetes::spawn(
+                    client.clone(),
                     kubernetes::Context {
                         node: config.node.clone(),
                         trust_domain: config.trust_domain.clone(),
                         root_namespace: config.root_namespace.clone(),
+                        membership_file: config.cni.as_ref().map(|c| membership_file(&c.socket)),
                     },
                     store.clone(),
-                ))
+                );
+                (Some(task), Some(source), Some(client))
             }
-            None => None,
+            None => (None, None, None),
         };
         let redirector = Redirector::load(&config.bpf_pin_dir)?;
         let pool = Arc::new(Pool::new(pool::Settings::default()));
@@ -237,6 +254,8 @@ impl Daemon {
             dev_root,
             pool,
             kubernetes,
+            kubernetes_source,
+            kubernetes_client,
         })
     }
 
@@ -261,6 +280,18 @@ impl Daemon {
                 .map_err(DaemonError::Health)?;
             info!(listen = %bound, "health endpoints serving");
         }
+        // Where each pod stands, for the CNI plugin's requests; whether the
+        // agent is ready, for the node's taint.
+        let (states, states_rx) = tokio::sync::watch::channel(Arc::new(States::new()));
+        let (ready, ready_rx) = tokio::sync::watch::channel(false);
+        let mut helpers = self.start_cni(states_rx).await?;
+        if let Some(client) = self.kubernetes_client.take() {
+            helpers.push(tokio::spawn(kubernetes::taint::remove_when_ready(
+                client,
+                self.config.node.clone(),
+                ready_rx,
+            )));
+        }
         // Pins of pods that went away while no agent ran are released once
         // the mesh is fully known, never from a partial view.
         let mut released = false;
@@ -281,6 +312,18 @@ impl Daemon {
                         .filter(|(_, pod)| pod.has_certificate())
                         .count(),
                 );
+                ready.send_if_modified(|ready| {
+                    let now = readiness.is_ready();
+                    std::mem::replace(ready, now) != now
+                });
+                states.send_if_modified(|states| {
+                    let now = self.reconciler.states();
+                    let changed = **states != now;
+                    if changed {
+                        *states = Arc::new(now);
+                    }
+                    changed
+                });
                 if !released {
                     released = true;
                     self.release_departed(&snapshot);
@@ -346,6 +389,11 @@ impl Daemon {
         if let Some(kubernetes) = kubernetes {
             kubernetes.abort();
         }
+        // The plugin stays in the node's configuration: while no agent
+        // answers, it holds new pods of the mesh (fail closed).
+        for helper in helpers {
+            helper.abort();
+        }
         // The pods' programs stay (pinned): until an agent takes over, their
         // outbound connections fail and STRICT ports drop plaintext, rather
         // than traffic leaving in clear. `warren uninstall` releases them.
@@ -358,6 +406,64 @@ impl Daemon {
         // Dropping a pod's runtime stops its listeners, not its programs.
         drop(self.reconciler);
         Ok(())
+    }
+
+    /// Serves the CNI plugin, if the config says so, and installs it into
+    /// the node's CNI configuration once it is served.
+    async fn start_cni(
+        &self,
+        states: tokio::sync::watch::Receiver<Arc<States>>,
+    ) -> Result<Vec<JoinHandle<()>>, DaemonError> {
+        let Some(settings) = &self.config.cni else {
+            return Ok(Vec::new());
+        };
+        let directory = match &self.kubernetes_source {
+            Some(source) => Directory::Kubernetes(source.clone()),
+            None => {
+                // The config file lists every pod of the mesh.
+                let membership = Membership {
+                    pods: self
+                        .config
+                        .local_workloads()
+                        .map(|w| {
+                            let known = KnownPod {
+                                uid: None,
+                                in_mesh: true,
+                            };
+                            (w.qualified_name(), known)
+                        })
+                        .collect(),
+                    namespaces: Default::default(),
+                    others: Others::Pass,
+                };
+                let path = membership_file(&settings.socket);
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir).map_err(DaemonError::Cni)?;
+                }
+                cni::write_membership(&path, &membership).map_err(DaemonError::Cni)?;
+                Directory::File(self.store.subscribe())
+            }
+        };
+        let mut tasks = vec![
+            cni::serve(settings.socket.clone(), directory, states)
+                .await
+                .map_err(DaemonError::Cni)?,
+        ];
+        if let Some(install) = &settings.install {
+            let copied = cni::install::copy_binary(&install.binary, &install.bin_dir)?;
+            info!(plugin = %copied.display(), "CNI plugin binary in place");
+            let mut entry = serde_json::Map::new();
+            entry.insert("type".into(), cni::install::PLUGIN_TYPE.into());
+            entry.insert(
+                "socket".into(),
+                install.host_socket.display().to_string().into(),
+            );
+            let conf_dir = install.conf_dir.clone();
+            tasks.push(tokio::spawn(async move {
+                cni::install::keep_installed(conf_dir, entry).await;
+            }));
+        }
+        Ok(tasks)
     }
 
     /// Releases what was pinned for pods that are no longer this node's
@@ -423,15 +529,17 @@ impl Daemon {
         if config.issuer != running.issuer
             || config.certificate_ttl != running.certificate_ttl
             || config.health_listen != running.health_listen
+            || config.cni != running.cni
         {
             warn!(
                 %why,
-                "devCaDir, ca, certificateTtl and healthListen changes take effect when the agent \
-                 restarts; until then it keeps the ones it started with"
+                "devCaDir, ca, certificateTtl, healthListen and cni changes take effect when the \
+                 agent restarts; until then it keeps the ones it started with"
             );
             config.issuer = running.issuer.clone();
             config.certificate_ttl = running.certificate_ttl;
             config.health_listen = running.health_listen.clone();
+            config.cni = running.cni.clone();
         }
         if running.kubernetes.is_some()
             && (config.trust_domain != running.trust_domain
@@ -520,6 +628,11 @@ impl Daemon {
         files.extend(self.config.policy_dir.clone());
         files
     }
+}
+
+/// Where the CNI plugin finds the membership: beside the socket.
+fn membership_file(socket: &Path) -> PathBuf {
+    socket.with_file_name(MEMBERSHIP_FILE)
 }
 
 /// Returns when the task `source` ends, never without one.

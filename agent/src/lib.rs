@@ -3,6 +3,7 @@
 //! `warren-pki`'s, shared with the CA (`warren-ca`).
 
 pub mod ca;
+pub mod cni;
 pub mod config;
 pub mod daemon;
 pub mod hbone;

@@ -50,6 +50,25 @@ enum Command {
     },
 }
 
+/// Takes the CNI plugin out of the node's configuration and removes its
+/// binary, if the agent installed it.
+fn uninstall_cni(config: &Config) -> Result<(), String> {
+    let Some(install) = config.cni.as_ref().and_then(|c| c.install.as_ref()) else {
+        return Ok(());
+    };
+    let changed = warren_agent::cni::install::uninstall(&install.conf_dir)
+        .map_err(|e| Chain(&e).to_string())?;
+    for file in changed {
+        println!("removed warren-cni from {}", file.display());
+    }
+    if warren_agent::cni::install::remove_binary(&install.bin_dir)
+        .map_err(|e| Chain(&e).to_string())?
+    {
+        println!("removed {}", install.bin_dir.join("warren-cni").display());
+    }
+    Ok(())
+}
+
 /// Sets up the agent's logs; says why on stderr if it cannot. Records from
 /// the eBPF programs (via aya-log) arrive at debug level under the
 /// `warren_ebpf` target.
@@ -80,6 +99,9 @@ fn main() -> ExitCode {
             let released = Config::load(&config)
                 .map_err(|e| e.to_string())
                 .and_then(|config| {
+                    // The plugin first: from then on new pods start
+                    // uncaptured rather than wait for an agent.
+                    uninstall_cni(&config)?;
                     warren_agent::redirect::uninstall(&config.bpf_pin_dir)
                         .map(|n| (n, config.bpf_pin_dir))
                         .map_err(|e| Chain(&e).to_string())

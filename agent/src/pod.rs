@@ -181,11 +181,16 @@ impl Enroller for NodePods {
         // The process it was found through is gone. Without an infra
         // container (CRI-O's drop_infra_ctr) that is any container that
         // ended; the namespace may well be there, held by another process.
-        let Some(LocalPod::Kubelet { uid }) = &pod.workload.local else {
+        let Some(LocalPod::Kubelet { uid, netns }) = &pod.workload.local else {
             return true;
         };
+        if netns.is_some() {
+            // The runtime's own file for the sandbox: gone or another
+            // namespace, the sandbox is.
+            return false;
+        }
         let id = *id;
-        match self.locate_kubelet_pod(uid, pod.workload.ip).await {
+        match self.locate_kubelet_pod(uid, pod.workload.ip, None).await {
             Ok(found) if found.netns_id == id => {
                 pod.sandbox = Some((found.netns, found.netns_id));
                 true
@@ -241,8 +246,10 @@ impl NodePods {
                 cgroup: cgroup.clone(),
                 sandbox: None,
             }),
-            Some(LocalPod::Kubelet { uid }) => {
-                let found = self.locate_kubelet_pod(uid, workload.ip).await?;
+            Some(LocalPod::Kubelet { uid, netns }) => {
+                let found = self
+                    .locate_kubelet_pod(uid, workload.ip, netns.as_deref())
+                    .await?;
                 Ok(Located {
                     sandbox: Some((found.netns.clone(), found.netns_id)),
                     netns: found.netns,
@@ -253,19 +260,29 @@ impl NodePods {
         }
     }
 
-    /// Finds the kubelet pod `uid` whose address is `ip` on this node.
-    async fn locate_kubelet_pod(&self, uid: &str, ip: Ipv4Addr) -> Result<Sandbox, SandboxError> {
+    /// Finds the kubelet pod `uid` whose address is `ip` on this node, in
+    /// the namespace file `netns` where the runtime reported one.
+    async fn locate_kubelet_pod(
+        &self,
+        uid: &str,
+        ip: Ipv4Addr,
+        netns: Option<&std::path::Path>,
+    ) -> Result<Sandbox, SandboxError> {
         let (host, task_uid) = (self.host.clone(), uid.to_owned());
+        let netns = netns.map(ToOwned::to_owned);
         // Reads /proc and cgroupfs, and enters namespaces: not for the
         // runtime's threads.
-        tokio::task::spawn_blocking(move || sandbox::locate(&host, &task_uid, ip))
-            .await
-            .unwrap_or_else(|e| {
-                Err(SandboxError::NotYet {
-                    uid: uid.to_owned(),
-                    problem: format!("looking for it failed: {e}"),
-                })
+        tokio::task::spawn_blocking(move || match netns {
+            Some(netns) => sandbox::locate_reported(&host, &task_uid, ip, &netns),
+            None => sandbox::locate(&host, &task_uid, ip),
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(SandboxError::NotYet {
+                uid: uid.to_owned(),
+                problem: format!("looking for it failed: {e}"),
             })
+        })
     }
 
     /// Captures the pod and serves it; with no `certificate` (the CA did not

@@ -57,7 +57,25 @@ struct Failing {
     workload: Arc<Workload>,
     attempts: u32,
     next: Instant,
+    /// Why the last attempt failed.
+    error: String,
 }
+
+/// Where a pod of this node stands, as the CNI plugin is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodState {
+    /// Captured and served, as this workload says (its address, its
+    /// sandbox).
+    Enrolled(Arc<Workload>),
+    /// Not enrolled: the last attempt failed, for this reason.
+    Failing {
+        workload: Arc<Workload>,
+        error: String,
+    },
+}
+
+/// Every pod of this node the reconciler holds or tries, by `namespace/name`.
+pub type States = HashMap<String, PodState>;
 
 pub struct Reconciler<E: Enroller> {
     enroller: E,
@@ -97,6 +115,22 @@ impl<E: Enroller> Reconciler<E> {
     /// Pods waiting for another attempt.
     pub fn failing(&self) -> impl Iterator<Item = &Arc<Workload>> {
         self.failing.values().map(|f| &f.workload)
+    }
+
+    /// Where each pod stands.
+    pub fn states(&self) -> States {
+        let enrolled = self
+            .enrolled
+            .iter()
+            .map(|(name, (w, _))| (name.clone(), PodState::Enrolled(w.clone())));
+        let failing = self.failing.iter().map(|(name, f)| {
+            let state = PodState::Failing {
+                workload: f.workload.clone(),
+                error: f.error.clone(),
+            };
+            (name.clone(), state)
+        });
+        enrolled.chain(failing).collect()
     }
 
     /// When the next failed pod is due for another attempt.
@@ -189,6 +223,7 @@ impl<E: Enroller> Reconciler<E> {
                             workload,
                             attempts,
                             next: now + backoff,
+                            error: error.to_string(),
                         },
                     );
                 }

@@ -81,7 +81,8 @@ pub struct Sandbox {
     /// pod. The path is only good while that process lives: open it soon and
     /// check the file against `netns_id`.
     pub netns: PathBuf,
-    /// The process `netns` goes through.
+    /// The process `netns` goes through (0: a namespace file the runtime
+    /// reported, see [`locate_reported`]).
     pub pid: u32,
     /// The namespace found, to recognise it when opened again.
     pub netns_id: NsId,
@@ -175,6 +176,57 @@ fn locate_with(
     };
     let excluded = [node, own];
     find_netns(&roots.proc, &uid, cgroup, pod_ip, &excluded, addresses_in)
+}
+
+/// The sandbox the container runtime reported for the pod `uid` (through
+/// the CNI plugin): its network namespace file `netns`, which must be a
+/// network namespace, not the node's or the agent's, holding `pod_ip`. At
+/// that moment the pod's cgroup exists (the kubelet makes it before asking
+/// for the sandbox) but may hold no process yet (containerd starts the
+/// sandbox process after the network is set up), so nothing is looked up
+/// through processes.
+pub fn locate_reported(
+    roots: &HostRoots,
+    uid: &str,
+    pod_ip: Ipv4Addr,
+    netns: &Path,
+) -> Result<Sandbox, SandboxError> {
+    let uid = PodUid::parse(uid)?;
+    let cgroup = cgroup_of(roots, &uid)?;
+    let file = File::open(netns).map_err(|e| io_error(&uid, "open", netns, e))?;
+    let id = NsId::of(&file).map_err(|e| io_error(&uid, "inspect", netns, e))?;
+    let own = namespace_at(
+        &uid,
+        "open the agent's network namespace",
+        Path::new("/proc/self/ns/net"),
+    )?;
+    let node = namespace_at(
+        &uid,
+        "open the node's network namespace",
+        &roots.proc.join("1/ns/net"),
+    )
+    .unwrap_or(own);
+    if id == own || id == node {
+        return Err(SandboxError::NotYet {
+            uid: uid.to_string(),
+            problem: format!("{} is the node's network namespace", netns.display()),
+        });
+    }
+    // Entering it fails unless it is a network namespace.
+    let held = addresses_in(&file).map_err(|e| io_error(&uid, "enter", netns, e))?;
+    if !held.contains(&pod_ip) {
+        return Err(SandboxError::Mismatch {
+            uid: uid.to_string(),
+            pod_ip,
+            held: vec![(netns.to_owned(), held)],
+        });
+    }
+    Ok(Sandbox {
+        cgroup,
+        netns: netns.to_owned(),
+        pid: 0,
+        netns_id: id,
+    })
 }
 
 /// The cgroup v2 directory of the pod `uid`.

@@ -28,6 +28,10 @@ use tokio::task::JoinHandle;
 use crate::controlplane::{ControlPlane, random_hex};
 use crate::lab::{Lab, Node, Pod, PodSandboxes};
 
+/// Pods annotated `lab.warren.io/runtime: cni` are left alone: the test makes
+/// their sandboxes with real CNI plugins ([`crate::cni::Runtime`]).
+pub const CNI_RUNTIME_ANNOTATION: &str = "lab.warren.io/runtime";
+
 /// How long [`Kubelet::start`] waits for its first list of Pods.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -119,6 +123,16 @@ async fn register_nodes(client: &kube::Client, nodes: &[Node]) -> Result<()> {
                 ),
                 ..Default::default()
             },
+            // As deploy/README.md says to register nodes: the agent removes
+            // it once ready.
+            spec: Some(k8s_openapi::api::core::v1::NodeSpec {
+                taints: Some(vec![k8s_openapi::api::core::v1::Taint {
+                    key: "warren.io/agent-not-ready".into(),
+                    effect: "NoSchedule".into(),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
             ..Default::default()
         };
         match api.create(&PostParams::default(), &object).await {
@@ -224,6 +238,15 @@ impl Worker {
         else {
             return;
         };
+        if pod
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.get(CNI_RUNTIME_ANNOTATION).is_some_and(|v| v == "cni"))
+        {
+            // The test plays the runtime for this one (crate::cni).
+            return;
+        }
         if pod.metadata.deletion_timestamp.is_some() {
             self.tear_down(&uid).await;
             self.confirm_deletion(&namespace, &name, &uid).await;

@@ -5,6 +5,7 @@
 
 pub mod audit;
 pub mod cluster;
+pub mod cni;
 pub mod controlplane;
 pub mod harness;
 pub mod kubelet;

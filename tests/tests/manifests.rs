@@ -827,8 +827,9 @@ fn rbac_grants_only_what_the_code_uses() {
                 "",
                 "list,watch"
             ),
+            ("", "nodes", "", "get,patch"),
         ]),
-        "the agent reads, never writes"
+        "the agent reads, and writes only its own Node's taint"
     );
     assert_eq!(
         rules(object(objects, "ClusterRole", CA)),

@@ -17,7 +17,9 @@ mod kubernetes;
 /// control plane (`kubernetes`), which runs etcd (etcd-server, etcd-client for etcdctl).
 /// `cargo xtask image`: umoci assembles the images, skopeo writes (and pushes) them,
 /// binutils strips the binaries, podman with runc runs them (crun, podman's default,
-/// refuses these machines' hybrid cgroup layout).
+/// refuses these machines' hybrid cgroup layout). containernetworking-plugins: the
+/// primary CNI plugins (bridge, host-local, in /usr/lib/cni) the CNI tests chain
+/// warren-cni after.
 const PACKAGES: &[&str] = &[
     "iproute2",
     "tcpdump",
@@ -34,6 +36,7 @@ const PACKAGES: &[&str] = &[
     "binutils",
     "podman",
     "runc",
+    "containernetworking-plugins",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

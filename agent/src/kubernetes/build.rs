@@ -1,19 +1,21 @@
 //! From the facts of the watched objects to the mesh model.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap, HashSet},
     net::{Ipv4Addr, SocketAddrV4},
 };
 
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::{
     Context, DATAPLANE_MODE, SETTLE,
     facts::{PodFacts, SliceFacts},
-    watch::{Shared, Tables},
+    watch::{Reported, Shared, Tables},
 };
+use warren_cni::{KnownPod, Membership, Others, PodRef};
 use warren_pki::identity::SpiffeId;
 
+use crate::cni::Decision;
 use crate::mesh::{LocalPod, Policies, ServicePort, Services, Store, Workload, Workloads};
 
 /// The parts of the mesh the API server feeds.
@@ -31,16 +33,46 @@ pub struct Built {
 pub async fn publish_loop(shared: &Shared, context: &Context, store: &Store) {
     let mut first = true;
     let mut vip_claims = BTreeSet::new();
+    let mut written_membership = None;
     loop {
         shared.changed.notified().await;
         tokio::time::sleep(SETTLE).await;
-        let built = {
-            let tables = shared.tables();
+        let (built, membership) = {
+            let mut tables = shared.tables();
             if !tables.synced() {
                 continue;
             }
-            build(&tables, context)
+            // Reports of pods that are gone.
+            let uids: HashSet<&str> = tables
+                .pods
+                .objects
+                .values()
+                .map(|p| p.uid.as_str())
+                .collect();
+            let gone: Vec<String> = tables
+                .sandboxes
+                .keys()
+                .filter(|uid| !uids.contains(uid.as_str()))
+                .cloned()
+                .collect();
+            for uid in gone {
+                tables.sandboxes.remove(&uid);
+            }
+            (build(&tables, context), membership(&tables, context))
         };
+        if let Some(path) = &context.membership_file
+            && written_membership.as_ref() != Some(&membership)
+        {
+            match crate::cni::write_membership(path, &membership) {
+                Ok(()) => written_membership = Some(membership),
+                Err(error) => error!(
+                    path = %path.display(),
+                    error = %warren_daemon::logging::Chain(&error),
+                    "cannot leave the CNI plugin the mesh's membership; while the agent is away \
+                     it holds every new pod"
+                ),
+            }
+        }
         for (pod, ip) in built.vip_claims.difference(&vip_claims) {
             warn!(%pod, %ip, "pod claims a Service's virtual address; ignored");
         }
@@ -112,6 +144,62 @@ pub fn build(tables: &Tables, context: &Context) -> Built {
     }
 }
 
+/// Whether the pod of `namespace/name` (and `uid`, where the runtime
+/// gave it) on this node is in the mesh, as far as the tables tell.
+pub fn decide(tables: &Tables, context: &Context, pod: &PodRef) -> Decision {
+    if !(tables.pods.synced && tables.namespaces.synced) {
+        return Decision::Unknown;
+    }
+    let Some(facts) = tables.pods.objects.get(&pod.to_string()) else {
+        return Decision::Unknown;
+    };
+    // Another pod of that name (the watch lags a re-creation), or not
+    // scheduled here as far as the watch knows.
+    if pod.uid.as_ref().is_some_and(|uid| *uid != facts.uid)
+        || facts.node.as_deref() != Some(context.node.as_str())
+    {
+        return Decision::Unknown;
+    }
+    if in_mesh(facts, tables.namespaces.objects.get(&pod.namespace)) {
+        Decision::InMesh
+    } else {
+        Decision::NotInMesh
+    }
+}
+
+/// What the CNI plugin needs to decide alone while the agent is away: this
+/// node's pods and every namespace.
+pub fn membership(tables: &Tables, context: &Context) -> Membership {
+    let pods = tables
+        .pods
+        .objects
+        .values()
+        .filter(|pod| pod.node.as_deref() == Some(context.node.as_str()))
+        .map(|pod| {
+            let known = KnownPod {
+                uid: Some(pod.uid.clone()),
+                in_mesh: in_mesh(pod, tables.namespaces.objects.get(&pod.namespace)),
+            };
+            (format!("{}/{}", pod.namespace, pod.name), known)
+        })
+        .collect();
+    let namespaces = tables
+        .namespaces
+        .objects
+        .iter()
+        .map(|(name, labels)| {
+            let ambient = labels.get(DATAPLANE_MODE).is_some_and(|m| m == "ambient");
+            (name.clone(), ambient)
+        })
+        .collect();
+    Membership {
+        pods,
+        namespaces,
+        // A namespace made while the agent is away may be in the mesh.
+        others: Others::Hold,
+    }
+}
+
 /// Whether Istio's labels put `pod` in the mesh: the pod's own
 /// `istio.io/dataplane-mode` (`none` opts out, `ambient` opts in), else its
 /// namespace's (`ambient`). Host-network pods never: they are the node; nor
@@ -142,8 +230,15 @@ fn workloads(
     // held it before.
     let mut by_ip: HashMap<Ipv4Addr, Vec<(&PodFacts, Option<Workload>)>> = HashMap::new();
     for pod in tables.pods.objects.values() {
-        let (Some(ip), Some(node)) = (pod.ip, &pod.node) else {
-            continue; // not scheduled, or no address yet
+        let Some(node) = &pod.node else {
+            continue; // not scheduled
+        };
+        // The runtime's report is newer than the API server's address.
+        let reported = (*node == context.node)
+            .then(|| tables.sandboxes.get(&pod.uid))
+            .flatten();
+        let Some(ip) = reported.map(|r| r.ip).or(pod.ip) else {
+            continue; // no address yet
         };
         if pod.finished || pod.host_network {
             continue;
@@ -155,7 +250,7 @@ fn workloads(
             continue;
         }
         let workload = in_mesh(pod, tables.namespaces.objects.get(&pod.namespace))
-            .then(|| workload(pod, ip, node, context))
+            .then(|| workload(pod, ip, node, reported, context))
             .flatten();
         by_ip.entry(ip).or_default().push((pod, workload));
     }
@@ -175,7 +270,13 @@ fn workloads(
 }
 
 /// The workload a mesh pod is, if its identity is valid.
-fn workload(pod: &PodFacts, ip: Ipv4Addr, node: &str, context: &Context) -> Option<Workload> {
+fn workload(
+    pod: &PodFacts,
+    ip: Ipv4Addr,
+    node: &str,
+    reported: Option<&Reported>,
+    context: &Context,
+) -> Option<Workload> {
     let identity = match SpiffeId::new(
         context.trust_domain.clone(),
         &pod.namespace,
@@ -189,6 +290,7 @@ fn workload(pod: &PodFacts, ip: Ipv4Addr, node: &str, context: &Context) -> Opti
     };
     let local = (node == context.node).then(|| LocalPod::Kubelet {
         uid: pod.uid.clone(),
+        netns: reported.map(|r| r.netns.clone()),
     });
     Some(Workload {
         name: pod.name.clone(),

@@ -15,6 +15,7 @@
 
 mod build;
 mod facts;
+pub mod taint;
 #[cfg(test)]
 mod tests;
 mod watch;
@@ -31,6 +32,7 @@ use tracing::{error, info, warn};
 use warren_pki::identity::TrustDomain;
 
 use crate::mesh::Store;
+pub use watch::Reported;
 use watch::{Shared, Tables};
 
 /// How long the builder lets changes pile up before publishing them: a
@@ -51,13 +53,66 @@ pub struct Context {
     pub trust_domain: TrustDomain,
     /// Where mesh-wide policies live.
     pub root_namespace: String,
+    /// Where to leave the CNI plugin the mesh's membership, for while the
+    /// agent is away.
+    pub membership_file: Option<std::path::PathBuf>,
+}
+
+/// The running source, as the CNI server asks it: which pods are in the
+/// mesh, and the sandboxes the runtime reports.
+#[derive(Clone)]
+pub struct Source {
+    shared: Arc<Shared>,
+    context: Arc<Context>,
+}
+
+impl Source {
+    /// Whether the pod is in the mesh, as far as the watches know yet.
+    pub fn decide(&self, pod: &warren_cni::PodRef) -> crate::cni::Decision {
+        build::decide(&self.shared.tables(), &self.context, pod)
+    }
+
+    /// The runtime set up a sandbox for the pod `uid`: it is enrolled there
+    /// (at the next build) without waiting for the API server's address.
+    pub fn report(&self, uid: &str, sandbox: Reported) {
+        self.shared
+            .tables()
+            .sandboxes
+            .insert(uid.to_owned(), sandbox);
+        self.shared.changed.notify_one();
+    }
+
+    /// The runtime tore down the sandbox `container_id`: whether one was
+    /// reported.
+    pub fn forget(&self, container_id: &str) -> bool {
+        let mut tables = self.shared.tables();
+        let before = tables.sandboxes.len();
+        tables
+            .sandboxes
+            .retain(|_, sandbox| sandbox.container_id != container_id);
+        let forgot = tables.sandboxes.len() < before;
+        drop(tables);
+        if forgot {
+            self.shared.changed.notify_one();
+        }
+        forgot
+    }
 }
 
 /// Starts watching the API server and publishing what it says into
 /// `store`. Aborting the handle stops every watch.
-pub fn spawn(client: Client, context: Context, store: Store) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let shared = Arc::new(Shared::default());
+pub fn spawn(
+    client: Client,
+    context: Context,
+    store: Store,
+) -> (tokio::task::JoinHandle<()>, Source) {
+    let shared = Arc::new(Shared::default());
+    let context = Arc::new(context);
+    let source = Source {
+        shared: shared.clone(),
+        context: context.clone(),
+    };
+    let task = tokio::spawn(async move {
         let mut watches = JoinSet::new();
         watches.spawn(watch::typed(
             Api::all(client.clone()),
@@ -118,7 +173,8 @@ pub fn spawn(client: Client, context: Context, store: Store) -> tokio::task::Joi
                 );
             }
         }
-    })
+    });
+    (task, source)
 }
 
 /// Watches `kind` of `group` at the version the API server prefers (so

@@ -22,6 +22,7 @@ fn context() -> Context {
         node: "node-1".into(),
         trust_domain: TrustDomain::new("cluster.local").unwrap(),
         root_namespace: "istio-system".into(),
+        membership_file: None,
     }
 }
 
@@ -154,7 +155,8 @@ fn a_workload_has_its_service_account_identity_and_this_nodes_pods_are_local() {
     assert_eq!(
         here.local,
         Some(LocalPod::Kubelet {
-            uid: "uid-here".into()
+            uid: "uid-here".into(),
+            netns: None,
         })
     );
     // Probes: a named httpGet port, a numeric tcpSocket port, an init

@@ -46,6 +46,10 @@ impl<F> Default for Table<F> {
 pub struct Tables {
     pub namespaces: Table<Labels>,
     pub pods: Table<PodFacts>,
+    /// This node's sandboxes as the container runtime reported them through
+    /// the CNI plugin, by pod UID: known before the API server has the
+    /// pod's address.
+    pub sandboxes: HashMap<String, Reported>,
     pub services: Table<ServiceFacts>,
     pub slices: Table<SliceFacts>,
     pub peer_authentications: Table<PolicyFacts>,
@@ -61,6 +65,15 @@ impl Tables {
             && self.peer_authentications.synced
             && self.authorization_policies.synced
     }
+}
+
+/// A sandbox the container runtime set up for a pod of this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reported {
+    pub container_id: String,
+    /// Its network namespace file.
+    pub netns: std::path::PathBuf,
+    pub ip: std::net::Ipv4Addr,
 }
 
 /// The tables, and the builder's wake-up.

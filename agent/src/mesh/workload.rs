@@ -43,8 +43,13 @@ pub enum LocalPod {
         cgroup: PathBuf,
     },
     /// A kubelet's pod: its cgroup is found from its UID, its network
-    /// namespace from a process in that cgroup (see [`crate::sandbox`]).
-    Kubelet { uid: String },
+    /// namespace from a process in that cgroup (see [`crate::sandbox`]), or
+    /// given by the container runtime through the CNI plugin (`netns`).
+    Kubelet {
+        uid: String,
+        /// The sandbox's namespace file as the runtime reported it.
+        netns: Option<PathBuf>,
+    },
 }
 
 impl Workload {

@@ -62,6 +62,7 @@ fn pod(name: &str, ip: u8) -> Workload {
         labels: Default::default(),
         local: Some(LocalPod::Kubelet {
             uid: format!("uid-{name}"),
+            netns: None,
         }),
         probe_ports: BTreeSet::new(),
     }

@@ -1,0 +1,51 @@
+//! The agent's side of the CNI plugin (`warren-cni`): a Unix socket on
+//! which the plugin, run by the container runtime for each new sandbox,
+//! asks the agent to enroll the pod, and waits until it is captured.
+//!
+//! ```text
+//!  warren-cni ADD ─► server: in the mesh? ─ no ──────────────► "not-in-mesh"
+//!                            │ yes (labels, from the source)
+//!                            ▼
+//!                   the source learns the sandbox (netns, address) ─► mesh snapshot
+//!                            ─► daemon's reconciler enrolls it ─► States ─► "enrolled"
+//! ```
+//!
+//! The runtime's report goes through the mesh model like any other fact, so
+//! the reconciler enrolls, refreshes and withdraws these pods as it does
+//! every other; the server only waits for the outcome. Nothing here trusts
+//! the report beyond enrolling the pod it names where the runtime says:
+//! the socket is root's, and enrollment checks the namespace file holds the
+//! address.
+
+pub mod install;
+mod server;
+
+use std::{io::Write as _, path::Path};
+
+pub use server::{Directory, serve};
+
+use warren_cni::Membership;
+
+/// Whether a pod the runtime names is in the mesh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    InMesh,
+    NotInMesh,
+    /// The source does not know the pod (yet): not listed, another UID,
+    /// or not on this node as far as it knows.
+    Unknown,
+}
+
+/// Leaves `membership` at `path` for the plugin, replaced whole (a reader
+/// never sees half a file).
+pub fn write_membership(path: &Path, membership: &Membership) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    let mut file = tempfile::Builder::new()
+        .prefix(".membership")
+        .tempfile_in(dir)?;
+    serde_json::to_writer(&mut file, membership)?;
+    file.write_all(b"\n")?;
+    file.as_file().sync_all()?;
+    file.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}

@@ -1,0 +1,328 @@
+//! The socket the CNI plugin asks on.
+
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+    sync::{Semaphore, watch},
+};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use warren_cni::{MAX_MESSAGE, PodRef, Request, Response};
+
+use super::Decision;
+use crate::{
+    kubernetes::{self, Reported},
+    mesh::{LocalPod, Snapshot, Workload},
+    reconcile::{PodState, States},
+};
+
+/// How long ADD waits for the source to know the pod: the kubelet asks for
+/// the sandbox as soon as it sees the pod, and so does the agent's watch.
+const DECIDE_WAIT: Duration = Duration::from_secs(5);
+
+/// How long ADD waits for the pod to be enrolled; the plugin waits longer
+/// (30 s by default), so it hears why it failed.
+const ENROLL_WAIT: Duration = Duration::from_secs(25);
+
+/// How long a client has to send its request.
+const REQUEST_WAIT: Duration = Duration::from_secs(5);
+
+/// Requests served at once: one per sandbox being made on the node.
+const CONCURRENT: usize = 64;
+
+/// Where the server learns which pods are in the mesh, and tells the
+/// runtime's reports.
+#[derive(Clone)]
+pub enum Directory {
+    /// The API server: labels decide, reports feed the mesh.
+    Kubernetes(kubernetes::Source),
+    /// The config file: the pods it lists are in the mesh, where it says.
+    File(watch::Receiver<Arc<Snapshot>>),
+}
+
+impl Directory {
+    fn decide(&self, pod: &PodRef) -> Decision {
+        match self {
+            Self::Kubernetes(source) => source.decide(pod),
+            Self::File(snapshot) => {
+                let name = pod.to_string();
+                let listed = snapshot
+                    .borrow()
+                    .workloads()
+                    .local()
+                    .any(|w| w.qualified_name() == name);
+                if listed {
+                    Decision::InMesh
+                } else {
+                    Decision::NotInMesh
+                }
+            }
+        }
+    }
+}
+
+/// Serves the plugin on `socket` until the task is aborted. The socket's
+/// directory is made root-only: whoever can connect can have pods enrolled
+/// anywhere on the node.
+pub async fn serve(
+    socket: PathBuf,
+    directory: Directory,
+    states: watch::Receiver<Arc<States>>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = bind(&socket)?;
+    info!(socket = %socket.display(), "serving the CNI plugin");
+    let permits = Arc::new(Semaphore::new(CONCURRENT));
+    Ok(tokio::spawn(async move {
+        loop {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    warn!(%error, "accepting a CNI plugin connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return;
+            };
+            let (directory, states) = (directory.clone(), states.clone());
+            tokio::spawn(async move {
+                let _permit = permit;
+                if let Err(error) = answer(stream, &directory, states).await {
+                    debug!(%error, "CNI plugin connection failed");
+                }
+            });
+        }
+    }))
+}
+
+/// Binds `socket` in a directory only root may enter.
+fn bind(socket: &Path) -> std::io::Result<UnixListener> {
+    let dir = socket
+        .parent()
+        .ok_or_else(|| std::io::Error::other("the socket path has no directory"))?;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    // A previous agent's socket: nobody listens on it any more.
+    match std::fs::remove_file(socket) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
+        _ => {}
+    }
+    let listener = UnixListener::bind(socket)?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+async fn answer(
+    stream: UnixStream,
+    directory: &Directory,
+    states: watch::Receiver<Arc<States>>,
+) -> std::io::Result<()> {
+    let (reader, mut writer) = stream.into_split();
+    let mut line = Vec::new();
+    let mut reader = BufReader::new(reader.take(MAX_MESSAGE as u64));
+    let read = reader.read_until(b'\n', &mut line);
+    let response = match tokio::time::timeout(REQUEST_WAIT, read).await {
+        Err(_) => return Ok(()), // said nothing
+        Ok(read) => {
+            read?;
+            match serde_json::from_slice::<Request>(&line) {
+                Ok(request) => handle(request, directory, states).await,
+                Err(error) => {
+                    warn!(%error, "unreadable request from the CNI plugin");
+                    Response::Refused {
+                        reason: format!("unreadable request: {error}"),
+                    }
+                }
+            }
+        }
+    };
+    let mut line = serde_json::to_vec(&response).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    writer.write_all(&line).await
+}
+
+async fn handle(
+    request: Request,
+    directory: &Directory,
+    states: watch::Receiver<Arc<States>>,
+) -> Response {
+    match request {
+        Request::Add {
+            pod,
+            container_id,
+            netns,
+            ips,
+        } => {
+            let span = info_span!("cni_add", pod = %pod, container = %short(&container_id));
+            let started = Instant::now();
+            let response = add(&pod, container_id, netns, &ips, directory, states)
+                .instrument(span.clone())
+                .await;
+            let _enter = span.enter();
+            let elapsed_ms = started.elapsed().as_millis() as u64;
+            match &response {
+                Response::Enrolled => {
+                    info!(%pod, elapsed_ms, "CNI ADD: pod enrolled before it runs")
+                }
+                Response::NotInMesh => debug!(%pod, "CNI ADD: pod not in the mesh"),
+                Response::Refused { reason } => warn!(
+                    %pod, elapsed_ms, %reason,
+                    "CNI ADD refused: the runtime retries the sandbox"
+                ),
+                Response::Released => {}
+            }
+            response
+        }
+        Request::Check { pod, netns, .. } => {
+            let response = check(&pod, &netns, directory, &states.borrow());
+            if let Response::Refused { reason } = &response {
+                warn!(pod = %pod, %reason, "CNI CHECK: the pod is not held");
+            }
+            response
+        }
+        Request::Del { pod, container_id } => {
+            if let Directory::Kubernetes(source) = directory
+                && source.forget(&container_id)
+            {
+                info!(
+                    pod = %pod.map(|p| p.to_string()).unwrap_or_default(),
+                    container = %short(&container_id),
+                    "CNI DEL: the sandbox is going; withdrawing the pod from it"
+                );
+            }
+            Response::Released
+        }
+    }
+}
+
+async fn add(
+    pod: &PodRef,
+    container_id: String,
+    netns: PathBuf,
+    ips: &[std::net::Ipv4Addr],
+    directory: &Directory,
+    mut states: watch::Receiver<Arc<States>>,
+) -> Response {
+    let refuse = |reason: String| Response::Refused { reason };
+    let decided = Instant::now() + DECIDE_WAIT;
+    let decision = loop {
+        match directory.decide(pod) {
+            Decision::Unknown if Instant::now() < decided => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            decision => break decision,
+        }
+    };
+    match decision {
+        Decision::NotInMesh => return Response::NotInMesh,
+        Decision::Unknown => {
+            return refuse(format!(
+                "the agent's view of the API server does not have pod {pod} on this node after \
+                 {DECIDE_WAIT:?}"
+            ));
+        }
+        Decision::InMesh => {}
+    }
+    let Some(&ip) = ips.first() else {
+        return refuse(
+            "the previous plugin gave the pod no IPv4 address (the mesh is IPv4)".into(),
+        );
+    };
+    if let Directory::Kubernetes(source) = directory {
+        let Some(uid) = &pod.uid else {
+            return refuse(
+                "the runtime gave no K8S_POD_UID in CNI_ARGS (containerd and CRI-O do); without \
+                 it the pod's cgroup cannot be found"
+                    .into(),
+            );
+        };
+        source.report(
+            uid,
+            Reported {
+                container_id,
+                netns: netns.clone(),
+                ip,
+            },
+        );
+    }
+    let name = pod.to_string();
+    let deadline = tokio::time::Instant::now() + ENROLL_WAIT;
+    let mut last_error = None;
+    loop {
+        {
+            let states = states.borrow_and_update();
+            match states.get(&name) {
+                Some(PodState::Enrolled(workload))
+                    if held_here(workload, directory, &netns, ip) =>
+                {
+                    return Response::Enrolled;
+                }
+                Some(PodState::Failing { workload, error })
+                    if held_here(workload, directory, &netns, ip) =>
+                {
+                    last_error = Some(error.clone());
+                }
+                _ => {}
+            }
+        }
+        match tokio::time::timeout_at(deadline, states.changed()).await {
+            Ok(Ok(())) => {}
+            // The daemon stopped, or time is up.
+            Ok(Err(_)) | Err(_) => break,
+        }
+    }
+    refuse(match last_error {
+        Some(error) => format!("enrolling it failed: {error}"),
+        None => format!("not enrolled within {ENROLL_WAIT:?}"),
+    })
+}
+
+/// Whether `workload` is the pod in the sandbox the runtime names.
+fn held_here(
+    workload: &Workload,
+    directory: &Directory,
+    netns: &Path,
+    ip: std::net::Ipv4Addr,
+) -> bool {
+    match directory {
+        // The config file says where its pods are.
+        Directory::File(_) => true,
+        Directory::Kubernetes(_) => {
+            workload.ip == ip
+                && matches!(&workload.local, Some(LocalPod::Kubelet { netns: Some(n), .. }) if n == netns)
+        }
+    }
+}
+
+fn check(pod: &PodRef, netns: &Path, directory: &Directory, states: &States) -> Response {
+    let refuse = |reason: String| Response::Refused { reason };
+    match directory.decide(pod) {
+        Decision::NotInMesh => Response::NotInMesh,
+        Decision::Unknown => refuse(format!("the agent does not know pod {pod} on this node")),
+        Decision::InMesh => match states.get(&pod.to_string()) {
+            Some(PodState::Enrolled(workload))
+                if held_here(workload, directory, netns, workload.ip) =>
+            {
+                Response::Enrolled
+            }
+            Some(PodState::Enrolled(_)) => {
+                refuse("the agent holds the pod in another sandbox".into())
+            }
+            Some(PodState::Failing { error, .. }) => refuse(format!("not enrolled: {error}")),
+            None => refuse("the agent does not hold the pod".into()),
+        },
+    }
+}
+
+/// Container IDs are 64 hex digits; 12 say which.
+fn short(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
+}

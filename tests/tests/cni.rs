@@ -1,0 +1,311 @@
+//! Race-free enrollment: the agent installs warren-cni after the node's
+//! primary CNI (Debian's bridge + host-local), and the lab plays the
+//! container runtime with those real plugins ([`warren_tests::cni`]): a pod
+//! of the mesh is captured before ADD returns, so its first connection is
+//! too. A real API server, real eBPF, real mTLS.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::core::v1::Pod as KubePod;
+use serde_json::Value;
+use warren_tests::{
+    cluster::{Cluster, PodSpec, RBAC, addr, enrolled, withdrawn},
+    cni::{Runtime, Sandbox},
+    harness::{
+        Agent, Call, LogLine, PATIENCE, Server, WireCapture, binary, contains, kube_agent_config,
+    },
+    kubelet::CNI_RUNTIME_ANNOTATION,
+    lab::{Node, QosClass},
+};
+
+const PORT: u16 = 8080;
+/// labpod's payload repeats this.
+const MARKER: &[u8] = b"warren-labpod-warren-labpod-";
+
+/// A cluster whose agents serve and install warren-cni, with each node's
+/// runtime.
+struct CniCluster {
+    cluster: Cluster,
+    runtimes: Vec<Runtime>,
+}
+
+fn cni_dir(cluster: &Cluster, node: &Node) -> PathBuf {
+    cluster.agents_dir().join(format!("cni-{}", node.name))
+}
+
+fn socket(cluster: &Cluster, node: &Node) -> PathBuf {
+    cni_dir(cluster, node).join("run/cni.sock")
+}
+
+/// The agent's config with the CNI plugin served and installed.
+fn cni_config(node: &Node, kubeconfig: &Path, dir: &Path) -> String {
+    format!(
+        "{}cni:\n  socket: {}\n  install:\n    confDir: {}\n    binDir: {}\n    binary: {}\n",
+        kube_agent_config(node, kubeconfig),
+        dir.join("run/cni.sock").display(),
+        dir.join("net.d").display(),
+        dir.join("bin").display(),
+        binary("warren-cni").unwrap().display(),
+    )
+}
+
+impl CniCluster {
+    fn up(nodes: usize) -> Self {
+        let mut cluster = Cluster::without_agents(nodes, true, RBAC);
+        let runtimes: Vec<Runtime> = cluster
+            .lab
+            .nodes()
+            .iter()
+            .map(|node| Runtime::new(node, &cni_dir(&cluster, node)).unwrap())
+            .collect();
+        let dirs: Vec<PathBuf> = cluster
+            .lab
+            .nodes()
+            .iter()
+            .map(|n| cni_dir(&cluster, n))
+            .collect();
+        cluster.start_agents(true, None, |node, kubeconfig| {
+            cni_config(node, kubeconfig, &dirs[node.index - 1])
+        });
+        let cni = Self { cluster, runtimes };
+        for runtime in &cni.runtimes {
+            wait_installed(runtime);
+        }
+        cni
+    }
+
+    /// Creates a Pod on `node` whose sandbox the test makes (the kubelet
+    /// stand-in leaves it alone); returns its UID.
+    fn pod(&self, namespace: &str, name: &str, node: usize, account: &str) -> String {
+        self.cluster.apply(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  \
+             annotations: {{{CNI_RUNTIME_ANNOTATION}: cni}}\nspec:\n  nodeName: {}\n  \
+             serviceAccountName: {account}\n  containers:\n  - name: app\n    image: labpod\n",
+            self.cluster.lab.node(node).name,
+        ));
+        let api: kube::Api<KubePod> = kube::Api::namespaced(self.cluster.cp.client(), namespace);
+        let pod = self.cluster.cp.block_on(api.get(name)).expect("get pod");
+        pod.metadata.uid.expect("uid")
+    }
+
+    /// The runtime of `node` makes the sandbox of `namespace/name`.
+    fn add(&self, node: usize, namespace: &str, name: &str, uid: &str) -> Result<Sandbox, String> {
+        self.runtimes[node]
+            .add(
+                &warren_tests::cni::PodRef {
+                    namespace,
+                    name,
+                    uid,
+                },
+                QosClass::BestEffort,
+            )
+            .expect("runtime")
+            .map_err(|failure| failure.to_string())
+    }
+}
+
+/// Waits until the node's configuration chains warren-cni last.
+fn wait_installed(runtime: &Runtime) -> Value {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (_, list) = runtime.list().unwrap();
+        let types: Vec<&str> = list["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["type"].as_str().unwrap_or_default())
+            .collect();
+        if types == ["bridge", "warren-cni"] {
+            return list;
+        }
+        assert!(Instant::now() < deadline, "not installed: {types:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn cni_added(pod: &str) -> impl Fn(&LogLine) -> bool + '_ {
+    move |l| l.message() == "CNI ADD: pod enrolled before it runs" && l.field("pod") == pod
+}
+
+#[test]
+fn a_pod_the_runtime_adds_is_captured_before_its_first_connection() {
+    let mut cni = CniCluster::up(2);
+    cni.cluster.namespace("shop", true, &["web", "sleep"]);
+    cni.cluster.namespace("plain", false, &["default"]);
+    // Plaintext to web is dropped: a connection that escaped capture fails.
+    cni.cluster.apply(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
+         metadata: {name: strict, namespace: shop}\nspec: {mtls: {mode: STRICT}}\n",
+    );
+    let web = cni.cluster.pod(&PodSpec::new("shop", "web", 1, "web"));
+    cni.cluster.agents[1]
+        .wait_for(PATIENCE, enrolled("shop/web"))
+        .unwrap();
+    let mut server = Server::start(&web, PORT).unwrap();
+
+    // The runtime makes the sandbox; the first connection leaves the
+    // instant ADD returns, before the API server knows the pod's address.
+    let uid = cni.pod("shop", "sleep", 0, "sleep");
+    let wire = WireCapture::start(&cni.cluster.lab).unwrap();
+    let started = Instant::now();
+    let sleep = cni.add(0, "shop", "sleep", &uid).expect("ADD");
+    let added = started.elapsed();
+    let called = Call::default().run(&sleep.pod, addr(&web, PORT));
+    let packets = wire.finish().unwrap();
+    eprintln!("ADD with enrollment took {added:?}");
+    let called = called.expect("the first call goes through the tunnel");
+    assert!(called.ok);
+    assert_eq!(server.next_served().unwrap().peer.ip(), sleep.pod.ip);
+    let accepted = cni.cluster.agents[1]
+        .wait_for(PATIENCE, |l| l.message() == "accepted HBONE stream")
+        .unwrap();
+    assert_eq!(
+        accepted.field("peer_identity"),
+        "spiffe://cluster.local/ns/shop/sa/sleep"
+    );
+    assert!(!contains(&packets, MARKER), "payload crossed in clear");
+    cni.cluster.agents[0]
+        .wait_for(PATIENCE, cni_added("shop/sleep"))
+        .unwrap();
+    // Enrolled where the runtime said, before any sandbox process existed.
+    let enrolled_line = cni.cluster.agents[0]
+        .wait_for(PATIENCE, enrolled("shop/sleep"))
+        .unwrap();
+    assert_eq!(
+        enrolled_line.field("netns"),
+        sleep.pod.netns_path().display().to_string()
+    );
+
+    // CHECK: held as set up.
+    cni.runtimes[0].check(&sleep).unwrap().expect("CHECK");
+
+    // A pod outside the mesh passes straight through, and is not captured.
+    let uid = cni.pod("plain", "other", 0, "default");
+    let other = cni.add(0, "plain", "other", &uid).expect("ADD");
+    assert!(
+        !cni.cluster.agents[0]
+            .lines()
+            .iter()
+            .any(|l| l.field("workload") == "plain/other"),
+        "a pod outside the mesh was enrolled"
+    );
+
+    // DEL withdraws the pod from its sandbox.
+    cni.runtimes[0].del(&sleep).unwrap();
+    cni.cluster.agents[0]
+        .wait_for(PATIENCE, withdrawn("shop/sleep"))
+        .unwrap();
+    cni.runtimes[0].del(&other).unwrap();
+}
+
+#[test]
+fn with_the_agent_away_mesh_pods_are_held_and_others_start() {
+    let mut cni = CniCluster::up(1);
+    cni.cluster.namespace("shop", true, &["sleep"]);
+    cni.cluster.namespace("plain", false, &["default"]);
+    let held_uid = cni.pod("shop", "held", 0, "sleep");
+    let free_uid = cni.pod("plain", "free", 0, "default");
+    // The agent knew both pods when it went away: it left them in its
+    // membership file.
+    let membership =
+        socket(&cni.cluster, cni.cluster.lab.node(0)).with_file_name("membership.json");
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let text = std::fs::read_to_string(&membership).unwrap_or_default();
+        if text.contains("shop/held") && text.contains("plain/free") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "membership: {text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cni.cluster.agents[0].stop().unwrap();
+
+    let refused = cni.add(0, "shop", "held", &held_uid).unwrap_err();
+    assert!(
+        refused.contains("code Some(11)")
+            && refused.contains("must be in the mesh")
+            && refused.contains("cannot be reached"),
+        "{refused}"
+    );
+    let free = cni.add(0, "plain", "free", &free_uid).expect("ADD");
+    // A namespace made while the agent is away: unknown, held.
+    cni.cluster.namespace("new", false, &["default"]);
+    let new_uid = cni.pod("new", "pod", 0, "default");
+    let unknown = cni.add(0, "new", "pod", &new_uid).unwrap_err();
+    assert!(unknown.contains("must be in the mesh"), "{unknown}");
+
+    // The agent is back: the runtime's retry succeeds, the pod is captured.
+    let node = cni.cluster.lab.node(0).clone();
+    let dir = cni.cluster.agents_dir();
+    let kubeconfig = dir.join("agent.kubeconfig");
+    let config = cni_config(&node, &kubeconfig, &cni_dir(&cni.cluster, &node));
+    cni.cluster.agents[0] = Agent::start(&node, &config, &dir).unwrap();
+    let held = cni.add(0, "shop", "held", &held_uid).expect("ADD retried");
+    cni.cluster.agents[0]
+        .wait_for(PATIENCE, cni_added("shop/held"))
+        .unwrap();
+    let new = cni.add(0, "new", "pod", &new_uid).expect("ADD retried");
+
+    // CHECK tells a pod the agent has lost: it went away again.
+    cni.runtimes[0].check(&held).unwrap().expect("CHECK");
+    cni.cluster.agents[0].stop().unwrap();
+    let lost = cni.runtimes[0].check(&held).unwrap().unwrap_err();
+    assert!(lost.msg.contains("cannot be reached"), "{lost}");
+    // DEL succeeds whatever the agent's state.
+    for sandbox in [&held, &free, &new] {
+        cni.runtimes[0].del(sandbox).unwrap();
+    }
+}
+
+#[test]
+fn uninstall_takes_the_plugin_out_of_the_primarys_list() {
+    let mut cni = CniCluster::up(1);
+    let runtime = &cni.runtimes[0];
+    let (file, installed) = runtime.list().unwrap();
+    assert_eq!(
+        installed["plugins"][1]["socket"],
+        socket(&cni.cluster, cni.cluster.lab.node(0))
+            .display()
+            .to_string()
+    );
+    // The primary rewrites its own file, without us: we are back.
+    std::fs::write(&file, serde_json::to_string(&runtime.primary()).unwrap()).unwrap();
+    wait_installed(runtime);
+    cni.cluster.agents[0].stop().unwrap();
+    let said = cni.cluster.agents[0].uninstall().unwrap();
+    assert!(said.contains("removed warren-cni from"), "{said}");
+    let (_, after) = runtime.list().unwrap();
+    assert_eq!(after, runtime.primary());
+    assert!(!runtime.bin_dir.join("warren-cni").exists());
+    // Again: nothing left to do.
+    let said = cni.cluster.agents[0].uninstall().unwrap();
+    assert!(!said.contains("removed warren-cni"), "{said}");
+}
+
+#[test]
+fn version_answers_as_the_spec_says() {
+    let output = std::process::Command::new(binary("warren-cni").unwrap())
+        .env("CNI_COMMAND", "VERSION")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let answer: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(answer["cniVersion"], "1.0.0");
+    assert_eq!(
+        answer["supportedVersions"],
+        serde_json::json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0"])
+    );
+    // Not run by a runtime: the spec's error, naming what is missing.
+    let output = std::process::Command::new(binary("warren-cni").unwrap())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let error: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(error["code"], 4);
+    assert!(error["msg"].as_str().unwrap().contains("CNI_COMMAND"));
+}
