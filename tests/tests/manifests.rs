@@ -529,6 +529,27 @@ fn the_agent_config_names_what_its_pod_mounts() {
             "{name}"
         );
 
+        // The CNI plugin: its socket where the host's runtime finds it, the
+        // node's CNI directories, and the runtime's namespace files at the
+        // host's paths, new ones seen as they are made.
+        let cni = &config["cni"];
+        let socket = host_mount(pod, agent, "/var/run/warren");
+        assert_eq!(socket["mountPath"], "/var/run/warren", "{name}");
+        assert!(
+            cni["socket"]
+                .as_str()
+                .unwrap()
+                .starts_with("/var/run/warren/"),
+            "{name}"
+        );
+        let conf = host_mount(pod, agent, "/etc/cni/net.d");
+        assert_eq!(cni["install"]["confDir"], conf["mountPath"], "{name}");
+        let bin = host_mount(pod, agent, "/opt/cni/bin");
+        assert_eq!(cni["install"]["binDir"], bin["mountPath"], "{name}");
+        let netns = host_mount(pod, agent, "/var/run/netns");
+        assert_eq!(netns["mountPath"], "/var/run/netns", "{name}");
+        assert_eq!(netns["mountPropagation"], "HostToContainer", "{name}");
+
         // The CA's address is its Service's name and port.
         let service = object(objects, "Service", CA);
         let port = &service["spec"]["ports"][0];

@@ -48,7 +48,15 @@ struct Image {
     /// `uid:gid` the entrypoint runs as; `None` keeps the runtime's default, root.
     user: Option<&'static str>,
     ports: &'static [&'static str],
+    /// Binaries the image carries for the host, beside the entrypoint:
+    /// (package, binary). Linked statically (`crt-static`), because the host
+    /// runs them with its own C library, whatever its version.
+    for_host: &'static [(&'static str, &'static str)],
 }
+
+/// The target the host binaries are built for (explicit, so that `crt-static`
+/// applies to them and not to build scripts).
+const HOST_TARGET: &str = "x86_64-unknown-linux-gnu";
 
 const IMAGES: [Image; 2] = [
     // Root: the agent loads eBPF programs, enters pods' network namespaces and
@@ -60,6 +68,8 @@ const IMAGES: [Image; 2] = [
         cmd: &["agent", "--config", "/etc/warren/config.yaml"],
         user: None,
         ports: &[],
+        // The CNI plugin, which the agent copies to the node's CNI bin dir.
+        for_host: &[("warren-cni", "warren-cni")],
     },
     // No default command: which signing material and which way agents
     // authenticate are the deployment's choice (`serve --cacerts ... --kubernetes`).
@@ -70,6 +80,7 @@ const IMAGES: [Image; 2] = [
         cmd: &[],
         user: Some("65532:65532"),
         ports: &["15012/tcp", "15021/tcp"],
+        for_host: &[],
     },
 ];
 
@@ -155,6 +166,31 @@ pub fn run(args: &Args) -> Result<()> {
         cargo.extend(["-p", image.package, "--bin", image.bin]);
     }
     crate::cargo(&cargo, &[])?;
+    let static_dir = target_dir.join("static");
+    for (image, _) in &images {
+        for (package, bin) in image.for_host {
+            let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+                .args([
+                    "build",
+                    "--release",
+                    "-p",
+                    package,
+                    "--bin",
+                    bin,
+                    "--target",
+                    HOST_TARGET,
+                ])
+                .arg("--target-dir")
+                .arg(&static_dir)
+                .env("RUSTFLAGS", "-C target-feature=+crt-static")
+                .current_dir(&root)
+                .status()
+                .context("running cargo")?;
+            if !status.success() {
+                bail!("building {bin} statically failed");
+            }
+        }
+    }
     let build_secs = build_started.elapsed().as_secs_f64();
 
     let out = target_dir.join("images");
@@ -162,8 +198,21 @@ pub fn run(args: &Args) -> Result<()> {
     for (image, package) in &images {
         println!("\n== image {}", image.name);
         let binary = target_dir.join("release").join(image.bin);
-        let b = build(image, package, &binary, &source, &args.registry, &out)
-            .with_context(|| format!("building the {} image", image.name))?;
+        let host_bins: Vec<PathBuf> = image
+            .for_host
+            .iter()
+            .map(|(_, bin)| static_dir.join(HOST_TARGET).join("release").join(bin))
+            .collect();
+        let b = build(
+            image,
+            package,
+            &binary,
+            &host_bins,
+            &source,
+            &args.registry,
+            &out,
+        )
+        .with_context(|| format!("building the {} image", image.name))?;
         built.push(b);
     }
 
@@ -228,6 +277,7 @@ fn build(
     image: &Image,
     package: &Package,
     binary: &Path,
+    host_bins: &[PathBuf],
     source: &Source,
     registry: &str,
     out: &Path,
@@ -251,6 +301,27 @@ fn build(
             .arg(binary),
     )?;
     let binary_size = fs::metadata(&in_image)?.len();
+    for host_bin in host_bins {
+        let name = host_bin.file_name().context("a binary without a name")?;
+        let dest = rootfs.join("usr/local/bin").join(name);
+        run_quiet(
+            Command::new("strip")
+                .arg("--strip-debug")
+                .arg("-o")
+                .arg(&dest)
+                .arg(host_bin),
+        )?;
+        // Must need no library: the host runs it.
+        let ldd = Command::new("ldd").arg(host_bin).output()?;
+        if !parse_ldd(&String::from_utf8_lossy(&ldd.stdout))?.is_empty() {
+            bail!("{} is not statically linked", host_bin.display());
+        }
+        println!(
+            "image: /usr/local/bin/{} ({}, static, for the host)",
+            name.to_string_lossy(),
+            mb(fs::metadata(&dest)?.len())
+        );
+    }
 
     // Exactly the libraries the dynamic loader would map, at the paths it finds them.
     let ldd = Command::new("ldd")
@@ -490,6 +561,22 @@ fn check(image: &Image, package: &Package, built: &Built, podman: &Podman) -> Re
         help.lines().count(),
         help.lines().next().unwrap_or_default()
     );
+
+    for (_, bin) in image.for_host {
+        let plugin = format!("/usr/local/bin/{bin}");
+        if !paths.contains(&plugin.as_str()) {
+            bail!("the layer has no {plugin}");
+        }
+        let answer = podman.run(
+            &built.reference,
+            &["--entrypoint", &plugin, "--env", "CNI_COMMAND=VERSION"],
+            &[],
+        )?;
+        if !answer.contains("\"supportedVersions\"") {
+            bail!("{plugin} VERSION printed {answer:?}");
+        }
+        println!("check: {}: {plugin} VERSION: {}", image.name, answer.trim());
+    }
 
     // The runtime itself finds no shell to start.
     let shell = podman.run_output(
