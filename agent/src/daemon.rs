@@ -475,7 +475,7 @@ impl Daemon {
             .enrolled()
             .map(|(w, pod)| (w.qualified_name(), pod.netns_cookie()))
             .collect();
-        let local: HashMap<String, Option<u64>> = snapshot
+        let mut local: HashMap<String, Option<u64>> = snapshot
             .workloads()
             .local()
             .map(|w| {
@@ -484,6 +484,13 @@ impl Daemon {
                 (name, cookie)
             })
             .collect();
+        // Pods of the mesh whose address the API server does not have yet
+        // (enrolled through the CNI plugin before a restart): not gone.
+        if let Some(source) = &self.kubernetes_source {
+            for name in source.mesh_pods_here() {
+                local.entry(name).or_insert(None);
+            }
+        }
         for pod in self.reconciler.enroller().redirector.release_others(&local) {
             info!(%pod, "released the programs of a pod that is gone");
         }

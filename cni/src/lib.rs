@@ -130,10 +130,16 @@ impl Membership {
     /// agent is away, is not known to be in the mesh: it passes, and is
     /// enrolled when the agent is back (discovery).
     pub fn must_hold(&self, pod: &PodRef) -> bool {
-        if let Some(known) = self.pods.get(&pod.to_string())
-            && (pod.uid.is_none() || known.uid.is_none() || pod.uid == known.uid)
-        {
-            return known.in_mesh;
+        if let Some(known) = self.pods.get(&pod.to_string()) {
+            // A pod of the mesh re-made under its name (a StatefulSet's) is
+            // held all the same; only the very pod known to be outside the
+            // mesh passes on its own say.
+            if known.in_mesh {
+                return true;
+            }
+            if pod.uid.is_none() || known.uid.is_none() || pod.uid == known.uid {
+                return false;
+            }
         }
         match self.namespaces.get(&pod.namespace) {
             Some(in_mesh) => *in_mesh,
@@ -167,8 +173,10 @@ mod tests {
         assert!(membership.must_hold(&pod("shop", "web", Some("u1"))));
         assert!(!membership.must_hold(&pod("shop", "batch", None)));
         assert!(membership.must_hold(&pod("plain", "opted-in", Some("u3"))));
-        // A new pod under a known name: its namespace decides.
-        assert!(!membership.must_hold(&pod("plain", "opted-in", Some("u9"))));
+        // A new pod under a known mesh pod's name: held all the same.
+        assert!(membership.must_hold(&pod("plain", "opted-in", Some("u9"))));
+        // Under a known outside pod's name: its namespace decides.
+        assert!(membership.must_hold(&pod("shop", "batch", Some("u8"))));
         assert!(membership.must_hold(&pod("shop", "new", None)));
         assert!(!membership.must_hold(&pod("plain", "new", None)));
         // A namespace the agent never saw.

@@ -63,19 +63,28 @@ fn run(env: &Env) -> Result<Option<String>, CniError> {
         .take(spec::MAX_CONFIG as u64 + 1)
         .read_to_end(&mut stdin)
         .map_err(|e| CniError::io(format!("reading the configuration from stdin: {e}")))?;
-    if command == Command::Version {
-        return spec::version(&stdin).map(Some);
+    match command {
+        Command::Version => return spec::version(&stdin).map(Some),
+        // Nothing of the network is ours to report or collect.
+        Command::Status | Command::Gc => return Ok(None),
+        Command::Del => {
+            // Always succeeds: a configuration this plugin cannot read must
+            // not keep a sandbox from going away.
+            let socket = NetConf::parse(&stdin)
+                .ok()
+                .and_then(|conf| conf.socket)
+                .unwrap_or_else(|| DEFAULT_SOCKET.into());
+            del(env, &socket);
+            return Ok(None);
+        }
+        Command::Add | Command::Check => {}
     }
     let conf = NetConf::parse(&stdin)?;
     let socket = conf.socket.clone().unwrap_or_else(|| DEFAULT_SOCKET.into());
     let result = match command {
         Command::Add => add(env, &conf, &socket).map(Some),
         Command::Check => check(env, &conf, &socket).map(|()| None),
-        Command::Del => {
-            del(env, &socket);
-            Ok(None)
-        }
-        Command::Version => unreachable!("answered above"),
+        _ => unreachable!("answered above"),
     };
     result.map_err(|mut error| {
         error.cni_version = Some(conf.cni_version);
@@ -108,7 +117,11 @@ fn add(env: &Env, conf: &NetConf, socket: &Path) -> Result<String, CniError> {
         Ok(other) => Err(CniError::protocol(format!(
             "the warren agent answered ADD for pod {pod} with {other:?}"
         ))),
-        Err(problem) => {
+        Err(Unanswered::Later(problem)) => Err(CniError::agent_away(format!(
+            "the warren agent at {} did not answer for pod {pod}: {problem}",
+            socket.display()
+        ))),
+        Err(Unanswered::Away(problem)) => {
             let (hold, why) = held_while_away(socket, &pod);
             if hold {
                 Err(CniError::agent_away(format!(
@@ -148,7 +161,11 @@ fn check(env: &Env, conf: &NetConf, socket: &Path) -> Result<(), CniError> {
         Ok(other) => Err(CniError::protocol(format!(
             "the warren agent answered CHECK for pod {pod} with {other:?}"
         ))),
-        Err(problem) => match held_while_away(socket, &pod) {
+        Err(Unanswered::Later(problem)) => Err(CniError::agent_away(format!(
+            "the warren agent at {} did not answer CHECK for pod {pod}: {problem}",
+            socket.display()
+        ))),
+        Err(Unanswered::Away(problem)) => match held_while_away(socket, &pod) {
             (true, why) => Err(CniError::agent_away(format!(
                 "pod {pod} must be in the mesh ({why}), and the warren agent cannot be reached \
                  at {}: {problem}",
@@ -206,29 +223,54 @@ fn held_while_away(socket: &Path, pod: &PodRef) -> (bool, String) {
     }
 }
 
+/// Why the agent gave no answer.
+enum Unanswered {
+    /// Nobody listens: the agent is away, and the plugin decides alone.
+    Away(String),
+    /// The agent took the request and did not answer (in time): it is
+    /// there, so nothing is decided without it.
+    Later(String),
+}
+
+impl std::fmt::Display for Unanswered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Away(problem) | Self::Later(problem) => f.write_str(problem),
+        }
+    }
+}
+
 /// Sends `request`, waits at most `timeout` for the answer.
-fn ask(socket: &Path, request: &Request, timeout: Duration) -> Result<Response, String> {
-    let mut stream = UnixStream::connect(socket).map_err(|e| format!("connect: {e}"))?;
+fn ask(socket: &Path, request: &Request, timeout: Duration) -> Result<Response, Unanswered> {
+    let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+            Unanswered::Away(format!("connect: {e}"))
+        }
+        _ => Unanswered::Later(format!("connect: {e}")),
+    })?;
+    let later = Unanswered::Later;
     stream
         .set_read_timeout(Some(timeout))
         .and_then(|()| stream.set_write_timeout(Some(timeout)))
-        .map_err(|e| format!("setting timeouts: {e}"))?;
-    let mut line = serde_json::to_vec(request).map_err(|e| format!("encoding: {e}"))?;
+        .map_err(|e| later(format!("setting timeouts: {e}")))?;
+    let mut line = serde_json::to_vec(request).map_err(|e| later(format!("encoding: {e}")))?;
     line.push(b'\n');
     stream
         .write_all(&line)
-        .map_err(|e| format!("sending: {e}"))?;
+        .map_err(|e| later(format!("sending: {e}")))?;
     let mut answer = Vec::new();
     BufReader::new(stream.take(MAX_MESSAGE as u64))
         .read_until(b'\n', &mut answer)
         .map_err(|e| match e.kind() {
             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-                format!("no answer within {}s", timeout.as_secs_f32())
+                later(format!("no answer within {}s", timeout.as_secs_f32()))
             }
-            _ => format!("reading the answer: {e}"),
+            _ => later(format!("reading the answer: {e}")),
         })?;
     if answer.is_empty() {
-        return Err("the agent closed the connection without answering".into());
+        return Err(later(
+            "the agent closed the connection without answering".into(),
+        ));
     }
-    serde_json::from_slice(&answer).map_err(|e| format!("unreadable answer: {e}"))
+    serde_json::from_slice(&answer).map_err(|e| later(format!("unreadable answer: {e}")))
 }

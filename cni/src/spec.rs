@@ -14,7 +14,7 @@ use warren_cni::PodRef;
 
 /// The spec versions whose results this plugin reads and passes on. Chaining
 /// (`prevResult`) came with 0.3.0.
-pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0"];
+pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 
 /// The largest configuration read from stdin.
 pub const MAX_CONFIG: usize = 1024 * 1024;
@@ -78,6 +78,10 @@ pub enum Command {
     Del,
     Check,
     Version,
+    /// 1.1.0: whether the plugin is ready for ADDs.
+    Status,
+    /// 1.1.0: garbage collection of what no sandbox uses.
+    Gc,
 }
 
 /// The environment the runtime runs the plugin with.
@@ -102,6 +106,8 @@ impl Env {
             Some("DEL") => Ok(Command::Del),
             Some("CHECK") => Ok(Command::Check),
             Some("VERSION") => Ok(Command::Version),
+            Some("STATUS") => Ok(Command::Status),
+            Some("GC") => Ok(Command::Gc),
             Some(other) => Err(CniError::env(format!(
                 "CNI_COMMAND {other:?} is not one of ADD, DEL, CHECK, VERSION"
             ))),
@@ -352,9 +358,9 @@ mod tests {
         assert_eq!(answer["cniVersion"], "0.4.0");
         assert_eq!(
             answer["supportedVersions"],
-            json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0"])
+            json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
         );
         let answer: Value = serde_json::from_str(&version(b"").unwrap()).unwrap();
-        assert_eq!(answer["cniVersion"], "1.0.0");
+        assert_eq!(answer["cniVersion"], "1.1.0");
     }
 }

@@ -294,10 +294,10 @@ fn version_answers_as_the_spec_says() {
         .unwrap();
     assert!(output.status.success());
     let answer: Value = serde_json::from_slice(&output.stdout).unwrap();
-    assert_eq!(answer["cniVersion"], "1.0.0");
+    assert_eq!(answer["cniVersion"], "1.1.0");
     assert_eq!(
         answer["supportedVersions"],
-        serde_json::json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0"])
+        serde_json::json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
     );
     // Not run by a runtime: the spec's error, naming what is missing.
     let output = std::process::Command::new(binary("warren-cni").unwrap())

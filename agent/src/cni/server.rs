@@ -21,15 +21,16 @@ use crate::{
     kubernetes::{self, Reported},
     mesh::{LocalPod, Snapshot, Workload},
     reconcile::{PodState, States},
+    sandbox::NsId,
 };
 
 /// How long ADD waits for the source to know the pod: the kubelet asks for
 /// the sandbox as soon as it sees the pod, and so does the agent's watch.
 const DECIDE_WAIT: Duration = Duration::from_secs(5);
 
-/// How long ADD waits for the pod to be enrolled; the plugin waits longer
-/// (30 s by default), so it hears why it failed.
-const ENROLL_WAIT: Duration = Duration::from_secs(25);
+/// How long ADD waits for the pod to be enrolled; with DECIDE_WAIT, less
+/// than the plugin waits (30 s by default), so it hears why it failed.
+const ENROLL_WAIT: Duration = Duration::from_secs(20);
 
 /// How long a client has to send its request.
 const REQUEST_WAIT: Duration = Duration::from_secs(5);
@@ -105,10 +106,35 @@ pub async fn serve(
 
 /// Binds `socket` in a directory only root may enter.
 fn bind(socket: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
     let dir = socket
         .parent()
         .ok_or_else(|| std::io::Error::other("the socket path has no directory"))?;
-    std::fs::create_dir_all(dir)?;
+    match std::fs::symlink_metadata(dir) {
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(parent) = dir.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::DirBuilder::new().mode(0o700).create(dir)?;
+        }
+        Err(error) => return Err(error),
+        // Whoever else owns the directory (or a link in its place) could
+        // put their own socket or membership file there.
+        Ok(meta) if !meta.is_dir() => {
+            return Err(std::io::Error::other(format!(
+                "{} is not a directory (a symbolic link?)",
+                dir.display()
+            )));
+        }
+        Ok(meta) if meta.uid() != nix::unistd::geteuid().as_raw() => {
+            return Err(std::io::Error::other(format!(
+                "{} belongs to uid {}, not to the agent's",
+                dir.display(),
+                meta.uid()
+            )));
+        }
+        Ok(_) => {}
+    }
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     // A previous agent's socket: nobody listens on it any more.
     match std::fs::remove_file(socket) {
@@ -293,13 +319,25 @@ fn held_here(
     ip: std::net::Ipv4Addr,
 ) -> bool {
     match directory {
-        // The config file says where its pods are.
-        Directory::File(_) => true,
+        // The config file says where its pods are: the runtime's sandbox
+        // must be that namespace.
+        Directory::File(_) => match &workload.local {
+            Some(LocalPod::Paths {
+                netns: enrolled, ..
+            }) => same_namespace(enrolled, netns),
+            _ => false,
+        },
         Directory::Kubernetes(_) => {
             workload.ip == ip
                 && matches!(&workload.local, Some(LocalPod::Kubelet { netns: Some(n), .. }) if n == netns)
         }
     }
+}
+
+/// Whether the two files are the same network namespace.
+fn same_namespace(a: &Path, b: &Path) -> bool {
+    let id = |path: &Path| std::fs::File::open(path).and_then(|f| NsId::of(&f)).ok();
+    id(a).is_some_and(|a| Some(a) == id(b))
 }
 
 fn check(pod: &PodRef, netns: &Path, directory: &Directory, states: &States) -> Response {

@@ -160,11 +160,29 @@ pub fn decide(tables: &Tables, context: &Context, pod: &PodRef) -> Decision {
     {
         return Decision::Unknown;
     }
-    if in_mesh(facts, tables.namespaces.objects.get(&pod.namespace)) {
+    // A namespace not seen yet (its watch lags the pods') may put the pod
+    // in the mesh: not "no".
+    let Some(namespace) = tables.namespaces.objects.get(&pod.namespace) else {
+        return Decision::Unknown;
+    };
+    if in_mesh(facts, Some(namespace)) {
         Decision::InMesh
     } else {
         Decision::NotInMesh
     }
+}
+
+/// This node's pods that the labels put in the mesh, by `namespace/name`,
+/// with an address or not yet.
+pub fn mesh_pods_here(tables: &Tables, context: &Context) -> Vec<String> {
+    tables
+        .pods
+        .objects
+        .values()
+        .filter(|pod| pod.node.as_deref() == Some(context.node.as_str()))
+        .filter(|pod| in_mesh(pod, tables.namespaces.objects.get(&pod.namespace)))
+        .map(|pod| format!("{}/{}", pod.namespace, pod.name))
+        .collect()
 }
 
 /// What the CNI plugin needs to decide alone while the agent is away: this

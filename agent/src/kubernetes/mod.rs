@@ -72,6 +72,13 @@ impl Source {
         build::decide(&self.shared.tables(), &self.context, pod)
     }
 
+    /// This node's pods of the mesh, with an address yet or not: what a
+    /// previous agent pinned for them stays (a pod enrolled through the CNI
+    /// plugin may have no address in the API server yet).
+    pub fn mesh_pods_here(&self) -> Vec<String> {
+        build::mesh_pods_here(&self.shared.tables(), &self.context)
+    }
+
     /// The runtime set up a sandbox for the pod `uid`: it is enrolled there
     /// (at the next build) without waiting for the API server's address.
     pub fn report(&self, uid: &str, sandbox: Reported) {
