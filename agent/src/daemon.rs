@@ -221,6 +221,10 @@ impl Daemon {
                         trust_domain: config.trust_domain.clone(),
                         root_namespace: config.root_namespace.clone(),
                         membership_file: config.cni.as_ref().map(|c| membership_file(&c.socket)),
+                        reports_file: config
+                            .cni
+                            .as_ref()
+                            .map(|c| c.socket.with_file_name(REPORTS_FILE)),
                     },
                     store.clone(),
                 );
@@ -284,7 +288,10 @@ impl Daemon {
         // agent is ready, for the node's taint.
         let (states, states_rx) = tokio::sync::watch::channel(Arc::new(States::new()));
         let (ready, ready_rx) = tokio::sync::watch::channel(false);
-        let mut helpers = self.start_cni(states_rx).await?;
+        // The taint stays until the plugin is in the node's CNI config too:
+        // pods scheduled here before that would start uncaptured.
+        let (installed_tx, mut installed) = tokio::sync::watch::channel(true);
+        let mut helpers = self.start_cni(states_rx, installed_tx).await?;
         if let Some(client) = self.kubernetes_client.take() {
             helpers.push(tokio::spawn(kubernetes::taint::remove_when_ready(
                 client,
@@ -313,7 +320,7 @@ impl Daemon {
                         .count(),
                 );
                 ready.send_if_modified(|ready| {
-                    let now = readiness.is_ready();
+                    let now = readiness.is_ready() && *installed.borrow();
                     std::mem::replace(ready, now) != now
                 });
                 states.send_if_modified(|states| {
@@ -360,6 +367,9 @@ impl Daemon {
                     self.reload_policies("file changed");
                 }
                 Ok(()) = mesh.changed() => {}
+                // Without `cni.install` the sender is dropped, which ends
+                // this arm; `installed` stays true.
+                Ok(()) = installed.changed() => {}
                 () = sleep_until(retry) => {}
                 _ = sandbox_check.tick() => {
                     // Those withdrawn are enrolled where they are now, below.
@@ -413,6 +423,7 @@ impl Daemon {
     async fn start_cni(
         &self,
         states: tokio::sync::watch::Receiver<Arc<States>>,
+        installed: tokio::sync::watch::Sender<bool>,
     ) -> Result<Vec<JoinHandle<()>>, DaemonError> {
         let Some(settings) = &self.config.cni else {
             return Ok(Vec::new());
@@ -440,14 +451,19 @@ impl Daemon {
                 if let Some(dir) = path.parent() {
                     std::fs::create_dir_all(dir).map_err(DaemonError::Cni)?;
                 }
-                cni::write_membership(&path, &membership).map_err(DaemonError::Cni)?;
+                cni::write_json(&path, &membership).map_err(DaemonError::Cni)?;
                 Directory::File(self.store.subscribe())
             }
         };
         let mut tasks = vec![
-            cni::serve(settings.socket.clone(), directory, states)
-                .await
-                .map_err(DaemonError::Cni)?,
+            cni::serve(
+                settings.socket.clone(),
+                directory,
+                states,
+                self.store.subscribe(),
+            )
+            .await
+            .map_err(DaemonError::Cni)?,
         ];
         if let Some(install) = &settings.install {
             let copied = cni::install::copy_binary(&install.binary, &install.bin_dir)?;
@@ -459,9 +475,10 @@ impl Daemon {
                 install.host_socket.display().to_string().into(),
             );
             let conf_dir = install.conf_dir.clone();
-            tasks.push(tokio::spawn(async move {
-                cni::install::keep_installed(conf_dir, entry).await;
-            }));
+            installed.send_replace(false);
+            tasks.push(tokio::spawn(cni::install::keep_installed(
+                conf_dir, entry, installed,
+            )));
         }
         Ok(tasks)
     }
@@ -636,6 +653,11 @@ impl Daemon {
         files
     }
 }
+
+/// The runtime's sandbox reports, kept beside the socket so that an agent
+/// restarted before the API server has a pod's address still knows where
+/// the pod is.
+const REPORTS_FILE: &str = "sandboxes.json";
 
 /// Where the CNI plugin finds the membership: beside the socket.
 fn membership_file(socket: &Path) -> PathBuf {

@@ -40,6 +40,8 @@ type Job = Box<dyn FnOnce() + Send>;
 #[derive(Debug)]
 pub struct NetNs {
     path: PathBuf,
+    /// The namespace the file held when opened.
+    id: crate::sandbox::NsId,
     cookie: u64,
     jobs: mpsc::Sender<Job>,
 }
@@ -47,6 +49,10 @@ pub struct NetNs {
 impl NetNs {
     pub async fn open(path: &Path) -> Result<Self, NetnsError> {
         let file = File::open(path).map_err(|source| NetnsError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        let id = crate::sandbox::NsId::of(&file).map_err(|source| NetnsError::Open {
             path: path.to_owned(),
             source,
         })?;
@@ -85,6 +91,7 @@ impl NetNs {
 
         let mut netns = Self {
             path: path.to_owned(),
+            id,
             cookie: 0,
             jobs,
         };
@@ -109,6 +116,11 @@ impl NetNs {
     /// reports it to the eBPF programs.
     pub fn cookie(&self) -> u64 {
         self.cookie
+    }
+
+    /// The namespace the file held when it was opened.
+    pub fn id(&self) -> crate::sandbox::NsId {
+        self.id
     }
 
     /// Runs `f` on the namespace's thread: sockets it creates belong to the

@@ -300,6 +300,20 @@ impl NodePods {
         } = located;
         let name = workload.qualified_name();
         let netns = Arc::new(NetNs::open(&netns_path).await?);
+        // The file is opened again here: it must still be the namespace
+        // that was checked to hold the pod's address.
+        if let Some((_, id)) = &sandbox
+            && netns.id() != *id
+        {
+            return Err(SandboxError::NotYet {
+                uid: name.clone(),
+                problem: format!(
+                    "{} changed namespace while the pod was being enrolled",
+                    netns_path.display()
+                ),
+            }
+            .into());
+        }
         // The kubelet (and anything else on the node) reaches the pod from
         // this address: its probes are let through from it alone.
         let node_address = node_route::source_address_for(workload.ip).await?;

@@ -18,6 +18,11 @@ use std::{net::Ipv4Addr, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+/// The spec versions whose results the plugin reads and passes on. Chaining
+/// (`prevResult`) came with 0.3.0. The agent installs the plugin only into a
+/// list of one of these.
+pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+
 /// The longest request or answer either side reads: a pod has a handful of
 /// addresses, names are at most 253 bytes.
 pub const MAX_MESSAGE: usize = 64 * 1024;

@@ -12,9 +12,7 @@ use serde_json::{Map, Value, json};
 
 use warren_cni::PodRef;
 
-/// The spec versions whose results this plugin reads and passes on. Chaining
-/// (`prevResult`) came with 0.3.0.
-pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+pub use warren_cni::SUPPORTED_VERSIONS;
 
 /// The largest configuration read from stdin.
 pub const MAX_CONFIG: usize = 1024 * 1024;

@@ -74,7 +74,41 @@ impl CniCluster {
         for runtime in &cni.runtimes {
             wait_installed(runtime);
         }
+        // Ready and installed: each agent took its node's not-ready taint off
+        // (the lab's kubelet registers nodes with it).
+        for node in cni.cluster.lab.nodes() {
+            let deadline = Instant::now() + PATIENCE;
+            while cni
+                .taints(&node.name)
+                .contains(&"warren.io/agent-not-ready".to_owned())
+            {
+                assert!(Instant::now() < deadline, "{} still tainted", node.name);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         cni
+    }
+
+    fn taints(&self, node: &str) -> Vec<String> {
+        let api: kube::Api<k8s_openapi::api::core::v1::Node> =
+            kube::Api::all(self.cluster.cp.client());
+        let node = self.cluster.cp.block_on(api.get(node)).expect("get node");
+        node.spec
+            .and_then(|s| s.taints)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|t| t.key)
+            .collect()
+    }
+
+    /// Stops node `node`'s agent and starts another, as a restart does.
+    fn restart_agent(&mut self, node: usize) {
+        let _ = self.cluster.agents[node].stop();
+        let node = self.cluster.lab.node(node).clone();
+        let dir = self.cluster.agents_dir();
+        let kubeconfig = dir.join("agent.kubeconfig");
+        let config = cni_config(&node, &kubeconfig, &cni_dir(&self.cluster, &node));
+        self.cluster.agents[node.index - 1] = Agent::start(&node, &config, &dir).unwrap();
     }
 
     /// Creates a Pod on `node` whose sandbox the test makes (the kubelet
@@ -238,19 +272,34 @@ fn with_the_agent_away_mesh_pods_are_held_and_others_start() {
     assert!(unknown.contains("must be in the mesh"), "{unknown}");
 
     // The agent is back: the runtime's retry succeeds, the pod is captured.
-    let node = cni.cluster.lab.node(0).clone();
-    let dir = cni.cluster.agents_dir();
-    let kubeconfig = dir.join("agent.kubeconfig");
-    let config = cni_config(&node, &kubeconfig, &cni_dir(&cni.cluster, &node));
-    cni.cluster.agents[0] = Agent::start(&node, &config, &dir).unwrap();
+    cni.restart_agent(0);
     let held = cni.add(0, "shop", "held", &held_uid).expect("ADD retried");
     cni.cluster.agents[0]
         .wait_for(PATIENCE, cni_added("shop/held"))
         .unwrap();
     let new = cni.add(0, "new", "pod", &new_uid).expect("ADD retried");
 
-    // CHECK tells a pod the agent has lost: it went away again.
+    // Restarted before the API server has the pod's address (the lab's
+    // kubelet leaves these pods to the test): the new agent keeps the
+    // runtime's report, takes the pod over where it is, and CHECK agrees.
     cni.runtimes[0].check(&held).unwrap().expect("CHECK");
+    cni.restart_agent(0);
+    cni.cluster.agents[0]
+        .wait_for(PATIENCE, |l| {
+            l.message() == "kept the runtime's sandbox reports of an earlier agent"
+        })
+        .unwrap();
+    let again = cni.cluster.agents[0]
+        .wait_for(PATIENCE, enrolled("shop/held"))
+        .unwrap();
+    assert_eq!(
+        again.field("netns"),
+        held.pod.netns_path().display().to_string()
+    );
+    assert_eq!(again.0["taken_over"], true, "{again:?}");
+    cni.runtimes[0].check(&held).unwrap().expect("CHECK");
+
+    // CHECK tells a pod the agent has lost: it went away again.
     cni.cluster.agents[0].stop().unwrap();
     let lost = cni.runtimes[0].check(&held).unwrap().unwrap_err();
     assert!(lost.msg.contains("cannot be reached"), "{lost}");

@@ -106,6 +106,17 @@ pub enum ConfigProblem {
     NoPlugin,
     #[error("the entry's \"type\" is {found}, not \"{PLUGIN_TYPE}\"")]
     EntryNotOurs { found: String },
+    #[error(
+        "it is a symbolic link: the agent edits a primary's file in place, and would replace the \
+         link with a copy"
+    )]
+    SymbolicLink,
+    #[error(
+        "its cniVersion {found} is not one warren-cni speaks ({}): added, it would fail every \
+         pod's ADD",
+        warren_cni::SUPPORTED_VERSIONS.join(", ")
+    )]
+    UnsupportedVersion { found: String },
 }
 
 /// What [`install`] did.
@@ -171,6 +182,28 @@ pub fn install(conf_dir: &Path, entry: &Map<String, Value>) -> Result<Installed,
         let Some(primary) = find_primary(conf_dir)? else {
             return Ok(Installed::NoPrimary);
         };
+        // Renaming over a link would replace it with a copy, and the
+        // primary's later writes to the link's target would no longer be
+        // what the runtime reads.
+        let link = fs::symlink_metadata(&primary.path).map_err(|source| InstallError::Read {
+            path: primary.path.clone(),
+            source,
+        })?;
+        if link.file_type().is_symlink() {
+            return Err(InstallError::BadConfig {
+                path: primary.path.clone(),
+                problem: ConfigProblem::SymbolicLink,
+            });
+        }
+        let version = primary.config["cniVersion"].as_str().unwrap_or_default();
+        if !warren_cni::SUPPORTED_VERSIONS.contains(&version) {
+            return Err(InstallError::BadConfig {
+                path: primary.path.clone(),
+                problem: ConfigProblem::UnsupportedVersion {
+                    found: primary.config["cniVersion"].to_string(),
+                },
+            });
+        }
         let wanted = with_plugin(&primary.config, entry).map_err(|e| in_file(e, &primary.path))?;
         let target = if is_single_plugin(&primary.config) {
             primary.path.with_extension("conflist")
@@ -266,7 +299,11 @@ pub fn remove_binary(bin_dir: &Path) -> Result<bool, InstallError> {
 /// Waits for a primary if there is none yet. Retries failures with growing
 /// pauses. Polls every 5 s if the directory cannot be watched. Never
 /// returns: run it as a task, and abort the task to stop.
-pub async fn keep_installed(conf_dir: PathBuf, entry: Map<String, Value>) {
+pub async fn keep_installed(
+    conf_dir: PathBuf,
+    entry: Map<String, Value>,
+    installed: tokio::sync::watch::Sender<bool>,
+) {
     let dir = conf_dir.display().to_string();
     // The runtime may not have made the directory yet, and a watch needs it;
     // an empty directory means to the runtime what a missing one does.
@@ -296,13 +333,16 @@ pub async fn keep_installed(conf_dir: PathBuf, entry: Map<String, Value>) {
             Ok(Ok(Installed::Written(file))) => {
                 info!(file = %file.display(), "added warren-cni to the CNI config");
                 waiting_logged = false;
+                installed.send_replace(true);
                 false
             }
             Ok(Ok(Installed::Unchanged(_))) => {
                 waiting_logged = false;
+                installed.send_replace(true);
                 false
             }
             Ok(Ok(Installed::NoPrimary)) => {
+                installed.send_replace(false);
                 if !waiting_logged {
                     info!(%dir, "no CNI config yet; waiting for the primary CNI plugin to write one");
                     waiting_logged = true;
@@ -310,6 +350,7 @@ pub async fn keep_installed(conf_dir: PathBuf, entry: Map<String, Value>) {
                 false
             }
             Ok(Err(error)) => {
+                installed.send_replace(false);
                 error!(%dir, error = %Chain(&error), retry_in = ?retry, "cannot add warren-cni to the CNI config");
                 true
             }
@@ -1001,6 +1042,32 @@ mod tests {
     }
 
     #[test]
+    fn a_linked_primary_or_one_of_a_version_the_plugin_does_not_speak_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let target = write_json(elsewhere.path(), "calico.conflist", &calico());
+        std::os::unix::fs::symlink(&target, dir.path().join("10-calico.conflist")).unwrap();
+        let error = install(dir.path(), &entry()).unwrap_err().to_string();
+        assert!(error.contains("symbolic link"), "{error}");
+        assert_eq!(
+            read_json(&target),
+            calico(),
+            "the link's target was changed"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut future = calico();
+        future["cniVersion"] = "2.0.0".into();
+        let path = write_json(dir.path(), "10-calico.conflist", &future);
+        let error = install(dir.path(), &entry()).unwrap_err().to_string();
+        assert!(
+            error.contains("\"2.0.0\" is not one warren-cni speaks"),
+            "{error}"
+        );
+        assert_eq!(read_json(&path), future);
+    }
+
+    #[test]
     fn without_plugin_takes_out_every_entry_and_nothing_else() {
         let mut config = appended(&kindnet(), &entry());
         config["plugins"]
@@ -1056,7 +1123,8 @@ mod tests {
         }
 
         let dir = tempfile::tempdir().unwrap();
-        let task = tokio::spawn(keep_installed(dir.path().to_owned(), entry()));
+        let (installed, _) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(keep_installed(dir.path().to_owned(), entry(), installed));
         // Let it find no primary, and start waiting.
         tokio::time::sleep(Duration::from_millis(200)).await;
 

@@ -24,8 +24,6 @@ use std::{io::Write as _, path::Path};
 
 pub use server::{Directory, serve};
 
-use warren_cni::Membership;
-
 /// Whether a pod the runtime names is in the mesh.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
@@ -36,14 +34,15 @@ pub enum Decision {
     Unknown,
 }
 
-/// Leaves `membership` at `path` for the plugin, replaced whole (a reader
-/// never sees half a file).
-pub fn write_membership(path: &Path, membership: &Membership) -> std::io::Result<()> {
+/// Writes `value` at `path` as JSON, replacing the file whole (a reader never
+/// sees half a file): the membership the plugin reads, the sandboxes the
+/// runtime reported.
+pub fn write_json(path: &Path, value: &impl serde::Serialize) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("/"));
     let mut file = tempfile::Builder::new()
-        .prefix(".membership")
+        .prefix(".warren")
         .tempfile_in(dir)?;
-    serde_json::to_writer(&mut file, membership)?;
+    serde_json::to_writer(&mut file, value)?;
     file.write_all(b"\n")?;
     file.as_file().sync_all()?;
     file.persist(path).map_err(|e| e.error)?;

@@ -76,6 +76,7 @@ pub async fn serve(
     socket: PathBuf,
     directory: Directory,
     states: watch::Receiver<Arc<States>>,
+    mesh: watch::Receiver<Arc<Snapshot>>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = bind(&socket)?;
     info!(socket = %socket.display(), "serving the CNI plugin");
@@ -93,10 +94,10 @@ pub async fn serve(
             let Ok(permit) = permits.clone().acquire_owned().await else {
                 return;
             };
-            let (directory, states) = (directory.clone(), states.clone());
+            let (directory, states, mesh) = (directory.clone(), states.clone(), mesh.clone());
             tokio::spawn(async move {
                 let _permit = permit;
-                if let Err(error) = answer(stream, &directory, states).await {
+                if let Err(error) = answer(stream, &directory, states, &mesh).await {
                     debug!(%error, "CNI plugin connection failed");
                 }
             });
@@ -150,6 +151,7 @@ async fn answer(
     stream: UnixStream,
     directory: &Directory,
     states: watch::Receiver<Arc<States>>,
+    mesh: &watch::Receiver<Arc<Snapshot>>,
 ) -> std::io::Result<()> {
     let (reader, mut writer) = stream.into_split();
     let mut line = Vec::new();
@@ -160,7 +162,7 @@ async fn answer(
         Ok(read) => {
             read?;
             match serde_json::from_slice::<Request>(&line) {
-                Ok(request) => handle(request, directory, states).await,
+                Ok(request) => handle(request, directory, states, mesh).await,
                 Err(error) => {
                     warn!(%error, "unreadable request from the CNI plugin");
                     Response::Refused {
@@ -179,6 +181,7 @@ async fn handle(
     request: Request,
     directory: &Directory,
     states: watch::Receiver<Arc<States>>,
+    mesh: &watch::Receiver<Arc<Snapshot>>,
 ) -> Response {
     match request {
         Request::Add {
@@ -189,7 +192,7 @@ async fn handle(
         } => {
             let span = info_span!("cni_add", pod = %pod, container = %short(&container_id));
             let started = Instant::now();
-            let response = add(&pod, container_id, netns, &ips, directory, states)
+            let response = add(&pod, container_id, netns, &ips, directory, states, mesh)
                 .instrument(span.clone())
                 .await;
             let _enter = span.enter();
@@ -236,6 +239,7 @@ async fn add(
     ips: &[std::net::Ipv4Addr],
     directory: &Directory,
     mut states: watch::Receiver<Arc<States>>,
+    mesh: &watch::Receiver<Arc<Snapshot>>,
 ) -> Response {
     let refuse = |reason: String| Response::Refused { reason };
     let decided = Instant::now() + DECIDE_WAIT;
@@ -307,8 +311,24 @@ async fn add(
     }
     refuse(match last_error {
         Some(error) => format!("enrolling it failed: {error}"),
-        None => format!("not enrolled within {ENROLL_WAIT:?}"),
+        None => not_a_workload(&mesh.borrow(), &name, ip),
     })
+}
+
+/// Why a pod the labels put in the mesh never became one of its workloads
+/// here.
+fn not_a_workload(mesh: &Snapshot, name: &str, ip: std::net::Ipv4Addr) -> String {
+    if mesh.workloads().is_conflicted(ip) {
+        format!("several live pods claim {ip}; no pod at that address is believed")
+    } else if mesh.services().is_vip(ip) {
+        format!("its address {ip} is a Service's virtual address")
+    } else if !mesh.workloads().local().any(|w| w.qualified_name() == name) {
+        "it is not a workload of the mesh on this node (the agent's log says why: a service \
+         account name that makes no valid identity?)"
+            .to_owned()
+    } else {
+        format!("not enrolled within {ENROLL_WAIT:?}")
+    }
 }
 
 /// Whether `workload` is the pod in the sandbox the runtime names.

@@ -55,15 +55,18 @@ pub async fn publish_loop(shared: &Shared, context: &Context, store: &Store) {
                 .filter(|uid| !uids.contains(uid.as_str()))
                 .cloned()
                 .collect();
-            for uid in gone {
-                tables.sandboxes.remove(&uid);
+            for uid in &gone {
+                tables.sandboxes.remove(uid);
+            }
+            if !gone.is_empty() {
+                super::save_reports(&tables.sandboxes, context);
             }
             (build(&tables, context), membership(&tables, context))
         };
         if let Some(path) = &context.membership_file
             && written_membership.as_ref() != Some(&membership)
         {
-            match crate::cni::write_membership(path, &membership) {
+            match crate::cni::write_json(path, &membership) {
                 Ok(()) => written_membership = Some(membership),
                 Err(error) => error!(
                     path = %path.display(),

@@ -56,6 +56,42 @@ pub struct Context {
     /// Where to leave the CNI plugin the mesh's membership, for while the
     /// agent is away.
     pub membership_file: Option<std::path::PathBuf>,
+    /// Where the runtime's sandbox reports are kept across restarts.
+    pub reports_file: Option<std::path::PathBuf>,
+}
+
+/// Keeps the reports where the next agent finds them; a failure is logged
+/// (that agent then finds such pods by their processes, once the API server
+/// has their address).
+fn save_reports(reports: &std::collections::HashMap<String, Reported>, context: &Context) {
+    let Some(path) = &context.reports_file else {
+        return;
+    };
+    if let Err(error) = crate::cni::write_json(path, reports) {
+        warn!(path = %path.display(), %error, "cannot keep the runtime's sandbox reports");
+    }
+}
+
+/// The reports an earlier agent kept, of sandboxes whose namespace file is
+/// still there.
+fn load_reports(context: &Context) -> std::collections::HashMap<String, Reported> {
+    let Some(path) = &context.reports_file else {
+        return Default::default();
+    };
+    let reports: std::collections::HashMap<String, Reported> = match std::fs::read(path) {
+        Ok(bytes) => match serde_json::from_slice(&bytes) {
+            Ok(reports) => reports,
+            Err(error) => {
+                warn!(path = %path.display(), %error, "ignoring unreadable sandbox reports");
+                return Default::default();
+            }
+        },
+        Err(_) => return Default::default(),
+    };
+    reports
+        .into_iter()
+        .filter(|(_, report)| report.netns.exists())
+        .collect()
 }
 
 /// The running source, as the CNI server asks it: which pods are in the
@@ -82,10 +118,10 @@ impl Source {
     /// The runtime set up a sandbox for the pod `uid`: it is enrolled there
     /// (at the next build) without waiting for the API server's address.
     pub fn report(&self, uid: &str, sandbox: Reported) {
-        self.shared
-            .tables()
-            .sandboxes
-            .insert(uid.to_owned(), sandbox);
+        let mut tables = self.shared.tables();
+        tables.sandboxes.insert(uid.to_owned(), sandbox);
+        save_reports(&tables.sandboxes, &self.context);
+        drop(tables);
         self.shared.changed.notify_one();
     }
 
@@ -98,6 +134,9 @@ impl Source {
             .sandboxes
             .retain(|_, sandbox| sandbox.container_id != container_id);
         let forgot = tables.sandboxes.len() < before;
+        if forgot {
+            save_reports(&tables.sandboxes, &self.context);
+        }
         drop(tables);
         if forgot {
             self.shared.changed.notify_one();
@@ -114,6 +153,14 @@ pub fn spawn(
     store: Store,
 ) -> (tokio::task::JoinHandle<()>, Source) {
     let shared = Arc::new(Shared::default());
+    let reports = load_reports(&context);
+    if !reports.is_empty() {
+        info!(
+            sandboxes = reports.len(),
+            "kept the runtime's sandbox reports of an earlier agent"
+        );
+    }
+    shared.tables().sandboxes = reports;
     let context = Arc::new(context);
     let source = Source {
         shared: shared.clone(),

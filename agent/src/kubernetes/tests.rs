@@ -23,6 +23,7 @@ fn context() -> Context {
         trust_domain: TrustDomain::new("cluster.local").unwrap(),
         root_namespace: "istio-system".into(),
         membership_file: None,
+        reports_file: None,
     }
 }
 
@@ -500,4 +501,131 @@ fn policies_from_the_api_server_are_validated_as_files_are_and_fail_closed() {
     };
     assert_eq!(stand_in.name, "p (refused: fails closed)");
     assert_eq!(stand_in.action, crate::mesh::policy::Action::Deny);
+}
+
+fn pod_ref(namespace: &str, name: &str, uid: Option<&str>) -> warren_cni::PodRef {
+    warren_cni::PodRef {
+        namespace: namespace.into(),
+        name: name.into(),
+        uid: uid.map(Into::into),
+    }
+}
+
+#[test]
+fn the_cni_plugin_hears_in_the_mesh_only_for_a_pod_known_here_and_unknown_when_unsure() {
+    use super::build::decide;
+    use crate::cni::Decision;
+    let mut tables = Tables::default();
+    let here = pod("shop", "new", "node-1", "", json!({}));
+    insert(&mut tables.pods, "shop/new", facts::pod(&here));
+    let there = pod("shop", "far", "node-2", "", json!({}));
+    insert(&mut tables.pods, "shop/far", facts::pod(&there));
+    tables.pods.synced = true;
+    tables.namespaces.synced = true;
+    let context = context();
+    // Its namespace not seen yet: not "no".
+    assert_eq!(
+        decide(&tables, &context, &pod_ref("shop", "new", None)),
+        Decision::Unknown
+    );
+    insert(
+        &mut tables.namespaces,
+        "shop",
+        facts::namespace(&namespace(
+            "shop",
+            json!({"istio.io/dataplane-mode": "ambient"}),
+        )),
+    );
+    assert_eq!(
+        decide(&tables, &context, &pod_ref("shop", "new", Some("uid-new"))),
+        Decision::InMesh
+    );
+    // Another pod under that name (the watch lags a re-creation), a pod of
+    // another node, a pod not listed: unknown.
+    for unsure in [
+        pod_ref("shop", "new", Some("uid-other")),
+        pod_ref("shop", "far", None),
+        pod_ref("shop", "nobody", None),
+    ] {
+        assert_eq!(decide(&tables, &context, &unsure), Decision::Unknown);
+    }
+    let out = pod(
+        "shop",
+        "out",
+        "node-1",
+        "",
+        json!({"istio.io/dataplane-mode": "none"}),
+    );
+    insert(&mut tables.pods, "shop/out", facts::pod(&out));
+    assert_eq!(
+        decide(&tables, &context, &pod_ref("shop", "out", None)),
+        Decision::NotInMesh
+    );
+    // Nothing is decided before the first lists.
+    tables.pods.synced = false;
+    assert_eq!(
+        decide(&tables, &context, &pod_ref("shop", "out", None)),
+        Decision::Unknown
+    );
+
+    // What the plugin is left for while the agent is away: this node's
+    // pods and every namespace; unseen namespaces are held.
+    let membership = super::build::membership(&tables, &context);
+    assert_eq!(
+        membership.pods.keys().collect::<Vec<_>>(),
+        ["shop/new", "shop/out"]
+    );
+    assert!(membership.pods["shop/new"].in_mesh);
+    assert!(!membership.pods["shop/out"].in_mesh);
+    assert!(membership.namespaces["shop"]);
+    assert_eq!(membership.others, warren_cni::Others::Hold);
+}
+
+#[test]
+fn a_reported_sandbox_makes_a_workload_before_the_api_server_has_its_address() {
+    let mut tables = Tables::default();
+    let labels = json!({"istio.io/dataplane-mode": "ambient"});
+    // No status yet: the kubelet writes the address after the sandbox runs.
+    let mut new = pod("shop", "new", "node-1", "", labels.clone());
+    new.status = None;
+    insert(&mut tables.pods, "shop/new", facts::pod(&new));
+    assert!(build(&tables, &context()).workloads.is_empty());
+    let reported = super::Reported {
+        container_id: "c1".into(),
+        netns: "/var/run/netns/cni-1".into(),
+        ip: Ipv4Addr::new(10, 244, 1, 9),
+    };
+    tables.sandboxes.insert("uid-new".into(), reported.clone());
+    let built = build(&tables, &context());
+    let workload = built.workloads.by_ip(reported.ip).expect("a workload");
+    assert_eq!(
+        workload.local,
+        Some(LocalPod::Kubelet {
+            uid: "uid-new".into(),
+            netns: Some(reported.netns.clone()),
+        })
+    );
+    // The API server's address arrives, or lags a new sandbox: the report,
+    // newer, wins.
+    let old = pod("shop", "new", "node-1", "10.244.1.3", labels.clone());
+    insert(&mut tables.pods, "shop/new", facts::pod(&old));
+    let built = build(&tables, &context());
+    assert!(built.workloads.by_ip(reported.ip).is_some());
+    assert!(
+        built
+            .workloads
+            .by_ip(Ipv4Addr::new(10, 244, 1, 3))
+            .is_none()
+    );
+    // A report for a pod of another node is not used.
+    let far = pod("shop", "far", "node-2", "10.244.2.3", labels);
+    insert(&mut tables.pods, "shop/far", facts::pod(&far));
+    tables.sandboxes.insert("uid-far".into(), reported);
+    let built = build(&tables, &context());
+    assert!(
+        built
+            .workloads
+            .by_ip(Ipv4Addr::new(10, 244, 2, 3))
+            .is_some()
+    );
 }

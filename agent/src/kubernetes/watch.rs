@@ -68,7 +68,8 @@ impl Tables {
 }
 
 /// A sandbox the container runtime set up for a pod of this node.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Reported {
     pub container_id: String,
     /// Its network namespace file.
