@@ -668,8 +668,26 @@ impl Podman {
     }
 
     fn remove(self) -> Result<()> {
-        fs::remove_dir_all(&self.dir).with_context(|| format!("removing {}", self.dir.display()))
+        // `podman run --rm` can return while its cleanup still writes under
+        // the run root: a removal racing it finds the directory not empty.
+        let mut tries = 0;
+        loop {
+            match fs::remove_dir_all(&self.dir) {
+                Err(error) if tries < 10 && error.raw_os_error() == Some(libc_enotempty()) => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+                result => {
+                    return result.with_context(|| format!("removing {}", self.dir.display()));
+                }
+            }
+        }
     }
+}
+
+/// ENOTEMPTY on Linux (xtask does not depend on libc).
+const fn libc_enotempty() -> i32 {
+    39
 }
 
 fn cargo_metadata(root: &Path) -> Result<Value> {
