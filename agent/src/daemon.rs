@@ -210,6 +210,10 @@ impl Daemon {
             (None, Issuer::Ca(ca)) => Arc::new(ca_source(&config, ca, &store)?),
             (None, Issuer::DevCa { .. }) => unreachable!("the development CA was loaded above"),
         };
+        if let Some(cni) = &config.cni {
+            // Before the source reads the reports kept there.
+            cni::prepare_dir(&cni.socket).map_err(DaemonError::Cni)?;
+        }
         let (kubernetes, kubernetes_source, kubernetes_client) = match &config.kubernetes {
             Some(settings) => {
                 let client =
@@ -374,6 +378,11 @@ impl Daemon {
                 _ = sandbox_check.tick() => {
                     // Those withdrawn are enrolled where they are now, below.
                     self.reconciler.recheck().await;
+                    // Pins kept for pods of the mesh without an address (a
+                    // restart before the API server had it) whose pod went.
+                    if released && self.kubernetes_source.is_some() {
+                        self.release_departed(&mesh.borrow().clone());
+                    }
                 }
                 () = stopped(&mut kubernetes) => return Err(DaemonError::KubernetesStopped),
                 _ = terminate.recv() => break,
@@ -431,27 +440,7 @@ impl Daemon {
         let directory = match &self.kubernetes_source {
             Some(source) => Directory::Kubernetes(source.clone()),
             None => {
-                // The config file lists every pod of the mesh.
-                let membership = Membership {
-                    pods: self
-                        .config
-                        .local_workloads()
-                        .map(|w| {
-                            let known = KnownPod {
-                                uid: None,
-                                in_mesh: true,
-                            };
-                            (w.qualified_name(), known)
-                        })
-                        .collect(),
-                    namespaces: Default::default(),
-                    others: Others::Pass,
-                };
-                let path = membership_file(&settings.socket);
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir).map_err(DaemonError::Cni)?;
-                }
-                cni::write_json(&path, &membership).map_err(DaemonError::Cni)?;
+                self.write_file_membership().map_err(DaemonError::Cni)?;
                 Directory::File(self.store.subscribe())
             }
         };
@@ -483,6 +472,30 @@ impl Daemon {
         Ok(tasks)
     }
 
+    /// Without Kubernetes, what the CNI plugin decides from while the agent
+    /// is away: the config file lists every pod of the mesh.
+    fn write_file_membership(&self) -> std::io::Result<()> {
+        let Some(settings) = &self.config.cni else {
+            return Ok(());
+        };
+        let membership = Membership {
+            pods: self
+                .config
+                .local_workloads()
+                .map(|w| {
+                    let known = KnownPod {
+                        uid: None,
+                        in_mesh: true,
+                    };
+                    (w.qualified_name(), known)
+                })
+                .collect(),
+            namespaces: Default::default(),
+            others: Others::Pass,
+        };
+        cni::write_json(&membership_file(&settings.socket), &membership)
+    }
+
     /// Releases what was pinned for pods that are no longer this node's
     /// (or are in another network namespace now). Pods of the mesh that
     /// could not be enrolled keep their pins: they go on failing closed.
@@ -507,6 +520,11 @@ impl Daemon {
             for name in source.mesh_pods_here() {
                 local.entry(name).or_insert(None);
             }
+        }
+        // Nor is a pod enrolled now that the reconciler has yet to withdraw:
+        // withdrawing releases it.
+        for (name, cookie) in enrolled {
+            local.entry(name).or_insert(Some(cookie));
         }
         for pod in self.reconciler.enroller().redirector.release_others(&local) {
             info!(%pod, "released the programs of a pod that is gone");
@@ -536,11 +554,16 @@ impl Daemon {
             return;
         }
         info!(%why, "config reloaded");
-        if config.kubernetes.is_none() && config.workloads != self.config.workloads {
+        let workloads_changed =
+            config.kubernetes.is_none() && config.workloads != self.config.workloads;
+        if workloads_changed {
             let workloads = Workloads::new(config.workloads.iter().cloned());
             self.store.publish(|s| s.set_workloads(workloads));
         }
         self.config = config;
+        if workloads_changed && let Err(error) = self.write_file_membership() {
+            error!(%why, %error, "cannot leave the CNI plugin the new membership");
+        }
     }
 
     /// `config` with the settings the agent runs with where they cannot

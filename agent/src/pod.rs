@@ -71,10 +71,10 @@ pub struct PodRuntime {
     /// probes may come from.
     node_address: Ipv4Addr,
     probe_ports: BTreeSet<u16>,
-    /// For a kubelet pod: the sandbox process found, and its namespace; if
-    /// that process's namespace is no longer this one, the sandbox was
-    /// recreated.
-    sandbox: Option<(PathBuf, NsId)>,
+    /// The namespace file the pod was found through, and the namespace it
+    /// held: if the file holds another one now, the sandbox was recreated
+    /// (or, for a pod of the config file, its namespace made again).
+    sandbox: (PathBuf, NsId),
     /// Outbound listener, HBONE listener, plaintext listener, certificate
     /// renewal.
     tasks: Vec<JoinHandle<()>>,
@@ -167,32 +167,35 @@ impl Enroller for NodePods {
         info!(workload = %name, "withdrew from pod: its traffic is no longer captured");
     }
 
+    fn namespace(pod: &PodRuntime) -> Option<NsId> {
+        Some(pod.sandbox.1)
+    }
+
     async fn still_there(&mut self, pod: &mut PodRuntime) -> bool {
-        // A pod given by paths is where the config says.
-        let Some((netns, id)) = &pod.sandbox else {
-            return true;
-        };
+        let (netns, id) = &pod.sandbox;
         let same = std::fs::File::open(netns)
             .and_then(|file| NsId::of(&file))
             .is_ok_and(|now| now == *id);
         if same {
             return true;
         }
-        // The process it was found through is gone. Without an infra
-        // container (CRI-O's drop_infra_ctr) that is any container that
-        // ended; the namespace may well be there, held by another process.
         let Some(LocalPod::Kubelet { uid, netns }) = &pod.workload.local else {
-            return true;
+            // The config file's namespace was made again: enrolled again
+            // where it is now.
+            return false;
         };
         if netns.is_some() {
             // The runtime's own file for the sandbox: gone or another
             // namespace, the sandbox is.
             return false;
         }
+        // The process it was found through is gone. Without an infra
+        // container (CRI-O's drop_infra_ctr) that is any container that
+        // ended; the namespace may well be there, held by another process.
         let id = *id;
         match self.locate_kubelet_pod(uid, pod.workload.ip, None).await {
             Ok(found) if found.netns_id == id => {
-                pod.sandbox = Some((found.netns, found.netns_id));
+                pod.sandbox = (found.netns, found.netns_id);
                 true
             }
             // Another namespace holds the pod's address: a new sandbox.
@@ -301,10 +304,10 @@ impl NodePods {
         let name = workload.qualified_name();
         let netns = Arc::new(NetNs::open(&netns_path).await?);
         // The file is opened again here: it must still be the namespace
-        // that was checked to hold the pod's address.
-        if let Some((_, id)) = &sandbox
-            && netns.id() != *id
-        {
+        // that was checked to hold the pod's address. (A pod of the config
+        // file is where its file is now.)
+        let sandbox = sandbox.unwrap_or_else(|| (netns_path.clone(), netns.id()));
+        if netns.id() != sandbox.1 {
             return Err(SandboxError::NotYet {
                 uid: name.clone(),
                 problem: format!(

@@ -17,7 +17,7 @@ use std::{
 
 use tracing::{error, info, warn};
 
-use crate::mesh::Workload;
+use crate::{mesh::Workload, sandbox::NsId};
 
 /// First retry of a pod that failed to enroll; doubles up to [`MAX_BACKOFF`].
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(250);
@@ -44,6 +44,9 @@ pub trait Enroller {
     /// force. Cheap when nothing changed.
     fn refresh(&mut self, pod: &mut Self::Pod, workload: &Arc<Workload>);
 
+    /// The network namespace the pod was enrolled in.
+    fn namespace(pod: &Self::Pod) -> Option<NsId>;
+
     /// Whether the pod is still where it was enrolled (updating how it is
     /// found if that changed but the place did not). A sandbox can be
     /// recreated under the same pod, with the same address: the new one
@@ -65,8 +68,11 @@ struct Failing {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PodState {
     /// Captured and served, as this workload says (its address, its
-    /// sandbox).
-    Enrolled(Arc<Workload>),
+    /// sandbox), in this network namespace.
+    Enrolled {
+        workload: Arc<Workload>,
+        netns: Option<NsId>,
+    },
     /// Not enrolled: the last attempt failed, for this reason.
     Failing {
         workload: Arc<Workload>,
@@ -119,10 +125,13 @@ impl<E: Enroller> Reconciler<E> {
 
     /// Where each pod stands.
     pub fn states(&self) -> States {
-        let enrolled = self
-            .enrolled
-            .iter()
-            .map(|(name, (w, _))| (name.clone(), PodState::Enrolled(w.clone())));
+        let enrolled = self.enrolled.iter().map(|(name, (w, pod))| {
+            let state = PodState::Enrolled {
+                workload: w.clone(),
+                netns: E::namespace(pod),
+            };
+            (name.clone(), state)
+        });
         let failing = self.failing.iter().map(|(name, f)| {
             let state = PodState::Failing {
                 workload: f.workload.clone(),

@@ -53,7 +53,7 @@ impl Default for HostRoots {
 }
 
 /// A network namespace's identity: the (device, inode) of its nsfs file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct NsId {
     pub dev: u64,
     pub ino: u64,
@@ -154,18 +154,24 @@ fn locate_with(
 ) -> Result<Sandbox, SandboxError> {
     let uid = PodUid::parse(uid)?;
     let cgroup = cgroup_of(roots, &uid)?;
-    // The agent runs in the node's network namespace (hostNetwork), so its
-    // own is never skipped: a hostNetwork pod's processes hold the pod's IP
-    // there, and that must not be taken for the pod's namespace. The host's
-    // init process is checked too where it can be read; where it cannot (an
-    // agent without CAP_SYS_PTRACE over it, or a lab whose "node" is itself
-    // a namespace), the agent's own stands for the node's.
+    let excluded = node_namespaces(&uid, node_netns)?;
+    find_netns(&roots.proc, &uid, cgroup, pod_ip, &excluded, addresses_in)
+}
+
+/// The namespaces no pod's can be: the node's (at `node_netns`) and the
+/// agent's. The agent runs in the node's network namespace (hostNetwork), so
+/// its own is never skipped: a hostNetwork pod's processes hold the pod's IP
+/// there, and that must not be taken for the pod's namespace. The host's
+/// init process is checked too where it can be read; where it cannot (an
+/// agent without CAP_SYS_PTRACE over it, or a lab whose "node" is itself a
+/// namespace), the agent's own stands for the node's.
+fn node_namespaces(uid: &PodUid, node_netns: &Path) -> Result<[NsId; 2], SandboxError> {
     let own = namespace_at(
-        &uid,
+        uid,
         "open the agent's network namespace",
         Path::new("/proc/self/ns/net"),
     )?;
-    let node = match namespace_at(&uid, "open the node's network namespace", node_netns) {
+    let node = match namespace_at(uid, "open the node's network namespace", node_netns) {
         Ok(node) => node,
         Err(SandboxError::Io { source, .. })
             if source.kind() == std::io::ErrorKind::PermissionDenied =>
@@ -174,8 +180,7 @@ fn locate_with(
         }
         Err(error) => return Err(error),
     };
-    let excluded = [node, own];
-    find_netns(&roots.proc, &uid, cgroup, pod_ip, &excluded, addresses_in)
+    Ok([node, own])
 }
 
 /// The sandbox the container runtime reported for the pod `uid` (through
@@ -195,18 +200,7 @@ pub fn locate_reported(
     let cgroup = cgroup_of(roots, &uid)?;
     let file = File::open(netns).map_err(|e| io_error(&uid, "open", netns, e))?;
     let id = NsId::of(&file).map_err(|e| io_error(&uid, "inspect", netns, e))?;
-    let own = namespace_at(
-        &uid,
-        "open the agent's network namespace",
-        Path::new("/proc/self/ns/net"),
-    )?;
-    let node = namespace_at(
-        &uid,
-        "open the node's network namespace",
-        &roots.proc.join("1/ns/net"),
-    )
-    .unwrap_or(own);
-    if id == own || id == node {
+    if node_namespaces(&uid, &roots.proc.join("1/ns/net"))?.contains(&id) {
         return Err(SandboxError::NotYet {
             uid: uid.to_string(),
             problem: format!("{} is the node's network namespace", netns.display()),
@@ -1116,6 +1110,52 @@ mod tests {
                 (fields.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(fields[1]))
             })
             .expect("no cgroup2 mount")
+    }
+
+    #[test]
+    fn a_reported_sandbox_must_be_a_pods_network_namespace_holding_the_address() {
+        let (dir, roots) = cgroup_root();
+        let pod = mkdir(
+            dir.path(),
+            &format!(
+                "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID_}.slice"
+            ),
+        );
+        let ip = Ipv4Addr::new(10, 251, 0, 9);
+        // The host's init is in the test's own namespace here.
+        fs::create_dir_all(roots.proc.join("1/ns")).unwrap();
+        symlink("/proc/self/ns/net", roots.proc.join("1/ns/net")).unwrap();
+        // The agent's own (here: the node's) namespace is never a pod's.
+        let error = locate_reported(&roots, UID, ip, Path::new("/proc/self/ns/net"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("is the node's network namespace"), "{error}");
+        // A file that is no namespace at all cannot be entered.
+        let plain = dir.path().join("not-a-namespace");
+        fs::write(&plain, "").unwrap();
+        let error = locate_reported(&roots, UID, ip, &plain).unwrap_err();
+        assert!(
+            matches!(
+                &error,
+                SandboxError::Io {
+                    action: "enter",
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        // No pod cgroup for the UID (yet): not there.
+        fs::remove_dir(&pod).unwrap();
+        assert!(
+            locate_reported(&roots, UID, ip, &plain)
+                .unwrap_err()
+                .is_transient()
+        );
+        // A UID that is no UID never becomes a path.
+        assert!(matches!(
+            locate_reported(&roots, "../etc", ip, &plain),
+            Err(SandboxError::InvalidUid { .. })
+        ));
     }
 
     #[test]

@@ -65,14 +65,25 @@ fn run(env: &Env) -> Result<Option<String>, CniError> {
         .map_err(|e| CniError::io(format!("reading the configuration from stdin: {e}")))?;
     match command {
         Command::Version => return spec::version(&stdin).map(Some),
-        // Nothing of the network is ours to report or collect.
-        Command::Status | Command::Gc => return Ok(None),
+        // Ready whether or not the agent is (while it is away, ADD decides
+        // alone): the runtime marks the node's network not ready on a
+        // failure, which would stop pods outside the mesh too. Unready only
+        // with a configuration every ADD would refuse.
+        Command::Status => {
+            return NetConf::parse(&stdin)
+                .map(|_| None)
+                .map_err(|e| CniError::unavailable(e.msg));
+        }
+        // Nothing of ours to collect: DEL releases each sandbox.
+        Command::Gc => return Ok(None),
         Command::Del => {
             // Always succeeds: a configuration this plugin cannot read must
-            // not keep a sandbox from going away.
-            let socket = NetConf::parse(&stdin)
+            // not keep a sandbox from going away. The socket is read from it
+            // leniently.
+            let socket = serde_json::from_slice::<serde_json::Value>(&stdin)
                 .ok()
-                .and_then(|conf| conf.socket)
+                .and_then(|conf| Some(PathBuf::from(conf.get("socket")?.as_str()?)))
+                .filter(|path| path.is_absolute())
                 .unwrap_or_else(|| DEFAULT_SOCKET.into());
             del(env, &socket);
             return Ok(None);

@@ -52,6 +52,10 @@ impl CniError {
     pub fn agent_away(msg: impl Into<String>) -> Self {
         Self::new(11, msg)
     }
+    /// 1.1.0's STATUS: the plugin cannot serve ADDs.
+    pub fn unavailable(msg: impl Into<String>) -> Self {
+        Self::new(50, msg)
+    }
     /// The agent could not enroll the pod (plugin-specific code).
     pub fn refused(msg: impl Into<String>) -> Self {
         Self::new(100, msg)
@@ -107,7 +111,7 @@ impl Env {
             Some("STATUS") => Ok(Command::Status),
             Some("GC") => Ok(Command::Gc),
             Some(other) => Err(CniError::env(format!(
-                "CNI_COMMAND {other:?} is not one of ADD, DEL, CHECK, VERSION"
+                "CNI_COMMAND {other:?} is not one of ADD, DEL, CHECK, VERSION, STATUS, GC"
             ))),
             None => Err(CniError::env(
                 "required env variables [CNI_COMMAND] missing: warren-cni is a CNI plugin, run by \

@@ -906,13 +906,30 @@ fn uninstall_cleans_where_the_agent_pins_on_every_node() {
         "the init container must finish"
     );
     assert!(strings(&done["args"]).contains(&"--wait"));
-    let agent_pins = agent_config(&rendered("base").objects)["bpfPinDir"].clone();
+    let agent = agent_config(&rendered("base").objects);
     for container in [init, done] {
         let config = mounted_config(objects, pod, container, "warren-uninstall-config");
         assert_eq!(
-            config["bpfPinDir"], agent_pins,
+            config["bpfPinDir"], agent["bpfPinDir"],
             "uninstall looks elsewhere than the agent pins"
         );
+        // The CNI plugin comes out of the node's configuration, from where
+        // the agent put it.
+        assert_eq!(
+            config["cni"]["install"], agent["cni"]["install"],
+            "uninstall looks elsewhere than the agent installs the CNI plugin"
+        );
+        for host in ["/etc/cni/net.d", "/opt/cni/bin"] {
+            let at = host_mount(pod, container, host)["mountPath"].clone();
+            assert!(
+                [
+                    &config["cni"]["install"]["confDir"],
+                    &config["cni"]["install"]["binDir"]
+                ]
+                .contains(&&at),
+                "{host} mounted at {at}, which the config does not name"
+            );
+        }
         let bpffs = host_mount(pod, container, "/sys/fs/bpf");
         assert_eq!(bpffs["mountPath"], "/sys/fs/bpf");
         assert_eq!(

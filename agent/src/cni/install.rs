@@ -35,6 +35,8 @@ const BINARY_MODE: u32 = 0o755;
 const POLL_INTERVAL: Duration = Duration::from_secs(5);
 /// A primary writes several files in a row; let it finish before reading.
 const SETTLE: Duration = Duration::from_millis(200);
+/// How often the wait for a primary CNI config is said again.
+const WAITING_REMINDER: Duration = Duration::from_secs(300);
 /// A watch can miss events (a full inotify queue drops them); checking now
 /// and then costs one read when nothing changed.
 const RESYNC: Duration = Duration::from_secs(60);
@@ -323,7 +325,8 @@ pub async fn keep_installed(
         }
     };
     let mut watching = watcher.is_some();
-    let mut waiting_logged = false;
+    let mut waiting_since: Option<std::time::Instant> = None;
+    let mut last_said: Option<std::time::Instant> = None;
     let mut retry = RETRY_FIRST;
     loop {
         let (conf_dir, entry) = (conf_dir.clone(), entry.clone());
@@ -332,25 +335,36 @@ pub async fn keep_installed(
         let failed = match outcome {
             Ok(Ok(Installed::Written(file))) => {
                 info!(file = %file.display(), "added warren-cni to the CNI config");
-                waiting_logged = false;
-                installed.send_replace(true);
+                (waiting_since, last_said) = (None, None);
+                installed.send_if_modified(|i| !std::mem::replace(i, true));
                 false
             }
             Ok(Ok(Installed::Unchanged(_))) => {
-                waiting_logged = false;
-                installed.send_replace(true);
+                (waiting_since, last_said) = (None, None);
+                installed.send_if_modified(|i| !std::mem::replace(i, true));
                 false
             }
             Ok(Ok(Installed::NoPrimary)) => {
-                installed.send_replace(false);
-                if !waiting_logged {
-                    info!(%dir, "no CNI config yet; waiting for the primary CNI plugin to write one");
-                    waiting_logged = true;
+                installed.send_if_modified(|i| std::mem::replace(i, false));
+                // Said at once, then every few minutes: the node keeps its
+                // not-ready taint meanwhile, and a conf dir the runtime does
+                // not read (k3s, RKE2, OpenShift keep theirs elsewhere) would
+                // otherwise go unnoticed.
+                let since = *waiting_since.get_or_insert_with(std::time::Instant::now);
+                if last_said.is_none_or(|t| t.elapsed() >= WAITING_REMINDER) {
+                    last_said = Some(std::time::Instant::now());
+                    warn!(
+                        %dir,
+                        waiting_s = since.elapsed().as_secs(),
+                        "no CNI config in the directory yet; waiting for the primary CNI plugin \
+                         to write one (the node keeps its warren.io/agent-not-ready taint until \
+                         warren-cni is in it)"
+                    );
                 }
                 false
             }
             Ok(Err(error)) => {
-                installed.send_replace(false);
+                installed.send_if_modified(|i| std::mem::replace(i, false));
                 error!(%dir, error = %Chain(&error), retry_in = ?retry, "cannot add warren-cni to the CNI config");
                 true
             }

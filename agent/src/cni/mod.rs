@@ -22,7 +22,7 @@ mod server;
 
 use std::{io::Write as _, path::Path};
 
-pub use server::{Directory, serve};
+pub use server::{Directory, prepare_dir, serve};
 
 /// Whether a pod the runtime names is in the mesh.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -105,8 +105,11 @@ pub async fn serve(
     }))
 }
 
-/// Binds `socket` in a directory only root may enter.
-fn bind(socket: &Path) -> std::io::Result<UnixListener> {
+/// Makes the socket's directory, or checks the one there: a directory (not
+/// a link) of the agent's own, then root-only. Whoever else owned it could
+/// put their own socket or membership file there. Done before anything in
+/// it is read or written.
+pub fn prepare_dir(socket: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
     let dir = socket
         .parent()
@@ -119,8 +122,6 @@ fn bind(socket: &Path) -> std::io::Result<UnixListener> {
             std::fs::DirBuilder::new().mode(0o700).create(dir)?;
         }
         Err(error) => return Err(error),
-        // Whoever else owns the directory (or a link in its place) could
-        // put their own socket or membership file there.
         Ok(meta) if !meta.is_dir() => {
             return Err(std::io::Error::other(format!(
                 "{} is not a directory (a symbolic link?)",
@@ -137,6 +138,12 @@ fn bind(socket: &Path) -> std::io::Result<UnixListener> {
         Ok(_) => {}
     }
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    Ok(())
+}
+
+/// Binds `socket` in a directory only root may enter.
+fn bind(socket: &Path) -> std::io::Result<UnixListener> {
+    prepare_dir(socket)?;
     // A previous agent's socket: nobody listens on it any more.
     match std::fs::remove_file(socket) {
         Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
@@ -266,6 +273,12 @@ async fn add(
             "the previous plugin gave the pod no IPv4 address (the mesh is IPv4)".into(),
         );
     };
+    let Some(sandbox) = namespace_id(&netns) else {
+        return refuse(format!(
+            "{} is not a network namespace the agent can open",
+            netns.display()
+        ));
+    };
     if let Directory::Kubernetes(source) = directory {
         let Some(uid) = &pod.uid else {
             return refuse(
@@ -279,6 +292,7 @@ async fn add(
             Reported {
                 container_id,
                 netns: netns.clone(),
+                netns_id: sandbox,
                 ip,
             },
         );
@@ -290,13 +304,14 @@ async fn add(
         {
             let states = states.borrow_and_update();
             match states.get(&name) {
-                Some(PodState::Enrolled(workload))
-                    if held_here(workload, directory, &netns, ip) =>
-                {
+                Some(PodState::Enrolled {
+                    workload,
+                    netns: enrolled,
+                }) if held_here(workload, *enrolled, directory, sandbox, ip) => {
                     return Response::Enrolled;
                 }
                 Some(PodState::Failing { workload, error })
-                    if held_here(workload, directory, &netns, ip) =>
+                    if meant_here(workload, directory, &netns, ip) =>
                 {
                     last_error = Some(error.clone());
                 }
@@ -331,22 +346,33 @@ fn not_a_workload(mesh: &Snapshot, name: &str, ip: std::net::Ipv4Addr) -> String
     }
 }
 
-/// Whether `workload` is the pod in the sandbox the runtime names.
+/// Whether the pod enrolled as `workload` in the namespace `enrolled` is
+/// held in the runtime's `sandbox`, at `ip` (the config file's pods are
+/// where the file says, at its address).
 fn held_here(
+    workload: &Workload,
+    enrolled: Option<NsId>,
+    directory: &Directory,
+    sandbox: NsId,
+    ip: std::net::Ipv4Addr,
+) -> bool {
+    let there = enrolled == Some(sandbox);
+    match directory {
+        Directory::File(_) => there,
+        Directory::Kubernetes(_) => there && workload.ip == ip,
+    }
+}
+
+/// Whether `workload`, failing to enroll, is the one meant for the runtime's
+/// sandbox (so its error is the answer).
+fn meant_here(
     workload: &Workload,
     directory: &Directory,
     netns: &Path,
     ip: std::net::Ipv4Addr,
 ) -> bool {
     match directory {
-        // The config file says where its pods are: the runtime's sandbox
-        // must be that namespace.
-        Directory::File(_) => match &workload.local {
-            Some(LocalPod::Paths {
-                netns: enrolled, ..
-            }) => same_namespace(enrolled, netns),
-            _ => false,
-        },
+        Directory::File(_) => true,
         Directory::Kubernetes(_) => {
             workload.ip == ip
                 && matches!(&workload.local, Some(LocalPod::Kubelet { netns: Some(n), .. }) if n == netns)
@@ -354,10 +380,9 @@ fn held_here(
     }
 }
 
-/// Whether the two files are the same network namespace.
-fn same_namespace(a: &Path, b: &Path) -> bool {
-    let id = |path: &Path| std::fs::File::open(path).and_then(|f| NsId::of(&f)).ok();
-    id(a).is_some_and(|a| Some(a) == id(b))
+/// The network namespace `path` is.
+fn namespace_id(path: &Path) -> Option<NsId> {
+    std::fs::File::open(path).and_then(|f| NsId::of(&f)).ok()
 }
 
 fn check(pod: &PodRef, netns: &Path, directory: &Directory, states: &States) -> Response {
@@ -366,13 +391,17 @@ fn check(pod: &PodRef, netns: &Path, directory: &Directory, states: &States) -> 
         Decision::NotInMesh => Response::NotInMesh,
         Decision::Unknown => refuse(format!("the agent does not know pod {pod} on this node")),
         Decision::InMesh => match states.get(&pod.to_string()) {
-            Some(PodState::Enrolled(workload))
-                if held_here(workload, directory, netns, workload.ip) =>
+            Some(PodState::Enrolled {
+                workload,
+                netns: enrolled,
+            }) if namespace_id(netns).is_some_and(|sandbox| {
+                held_here(workload, *enrolled, directory, sandbox, workload.ip)
+            }) =>
             {
                 Response::Enrolled
             }
-            Some(PodState::Enrolled(_)) => {
-                refuse("the agent holds the pod in another sandbox".into())
+            Some(PodState::Enrolled { .. }) => {
+                refuse("the agent holds the pod in another network namespace".into())
             }
             Some(PodState::Failing { error, .. }) => refuse(format!("not enrolled: {error}")),
             None => refuse("the agent does not hold the pod".into()),

@@ -182,7 +182,7 @@ pub fn mesh_pods_here(tables: &Tables, context: &Context) -> Vec<String> {
         .pods
         .objects
         .values()
-        .filter(|pod| pod.node.as_deref() == Some(context.node.as_str()))
+        .filter(|pod| pod.node.as_deref() == Some(context.node.as_str()) && !pod.finished)
         .filter(|pod| in_mesh(pod, tables.namespaces.objects.get(&pod.namespace)))
         .map(|pod| format!("{}/{}", pod.namespace, pod.name))
         .collect()

@@ -73,7 +73,7 @@ fn save_reports(reports: &std::collections::HashMap<String, Reported>, context: 
 }
 
 /// The reports an earlier agent kept, of sandboxes whose namespace file is
-/// still there.
+/// still there, holding the same namespace.
 fn load_reports(context: &Context) -> std::collections::HashMap<String, Reported> {
     let Some(path) = &context.reports_file else {
         return Default::default();
@@ -90,7 +90,11 @@ fn load_reports(context: &Context) -> std::collections::HashMap<String, Reported
     };
     reports
         .into_iter()
-        .filter(|(_, report)| report.netns.exists())
+        .filter(|(_, report)| {
+            std::fs::File::open(&report.netns)
+                .and_then(|file| crate::sandbox::NsId::of(&file))
+                .is_ok_and(|id| id == report.netns_id)
+        })
         .collect()
 }
 

@@ -593,6 +593,10 @@ fn a_reported_sandbox_makes_a_workload_before_the_api_server_has_its_address() {
     let reported = super::Reported {
         container_id: "c1".into(),
         netns: "/var/run/netns/cni-1".into(),
+        netns_id: crate::sandbox::NsId {
+            dev: 4,
+            ino: 4026532999,
+        },
         ip: Ipv4Addr::new(10, 244, 1, 9),
     };
     tables.sandboxes.insert("uid-new".into(), reported.clone());

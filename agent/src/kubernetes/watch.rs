@@ -74,6 +74,9 @@ pub struct Reported {
     pub container_id: String,
     /// Its network namespace file.
     pub netns: std::path::PathBuf,
+    /// The namespace the file held then: a file that holds another one now
+    /// is another sandbox's.
+    pub netns_id: crate::sandbox::NsId,
     pub ip: std::net::Ipv4Addr,
 }
 

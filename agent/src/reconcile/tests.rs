@@ -40,6 +40,10 @@ impl Enroller for Recorder {
         self.calls.push(format!("withdraw {pod}"));
     }
 
+    fn namespace(_: &String) -> Option<crate::sandbox::NsId> {
+        None
+    }
+
     async fn still_there(&mut self, pod: &mut String) -> bool {
         !self.moved.contains(pod)
     }
