@@ -15,7 +15,8 @@ use warren_tests::{
     cluster::{Cluster, PodSpec, RBAC, addr, enrolled, withdrawn},
     cni::{Runtime, Sandbox},
     harness::{
-        Agent, Call, LogLine, PATIENCE, Server, WireCapture, binary, contains, kube_agent_config,
+        Agent, Call, LogLine, MeshWorkload, PATIENCE, Server, WireCapture, agent_config, binary,
+        contains, kube_agent_config,
     },
     kubelet::CNI_RUNTIME_ANNOTATION,
     lab::{Node, QosClass},
@@ -357,4 +358,134 @@ fn version_answers_as_the_spec_says() {
     let error: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(error["code"], 4);
     assert!(error["msg"].as_str().unwrap().contains("CNI_COMMAND"));
+}
+
+/// Runs warren-cni once as a runtime would, in `node`'s namespace; its exit
+/// status and what it printed.
+fn plugin(
+    node: &Node,
+    command: &str,
+    netns: &Path,
+    pod: (&str, &str),
+    config: &Value,
+) -> (bool, Value) {
+    use std::io::Write as _;
+    let mut child = node
+        .command(binary("warren-cni").unwrap())
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", "0123456789abcdef")
+        .env("CNI_NETNS", netns)
+        .env("CNI_IFNAME", "eth0")
+        .env(
+            "CNI_ARGS",
+            format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={}",
+                pod.0, pod.1
+            ),
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(config.to_string().as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    let printed = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
+    (output.status.success(), printed)
+}
+
+#[test]
+fn without_kubernetes_the_config_file_decides_and_its_namespace_must_be_the_sandbox() {
+    let lab = warren_tests::harness::test_lab(1, 2);
+    let node = lab.node(0);
+    let listed = MeshWorkload::new(lab.pod(0, 0), "default", "sleep");
+    let other = lab.pod(0, 1);
+    let dir = warren_tests::lab::files_dir(lab.prefix());
+    let socket = dir.join("cni-run/cni.sock");
+    let config = agent_config(node, std::slice::from_ref(&listed))
+        + &format!("cni:\n  socket: {}\n", socket.display());
+    let mut agent = Agent::start(node, &config, &dir).unwrap();
+    let name = listed.pod.name.as_str();
+    let conf = |ip: std::net::Ipv4Addr, netns: &Path| {
+        serde_json::json!({
+            "cniVersion": "1.0.0", "name": "lab", "type": "warren-cni",
+            "socket": socket,
+            "prevResult": {
+                "cniVersion": "1.0.0",
+                "interfaces": [{"name": "eth0", "sandbox": netns}],
+                "ips": [{"interface": 0, "address": format!("{ip}/32")}],
+            },
+        })
+    };
+
+    // The listed pod, in the namespace the config gives: held, and the
+    // previous result passed on.
+    let own = listed.pod.netns_path();
+    let (ok, printed) = plugin(
+        node,
+        "ADD",
+        &own,
+        ("default", name),
+        &conf(listed.pod.ip, &own),
+    );
+    assert!(ok, "{printed}");
+    assert_eq!(
+        printed["ips"][0]["address"],
+        format!("{}/32", listed.pod.ip)
+    );
+    agent
+        .wait_for(PATIENCE, cni_added(&listed.qualified_name()))
+        .unwrap();
+    // The same name in another namespace: not what the config enrolled.
+    let elsewhere = other.netns_path();
+    let (ok, printed) = plugin(
+        node,
+        "ADD",
+        &elsewhere,
+        ("default", name),
+        &conf(listed.pod.ip, &elsewhere),
+    );
+    assert!(!ok, "{printed}");
+    assert_eq!(printed["code"], 100);
+    assert!(
+        printed["msg"]
+            .as_str()
+            .unwrap()
+            .contains("in another network namespace"),
+        "{printed}"
+    );
+    // A pod the config does not list is outside the mesh.
+    let (ok, printed) = plugin(
+        node,
+        "ADD",
+        &elsewhere,
+        ("default", "other"),
+        &conf(other.ip, &elsewhere),
+    );
+    assert!(ok, "{printed}");
+    let (ok, _) = plugin(
+        node,
+        "CHECK",
+        &own,
+        ("default", name),
+        &conf(listed.pod.ip, &own),
+    );
+    assert!(ok);
+
+    // DEL succeeds even with a configuration the plugin cannot read;
+    // STATUS says such a configuration cannot serve.
+    let garbage = serde_json::json!({"cniVersion": "9.9.9", "socket": socket});
+    let (ok, _) = plugin(node, "DEL", &own, ("default", name), &garbage);
+    assert!(ok);
+    let (ok, printed) = plugin(node, "STATUS", &own, ("default", name), &garbage);
+    assert!(!ok);
+    assert_eq!(printed["code"], 50);
+    assert!(
+        printed["msg"].as_str().unwrap().contains("9.9.9"),
+        "{printed}"
+    );
 }

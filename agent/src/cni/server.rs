@@ -310,6 +310,13 @@ async fn add(
                 }) if held_here(workload, *enrolled, directory, sandbox, ip) => {
                     return Response::Enrolled;
                 }
+                // The config file's pods do not move: waiting would not help.
+                Some(PodState::Enrolled { .. }) if matches!(directory, Directory::File(_)) => {
+                    return refuse(format!(
+                        "the config file puts pod {name} in another network namespace than {}",
+                        netns.display()
+                    ));
+                }
                 Some(PodState::Failing { workload, error })
                     if meant_here(workload, directory, &netns, ip) =>
                 {
