@@ -113,6 +113,11 @@ impl Readiness {
     const NONE_SERVING: u8 = 1;
     const READY: u8 = 2;
 
+    /// Whether the probe answers ready.
+    fn is_ready(&self) -> bool {
+        self.0.load(Ordering::Acquire) == Self::READY
+    }
+
     /// After a reconcile of the synced mesh, with `local` pods on this node
     /// of which `serving` are enrolled with their certificate. Ready once
     /// this node's pods have each been tried; not while it has pods and none
@@ -120,10 +125,6 @@ impl Readiness {
     /// stops at this node. One pod that keeps failing does not hold up the
     /// rest; it is retried and logged. (A node whose only mesh pod keeps
     /// failing does stay unready.)
-    fn is_ready(&self) -> bool {
-        self.0.load(Ordering::Acquire) == Self::READY
-    }
-
     fn set(&self, local: usize, serving: usize) {
         let state = if local > 0 && serving == 0 {
             Self::NONE_SERVING

@@ -11,6 +11,10 @@
 //! {"type": "warren-cni", "socket": "/var/run/warren/cni.sock", "timeoutSeconds": 30}
 //! ```
 //!
+//! Both are optional (those are the defaults). The agent answers within 25 s
+//! (5 s to learn the pod, 20 s to enroll it); a shorter timeout fails the
+//! ADD without the agent's reason.
+//!
 //! Everything it prints on stdout is the spec's (a result, or an error
 //! object); diagnostics go to stderr, which runtimes log.
 

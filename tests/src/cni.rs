@@ -22,10 +22,18 @@ use std::{
     process::{Command, Stdio},
 };
 
+use std::time::{Duration, Instant};
+
 use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::Pod as KubePod;
 use serde_json::{Value, json};
 
-use crate::lab::{self, CgroupDriver, Node, Pod, QosClass, kubelet_cgroup};
+use crate::{
+    cluster::{Cluster, RBAC},
+    harness::{Agent, LogLine, PATIENCE, binary, kube_agent_config},
+    kubelet::CNI_RUNTIME_ANNOTATION,
+    lab::{self, CgroupDriver, Node, Pod, QosClass, kubelet_cgroup},
+};
 
 /// Where Debian's package puts the plugins.
 pub const DEBIAN_PLUGINS: &str = "/usr/lib/cni";
@@ -337,4 +345,150 @@ fn hex64() -> Result<String> {
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
         .context("reading /dev/urandom")?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// A cluster whose agents serve and install warren-cni, with each node's
+/// runtime.
+pub struct CniCluster {
+    pub cluster: Cluster,
+    pub runtimes: Vec<Runtime>,
+}
+
+pub fn cni_dir(cluster: &Cluster, node: &Node) -> PathBuf {
+    cluster.agents_dir().join(format!("cni-{}", node.name))
+}
+
+pub fn socket_of(cluster: &Cluster, node: &Node) -> PathBuf {
+    cni_dir(cluster, node).join("run/cni.sock")
+}
+
+/// The agent's config with the CNI plugin served and installed.
+pub fn cni_config(node: &Node, kubeconfig: &Path, dir: &Path) -> String {
+    format!(
+        "{}cni:\n  socket: {}\n  install:\n    confDir: {}\n    binDir: {}\n    binary: {}\n",
+        kube_agent_config(node, kubeconfig),
+        dir.join("run/cni.sock").display(),
+        dir.join("net.d").display(),
+        dir.join("bin").display(),
+        binary("warren-cni").unwrap().display(),
+    )
+}
+
+impl CniCluster {
+    pub fn up(nodes: usize) -> Self {
+        let mut cluster = Cluster::without_agents(nodes, true, RBAC);
+        let runtimes: Vec<Runtime> = cluster
+            .lab
+            .nodes()
+            .iter()
+            .map(|node| Runtime::new(node, &cni_dir(&cluster, node)).unwrap())
+            .collect();
+        let dirs: Vec<PathBuf> = cluster
+            .lab
+            .nodes()
+            .iter()
+            .map(|n| cni_dir(&cluster, n))
+            .collect();
+        cluster.start_agents(true, None, |node, kubeconfig| {
+            cni_config(node, kubeconfig, &dirs[node.index - 1])
+        });
+        let cni = Self { cluster, runtimes };
+        for runtime in &cni.runtimes {
+            wait_installed(runtime);
+        }
+        // Ready and installed: each agent took its node's not-ready taint off
+        // (the lab's kubelet registers nodes with it).
+        for node in cni.cluster.lab.nodes() {
+            let deadline = Instant::now() + PATIENCE;
+            while cni
+                .taints(&node.name)
+                .contains(&"warren.io/agent-not-ready".to_owned())
+            {
+                assert!(Instant::now() < deadline, "{} still tainted", node.name);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        cni
+    }
+
+    pub fn taints(&self, node: &str) -> Vec<String> {
+        let api: kube::Api<k8s_openapi::api::core::v1::Node> =
+            kube::Api::all(self.cluster.cp.client());
+        let node = self.cluster.cp.block_on(api.get(node)).expect("get node");
+        node.spec
+            .and_then(|s| s.taints)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|t| t.key)
+            .collect()
+    }
+
+    /// Stops node `node`'s agent and starts another, as a restart does.
+    pub fn restart_agent(&mut self, node: usize) {
+        let _ = self.cluster.agents[node].stop();
+        let node = self.cluster.lab.node(node).clone();
+        let dir = self.cluster.agents_dir();
+        let kubeconfig = dir.join("agent.kubeconfig");
+        let config = cni_config(&node, &kubeconfig, &cni_dir(&self.cluster, &node));
+        self.cluster.agents[node.index - 1] = Agent::start(&node, &config, &dir).unwrap();
+    }
+
+    /// Creates a Pod on `node` whose sandbox the test makes (the kubelet
+    /// stand-in leaves it alone); returns its UID.
+    pub fn pod(&self, namespace: &str, name: &str, node: usize, account: &str) -> String {
+        self.cluster.apply(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  \
+             annotations: {{{CNI_RUNTIME_ANNOTATION}: cni}}\nspec:\n  nodeName: {}\n  \
+             serviceAccountName: {account}\n  containers:\n  - name: app\n    image: labpod\n",
+            self.cluster.lab.node(node).name,
+        ));
+        let api: kube::Api<KubePod> = kube::Api::namespaced(self.cluster.cp.client(), namespace);
+        let pod = self.cluster.cp.block_on(api.get(name)).expect("get pod");
+        pod.metadata.uid.expect("uid")
+    }
+
+    /// The runtime of `node` makes the sandbox of `namespace/name`.
+    pub fn add(
+        &self,
+        node: usize,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+    ) -> Result<Sandbox, String> {
+        self.runtimes[node]
+            .add(
+                &PodRef {
+                    namespace,
+                    name,
+                    uid,
+                },
+                QosClass::BestEffort,
+            )
+            .expect("runtime")
+            .map_err(|failure| failure.to_string())
+    }
+}
+
+/// Waits until the node's configuration chains warren-cni last.
+pub fn wait_installed(runtime: &Runtime) -> Value {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (_, list) = runtime.list().unwrap();
+        let types: Vec<&str> = list["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["type"].as_str().unwrap_or_default())
+            .collect();
+        if types == ["bridge", "warren-cni"] {
+            return list;
+        }
+        assert!(Instant::now() < deadline, "not installed: {types:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The agent's log line for a pod the plugin held until it was enrolled.
+pub fn cni_added(pod: &str) -> impl Fn(&LogLine) -> bool + '_ {
+    move |l| l.message() == "CNI ADD: pod enrolled before it runs" && l.field("pod") == pod
 }

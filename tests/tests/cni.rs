@@ -5,165 +5,23 @@
 //! too. A real API server, real eBPF, real mTLS.
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::core::v1::Pod as KubePod;
 use serde_json::Value;
 use warren_tests::{
-    cluster::{Cluster, PodSpec, RBAC, addr, enrolled, withdrawn},
-    cni::{Runtime, Sandbox},
+    cluster::{PodSpec, addr, enrolled, withdrawn},
+    cni::{CniCluster, cni_added, socket_of, wait_installed},
     harness::{
-        Agent, Call, LogLine, MeshWorkload, PATIENCE, Server, WireCapture, agent_config, binary,
-        contains, kube_agent_config,
+        Agent, Call, MeshWorkload, PATIENCE, Server, WireCapture, agent_config, binary, contains,
     },
-    kubelet::CNI_RUNTIME_ANNOTATION,
-    lab::{Node, QosClass},
+    lab::Node,
 };
 
 const PORT: u16 = 8080;
 /// labpod's payload repeats this.
 const MARKER: &[u8] = b"warren-labpod-warren-labpod-";
-
-/// A cluster whose agents serve and install warren-cni, with each node's
-/// runtime.
-struct CniCluster {
-    cluster: Cluster,
-    runtimes: Vec<Runtime>,
-}
-
-fn cni_dir(cluster: &Cluster, node: &Node) -> PathBuf {
-    cluster.agents_dir().join(format!("cni-{}", node.name))
-}
-
-fn socket(cluster: &Cluster, node: &Node) -> PathBuf {
-    cni_dir(cluster, node).join("run/cni.sock")
-}
-
-/// The agent's config with the CNI plugin served and installed.
-fn cni_config(node: &Node, kubeconfig: &Path, dir: &Path) -> String {
-    format!(
-        "{}cni:\n  socket: {}\n  install:\n    confDir: {}\n    binDir: {}\n    binary: {}\n",
-        kube_agent_config(node, kubeconfig),
-        dir.join("run/cni.sock").display(),
-        dir.join("net.d").display(),
-        dir.join("bin").display(),
-        binary("warren-cni").unwrap().display(),
-    )
-}
-
-impl CniCluster {
-    fn up(nodes: usize) -> Self {
-        let mut cluster = Cluster::without_agents(nodes, true, RBAC);
-        let runtimes: Vec<Runtime> = cluster
-            .lab
-            .nodes()
-            .iter()
-            .map(|node| Runtime::new(node, &cni_dir(&cluster, node)).unwrap())
-            .collect();
-        let dirs: Vec<PathBuf> = cluster
-            .lab
-            .nodes()
-            .iter()
-            .map(|n| cni_dir(&cluster, n))
-            .collect();
-        cluster.start_agents(true, None, |node, kubeconfig| {
-            cni_config(node, kubeconfig, &dirs[node.index - 1])
-        });
-        let cni = Self { cluster, runtimes };
-        for runtime in &cni.runtimes {
-            wait_installed(runtime);
-        }
-        // Ready and installed: each agent took its node's not-ready taint off
-        // (the lab's kubelet registers nodes with it).
-        for node in cni.cluster.lab.nodes() {
-            let deadline = Instant::now() + PATIENCE;
-            while cni
-                .taints(&node.name)
-                .contains(&"warren.io/agent-not-ready".to_owned())
-            {
-                assert!(Instant::now() < deadline, "{} still tainted", node.name);
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-        cni
-    }
-
-    fn taints(&self, node: &str) -> Vec<String> {
-        let api: kube::Api<k8s_openapi::api::core::v1::Node> =
-            kube::Api::all(self.cluster.cp.client());
-        let node = self.cluster.cp.block_on(api.get(node)).expect("get node");
-        node.spec
-            .and_then(|s| s.taints)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|t| t.key)
-            .collect()
-    }
-
-    /// Stops node `node`'s agent and starts another, as a restart does.
-    fn restart_agent(&mut self, node: usize) {
-        let _ = self.cluster.agents[node].stop();
-        let node = self.cluster.lab.node(node).clone();
-        let dir = self.cluster.agents_dir();
-        let kubeconfig = dir.join("agent.kubeconfig");
-        let config = cni_config(&node, &kubeconfig, &cni_dir(&self.cluster, &node));
-        self.cluster.agents[node.index - 1] = Agent::start(&node, &config, &dir).unwrap();
-    }
-
-    /// Creates a Pod on `node` whose sandbox the test makes (the kubelet
-    /// stand-in leaves it alone); returns its UID.
-    fn pod(&self, namespace: &str, name: &str, node: usize, account: &str) -> String {
-        self.cluster.apply(&format!(
-            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  \
-             annotations: {{{CNI_RUNTIME_ANNOTATION}: cni}}\nspec:\n  nodeName: {}\n  \
-             serviceAccountName: {account}\n  containers:\n  - name: app\n    image: labpod\n",
-            self.cluster.lab.node(node).name,
-        ));
-        let api: kube::Api<KubePod> = kube::Api::namespaced(self.cluster.cp.client(), namespace);
-        let pod = self.cluster.cp.block_on(api.get(name)).expect("get pod");
-        pod.metadata.uid.expect("uid")
-    }
-
-    /// The runtime of `node` makes the sandbox of `namespace/name`.
-    fn add(&self, node: usize, namespace: &str, name: &str, uid: &str) -> Result<Sandbox, String> {
-        self.runtimes[node]
-            .add(
-                &warren_tests::cni::PodRef {
-                    namespace,
-                    name,
-                    uid,
-                },
-                QosClass::BestEffort,
-            )
-            .expect("runtime")
-            .map_err(|failure| failure.to_string())
-    }
-}
-
-/// Waits until the node's configuration chains warren-cni last.
-fn wait_installed(runtime: &Runtime) -> Value {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let (_, list) = runtime.list().unwrap();
-        let types: Vec<&str> = list["plugins"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p["type"].as_str().unwrap_or_default())
-            .collect();
-        if types == ["bridge", "warren-cni"] {
-            return list;
-        }
-        assert!(Instant::now() < deadline, "not installed: {types:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn cni_added(pod: &str) -> impl Fn(&LogLine) -> bool + '_ {
-    move |l| l.message() == "CNI ADD: pod enrolled before it runs" && l.field("pod") == pod
-}
 
 #[test]
 fn a_pod_the_runtime_adds_is_captured_before_its_first_connection() {
@@ -246,7 +104,7 @@ fn with_the_agent_away_mesh_pods_are_held_and_others_start() {
     // The agent knew both pods when it went away: it left them in its
     // membership file.
     let membership =
-        socket(&cni.cluster, cni.cluster.lab.node(0)).with_file_name("membership.json");
+        socket_of(&cni.cluster, cni.cluster.lab.node(0)).with_file_name("membership.json");
     let deadline = Instant::now() + PATIENCE;
     loop {
         let text = std::fs::read_to_string(&membership).unwrap_or_default();
@@ -317,7 +175,7 @@ fn uninstall_takes_the_plugin_out_of_the_primarys_list() {
     let (file, installed) = runtime.list().unwrap();
     assert_eq!(
         installed["plugins"][1]["socket"],
-        socket(&cni.cluster, cni.cluster.lab.node(0))
+        socket_of(&cni.cluster, cni.cluster.lab.node(0))
             .display()
             .to_string()
     );

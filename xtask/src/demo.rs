@@ -3,15 +3,17 @@
 //! is real: eBPF programs in the pods' cgroups, processes in network
 //! namespaces, a CA signing CSRs over mutual TLS, mutual TLS between the
 //! agents, bytes on veths. Every claim printed is checked first. The lab is
-//! torn down at the end, also on failure. A last scene runs the agents in
-//! Kubernetes mode against a real API server.
+//! torn down at the end, also on failure. The last scenes run the agents in
+//! Kubernetes mode against a real API server, and a new pod through the CNI
+//! plugin.
 
 use std::{net::SocketAddrV4, time::Instant};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, anyhow, ensure};
 use warren_tests::{
     Lab, LabSpec,
-    cluster::{Cluster, PodSpec, RBAC, cluster_ip, enrolled},
+    cluster::{Cluster, PodSpec, RBAC, addr, cluster_ip, enrolled, withdrawn},
+    cni::{CniCluster, cni_added},
     harness::{
         Agent, CA_PORT, CaService, Call, Capture, LabCa, MeshWorkload, PATIENCE, Server,
         WireCapture, ca_agent_config, ca_workloads, contains,
@@ -191,6 +193,7 @@ pub fn run() -> Result<()> {
     );
     drop(lab);
     kubernetes()?;
+    new_pod_through_cni()?;
     println!("\nDemo complete.");
     Ok(())
 }
@@ -323,6 +326,56 @@ fn kubernetes() -> Result<()> {
          Tearing down the lab and its control plane.",
         signed.join(", ")
     );
+    Ok(())
+}
+
+/// Scene 6: a pod made the way a container runtime makes it, with the CNI
+/// plugin holding it until its agent has captured it.
+fn new_pod_through_cni() -> Result<()> {
+    println!(
+        "\n6. A new pod, held until it is captured: each agent put warren-cni after its node's \
+         primary CNI (Debian's bridge + host-local), and the lab makes sandboxes as containerd \
+         does (the pod's cgroup, an empty network namespace, then each plugin of the list)"
+    );
+    let mut cni = CniCluster::up(2);
+    cni.cluster.namespace("shop", true, &["web", "sleep"]);
+    cni.cluster.apply(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
+         metadata: {name: strict, namespace: shop}\nspec: {mtls: {mode: STRICT}}\n",
+    );
+    let web = cni.cluster.pod(&PodSpec::new("shop", "web", 1, "web"));
+    cni.cluster.agents[1].wait_for(PATIENCE, enrolled("shop/web"))?;
+    let mut server = Server::start(&web, PORT)?;
+    let uid = cni.pod("shop", "sleep", 0, "sleep");
+    let asked = Instant::now();
+    let sleep = cni.add(0, "shop", "sleep", &uid).map_err(|e| anyhow!(e))?;
+    let held_ms = asked.elapsed().as_millis();
+    let called = Call::default().run(&sleep.pod, addr(&web, PORT))?;
+    let served = server.next_served()?;
+    ensure!(
+        served.peer.ip() == sleep.pod.ip,
+        "the server saw {}",
+        served.peer
+    );
+    cni.cluster.agents[0].wait_for(PATIENCE, cni_added("shop/sleep"))?;
+    let accepted =
+        cni.cluster.agents[1].wait_for(PATIENCE, |l| l.message() == "accepted HBONE stream")?;
+    let identity = accepted.field("peer_identity").to_owned();
+    ensure!(
+        identity == "spiffe://cluster.local/ns/shop/sa/sleep",
+        "node-2's agent saw {identity}"
+    );
+    println!(
+        "   The runtime asked for shop/sleep's sandbox on node-1 (STRICT namespace): ADD \
+         returned after {held_ms} ms, once node-1's agent held the pod in the namespace the \
+         runtime made, before any process ran there and before the API server knew its \
+         address {}. Its very first connection went over HBONE: node-2's agent saw {identity}, \
+         the server saw {}, {} bytes echoed.",
+        sleep.pod.ip, served.peer, called.received
+    );
+    cni.runtimes[0].del(&sleep).context("DEL")?;
+    cni.cluster.agents[0].wait_for(PATIENCE, withdrawn("shop/sleep"))?;
+    println!("   DEL withdrew it. Tearing down.");
     Ok(())
 }
 
