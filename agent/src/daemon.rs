@@ -296,7 +296,11 @@ impl Daemon {
         // The taint stays until the plugin is in the node's CNI config too:
         // pods scheduled here before that would start uncaptured.
         let (installed_tx, mut installed) = tokio::sync::watch::channel(true);
-        let mut helpers = self.start_cni(states_rx, installed_tx).await?;
+        // The CNI server's wake-up: a runtime waits for a pod.
+        let nudge = Arc::new(tokio::sync::Notify::new());
+        let mut helpers = self
+            .start_cni(states_rx, installed_tx, nudge.clone())
+            .await?;
         if let Some(client) = self.kubernetes_client.take() {
             helpers.push(tokio::spawn(kubernetes::taint::remove_when_ready(
                 client,
@@ -375,6 +379,10 @@ impl Daemon {
                 // Without `cni.install` the sender is dropped, which ends
                 // this arm; `installed` stays true.
                 Ok(()) = installed.changed() => {}
+                () = nudge.notified() => {
+                    self.reconciler.recheck().await;
+                    self.reconciler.hurry(Instant::now());
+                }
                 () = sleep_until(retry) => {}
                 _ = sandbox_check.tick() => {
                     // Those withdrawn are enrolled where they are now, below.
@@ -434,6 +442,7 @@ impl Daemon {
         &self,
         states: tokio::sync::watch::Receiver<Arc<States>>,
         installed: tokio::sync::watch::Sender<bool>,
+        nudge: Arc<tokio::sync::Notify>,
     ) -> Result<Vec<JoinHandle<()>>, DaemonError> {
         let Some(settings) = &self.config.cni else {
             return Ok(Vec::new());
@@ -451,6 +460,7 @@ impl Daemon {
                 directory,
                 states,
                 self.store.subscribe(),
+                nudge,
             )
             .await
             .map_err(DaemonError::Cni)?,

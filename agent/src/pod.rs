@@ -173,22 +173,20 @@ impl Enroller for NodePods {
 
     async fn still_there(&mut self, pod: &mut PodRuntime) -> bool {
         let (netns, id) = &pod.sandbox;
-        let same = std::fs::File::open(netns)
-            .and_then(|file| NsId::of(&file))
-            .is_ok_and(|now| now == *id);
-        if same {
+        let now = std::fs::File::open(netns).and_then(|file| NsId::of(&file));
+        if now.as_ref().is_ok_and(|now| now == id) {
             return true;
         }
-        let Some(LocalPod::Kubelet { uid, netns }) = &pod.workload.local else {
-            // The config file's namespace was made again: enrolled again
-            // where it is now.
-            return false;
+        let uid = match &pod.workload.local {
+            Some(LocalPod::Kubelet { uid, netns: None }) => uid,
+            // The config file's path, or the runtime's file for the
+            // sandbox. Holding another namespace, it was made again: the
+            // pod is enrolled again where it is now. Gone or unreadable, it
+            // says nothing of where the pod's processes are (`ip netns del`
+            // leaves them running; a runtime removes the file after it has
+            // killed them, and DEL follows): the pod stays held.
+            _ => return now.is_err(),
         };
-        if netns.is_some() {
-            // The runtime's own file for the sandbox: gone or another
-            // namespace, the sandbox is.
-            return false;
-        }
         // The process it was found through is gone. Without an infra
         // container (CRI-O's drop_infra_ctr) that is any container that
         // ended; the namespace may well be there, held by another process.

@@ -142,6 +142,14 @@ impl<E: Enroller> Reconciler<E> {
         enrolled.chain(failing).collect()
     }
 
+    /// Makes every failing pod due now (a runtime is waiting for one of
+    /// them: its sandbox may be there at last).
+    pub fn hurry(&mut self, now: Instant) {
+        for failing in self.failing.values_mut() {
+            failing.next = failing.next.min(now);
+        }
+    }
+
     /// When the next failed pod is due for another attempt.
     pub fn next_retry(&self) -> Option<Instant> {
         self.failing.values().map(|f| f.next).min()

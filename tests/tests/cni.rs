@@ -316,6 +316,39 @@ fn without_kubernetes_the_config_file_decides_and_its_namespace_must_be_the_sand
             .contains("in another network namespace"),
         "{printed}"
     );
+    // The config's namespace made again at its path, as a runtime re-making
+    // the sandbox would: the ADD waits while the agent enrolls the pod where
+    // it is now, and is then answered.
+    let ip_in = |args: &str| {
+        let status = std::process::Command::new("ip")
+            .args(args.split(' '))
+            .status()
+            .unwrap();
+        assert!(status.success(), "ip {args}");
+    };
+    let netns = &listed.pod.netns;
+    ip_in(&format!("netns del {netns}"));
+    ip_in(&format!("netns add {netns}"));
+    ip_in(&format!("-n {netns} link set lo up"));
+    ip_in(&format!(
+        "-n {netns} link add eth0 type veth peer name peer0"
+    ));
+    ip_in(&format!(
+        "-n {netns} addr add {}/32 dev eth0",
+        listed.pod.ip
+    ));
+    ip_in(&format!("-n {netns} link set eth0 up"));
+    let (ok, printed) = plugin(
+        node,
+        "ADD",
+        &own,
+        ("default", name),
+        &conf(listed.pod.ip, &own),
+    );
+    assert!(ok, "{printed}");
+    agent
+        .wait_for_count(PATIENCE, 2, enrolled(&listed.qualified_name()))
+        .unwrap();
     // A pod the config does not list is outside the mesh.
     let (ok, printed) = plugin(
         node,

@@ -10,7 +10,7 @@ use std::{
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
-    sync::{Semaphore, watch},
+    sync::{Notify, Semaphore, watch},
 };
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -77,6 +77,7 @@ pub async fn serve(
     directory: Directory,
     states: watch::Receiver<Arc<States>>,
     mesh: watch::Receiver<Arc<Snapshot>>,
+    nudge: Arc<Notify>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = bind(&socket)?;
     info!(socket = %socket.display(), "serving the CNI plugin");
@@ -95,9 +96,15 @@ pub async fn serve(
                 return;
             };
             let (directory, states, mesh) = (directory.clone(), states.clone(), mesh.clone());
+            let nudge = nudge.clone();
             tokio::spawn(async move {
                 let _permit = permit;
-                if let Err(error) = answer(stream, &directory, states, &mesh).await {
+                let context = Context {
+                    directory: &directory,
+                    mesh: &mesh,
+                    nudge: &nudge,
+                };
+                if let Err(error) = answer(stream, &context, states).await {
                     debug!(%error, "CNI plugin connection failed");
                 }
             });
@@ -154,11 +161,19 @@ fn bind(socket: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
+/// What answering a request needs besides the states.
+struct Context<'a> {
+    directory: &'a Directory,
+    mesh: &'a watch::Receiver<Arc<Snapshot>>,
+    /// Wakes the daemon to look again at once: a sandbox it waits for may be
+    /// there now.
+    nudge: &'a Notify,
+}
+
 async fn answer(
     stream: UnixStream,
-    directory: &Directory,
+    context: &Context<'_>,
     states: watch::Receiver<Arc<States>>,
-    mesh: &watch::Receiver<Arc<Snapshot>>,
 ) -> std::io::Result<()> {
     let (reader, mut writer) = stream.into_split();
     let mut line = Vec::new();
@@ -169,7 +184,7 @@ async fn answer(
         Ok(read) => {
             read?;
             match serde_json::from_slice::<Request>(&line) {
-                Ok(request) => handle(request, directory, states, mesh).await,
+                Ok(request) => handle(request, context, states).await,
                 Err(error) => {
                     warn!(%error, "unreadable request from the CNI plugin");
                     Response::Refused {
@@ -186,10 +201,10 @@ async fn answer(
 
 async fn handle(
     request: Request,
-    directory: &Directory,
+    context: &Context<'_>,
     states: watch::Receiver<Arc<States>>,
-    mesh: &watch::Receiver<Arc<Snapshot>>,
 ) -> Response {
+    let directory = context.directory;
     match request {
         Request::Add {
             pod,
@@ -199,7 +214,7 @@ async fn handle(
         } => {
             let span = info_span!("cni_add", pod = %pod, container = %short(&container_id));
             let started = Instant::now();
-            let response = add(&pod, container_id, netns, &ips, directory, states, mesh)
+            let response = add(&pod, container_id, netns, &ips, context, states)
                 .instrument(span.clone())
                 .await;
             let _enter = span.enter();
@@ -244,10 +259,10 @@ async fn add(
     container_id: String,
     netns: PathBuf,
     ips: &[std::net::Ipv4Addr],
-    directory: &Directory,
+    context: &Context<'_>,
     mut states: watch::Receiver<Arc<States>>,
-    mesh: &watch::Receiver<Arc<Snapshot>>,
 ) -> Response {
+    let directory = context.directory;
     let refuse = |reason: String| Response::Refused { reason };
     let decided = Instant::now() + DECIDE_WAIT;
     let decision = loop {
@@ -298,6 +313,9 @@ async fn add(
         );
     }
     let name = pod.to_string();
+    // A pod waiting for its next attempt, or held in a namespace its file
+    // no longer holds, is looked at now rather than at the next check.
+    context.nudge.notify_one();
     let deadline = tokio::time::Instant::now() + ENROLL_WAIT;
     let mut last_error = None;
     loop {
@@ -310,8 +328,12 @@ async fn add(
                 }) if held_here(workload, *enrolled, directory, sandbox, ip) => {
                     return Response::Enrolled;
                 }
-                // The config file's pods do not move: waiting would not help.
-                Some(PodState::Enrolled { .. }) if matches!(directory, Directory::File(_)) => {
+                // The config file's path holds another namespace than the
+                // runtime's: waiting would not help.
+                Some(PodState::Enrolled { workload, .. })
+                    if matches!(directory, Directory::File(_))
+                        && !path_holds(workload, sandbox) =>
+                {
                     return refuse(format!(
                         "the config file puts pod {name} in another network namespace than {}",
                         netns.display()
@@ -333,7 +355,7 @@ async fn add(
     }
     refuse(match last_error {
         Some(error) => format!("enrolling it failed: {error}"),
-        None => not_a_workload(&mesh.borrow(), &name, ip),
+        None => not_a_workload(&context.mesh.borrow(), &name, ip),
     })
 }
 
@@ -384,6 +406,14 @@ fn meant_here(
             workload.ip == ip
                 && matches!(&workload.local, Some(LocalPod::Kubelet { netns: Some(n), .. }) if n == netns)
         }
+    }
+}
+
+/// Whether the config file's path for `workload` holds `sandbox` now.
+fn path_holds(workload: &Workload, sandbox: NsId) -> bool {
+    match &workload.local {
+        Some(LocalPod::Paths { netns, .. }) => namespace_id(netns) == Some(sandbox),
+        _ => false,
     }
 }
 

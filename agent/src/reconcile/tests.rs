@@ -142,6 +142,40 @@ async fn a_pod_that_fails_is_retried_with_growing_backoff_until_it_enrolls() {
 }
 
 #[tokio::test]
+async fn a_runtime_waiting_for_a_failing_pod_makes_it_due_now_and_its_state_says_why() {
+    let mut recorder = Recorder::default();
+    recorder.broken.insert("ns/a".into());
+    let mut reconciler = Reconciler::new(recorder);
+    let start = Instant::now();
+    let a = Arc::new(pod("a", 2));
+    for attempt in 0..6 {
+        let due = reconciler.next_retry().unwrap_or(start);
+        reconciler.reconcile([a.clone()], due).await;
+        assert_eq!(calls(&mut reconciler), ["enroll ns/a"], "attempt {attempt}");
+    }
+    let later = reconciler.next_retry().unwrap();
+    let asked = later - Duration::from_secs(5);
+    assert!(asked > start, "backed off by now");
+    match &reconciler.states()["ns/a"] {
+        PodState::Failing { error, .. } => assert_eq!(error, "sandbox not there yet"),
+        other => panic!("{other:?}"),
+    }
+    // Not due yet...
+    reconciler.reconcile([a.clone()], asked).await;
+    assert!(calls(&mut reconciler).is_empty());
+    // ...until a runtime asks for it: its sandbox may be there now.
+    reconciler.enroller().broken.clear();
+    reconciler.hurry(asked);
+    assert_eq!(reconciler.next_retry(), Some(asked));
+    reconciler.reconcile([a.clone()], asked).await;
+    assert_eq!(calls(&mut reconciler), ["enroll ns/a"]);
+    assert!(matches!(
+        reconciler.states()["ns/a"],
+        PodState::Enrolled { .. }
+    ));
+}
+
+#[tokio::test]
 async fn a_failing_pod_that_changes_is_tried_at_once_and_one_that_leaves_is_forgotten() {
     let mut recorder = Recorder::default();
     recorder.broken.insert("ns/a".into());
