@@ -10,6 +10,11 @@
 //! - `net.ipv4.tcp_fwmark_accept=1` in the pod makes the accepted socket
 //!   inherit the mark of the SYN that opened it (ours), so every packet the
 //!   application sends on that connection carries the mark;
+//! - `net.ipv4.fwmark_reflect=1` gives the kernel's own replies (the RST to
+//!   a SYN for a port nobody listens on, ICMP errors) the mark of the packet
+//!   they answer: without it the RST leaves for the client pod's address,
+//!   our socket never learns the port is closed, and the stream waits for
+//!   the tunnel's CONNECT timeout instead of being refused (503) at once;
 //! - a policy rule sends marked packets to a routing table whose only route
 //!   is `local 0.0.0.0/0 dev lo`, so they are delivered to our socket.
 //!
@@ -66,6 +71,8 @@ pub async fn prepare_pod(netns: &NetNs) -> Result<(), TransparentError> {
             // /proc/sys/net shows the namespace of the thread that opens it.
             std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1")
                 .map_err(fail("net.ipv4.tcp_fwmark_accept"))?;
+            std::fs::write("/proc/sys/net/ipv4/fwmark_reflect", "1")
+                .map_err(fail("net.ipv4.fwmark_reflect"))?;
             // A throwaway runtime: the netlink socket must be created, and
             // used, on this thread, which is in the pod's namespace.
             let runtime = tokio::runtime::Builder::new_current_thread()
