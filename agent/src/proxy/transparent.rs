@@ -19,6 +19,11 @@
 //!   is `local 0.0.0.0/0 dev lo`, so they are delivered to our socket.
 //!
 //! Only the pod's own namespace is touched; unmarked traffic is unaffected.
+//! The pod may mark its own packets too (SO_MARK takes only CAP_NET_RAW
+//! since Linux 5.17): harmless, as the egress check lets out only the pod's
+//! own address, so any reply comes back to the pod anyway. Withdrawing a pod
+//! leaves these settings in place (streams in flight still need them);
+//! enrolling it again finds them done.
 
 use std::{
     io,
