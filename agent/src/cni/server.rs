@@ -297,7 +297,7 @@ async fn add(
     if let Directory::Kubernetes(source) = directory {
         let Some(uid) = &pod.uid else {
             return refuse(
-                "the runtime gave no K8S_POD_UID in CNI_ARGS (containerd and CRI-O do); without \
+                "the runtime gave no K8S_POD_UID in CNI_ARGS (containerd does); without \
                  it the pod's cgroup cannot be found"
                     .into(),
             );
