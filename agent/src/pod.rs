@@ -173,7 +173,7 @@ impl Enroller for NodePods {
 
     async fn still_there(&mut self, pod: &mut PodRuntime) -> bool {
         let (netns, id) = &pod.sandbox;
-        let now = std::fs::File::open(netns).and_then(|file| NsId::of(&file));
+        let now = NsId::of_path(netns);
         if now.as_ref().is_ok_and(|now| now == id) {
             return true;
         }

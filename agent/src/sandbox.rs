@@ -69,6 +69,11 @@ impl NsId {
             ino: metadata.ino(),
         })
     }
+
+    /// The namespace the file at `path` stands for now.
+    pub fn of_path(path: &Path) -> io::Result<Self> {
+        Self::of(&File::open(path)?)
+    }
 }
 
 /// A pod's place on this node.
@@ -538,9 +543,7 @@ fn start_time(stat: &str) -> Option<u64> {
 }
 
 fn namespace_at(uid: &PodUid, action: &'static str, path: &Path) -> Result<NsId, SandboxError> {
-    File::open(path)
-        .and_then(|file| NsId::of(&file))
-        .map_err(|source| io_error(uid, action, path, source))
+    NsId::of_path(path).map_err(|source| io_error(uid, action, path, source))
 }
 
 /// The IPv4 addresses in the network namespace `netns`, listed from a thread

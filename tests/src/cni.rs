@@ -167,13 +167,13 @@ impl Runtime {
     /// network: ADD through the whole list. On failure the sandbox is torn
     /// down (DEL through the list) and the failing plugin's error returned.
     pub fn add(&self, pod: &PodRef, qos: QosClass) -> Result<Result<Sandbox, Failure>> {
-        let container_id = hex64()?;
+        let container_id = lab::random_hex_64()?;
         let (pod_rel, container_rel) = kubelet_cgroup(self.driver(), qos, pod.uid, &container_id);
         let root = self.node.kubelet_cgroup_root();
         let pod_cgroup = root.join(pod_rel);
         fs::create_dir_all(&pod_cgroup)?;
         let netns = format!("{}{}", self.netns_prefix, &container_id[..6]);
-        run(Command::new("ip").args(["netns", "add", &netns]))?;
+        lab::run(Command::new("ip").args(["netns", "add", &netns]))?;
         let (_, list) = self.list()?;
         let cni_args = format!(
             "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};\
@@ -245,7 +245,7 @@ impl Runtime {
                 bail!("DEL must succeed: {failure}");
             }
         }
-        run(Command::new("ip").args(["netns", "del", &sandbox.pod.netns]))?;
+        lab::run(Command::new("ip").args(["netns", "del", &sandbox.pod.netns]))?;
         Ok(())
     }
 
@@ -326,25 +326,6 @@ impl Runtime {
 
 fn plugins(list: &Value) -> Vec<Value> {
     list["plugins"].as_array().cloned().unwrap_or_default()
-}
-
-fn run(command: &mut Command) -> Result<()> {
-    let output = command.output()?;
-    if !output.status.success() {
-        bail!(
-            "{command:?}: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-fn hex64() -> Result<String> {
-    let mut bytes = [0u8; 32];
-    fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
-        .context("reading /dev/urandom")?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// A cluster whose agents serve and install warren-cni, with each node's

@@ -739,7 +739,7 @@ fn remove_sandbox_parts(netns: &str, pod_cgroup: &Path) -> Result<()> {
     Ok(())
 }
 
-fn random_hex_64() -> Result<String> {
+pub(crate) fn random_hex_64() -> Result<String> {
     let mut bytes = [0u8; 32];
     use std::io::Read as _;
     File::open("/dev/urandom")
@@ -964,7 +964,7 @@ pub(crate) fn ip(netns: &str, args: &str) -> Result<()> {
 
 /// Runs a command to completion, returning its stdout; the error names the command and
 /// carries its stderr.
-fn run(cmd: &mut Command) -> Result<String> {
+pub(crate) fn run(cmd: &mut Command) -> Result<String> {
     let shown = std::iter::once(cmd.get_program())
         .chain(cmd.get_args())
         .map(|arg| arg.to_string_lossy())

@@ -169,8 +169,8 @@ pub fn run(args: &Args) -> Result<()> {
     let static_dir = target_dir.join("static");
     for (image, _) in &images {
         for (package, bin) in image.for_host {
-            let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-                .args([
+            crate::cargo(
+                &[
                     "build",
                     "--release",
                     "-p",
@@ -179,16 +179,11 @@ pub fn run(args: &Args) -> Result<()> {
                     bin,
                     "--target",
                     HOST_TARGET,
-                ])
-                .arg("--target-dir")
-                .arg(&static_dir)
-                .env("RUSTFLAGS", "-C target-feature=+crt-static")
-                .current_dir(&root)
-                .status()
-                .context("running cargo")?;
-            if !status.success() {
-                bail!("building {bin} statically failed");
-            }
+                    "--target-dir",
+                    &path_str(&static_dir)?,
+                ],
+                &[("RUSTFLAGS", "-C target-feature=+crt-static")],
+            )?;
         }
     }
     let build_secs = build_started.elapsed().as_secs_f64();

@@ -178,11 +178,12 @@ fn build(profile: Profile) -> Result<PathBuf> {
     Ok(workspace_root().join(dir))
 }
 
-fn cargo(args: &[&str], extra: &[String]) -> Result<()> {
+/// Runs `cargo ARGS` in the workspace, with `env` set besides.
+fn cargo(args: &[&str], env: &[(&str, &str)]) -> Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(cargo)
         .args(args)
-        .args(extra)
+        .envs(env.iter().copied())
         .current_dir(workspace_root())
         .status()
         .context("running cargo")?;

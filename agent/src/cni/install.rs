@@ -568,7 +568,7 @@ fn to_file_bytes(config: &Value) -> Vec<u8> {
 
 /// A file that must still hold what a write was computed from.
 #[derive(Clone, Copy)]
-struct Guard<'a> {
+pub(super) struct Guard<'a> {
     path: &'a Path,
     expected: &'a [u8],
 }
@@ -579,7 +579,7 @@ struct Guard<'a> {
 /// nothing written) if the guarded file changed since it was read: the
 /// primary rewrote it meanwhile, and the caller must start again from its
 /// new content rather than overwrite it.
-fn write_atomic(
+pub(super) fn write_atomic(
     path: &Path,
     bytes: &[u8],
     mode: u32,

@@ -20,7 +20,7 @@
 pub mod install;
 mod server;
 
-use std::{io::Write as _, path::Path};
+use std::path::Path;
 
 pub use server::{Directory, prepare_dir, serve};
 
@@ -34,17 +34,13 @@ pub enum Decision {
     Unknown,
 }
 
-/// Writes `value` at `path` as JSON, replacing the file whole (a reader never
-/// sees half a file): the membership the plugin reads, the sandboxes the
-/// runtime reported.
+/// Writes `value` at `path` as JSON, replaced whole as the installer writes
+/// the CNI config (a reader never sees half a file), root's alone: the
+/// membership the plugin reads, the sandboxes the runtime reported.
 pub fn write_json(path: &Path, value: &impl serde::Serialize) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("/"));
-    let mut file = tempfile::Builder::new()
-        .prefix(".warren")
-        .tempfile_in(dir)?;
-    serde_json::to_writer(&mut file, value)?;
-    file.write_all(b"\n")?;
-    file.as_file().sync_all()?;
-    file.persist(path).map_err(|e| e.error)?;
-    Ok(())
+    let mut bytes = serde_json::to_vec(value)?;
+    bytes.push(b'\n');
+    install::write_atomic(path, &bytes, 0o600, None)
+        .map(drop)
+        .map_err(std::io::Error::other)
 }

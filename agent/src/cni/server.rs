@@ -288,7 +288,7 @@ async fn add(
             "the previous plugin gave the pod no IPv4 address (the mesh is IPv4)".into(),
         );
     };
-    let Some(sandbox) = namespace_id(&netns) else {
+    let Some(sandbox) = NsId::of_path(&netns).ok() else {
         return refuse(format!(
             "{} is not a network namespace the agent can open",
             netns.display()
@@ -412,14 +412,9 @@ fn meant_here(
 /// Whether the config file's path for `workload` holds `sandbox` now.
 fn path_holds(workload: &Workload, sandbox: NsId) -> bool {
     match &workload.local {
-        Some(LocalPod::Paths { netns, .. }) => namespace_id(netns) == Some(sandbox),
+        Some(LocalPod::Paths { netns, .. }) => NsId::of_path(netns).is_ok_and(|id| id == sandbox),
         _ => false,
     }
-}
-
-/// The network namespace `path` is.
-fn namespace_id(path: &Path) -> Option<NsId> {
-    std::fs::File::open(path).and_then(|f| NsId::of(&f)).ok()
 }
 
 fn check(pod: &PodRef, netns: &Path, directory: &Directory, states: &States) -> Response {
@@ -431,7 +426,7 @@ fn check(pod: &PodRef, netns: &Path, directory: &Directory, states: &States) -> 
             Some(PodState::Enrolled {
                 workload,
                 netns: enrolled,
-            }) if namespace_id(netns).is_some_and(|sandbox| {
+            }) if NsId::of_path(netns).ok().is_some_and(|sandbox| {
                 held_here(workload, *enrolled, directory, sandbox, workload.ip)
             }) =>
             {

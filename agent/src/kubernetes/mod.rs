@@ -91,9 +91,7 @@ fn load_reports(context: &Context) -> std::collections::HashMap<String, Reported
     reports
         .into_iter()
         .filter(|(_, report)| {
-            std::fs::File::open(&report.netns)
-                .and_then(|file| crate::sandbox::NsId::of(&file))
-                .is_ok_and(|id| id == report.netns_id)
+            crate::sandbox::NsId::of_path(&report.netns).is_ok_and(|id| id == report.netns_id)
         })
         .collect()
 }
