@@ -593,7 +593,14 @@ pub(super) fn write_atomic(
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
-    let result = write_then_rename(&temp, path, bytes, mode, guard);
+    // A name already taken is not ours to remove: fail before touching it.
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&temp)
+        .map_err(|source| write_error(path, source))?;
+    let result = write_then_rename(file, &temp, path, bytes, mode, guard);
     if !matches!(result, Ok(true)) {
         let _ = fs::remove_file(&temp);
     } else if let Ok(dir) = fs::File::open(dir) {
@@ -605,6 +612,7 @@ pub(super) fn write_atomic(
 }
 
 fn write_then_rename(
+    mut file: fs::File,
     temp: &Path,
     path: &Path,
     bytes: &[u8],
@@ -612,12 +620,6 @@ fn write_then_rename(
     guard: Option<Guard<'_>>,
 ) -> Result<bool, InstallError> {
     let write_error = |source| write_error(path, source);
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(temp)
-        .map_err(write_error)?;
     // The umask may have cleared bits of `mode`; the runtime needs them all.
     file.set_permissions(fs::Permissions::from_mode(mode))
         .map_err(write_error)?;
@@ -1079,6 +1081,24 @@ mod tests {
             "{error}"
         );
         assert_eq!(read_json(&path), future);
+    }
+
+    #[test]
+    fn a_temporary_name_already_taken_is_left_alone() {
+        // The temporary names are predictable (pid, counter): whatever
+        // holds the one this write draws is not the writer's to remove.
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("membership.json");
+        for k in 0..5000 {
+            let decoy = dir
+                .path()
+                .join(format!(".membership.json.{}-{k}.tmp", std::process::id()));
+            fs::write(decoy, "not the writer's").unwrap();
+        }
+        let error = write_atomic(&target, b"{}", 0o600, None).unwrap_err();
+        assert!(error.to_string().contains("membership.json"), "{error}");
+        assert!(!target.exists());
+        assert_eq!(names(dir.path()).len(), 5000, "a decoy was removed");
     }
 
     #[test]

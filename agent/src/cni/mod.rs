@@ -40,7 +40,21 @@ pub enum Decision {
 pub fn write_json(path: &Path, value: &impl serde::Serialize) -> std::io::Result<()> {
     let mut bytes = serde_json::to_vec(value)?;
     bytes.push(b'\n');
+    // The whole chain in the message: callers show io errors plainly.
     install::write_atomic(path, &bytes, 0o600, None)
         .map(drop)
-        .map_err(std::io::Error::other)
+        .map_err(|e| std::io::Error::other(warren_daemon::logging::Chain(&e).to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_failed_write_says_why_with_the_systems_own_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gone/membership.json");
+        let error = super::write_json(&path, &serde_json::json!({})).unwrap_err();
+        let said = error.to_string();
+        assert!(said.contains("membership.json"), "{said}");
+        assert!(said.contains("No such file or directory"), "{said}");
+    }
 }
