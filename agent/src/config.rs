@@ -21,7 +21,7 @@ use warren_pki::{
     transport::NODE_ROOTS,
 };
 
-use crate::mesh::{Labels, LocalPod, Workload, policy::DEFAULT_ROOT_NAMESPACE};
+use crate::mesh::{Cluster, Labels, LocalPod, Workload, policy::DEFAULT_ROOT_NAMESPACE};
 
 pub const DEFAULT_DEV_CA_DIR: &str = "/var/lib/warren/dev-ca";
 pub const DEFAULT_BPF_PIN_DIR: &str = "/sys/fs/bpf/warren";
@@ -83,7 +83,17 @@ pub struct Config {
     /// Serve the CNI plugin (`warren-cni`), so that new pods are enrolled
     /// before they run.
     pub cni: Option<CniSettings>,
+    /// Where to serve Prometheus metrics (`host:port`), if anywhere.
+    pub metrics_listen: Option<String>,
+    /// Where to serve the admin endpoint: a loopback address.
+    pub admin_listen: String,
+    /// The cluster, as metrics name it.
+    pub cluster: Cluster,
 }
+
+/// The admin endpoint's address unless the config says otherwise
+/// (ztunnel's).
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:15000";
 
 /// The CNI plugin's side of the agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -245,6 +255,14 @@ struct RawConfig {
     health_listen: Option<String>,
     #[serde(default)]
     cni: Option<RawCni>,
+    #[serde(default)]
+    metrics_listen: Option<String>,
+    #[serde(default)]
+    admin_listen: Option<String>,
+    #[serde(default)]
+    cluster_id: Option<String>,
+    #[serde(default)]
+    cluster_domain: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -293,6 +311,9 @@ struct RawCa {
 struct RawWorkload {
     name: String,
     namespace: String,
+    /// Istio's workload name (a Deployment's, say); the pod's by default.
+    #[serde(default)]
+    workload_name: Option<String>,
     service_account: String,
     ip: Ipv4Addr,
     node: String,
@@ -363,6 +384,45 @@ impl RawConfig {
             }
             other => other,
         };
+        let metrics_listen = match self.metrics_listen {
+            Some(address) if !is_host_port(&address) => {
+                return Err((
+                    "metricsListen".into(),
+                    format!("{address:?} is not host:port (e.g. 0.0.0.0:15020)"),
+                ));
+            }
+            other => other,
+        };
+        // Unauthenticated, and it changes the log level: only processes of
+        // the node itself may reach it.
+        let admin_listen = self
+            .admin_listen
+            .unwrap_or_else(|| DEFAULT_ADMIN_LISTEN.to_owned());
+        let loopback = admin_listen
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|a| a.ip().is_loopback());
+        if !loopback {
+            return Err((
+                "adminListen".into(),
+                format!(
+                    "{admin_listen:?} is not a loopback address and port (e.g. {DEFAULT_ADMIN_LISTEN}): \
+                     the admin endpoint has no authentication"
+                ),
+            ));
+        }
+        let default_cluster = Cluster::default();
+        let cluster = Cluster {
+            id: self.cluster_id.unwrap_or(default_cluster.id),
+            domain: self.cluster_domain.unwrap_or(default_cluster.domain),
+        };
+        for (field, value) in [
+            ("clusterId", &cluster.id),
+            ("clusterDomain", &cluster.domain),
+        ] {
+            if value.trim().is_empty() {
+                return Err((field.into(), "must not be empty".into()));
+            }
+        }
         let issuer = match (self.ca, self.dev_ca_dir) {
             (Some(_), Some(_)) => {
                 return Err((
@@ -449,6 +509,9 @@ impl RawConfig {
             kubernetes,
             health_listen,
             cni,
+            metrics_listen,
+            admin_listen,
+            cluster,
         })
     }
 }
@@ -622,6 +685,7 @@ impl RawWorkload {
             None
         };
         Ok(Workload {
+            workload_name: self.workload_name.unwrap_or_else(|| self.name.clone()),
             name: self.name,
             namespace: self.namespace,
             service_account: self.service_account,
@@ -751,6 +815,40 @@ workloads:
         assert_invalid(&neither, "ca", "needs nodeCredential");
         let bad_health = text.replace("0.0.0.0:15021", "15021");
         assert_invalid(&bad_health, "healthListen", "not host:port");
+    }
+
+    #[test]
+    fn telemetry_endpoints_and_the_clusters_names() {
+        let defaults = parse(GOOD).unwrap();
+        assert_eq!(defaults.metrics_listen, None);
+        assert_eq!(defaults.admin_listen, DEFAULT_ADMIN_LISTEN);
+        assert_eq!(defaults.cluster, Cluster::default());
+
+        let text = format!(
+            "{GOOD}metricsListen: 0.0.0.0:15020\nadminListen: 127.0.0.1:25000\n\
+             clusterId: east\nclusterDomain: corp.example\n"
+        );
+        let config = parse(&text).unwrap();
+        assert_eq!(config.metrics_listen.as_deref(), Some("0.0.0.0:15020"));
+        assert_eq!(config.admin_listen, "127.0.0.1:25000");
+        assert_eq!(
+            config.cluster,
+            Cluster {
+                id: "east".into(),
+                domain: "corp.example".into()
+            }
+        );
+
+        let bad_metrics = text.replace("0.0.0.0:15020", "15020");
+        assert_invalid(&bad_metrics, "metricsListen", "not host:port");
+        // Unauthenticated, and it changes log levels: loopback only.
+        for address in ["0.0.0.0:15000", "10.0.0.1:15000", "localhost:15000"] {
+            let exposed = text.replace("127.0.0.1:25000", address);
+            assert_invalid(&exposed, "adminListen", "not a loopback address");
+        }
+        assert!(parse(&text.replace("127.0.0.1:25000", "\"[::1]:15000\"")).is_ok());
+        let unnamed = text.replace("clusterId: east", "clusterId: \" \"");
+        assert_invalid(&unnamed, "clusterId", "must not be empty");
     }
 
     #[test]

@@ -27,7 +27,7 @@ use tracing::{error, info, warn};
 
 use warren_daemon::{
     health,
-    logging::Chain,
+    logging::{Chain, LogControl},
     watch::{WatchError, watch_files},
 };
 use warren_pki::{
@@ -39,14 +39,18 @@ use warren_pki::{
 
 use warren_cni::{KnownPod, MEMBERSHIP_FILE, Membership, Others};
 
+use prometheus_client::registry::Registry;
+
 use crate::{
+    admin::{self, Admin, CertificateInfo},
     ca::CsrSource,
     cni::{self, Directory},
     config::{CaCredential, CaSettings, Config, ConfigError, Issuer},
     hbone::pool::{self, Pool},
     kubernetes,
     mesh::{Policies, Snapshot, Store, Workloads},
-    pod::NodePods,
+    metrics::{CountedSource, Metrics, Scraped},
+    pod::{NodePods, Serving},
     reconcile::{Reconciler, States},
     redirect::{RedirectError, Redirector},
     sandbox::HostRoots,
@@ -92,10 +96,33 @@ pub enum DaemonError {
     Signal(std::io::Error),
     #[error("health endpoints: {0}")]
     Health(std::io::Error),
+    #[error("metrics endpoint: {0}")]
+    Metrics(std::io::Error),
+    #[error("admin endpoint: {0}")]
+    Admin(std::io::Error),
     #[error("serving the CNI plugin: {0}")]
     Cni(std::io::Error),
     #[error("installing the CNI plugin: {0}")]
     CniInstall(#[from] cni::install::InstallError),
+}
+
+/// A count as a gauge's value.
+fn gauge(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// A certificate's metric labels: which workload, under which identity.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
+struct CertificateLabels {
+    workload: String,
+    workload_namespace: String,
+    identity: String,
+}
+
+/// A kernel drop counter's label.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
+struct DropLabels {
+    reason: &'static str,
 }
 
 /// What the readiness probe answers, from the daemon loop.
@@ -134,20 +161,16 @@ impl Readiness {
         self.0.store(state, Ordering::Release);
     }
 
-    async fn serve(&self, address: &str) -> std::io::Result<std::net::SocketAddr> {
+    /// What the probes (and the admin endpoint) answer.
+    fn probe(&self) -> health::Readiness {
         let state = self.0.clone();
-        health::spawn(
-            address,
-            Arc::new(move || match state.load(Ordering::Acquire) {
-                Self::READY => Ok(()),
-                Self::NONE_SERVING => Err("none of this node's pods is enrolled with a \
-                                           certificate (see the log: can the agent get \
-                                           certificates?)"
-                    .into()),
-                _ => Err("waiting for the view of the mesh".into()),
-            }),
-        )
-        .await
+        Arc::new(move || match state.load(Ordering::Acquire) {
+            Self::READY => Ok(()),
+            Self::NONE_SERVING => Err("none of this node's pods is enrolled with a certificate \
+                                       (see the log: can the agent get certificates?)"
+                .into()),
+            _ => Err("waiting for the view of the mesh".into()),
+        })
     }
 }
 
@@ -166,12 +189,19 @@ pub struct Daemon {
     kubernetes_source: Option<kubernetes::Source>,
     /// For removing the node's not-ready taint.
     kubernetes_client: Option<kube::Client>,
+    metrics: Arc<Metrics>,
+    /// Served once the collectors read at scrape time are added.
+    registry: Option<Registry>,
+    /// The pods being served, seen from outside the loop.
+    serving: Serving,
+    /// The log filter, which the admin endpoint changes.
+    logging: LogControl,
 }
 
 impl Daemon {
     /// Loads the config and the eBPF programs and starts the sources. Fails,
     /// and nothing is attached, if any is unusable.
-    pub async fn start(config_path: &Path) -> Result<Self, DaemonError> {
+    pub async fn start(config_path: &Path, logging: LogControl) -> Result<Self, DaemonError> {
         let config = Config::load(config_path)?;
         info!(
             node = %config.node,
@@ -206,11 +236,17 @@ impl Daemon {
             snapshot.set_synced();
         }
         let store = Store::new(snapshot);
+        let mut registry = Registry::default();
+        let metrics = Metrics::register(&mut registry, config.cluster.clone());
         let certificates: Arc<dyn CertificateSource> = match (dev_ca, &config.issuer) {
             (Some(dev_ca), _) => Arc::new(dev_ca),
             (None, Issuer::Ca(ca)) => Arc::new(ca_source(&config, ca, &store)?),
             (None, Issuer::DevCa { .. }) => unreachable!("the development CA was loaded above"),
         };
+        let certificates = Arc::new(CountedSource {
+            inner: certificates,
+            metrics: metrics.clone(),
+        });
         if let Some(cni) = &config.cni {
             // Before the source reads the reports kept there.
             cni::prepare_dir(&cni.socket).map_err(DaemonError::Cni)?;
@@ -232,13 +268,17 @@ impl Daemon {
                             .map(|c| c.socket.with_file_name(REPORTS_FILE)),
                     },
                     store.clone(),
+                    metrics.clone(),
                 );
                 (Some(task), Some(source), Some(client))
             }
             None => (None, None, None),
         };
         let redirector = Redirector::load(&config.bpf_pin_dir)?;
-        let pool = Arc::new(Pool::new(pool::Settings::default()));
+        let pool = Arc::new(Pool::new(pool::Settings::default()).with_gauges(
+            metrics.pool_connections.clone(),
+            metrics.pool_streams.clone(),
+        ));
         pool.spawn_reaper();
         let host = config
             .kubernetes
@@ -248,11 +288,14 @@ impl Daemon {
                 cgroup: k.host_cgroup.clone(),
             })
             .unwrap_or_default();
+        let serving = Serving::default();
         let pods = NodePods {
             redirector,
             state: store.subscribe(),
             certificates,
             pool: pool.clone(),
+            metrics: metrics.clone(),
+            serving: serving.clone(),
             host,
         };
         Ok(Self {
@@ -265,6 +308,10 @@ impl Daemon {
             kubernetes,
             kubernetes_source,
             kubernetes_client,
+            metrics,
+            registry: Some(registry),
+            serving,
+            logging,
         })
     }
 
@@ -283,15 +330,17 @@ impl Daemon {
         let mut sandbox_check = tokio::time::interval(SANDBOX_CHECK);
         let readiness = Readiness::default();
         if let Some(address) = &self.config.health_listen {
-            let bound = readiness
-                .serve(address)
+            let bound = health::spawn(address, readiness.probe())
                 .await
                 .map_err(DaemonError::Health)?;
             info!(listen = %bound, "health endpoints serving");
         }
-        // Where each pod stands, for the CNI plugin's requests; whether the
-        // agent is ready, for the node's taint.
+        self.serve_metrics().await?;
+        // Where each pod stands, for the CNI plugin's requests and the admin
+        // endpoint; whether the agent is ready, for the node's taint.
         let (states, states_rx) = tokio::sync::watch::channel(Arc::new(States::new()));
+        self.serve_admin(states_rx.clone(), readiness.probe())
+            .await?;
         let (ready, ready_rx) = tokio::sync::watch::channel(false);
         // The taint stays until the plugin is in the node's CNI config too:
         // pods scheduled here before that would start uncaptured.
@@ -316,9 +365,18 @@ impl Daemon {
         }
         loop {
             let snapshot = mesh.borrow_and_update().clone();
+            self.metrics
+                .discovery_synced
+                .set(i64::from(snapshot.synced()));
             if snapshot.synced() {
                 let local = snapshot.workloads().local().cloned();
                 self.reconciler.reconcile(local, Instant::now()).await;
+                self.metrics
+                    .enrolled_pods
+                    .set(gauge(self.reconciler.enrolled().count()));
+                self.metrics
+                    .failing_pods
+                    .set(gauge(self.reconciler.failing().count()));
                 // Certificates arrive after enrollment: this runs again at
                 // every change and every SANDBOX_CHECK.
                 readiness.set(
@@ -438,6 +496,98 @@ impl Daemon {
 
     /// Serves the CNI plugin, if the config says so, and installs it into
     /// the node's CNI configuration once it is served.
+    /// Serves the metrics, if the config says where, with the values read
+    /// at each scrape: each served pod's certificate expiry, and the kernel
+    /// programs' drop counters (from their pinned map, summed over CPUs).
+    async fn serve_metrics(&mut self) -> Result<(), DaemonError> {
+        let Some(mut registry) = self.registry.take() else {
+            return Ok(());
+        };
+        let Some(address) = &self.config.metrics_listen else {
+            return Ok(());
+        };
+        let serving = self.serving.clone();
+        registry.register_collector(Box::new(Scraped::gauge(
+            "warren_workload_certificate_expiry_seconds",
+            "Seconds until each served workload's certificate expires (negative: expired)",
+            move || {
+                let now = SystemTime::now();
+                serving
+                    .certificates()
+                    .into_iter()
+                    .map(|(workload, certificate)| {
+                        let left = match certificate.not_after().duration_since(now) {
+                            Ok(left) => left.as_secs_f64(),
+                            Err(past) => -past.duration().as_secs_f64(),
+                        };
+                        let labels = CertificateLabels {
+                            workload: workload.name.clone(),
+                            workload_namespace: workload.namespace.clone(),
+                            identity: certificate.identity().to_string(),
+                        };
+                        (labels, left)
+                    })
+                    .collect()
+            },
+        )));
+        let pin_dir = self.config.bpf_pin_dir.clone();
+        registry.register_collector(Box::new(Scraped::counter(
+            "warren_kernel_drops",
+            "Packets and connects the kernel programs refused, by reason, since the node's \
+             first agent (the counters are pinned with the maps)",
+            move || match crate::redirect::read_drops(&pin_dir) {
+                Ok(counts) => counts
+                    .iter()
+                    .map(|(reason, n)| {
+                        let labels = DropLabels {
+                            reason: reason.name(),
+                        };
+                        (labels, n as f64)
+                    })
+                    .collect(),
+                Err(error) => {
+                    warn!(error = %Chain(&error), "cannot read the kernel drop counters");
+                    Vec::new()
+                }
+            },
+        )));
+        let bound = warren_daemon::metrics::spawn(address, Arc::new(registry))
+            .await
+            .map_err(DaemonError::Metrics)?;
+        info!(listen = %bound, "metrics serving");
+        Ok(())
+    }
+
+    /// Serves the admin endpoint (`adminListen`, loopback).
+    async fn serve_admin(
+        &self,
+        pods: tokio::sync::watch::Receiver<Arc<States>>,
+        ready: health::Readiness,
+    ) -> Result<(), DaemonError> {
+        let serving = self.serving.clone();
+        let admin = Admin {
+            node: self.config.node.clone(),
+            mesh: self.store.subscribe(),
+            pods,
+            certificates: Arc::new(move || {
+                serving
+                    .certificates()
+                    .iter()
+                    .map(|(workload, certificate)| {
+                        CertificateInfo::of(workload.qualified_name(), certificate)
+                    })
+                    .collect()
+            }),
+            logging: self.logging.clone(),
+            ready,
+        };
+        let bound = admin::spawn(&self.config.admin_listen, admin)
+            .await
+            .map_err(DaemonError::Admin)?;
+        info!(listen = %bound, "admin endpoint serving");
+        Ok(())
+    }
+
     async fn start_cni(
         &self,
         states: tokio::sync::watch::Receiver<Arc<States>>,
@@ -588,16 +738,23 @@ impl Daemon {
             || config.certificate_ttl != running.certificate_ttl
             || config.health_listen != running.health_listen
             || config.cni != running.cni
+            || config.metrics_listen != running.metrics_listen
+            || config.admin_listen != running.admin_listen
+            || config.cluster != running.cluster
         {
             warn!(
                 %why,
-                "devCaDir, ca, certificateTtl, healthListen and cni changes take effect when the \
-                 agent restarts; until then it keeps the ones it started with"
+                "devCaDir, ca, certificateTtl, healthListen, cni, metricsListen, adminListen, \
+                 clusterId and clusterDomain changes take effect when the agent restarts; until \
+                 then it keeps the ones it started with"
             );
             config.issuer = running.issuer.clone();
             config.certificate_ttl = running.certificate_ttl;
             config.health_listen = running.health_listen.clone();
             config.cni = running.cni.clone();
+            config.metrics_listen = running.metrics_listen.clone();
+            config.admin_listen = running.admin_listen.clone();
+            config.cluster = running.cluster.clone();
         }
         if running.kubernetes.is_some()
             && (config.trust_domain != running.trust_domain
@@ -841,7 +998,9 @@ mod tests {
     #[tokio::test]
     async fn ready_once_this_nodes_pods_are_tried_and_not_while_none_is_enrolled() {
         let readiness = Readiness::default();
-        let address = readiness.serve("127.0.0.1:0").await.unwrap();
+        let address = warren_daemon::health::spawn("127.0.0.1:0", readiness.probe())
+            .await
+            .unwrap();
         let response = ready(address).await;
         assert!(response.contains("503") && response.contains("waiting for the view"));
 

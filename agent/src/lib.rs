@@ -2,6 +2,7 @@
 //! modules fit together. Identities, certificates and the CA's API are
 //! `warren-pki`'s, shared with the CA (`warren-ca`).
 
+pub mod admin;
 pub mod ca;
 pub mod cni;
 pub mod config;
@@ -9,6 +10,7 @@ pub mod daemon;
 pub mod hbone;
 pub mod kubernetes;
 pub mod mesh;
+pub mod metrics;
 pub mod netns;
 pub mod node_route;
 pub mod pod;

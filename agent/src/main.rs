@@ -8,7 +8,7 @@ use warren_agent::{
     config::{CaCredential, Config, Issuer},
     daemon::Daemon,
 };
-use warren_daemon::logging::{self, Chain, LogFormat};
+use warren_daemon::logging::{self, Chain, LogControl, LogFormat};
 use warren_pki::{tls::TrustBundle, transport::NodeCredential};
 
 #[derive(Parser)]
@@ -72,12 +72,12 @@ fn uninstall_cni(config: &Config) -> Result<(), String> {
 /// Sets up the agent's logs; says why on stderr if it cannot. Records from
 /// the eBPF programs (via aya-log) arrive at debug level under the
 /// `warren_ebpf` target.
-fn init_logging(format: LogFormat, filter: &str) -> bool {
-    match logging::init(format, filter) {
-        Ok(()) => true,
+fn init_logging(format: LogFormat, filter: &str) -> Option<LogControl> {
+    match logging::init_with_control(format, filter) {
+        Ok(control) => Some(control),
         Err(e) => {
             eprintln!("warren: {e}");
-            false
+            None
         }
     }
 }
@@ -89,11 +89,11 @@ fn main() -> ExitCode {
             log_format,
             log_level,
         } => {
-            if !init_logging(log_format, &log_level) {
+            let Some(logging) = init_logging(log_format, &log_level) else {
                 return ExitCode::FAILURE;
-            }
+            };
             warren_daemon::limits::raise_open_files();
-            run_agent(config)
+            run_agent(config, logging)
         }
         Command::Uninstall { config, wait } => {
             let released = Config::load(&config)
@@ -234,8 +234,8 @@ async fn wait_for_termination() {
 }
 
 #[tokio::main]
-async fn run_agent(config: PathBuf) -> ExitCode {
-    let result = match Daemon::start(&config).await {
+async fn run_agent(config: PathBuf, logging: LogControl) -> ExitCode {
+    let result = match Daemon::start(&config, logging).await {
         Ok(daemon) => daemon.run().await,
         Err(e) => Err(e),
     };

@@ -12,7 +12,7 @@ use std::{
     collections::BTreeSet,
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
-    sync::Arc,
+    sync::{Arc, Mutex, Weak},
     time::Duration,
 };
 
@@ -25,6 +25,7 @@ use warren_pki::tls::WorkloadCertificate;
 use crate::{
     hbone::pool::Pool,
     mesh::{LocalPod, Policies, Snapshot, Workload, policy::MtlsMode},
+    metrics::Metrics,
     netns::{NetNs, NetnsError},
     node_route::{self, RouteError},
     proxy::{
@@ -102,6 +103,29 @@ impl Drop for PodRuntime {
     }
 }
 
+/// The pods this agent serves, as seen from outside the daemon loop (which
+/// owns them): their certificates, for the metrics and the admin endpoint.
+/// Holds no pod alive.
+#[derive(Clone, Default)]
+pub struct Serving(Arc<Mutex<Vec<Weak<PodProxy>>>>);
+
+impl Serving {
+    fn add(&self, pod: &Arc<PodProxy>) {
+        let mut pods = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        pods.retain(|p| p.strong_count() > 0);
+        pods.push(Arc::downgrade(pod));
+    }
+
+    /// Each served pod that has a certificate, with it (expired or not).
+    pub fn certificates(&self) -> Vec<(Workload, Arc<WorkloadCertificate>)> {
+        let pods = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        pods.iter()
+            .filter_map(Weak::upgrade)
+            .filter_map(|pod| Some((pod.workload.clone(), pod.certificate()?)))
+            .collect()
+    }
+}
+
 /// Enrolls this node's pods: the kernel programs, the proxies, the
 /// certificates.
 pub struct NodePods {
@@ -109,6 +133,9 @@ pub struct NodePods {
     pub state: watch::Receiver<Arc<Snapshot>>,
     pub certificates: Arc<dyn CertificateSource>,
     pub pool: Arc<Pool>,
+    pub metrics: Arc<Metrics>,
+    /// The pods being served, for the metrics and the admin endpoint.
+    pub serving: Serving,
     /// Where the host's `/proc` and cgroups are, for kubelet pods.
     pub host: HostRoots,
 }
@@ -324,8 +351,10 @@ impl NodePods {
             self.redirector.original_dsts(),
             self.state.clone(),
             self.pool.clone(),
+            self.metrics.clone(),
         ));
         let inbound = Arc::new(PodInbound::new(proxy.clone()).await?);
+        self.serving.add(&proxy);
         if let Some(certificate) = certificate
             && let Err(error) = inbound.renew(certificate).await
         {

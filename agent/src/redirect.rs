@@ -11,6 +11,12 @@
 //! still drop plaintext. The next agent reuses the pinned maps and takes over
 //! the pinned links without detaching anything. Links go only when a pod is
 //! withdrawn (or `warren uninstall` removes them all).
+//!
+//! The programs count what they refuse, by [`DropReason`], in the pinned
+//! `DROPS` map ([`Redirector::drops`], [`read_drops`]). Being pinned, the
+//! counters survive agent restarts: they are cumulative since the map was
+//! created, that is since the first agent on the node, or the first after
+//! the last `warren uninstall`.
 
 use std::{
     fs::File,
@@ -26,7 +32,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, SockHash},
+    maps::{HashMap, Map, MapData, MapError, PerCpuArray, SockHash},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SchedClassifier, SockOps,
         TcAttachType,
@@ -35,6 +41,8 @@ use aya::{
 };
 use nix::sched::{CloneFlags, setns};
 use tokio::io::unix::AsyncFd;
+/// The reasons [`DropCounts`] are kept by, for its readers.
+pub use warren_common::DropReason;
 use warren_common::{FlowKey, InboundKey, Ipv4Dst, OUTBOUND_PORT, PodInfo, ProbeKey, names};
 
 /// The compiled programs, built from ebpf/ by build.rs.
@@ -91,13 +99,14 @@ const POD_LINKS: [&str; 5] = [
 ];
 
 /// The maps, pinned so that they outlive the agent.
-const PINNED_MAPS: [&str; 6] = [
+const PINNED_MAPS: [&str; 7] = [
     names::PODS,
     names::PENDING,
     names::ORIGINAL_DST,
     names::INBOUND_MODES,
     names::INBOUND_LISTENERS,
     names::PROBES,
+    names::DROPS,
 ];
 
 /// A pod's mTLS modes as the ingress program reads them ([`warren_common::mode`]).
@@ -120,6 +129,8 @@ pub struct Redirector {
     listeners: SockHash<MapData, u32>,
     /// The kubelet's probes; the values are unused.
     probes: HashMap<MapData, ProbeKey, u8>,
+    /// What the programs refused, by [`DropReason`]; per CPU.
+    drops: PerCpuArray<MapData, u64>,
     original_dst: OriginalDsts,
 }
 
@@ -181,6 +192,8 @@ impl Redirector {
             .map_err(map_error(names::INBOUND_LISTENERS))?;
         let probes = HashMap::try_from(take_map(&mut ebpf, names::PROBES)?)
             .map_err(map_error(names::PROBES))?;
+        let drops = PerCpuArray::try_from(take_map(&mut ebpf, names::DROPS)?)
+            .map_err(map_error(names::DROPS))?;
 
         let pods = HashMap::try_from(take_map(&mut ebpf, names::PODS)?).map_err(|source| {
             RedirectError::Map {
@@ -203,6 +216,7 @@ impl Redirector {
             modes,
             listeners,
             probes,
+            drops,
             original_dst: OriginalDsts(Arc::new(Mutex::new(original_dst))),
         })
     }
@@ -210,6 +224,12 @@ impl Redirector {
     /// Where captured connections' original destinations are looked up.
     pub fn original_dsts(&self) -> OriginalDsts {
         self.original_dst.clone()
+    }
+
+    /// How many packets and connects the programs have refused, by reason,
+    /// since the pinned map was created (see the module's documentation).
+    pub fn drops(&self) -> Result<DropCounts, RedirectError> {
+        DropCounts::read(&self.drops)
     }
 
     /// Starts capturing the outbound TCP connections of the pod whose cgroup
@@ -570,9 +590,83 @@ impl std::fmt::Display for PinName {
     }
 }
 
+/// What the kernel programs refused, by [`DropReason`]: totals over every
+/// CPU, cumulative since the pinned `DROPS` map was created.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DropCounts([u64; DropReason::ALL.len()]);
+
+impl DropCounts {
+    /// The total for `reason`.
+    pub fn get(&self, reason: DropReason) -> u64 {
+        self.0[reason.index() as usize]
+    }
+
+    /// Every reason with its total, in [`DropReason::ALL`]'s order.
+    pub fn iter(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {
+        DropReason::ALL
+            .into_iter()
+            .map(|reason| (reason, self.get(reason)))
+    }
+
+    /// The sum over every reason.
+    pub fn total(&self) -> u64 {
+        self.0.iter().fold(0, |sum, &n| sum.saturating_add(n))
+    }
+
+    /// How much each counter grew since `earlier` (0 where it did not).
+    pub fn since(&self, earlier: &DropCounts) -> DropCounts {
+        let mut grown = self.clone();
+        for (now, then) in grown.0.iter_mut().zip(earlier.0) {
+            *now = now.saturating_sub(then);
+        }
+        grown
+    }
+
+    /// Sums each reason's per-CPU slots.
+    fn read(map: &PerCpuArray<MapData, u64>) -> Result<Self, RedirectError> {
+        let mut counts = DropCounts::default();
+        for reason in DropReason::ALL {
+            let per_cpu = match map.get(&reason.index(), 0) {
+                Ok(values) => values,
+                // A map an older agent created, without a slot for a reason
+                // added since: nothing of that kind was counted in it.
+                Err(MapError::OutOfBounds { .. } | MapError::KeyNotFound) => continue,
+                Err(source) => {
+                    return Err(RedirectError::Map {
+                        name: names::DROPS,
+                        source,
+                    });
+                }
+            };
+            counts.0[reason.index() as usize] =
+                per_cpu.iter().fold(0, |sum: u64, &n| sum.saturating_add(n));
+        }
+        Ok(counts)
+    }
+}
+
+/// Reads the drop counters an agent pinned in `pin_dir`, without loading
+/// anything or taking the agent's lock: for tools and tests, while an agent
+/// runs or after it stopped.
+pub fn read_drops(pin_dir: &Path) -> Result<DropCounts, RedirectError> {
+    let path = pin_dir.join(names::DROPS);
+    let data = MapData::from_pin(&path).map_err(|e| RedirectError::Pin {
+        path: path.clone(),
+        problem: format!("cannot open the pinned drop counters: {e}"),
+    })?;
+    let map = Map::from_map_data(data)
+        .and_then(PerCpuArray::try_from)
+        .map_err(|source| RedirectError::Map {
+            name: names::DROPS,
+            source,
+        })?;
+    DropCounts::read(&map)
+}
+
 /// Releases everything an agent pinned in `pin_dir`: every pod's links
-/// (detaching its programs: the pod talks directly again) and the maps.
-/// Returns how many pods were released. For taking warren off a node.
+/// (detaching its programs: the pod talks directly again) and the maps (the
+/// drop counters start again from zero with the next agent). Returns how
+/// many pods were released. For taking warren off a node.
 pub fn uninstall(pin_dir: &Path) -> Result<usize, RedirectError> {
     if !pin_dir.exists() {
         return Ok(0);
@@ -729,4 +823,106 @@ fn forward_logs(ebpf: &mut Ebpf) -> Result<(), RedirectError> {
         }
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use aya::maps::PerCpuValues;
+
+    use super::*;
+
+    fn counts(values: &[(DropReason, u64)]) -> DropCounts {
+        let mut counts = DropCounts::default();
+        for &(reason, n) in values {
+            counts.0[reason.index() as usize] = n;
+        }
+        counts
+    }
+
+    #[test]
+    fn drop_counts_say_each_reason_and_what_grew() {
+        let before = counts(&[(DropReason::StrictPlaintext, 3), (DropReason::Fragment, 1)]);
+        let after = counts(&[
+            (DropReason::StrictPlaintext, 5),
+            (DropReason::Fragment, 1),
+            (DropReason::SpoofedSource, 2),
+        ]);
+        assert_eq!(after.get(DropReason::StrictPlaintext), 5);
+        assert_eq!(after.total(), 8);
+        let grown = after.since(&before);
+        assert_eq!(
+            grown.iter().filter(|&(_, n)| n > 0).collect::<Vec<_>>(),
+            [
+                (DropReason::StrictPlaintext, 2),
+                (DropReason::SpoofedSource, 2)
+            ]
+        );
+        // Counters only grow; a map made again (after an uninstall) starts
+        // from zero, which reads as no growth rather than a wrap.
+        assert_eq!(before.since(&after).total(), 0);
+        assert_eq!(
+            DropCounts::default()
+                .iter()
+                .map(|(r, _)| r)
+                .collect::<Vec<_>>(),
+            DropReason::ALL
+        );
+    }
+
+    #[test]
+    fn reading_drops_without_a_pinned_map_names_the_pin() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = read_drops(dir.path()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains(&dir.path().join(names::DROPS).display().to_string()),
+            "{err}"
+        );
+    }
+
+    /// A pinned map with per-CPU values, as the programs leave it; it has
+    /// fewer slots than there are reasons, as one an older agent created
+    /// would.
+    #[test]
+    fn pinned_drop_counters_are_summed_over_cpus() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root (creates a BPF map)");
+            return;
+        }
+        let bpffs = Path::new("/sys/fs/bpf");
+        if !on_bpffs(bpffs) {
+            eprintln!("skipped: no bpf filesystem at /sys/fs/bpf");
+            return;
+        }
+        let dir = bpffs.join(format!("warren-drops-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cpus = aya::util::nr_cpus().unwrap();
+        let slots = 3;
+        let mut map = PerCpuArray::<MapData, u64>::create(slots, 0).unwrap();
+        // CPU i counted i + 1 strict drops, and the last CPU 7 spoofs.
+        let strict: Vec<u64> = (1..=cpus as u64).collect();
+        let mut spoofed = vec![0; cpus];
+        spoofed[cpus - 1] = 7;
+        for (reason, values) in [
+            (DropReason::StrictPlaintext, strict.clone()),
+            (DropReason::SpoofedSource, spoofed),
+        ] {
+            map.set(reason.index(), PerCpuValues::try_from(values).unwrap(), 0)
+                .unwrap();
+        }
+        map.pin(dir.join(names::DROPS)).unwrap();
+
+        let read = read_drops(&dir);
+        let _ = std::fs::remove_file(dir.join(names::DROPS));
+        let _ = std::fs::remove_dir(&dir);
+        let read = read.unwrap();
+        assert_eq!(
+            read.get(DropReason::StrictPlaintext),
+            strict.iter().sum::<u64>()
+        );
+        assert_eq!(read.get(DropReason::SpoofedSource), 7);
+        // Beyond the map's slots: nothing counted, not an error.
+        assert_eq!(read.get(DropReason::Ipv6Unchecked), 0);
+        assert_eq!(read.total(), strict.iter().sum::<u64>() + 7);
+    }
 }

@@ -4,6 +4,7 @@
 //! crate is the service around them and what it learns the mesh from.
 
 pub mod kubernetes;
+pub mod metrics;
 pub mod service;
 pub mod workloads;
 

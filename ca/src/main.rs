@@ -12,19 +12,21 @@ use std::{
 };
 
 use clap::{Parser, Subcommand};
+use prometheus_client::registry::Registry;
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
 };
 use warren_ca::{
     kubernetes::{self, Authenticator, ObjectRef, Pods, Settings},
+    metrics::Metrics,
     service::{CaServer, ConnectionLimits, Placements},
     workloads::Workloads,
 };
 use warren_daemon::{
     health::{self, Readiness},
     logging::{self, Chain, LogFormat},
-    watch,
+    metrics as endpoint, watch,
 };
 use warren_pki::{
     ca::{self, Authority, CaError, Policy},
@@ -60,7 +62,7 @@ enum Command {
     },
     /// Serve Istio's certificate API (gRPC over mutual TLS): sign workload
     /// CSRs for the nodes that run those workloads.
-    Serve(Serve),
+    Serve(Box<Serve>),
     /// Issue a node's credential for talking to `warren-ca serve`: writes
     /// node.pem, node-key.pem (mode 0600) and ca-roots.pem to --out.
     NodeCredential {
@@ -106,6 +108,10 @@ struct Serve {
     /// kubelet's probes).
     #[arg(long, value_name = "ADDRESS")]
     health_listen: Option<String>,
+    /// Serve the CA's metrics here, for Prometheus: GET /metrics (or
+    /// /stats/prometheus), plain HTTP. Off unless given.
+    #[arg(long, value_name = "ADDRESS")]
+    metrics_listen: Option<String>,
     /// Connections held open at most, in all: one per node is what agents
     /// need.
     #[arg(long, default_value_t = ConnectionLimits::default().total)]
@@ -292,10 +298,20 @@ fn policy(trust_domain: TrustDomain, max_ttl: Duration) -> Result<Policy, String
 #[tokio::main]
 async fn run_ca(serve: &Serve) -> Result<(), String> {
     let serving = Arc::new(AtomicBool::new(false));
+    // Counted whether or not they are served: it costs next to nothing.
+    let mut registry = Registry::default();
+    let metrics = Metrics::new(&mut registry);
     let (server, trust_domain, ready) = match &serve.workloads {
         Some(workloads) => file_mode(serve, workloads)?,
-        None => kubernetes_mode(serve).await?,
+        None => kubernetes_mode(serve, &metrics).await?,
     };
+    let server = server.with_metrics(metrics);
+    if let Some(address) = &serve.metrics_listen {
+        let bound = endpoint::spawn(address, Arc::new(registry))
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(listen = %bound, "metrics serving");
+    }
     if let Some(address) = &serve.health_listen {
         let serving = serving.clone();
         let readiness: Readiness = Arc::new(move || {
@@ -390,7 +406,10 @@ fn file_mode(serve: &Serve, path: &Path) -> Result<(CaServer, TrustDomain, Ready
 
 /// Service-account tokens and the Pod watch; the roots published in a
 /// ConfigMap if asked.
-async fn kubernetes_mode(serve: &Serve) -> Result<(CaServer, TrustDomain, Ready), String> {
+async fn kubernetes_mode(
+    serve: &Serve,
+    metrics: &Metrics,
+) -> Result<(CaServer, TrustDomain, Ready), String> {
     let args = &serve.kubernetes;
     let trust_domain = TrustDomain::new(&args.trust_domain).map_err(|e| e.to_string())?;
     let agent = ObjectRef::parse("--agent-service-account", &args.agent_service_account)
@@ -434,7 +453,12 @@ async fn kubernetes_mode(serve: &Serve) -> Result<(CaServer, TrustDomain, Ready)
         review_lifetime = %humantime::format_duration(settings.review_lifetime),
         "agents authenticate with service-account tokens (TokenReview)"
     );
-    let authenticator = Arc::new(Authenticator::new(client, settings, pods.clone()));
+    let authenticator = Arc::new(Authenticator::new(
+        client,
+        settings,
+        pods.clone(),
+        metrics.clone(),
+    ));
     let server =
         CaServer::with_tokens(authority, authenticator).map_err(|e| Chain(&e).to_string())?;
     let ready: Ready = Box::new(move || {

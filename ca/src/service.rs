@@ -13,6 +13,9 @@
 //! node. A compromised node can then mint only the identities it already
 //! runs.
 //!
+//! What it signs and refuses, and why, is counted in [`crate::metrics`]
+//! (the reasons there, never the callers' words).
+//!
 //! The returned chain ends with the root, as istiod's does: Istio's clients
 //! take the last certificate of `cert_chain` as the root. warren's client
 //! drops a trailing self-signed certificate before presenting the chain
@@ -40,7 +43,10 @@ use tonic::{Request, Response, Status, transport::server::Connected};
 use tracing::{info, warn};
 use x509_parser::{certificate::X509Certificate, prelude::FromDer};
 
-use crate::kubernetes::{Authenticator, Caller, Refusal};
+use crate::{
+    kubernetes::{Authenticator, Caller, Refusal},
+    metrics::{Authentication, ConnectionRefusal, Metrics, OpenConnection, RefusalReason},
+};
 use warren_daemon::limits::{AddressSlot, PerAddress};
 use warren_pki::{
     api::{
@@ -134,6 +140,8 @@ pub struct CaServer {
     tls: Arc<ServerConfig>,
     handler: Handler,
     limits: ConnectionLimits,
+    /// When the signing chain, up to its root, expires.
+    not_after: SystemTime,
 }
 
 impl CaServer {
@@ -177,15 +185,38 @@ impl CaServer {
             Callers::Kubernetes(_) => transport::token_server_config(&own)?,
         };
         let root = root_above(authority.chain(), authority.roots().roots());
+        // The root may expire before the certificates under it: X.509 does
+        // not nest validities.
+        let not_after = root
+            .and_then(|root| validity_of(root).ok())
+            .map_or(authority.not_after(), |(_, end)| {
+                end.min(authority.not_after())
+            });
+        let root = root.map(|root| {
+            pem::encode_config(
+                &pem::Pem::new("CERTIFICATE", root.to_vec()),
+                pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+            )
+        });
         Ok(Self {
             tls,
             limits: ConnectionLimits::default(),
+            not_after,
             handler: Handler {
                 authority: Arc::new(authority),
                 callers,
                 root,
+                metrics: Metrics::default(),
             },
         })
+    }
+
+    /// Counting into `metrics` instead of nowhere; also tells them when
+    /// the signing chain expires.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        metrics.serving(self.handler.authentication(), self.not_after);
+        self.handler.metrics = metrics;
+        self
     }
 
     /// With these connection limits instead of the defaults.
@@ -216,6 +247,7 @@ impl CaServer {
             streams,
             tokens,
             self.limits,
+            self.handler.metrics.clone(),
         ));
         let incoming = futures_util::stream::unfold(accepted, |mut accepted| async move {
             let stream = accepted.recv().await?;
@@ -251,6 +283,7 @@ async fn accept_loop(
     streams: mpsc::Sender<NodeStream>,
     tokens: bool,
     limits: ConnectionLimits,
+    metrics: Metrics,
 ) {
     let open = Arc::new(Semaphore::new(limits.total));
     let per_address = PerAddress::new(limits.per_address);
@@ -266,6 +299,7 @@ async fn accept_loop(
         };
         let Ok(permit) = open.clone().try_acquire_owned() else {
             warn!(%peer, limit = limits.total, "CA client refused: too many connections");
+            metrics.connection_refused(ConnectionRefusal::TooManyConnections);
             continue;
         };
         let Some(slot) = per_address.take(peer.ip()) else {
@@ -274,20 +308,24 @@ async fn accept_loop(
                 limit = limits.per_address,
                 "CA client refused: too many connections from its address"
             );
+            metrics.connection_refused(ConnectionRefusal::TooManyFromAddress);
             continue;
         };
-        let limits = (permit, slot);
+        let limits = (permit, slot, metrics.connection_opened());
         let acceptor = acceptor.clone();
         let streams = streams.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(error)) => {
                     warn!(%peer, error = handshake_error(&error), "CA client refused at TLS handshake");
+                    metrics.connection_refused(ConnectionRefusal::HandshakeFailed);
                     return;
                 }
                 Err(_) => {
                     warn!(%peer, "CA client did not finish its TLS handshake in time");
+                    metrics.connection_refused(ConnectionRefusal::HandshakeTimeout);
                     return;
                 }
             };
@@ -306,6 +344,7 @@ async fn accept_loop(
                 None if tokens => None,
                 _ => {
                     warn!(%peer, "CA client without a node identity after its handshake");
+                    metrics.connection_refused(ConnectionRefusal::HandshakeFailed);
                     return;
                 }
             };
@@ -322,12 +361,12 @@ async fn accept_loop(
 }
 
 /// A client's TLS connection, with who it is: tonic puts that into each
-/// request's extensions. Holds its places under the connection limits until
-/// it closes.
+/// request's extensions. Holds its places under the connection limits (and
+/// is counted open) until it closes.
 struct NodeStream {
     tls: TlsStream<TcpStream>,
     connection: Connection,
-    _limits: (OwnedSemaphorePermit, AddressSlot),
+    _limits: (OwnedSemaphorePermit, AddressSlot, OpenConnection),
 }
 
 /// Who is at the other end of a connection.
@@ -431,6 +470,7 @@ struct Handler {
     /// The root the signing chain ends at, appended to every response
     /// (None when the signing certificate is itself the root).
     root: Option<String>,
+    metrics: Metrics,
 }
 
 /// Who a request came from, once authenticated.
@@ -449,8 +489,21 @@ impl Requester {
 }
 
 impl Handler {
+    fn authentication(&self) -> Authentication {
+        match self.callers {
+            Callers::NodeCredentials(_) => Authentication::NodeCredential,
+            Callers::Kubernetes(_) => Authentication::Token,
+        }
+    }
+
+    /// Counts a refusal for `reason`, answered with `status`.
+    fn refuse(&self, reason: RefusalReason, status: Status) -> Status {
+        self.metrics.refused(reason);
+        status
+    }
+
     /// Who sent `request`: the node of its connection's credential, or the
-    /// agent whose token it carries. Refusals are logged here.
+    /// agent whose token it carries. Refusals are logged and counted here.
     async fn requester<T>(&self, request: &Request<T>) -> Result<Requester, Status> {
         match &self.callers {
             Callers::NodeCredentials(_) => {
@@ -460,8 +513,9 @@ impl Handler {
                 }) = request.extensions().get::<Connection>().cloned()
                 else {
                     // Every connection comes through `accept_loop`, which sets it.
-                    return Err(Status::unauthenticated(
-                        "no node identity on this connection",
+                    return Err(self.refuse(
+                        RefusalReason::InternalError,
+                        Status::unauthenticated("no node identity on this connection"),
                     ));
                 };
                 if SystemTime::now() >= not_after {
@@ -469,10 +523,13 @@ impl Handler {
                         node = node.name(),
                         "refused: the node credential has expired"
                     );
-                    return Err(Status::unauthenticated(format!(
-                        "the node credential of {node} expired at {}",
-                        humantime::format_rfc3339_seconds(not_after)
-                    )));
+                    return Err(self.refuse(
+                        RefusalReason::NodeCredentialExpired,
+                        Status::unauthenticated(format!(
+                            "the node credential of {node} expired at {}",
+                            humantime::format_rfc3339_seconds(not_after)
+                        )),
+                    ));
                 }
                 Ok(Requester::Node(node))
             }
@@ -486,7 +543,9 @@ impl Handler {
                     Ok(token) => token,
                     Err(why) => {
                         warn!(%peer, reason = why, "refused: not authenticated");
-                        return Err(Status::unauthenticated(why));
+                        return Err(
+                            self.refuse(RefusalReason::TokenMissing, Status::unauthenticated(why))
+                        );
                     }
                 };
                 match authenticator.authenticate(token).await {
@@ -494,6 +553,7 @@ impl Handler {
                     Err(refusal) => {
                         // The reason names the token's holder, never the token.
                         warn!(%peer, reason = %refusal, "refused: not authenticated");
+                        self.metrics.refused(RefusalReason::of_refusal(&refusal));
                         Err(match refusal {
                             Refusal::Unauthenticated(why) => Status::unauthenticated(why),
                             Refusal::Denied(why) => Status::permission_denied(why),
@@ -552,8 +612,11 @@ impl IstioCertificateService for Handler {
                 requested = request.validity_duration,
                 "refused: negative validity"
             );
-            return Err(Status::invalid_argument(
-                "validity_duration must not be negative (0 asks for the default)",
+            return Err(self.refuse(
+                RefusalReason::InvalidValidity,
+                Status::invalid_argument(
+                    "validity_duration must not be negative (0 asks for the default)",
+                ),
             ));
         };
         let requested = Duration::from_secs(seconds);
@@ -571,52 +634,54 @@ impl IstioCertificateService for Handler {
                     requested_seconds = seconds,
                     "signed a workload certificate"
                 );
+                self.metrics.signed(self.authentication());
                 chain.extend(self.root.clone());
                 Ok(Response::new(IstioCertificateResponse {
                     cert_chain: chain,
                 }))
             }
-            Err(error @ CaError::Unauthorized { .. }) => {
-                warn!(node, identity, reason = %error, "refused: not authorized");
-                Err(Status::permission_denied(error.to_string()))
-            }
-            Err(error) if error.is_bad_request() => {
-                warn!(node, identity, reason = %error, "refused: bad request");
-                Err(Status::invalid_argument(error.to_string()))
-            }
             Err(error) => {
-                warn!(node, identity, %error, "cannot sign");
-                Err(Status::internal(format!("the CA cannot sign: {error}")))
+                let reason = RefusalReason::of_ca_error(&error);
+                let status = match &error {
+                    CaError::Unauthorized { .. } => {
+                        warn!(node, identity, reason = %error, "refused: not authorized");
+                        Status::permission_denied(error.to_string())
+                    }
+                    _ if error.is_bad_request() => {
+                        warn!(node, identity, reason = %error, "refused: bad request");
+                        Status::invalid_argument(error.to_string())
+                    }
+                    _ => {
+                        warn!(node, identity, %error, "cannot sign");
+                        Status::internal(format!("the CA cannot sign: {error}"))
+                    }
+                };
+                Err(self.refuse(reason, status))
             }
         }
     }
 }
 
-/// The root of `roots` that the top of `chain` was issued by, as PEM; None if
-/// the top is itself self-signed (it is then the root) or none matches by
-/// name and key identifier.
-fn root_above(chain: &[CertificateDer<'_>], roots: &[CertificateDer<'_>]) -> Option<String> {
+/// The root of `roots` that the top of `chain` was issued by; None if the
+/// top is itself self-signed (it is then the root) or none matches by name
+/// and key identifier.
+fn root_above<'r>(
+    chain: &[CertificateDer<'_>],
+    roots: &'r [CertificateDer<'r>],
+) -> Option<&'r CertificateDer<'r>> {
     let top = X509Certificate::from_der(chain.last()?).ok()?.1;
     if top.issuer().as_raw() == top.subject().as_raw() {
         return None;
     }
     let top_aki = key_identifier(&top, true);
-    roots
-        .iter()
-        .find(|root| {
-            let Ok((_, root_cert)) = X509Certificate::from_der(root) else {
-                return false;
-            };
-            let ski = key_identifier(&root_cert, false);
-            root_cert.subject().as_raw() == top.issuer().as_raw()
-                && (top_aki.is_none() || ski.is_none() || top_aki == ski)
-        })
-        .map(|root| {
-            pem::encode_config(
-                &pem::Pem::new("CERTIFICATE", root.to_vec()),
-                pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
-            )
-        })
+    roots.iter().find(|root| {
+        let Ok((_, root_cert)) = X509Certificate::from_der(root) else {
+            return false;
+        };
+        let ski = key_identifier(&root_cert, false);
+        root_cert.subject().as_raw() == top.issuer().as_raw()
+            && (top_aki.is_none() || ski.is_none() || top_aki == ski)
+    })
 }
 
 /// A certificate's authority key identifier (`authority`) or its subject key

@@ -2,11 +2,15 @@
 //! node may obtain, what it is refused and how, and who cannot connect at all.
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     path::Path,
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
+use kube::runtime::watcher::Event;
+use prometheus_client::registry::Registry;
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256, SanType, string::Ia5String};
 use rustls::pki_types::ServerName;
 use tempfile::TempDir;
@@ -19,13 +23,18 @@ use tokio_rustls::TlsConnector;
 use tonic::Code;
 use warren_pki::{
     ca::{Authority, Policy, init},
-    client::{CaClient, ClientError},
+    client::{CaClient, ClientError, TlsSource},
     identity::{NodeId, SpiffeId, TrustDomain},
     tls::{TrustBundle, WorkloadCertificate},
     transport::{self, NodeCredential},
 };
 
-use crate::{service::CaServer, workloads::Workloads};
+use crate::{
+    kubernetes::{Authenticator, Pods, tests as kubernetes_tests},
+    metrics::{Authentication, ConnectionRefusal, Metrics, ReviewOutcome, testing},
+    service::{CaServer, ConnectionLimits},
+    workloads::Workloads,
+};
 
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -65,6 +74,8 @@ struct Served {
     /// `warren-ca node-credential` does.
     issuer: Authority,
     roots: TrustBundle,
+    /// The CA's metrics, as its endpoint would serve them.
+    registry: Registry,
     _stop: oneshot::Sender<()>,
 }
 
@@ -84,18 +95,48 @@ impl Served {
     }
 
     async fn with_max_ttl(max_ttl: Duration) -> Self {
+        Self::serving(max_ttl, ConnectionLimits::default()).await
+    }
+
+    async fn serving(max_ttl: Duration, limits: ConnectionLimits) -> Self {
         let dir = tempfile::tempdir().unwrap();
         init::lab(dir.path(), &td()).unwrap();
         let mut policy = Policy::new(td());
         policy.max_ttl = max_ttl;
         policy.default_ttl = policy.default_ttl.min(max_ttl);
         let workloads = Workloads::parse(Path::new("workloads.yaml"), WORKLOADS).unwrap();
+        let mut registry = Registry::default();
+        let metrics = Metrics::new(&mut registry);
         let server = CaServer::new(
             load_lab(dir.path(), policy),
             &workloads.trust_domain,
             &workloads.placements,
         )
-        .unwrap();
+        .unwrap()
+        .with_limits(limits)
+        .with_metrics(metrics);
+        Self::launch(dir, server, registry).await
+    }
+
+    /// The same CA for agents on Kubernetes: tokens reviewed by `api`,
+    /// placed by `pods`.
+    async fn with_tokens(api: kube::Client, pods: Arc<Pods>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        init::lab(dir.path(), &td()).unwrap();
+        let mut registry = Registry::default();
+        let metrics = Metrics::new(&mut registry);
+        let authenticator =
+            Authenticator::new(api, kubernetes_tests::settings(), pods, metrics.clone());
+        let server = CaServer::with_tokens(
+            load_lab(dir.path(), Policy::new(td())),
+            Arc::new(authenticator),
+        )
+        .unwrap()
+        .with_metrics(metrics);
+        Self::launch(dir, server, registry).await
+    }
+
+    async fn launch(dir: TempDir, server: CaServer, registry: Registry) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -109,7 +150,30 @@ impl Served {
             addr,
             issuer,
             roots,
+            registry,
             _stop: stop,
+        }
+    }
+
+    /// The series of `metric`, by labels.
+    fn series(&self, metric: &str) -> BTreeMap<String, f64> {
+        testing::series(&testing::samples(&self.registry), metric)
+    }
+
+    /// Waits until `metric{labels}` is `value`: the service counts what
+    /// happens on a connection in its own tasks.
+    async fn eventually(&self, metric: &str, labels: &str, value: f64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let now = self.series(metric).get(labels).copied();
+            if now == Some(value) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{metric}{{{labels}}} is {now:?}, not {value}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -275,6 +339,9 @@ async fn a_node_credential_that_expires_on_an_open_connection_is_refused() {
     let refused = status(client.create_certificate(&csr, HOUR).await.unwrap_err());
     assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
     assert!(refused.message().contains("expired"), "{refused:?}");
+    let refused = ca.series("warren_ca_requests_refused_total");
+    assert_eq!(refused["reason=\"node_credential_expired\""], 1.0);
+    assert_eq!(refused.values().sum::<f64>(), 1.0, "{refused:?}");
 }
 
 #[tokio::test]
@@ -343,6 +410,15 @@ async fn a_client_without_a_node_credential_cannot_connect() {
         format!("{error:?}").contains("CertificateUnknown"),
         "{error:?}"
     );
+    // Neither got as far as a request.
+    ca.eventually(
+        "warren_ca_connections_refused_total",
+        "reason=\"handshake_failed\"",
+        2.0,
+    )
+    .await;
+    let refused = ca.series("warren_ca_requests_refused_total");
+    assert_eq!(refused.values().sum::<f64>(), 0.0, "{refused:?}");
 }
 
 #[tokio::test]
@@ -390,4 +466,218 @@ async fn a_credential_from_another_ca_is_refused() {
     .await;
     let error = outcome.expect_err("the client trusted a CA outside its roots");
     assert!(format!("{error:?}").contains("UnknownIssuer"), "{error:?}");
+}
+
+#[tokio::test]
+async fn metrics_count_what_was_signed_and_refused_and_why() {
+    let ca = Served::start().await;
+    let client = ca.client("node-1").await;
+    let (csr, _) = csr_for(&sleep());
+    client.create_certificate(&csr, HOUR).await.unwrap();
+    // Two refusals of different kinds: the node does not run `web`; the
+    // CSR is not one.
+    let (csr, _) = csr_for(&web());
+    let refused = status(client.create_certificate(&csr, HOUR).await.unwrap_err());
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    let refused = status(
+        client
+            .create_certificate("garbage", HOUR)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+
+    assert_eq!(
+        ca.series("warren_ca_certificates_signed_total"),
+        testing::expected(
+            "authentication",
+            ["node_credential"],
+            &[("node_credential", 1.0)]
+        )
+    );
+    // Exactly those two moved; the rest of the node-credential CA's reasons
+    // are there, at zero; the token ones are not there at all.
+    assert_eq!(
+        ca.series("warren_ca_requests_refused_total"),
+        testing::expected(
+            "reason",
+            testing::reasons_of(Authentication::NodeCredential),
+            &[("not_authorized", 1.0), ("csr_malformed", 1.0)]
+        )
+    );
+    assert_eq!(
+        ca.series("warren_ca_connections_refused_total"),
+        testing::expected(
+            "reason",
+            ConnectionRefusal::ALL.iter().map(|r| r.as_str()),
+            &[]
+        )
+    );
+    assert!(ca.series("warren_ca_token_reviews_total").is_empty());
+    assert_eq!(ca.series("warren_ca_open_connections")[""], 1.0);
+    // The lab's intermediate, the first of the chain to expire.
+    let expires = ca.series("warren_ca_certificate_expiry_timestamp_seconds")[""];
+    let not_after = ca
+        .issuer
+        .not_after()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert_eq!(expires, not_after as f64);
+    let left = ca.series("warren_ca_certificate_expiry_seconds")[""];
+    let now = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as f64;
+    assert!(
+        (expires - now - left).abs() <= 2.0,
+        "{left} left, expires at {expires}"
+    );
+
+    drop(client);
+    ca.eventually("warren_ca_open_connections", "", 0.0).await;
+}
+
+/// Connects from `ip` (a loopback address), without saying anything.
+async fn connect_from(ip: &str, to: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(SocketAddr::new(ip.parse().unwrap(), 0))
+        .unwrap();
+    socket.connect(to).await.unwrap()
+}
+
+#[tokio::test]
+async fn connections_over_the_limits_are_counted_by_limit() {
+    let limits = ConnectionLimits {
+        total: 2,
+        per_address: 1,
+    };
+    let ca = Served::serving(HOUR, limits).await;
+    let _first = connect_from("127.0.0.1", ca.addr).await;
+    ca.eventually("warren_ca_open_connections", "", 1.0).await;
+    let _same_address = connect_from("127.0.0.1", ca.addr).await;
+    ca.eventually(
+        "warren_ca_connections_refused_total",
+        "reason=\"too_many_from_address\"",
+        1.0,
+    )
+    .await;
+    let _second = connect_from("127.0.0.2", ca.addr).await;
+    ca.eventually("warren_ca_open_connections", "", 2.0).await;
+    let _third = connect_from("127.0.0.3", ca.addr).await;
+    ca.eventually(
+        "warren_ca_connections_refused_total",
+        "reason=\"too_many_connections\"",
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        ca.series("warren_ca_connections_refused_total"),
+        testing::expected(
+            "reason",
+            ConnectionRefusal::ALL.iter().map(|r| r.as_str()),
+            &[
+                ("too_many_from_address", 1.0),
+                ("too_many_connections", 1.0)
+            ]
+        )
+    );
+    assert_eq!(ca.series("warren_ca_open_connections")[""], 2.0);
+}
+
+/// On Kubernetes: an API server that vouches for one agent's token, and
+/// Pods that place that agent and `sleep` on node-1.
+#[tokio::test]
+async fn metrics_of_a_ca_on_kubernetes() {
+    let api = kubernetes_tests::fake_api_server(
+        201,
+        kubernetes_tests::review_of_agent("warren-agent-a", "a1"),
+    )
+    .await;
+    let pods = Arc::new(Pods::default());
+    pods.apply(Event::Init);
+    for pod in [
+        kubernetes_tests::pod(
+            "warren-system",
+            "warren-agent-a",
+            "a1",
+            Some("warren-agent"),
+            Some("node-1"),
+            "Running",
+        ),
+        kubernetes_tests::pod(
+            "default",
+            "sleep-1",
+            "s1",
+            Some("sleep"),
+            Some("node-1"),
+            "Running",
+        ),
+    ] {
+        pods.apply(Event::InitApply(pod));
+    }
+    pods.apply(Event::InitDone);
+    let ca = Served::with_tokens(api, pods).await;
+
+    let tokens = tempfile::tempdir().unwrap();
+    // A client that sends the token of `pod`, if any, as agents do.
+    let client = |pod: Option<(&str, &str)>| {
+        let roots = ca.roots.clone();
+        let tls: TlsSource = Arc::new(move || transport::token_client_config(&roots, &td()));
+        let client = CaClient::lazy(&ca.addr.to_string(), tls).unwrap();
+        match pod {
+            Some((name, uid)) => {
+                let path = tokens.path().join(name);
+                std::fs::write(&path, kubernetes_tests::agent_token(name, uid)).unwrap();
+                client.with_token(&path)
+            }
+            None => client,
+        }
+    };
+    let agent = client(Some(("warren-agent-a", "a1")));
+    let (csr, _) = csr_for(&sleep());
+    agent.create_certificate(&csr, HOUR).await.unwrap();
+    let (csr, _) = csr_for(&web());
+    let refused = status(agent.create_certificate(&csr, HOUR).await.unwrap_err());
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+
+    let (csr, _) = csr_for(&sleep());
+    let refused = status(
+        client(None)
+            .create_certificate(&csr, HOUR)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    // A token of a pod that does not run: refused before any review.
+    let gone = client(Some(("warren-agent-gone", "g1")));
+    let refused = status(gone.create_certificate(&csr, HOUR).await.unwrap_err());
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+
+    assert_eq!(
+        ca.series("warren_ca_certificates_signed_total"),
+        testing::expected("authentication", ["token"], &[("token", 1.0)])
+    );
+    assert_eq!(
+        ca.series("warren_ca_requests_refused_total"),
+        testing::expected(
+            "reason",
+            testing::reasons_of(Authentication::Token),
+            &[
+                ("not_authorized", 1.0),
+                ("token_missing", 1.0),
+                ("token_invalid", 1.0)
+            ]
+        )
+    );
+    // One review: the agent's second request recalled it.
+    assert_eq!(
+        ca.series("warren_ca_token_reviews_total"),
+        testing::expected(
+            "outcome",
+            ReviewOutcome::ALL.iter().map(|o| o.as_str()),
+            &[("accepted", 1.0)]
+        )
+    );
 }

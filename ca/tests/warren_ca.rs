@@ -1,8 +1,9 @@
 //! `warren-ca` as a real process: made with `warren-ca init`, a node
 //! credential from `warren-ca node-credential`, and the client the agents
-//! use.
+//! use; its metrics scraped as Prometheus does.
 
 use std::{
+    collections::BTreeMap,
     fs,
     net::TcpListener,
     os::unix::fs::PermissionsExt,
@@ -11,6 +12,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use prometheus_parse::{Scrape, Value};
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256, SanType, string::Ia5String};
 use rustls::pki_types::{PrivateKeyDer, pem::PemObject};
 use warren_pki::{
@@ -77,6 +79,42 @@ fn csr_for(id: &SpiffeId) -> (String, KeyPair) {
     (params.serialize_request(&key).unwrap().pem().unwrap(), key)
 }
 
+/// A port free now: taken and released, then given to the CA.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GETs `path` from `addr` as Prometheus would, and returns the response's
+/// head and its samples: value by `name{labels}` (labels sorted).
+async fn scrape(addr: &str, path: &str) -> (String, BTreeMap<String, f64>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: application/openmetrics-text\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let scrape = Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    let samples = scrape
+        .samples
+        .into_iter()
+        .map(|sample| {
+            let value = match sample.value {
+                Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => v,
+                other => panic!("{}: {other:?}", sample.metric),
+            };
+            (format!("{}{{{}}}", sample.metric, sample.labels), value)
+        })
+        .collect();
+    (head.to_owned(), samples)
+}
+
 #[tokio::test]
 async fn a_ca_process_serves_its_nodes() {
     let dir = tempfile::tempdir().unwrap();
@@ -87,13 +125,8 @@ async fn a_ca_process_serves_its_nodes() {
     warren_ca(&args, dir);
     fs::write(dir.join("workloads.yaml"), WORKLOADS).unwrap();
 
-    // A free port: taken and released, then given to the CA.
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let metrics = format!("127.0.0.1:{}", free_port());
     let log = fs::File::create(dir.join("ca.log")).unwrap();
     let mut serve = vec![
         "serve",
@@ -101,6 +134,8 @@ async fn a_ca_process_serves_its_nodes() {
         "workloads.yaml",
         "--listen",
         &addr,
+        "--metrics-listen",
+        &metrics,
         "--max-ttl",
         "1h",
     ];
@@ -152,11 +187,54 @@ async fn a_ca_process_serves_its_nodes() {
         .unwrap_err()
         .to_string();
     assert!(refused.contains("node-2"), "{refused}");
+
+    // What the process counted, on both paths.
+    for path in ["/metrics", "/stats/prometheus"] {
+        let (head, samples) = scrape(&metrics, path).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: application/openmetrics-text; version=1.0.0"),
+            "{head}"
+        );
+        let value = |series: &str| {
+            *samples
+                .get(series)
+                .unwrap_or_else(|| panic!("no {series} in {samples:?}"))
+        };
+        assert_eq!(
+            value("warren_ca_certificates_signed_total{authentication=\"node_credential\"}"),
+            1.0
+        );
+        assert_eq!(
+            value("warren_ca_requests_refused_total{reason=\"not_authorized\"}"),
+            1.0
+        );
+        let refused: f64 = samples
+            .iter()
+            .filter(|(series, _)| series.starts_with("warren_ca_requests_refused_total{"))
+            .map(|(_, n)| n)
+            .sum();
+        assert_eq!(refused, 1.0, "{samples:?}");
+        // `warren-ca init`'s lab intermediate lives for a year or so.
+        let left = value("warren_ca_certificate_expiry_seconds{}");
+        assert!(left > 300.0 * 86400.0, "{left}");
+        assert_eq!(
+            value(&format!(
+                "warren_ca_build_info{{version=\"{}\"}}",
+                env!("CARGO_PKG_VERSION")
+            )),
+            1.0
+        );
+    }
+    let (head, _) = scrape(&metrics, "/healthz/ready").await;
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
     drop(ca);
 
     let log = fs::read_to_string(dir.join("ca.log")).unwrap();
     assert!(log.contains("signed a workload certificate"), "{log}");
     assert!(log.contains("refused: not authorized"), "{log}");
+    assert!(log.contains("metrics serving"), "{log}");
     assert!(
         log.contains("node-1") && log.contains("ns/shop/sa/web"),
         "{log}"

@@ -50,6 +50,9 @@ pub mod names {
     /// plaintext connection attempts that reach the application whatever
     /// the pod's mTLS mode.
     pub const PROBES: &str = "PROBES";
+    /// Per-CPU `u64` counters of what the programs refuse, indexed by
+    /// [`super::DropReason`]; [`super::DROP_MAP_ENTRIES`] slots.
+    pub const DROPS: &str = "DROPS";
     pub const POD_INGRESS: &str = "warren_pod_ingress";
     pub const EGRESS: &str = "warren_egress";
     pub const CONNECT4: &str = "warren_connect4";
@@ -72,6 +75,104 @@ pub const INBOUND_MODE_ENTRIES: u32 = 65_536;
 /// Capacity of [`names::PROBES`]: a few probe ports per pod, usually from a
 /// single node address.
 pub const PROBE_MAP_ENTRIES: u32 = POD_MAP_ENTRIES * 8;
+
+/// Slots of [`names::DROPS`]: more than [`DropReason::ALL`] has, so that
+/// programs of a later version, counting reasons added since, still find
+/// their slots in a map an earlier agent created and pinned (pinned maps are
+/// reused as they are).
+pub const DROP_MAP_ENTRIES: u32 = 32;
+
+/// Why a kernel program refused a packet or a connect(): the index of its
+/// counter in [`names::DROPS`]. The discriminants are stable (counters
+/// outlive agents in the pinned map): new reasons get new numbers, and a
+/// number is never reused.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DropReason {
+    /// `warren_pod_ingress`: plaintext for a STRICT port: a connection
+    /// attempt (SYN) that is not a kubelet probe, or a packet that belongs
+    /// to no connection of the pod.
+    StrictPlaintext = 0,
+    /// `warren_egress`: an IPv4 packet whose source is neither the pod's
+    /// address nor loopback (a pod passing for another).
+    SpoofedSource = 1,
+    /// `warren_pod_ingress`: an IPv4 TCP fragment (the tiny-fragment trick).
+    Fragment = 2,
+    /// `warren_pod_ingress`: an IPv6 TCP connection attempt (the mesh is
+    /// IPv4, so it could be neither HBONE nor handed to the agent).
+    Ipv6Attempt = 3,
+    /// A packet too short for the headers its program must read: at
+    /// ingress, an IPv4 TCP or IPv6 packet to an enrolled pod; at egress, an
+    /// IPv4 packet without a whole source address.
+    Unparsable = 4,
+    /// `warren_connect4`/`warren_connect6`: a connect() that had to be
+    /// captured was refused (EPERM) because its original destination could
+    /// not be recorded (the `PENDING` map full or failing): sending it
+    /// anyway would have sent it in clear.
+    FailClosedConnect = 5,
+    /// `warren_pod_ingress`: a plaintext connection attempt to a
+    /// PERMISSIVE (or DISABLE) port could not be assigned to the agent's
+    /// listener (`bpf_sk_assign` failed).
+    AssignFailed = 6,
+    /// `warren_pod_ingress`: a plaintext connection attempt to a pod that
+    /// authorization policies apply to, while no agent listens for it: it
+    /// must not reach the application unchecked.
+    NoAgent = 7,
+    /// `warren_pod_ingress`: an IPv6 packet whose transport the program does
+    /// not look for: behind extension headers, or neither TCP, UDP nor
+    /// ICMPv6. This includes the MLD reports the node side of a pod's
+    /// interface sends (they carry a hop-by-hop header), so this counter
+    /// moves without anyone attacking.
+    Ipv6Unchecked = 8,
+}
+
+impl DropReason {
+    /// Every reason, in discriminant order (`ALL[i] as u32 == i`).
+    pub const ALL: [DropReason; 9] = [
+        DropReason::StrictPlaintext,
+        DropReason::SpoofedSource,
+        DropReason::Fragment,
+        DropReason::Ipv6Attempt,
+        DropReason::Unparsable,
+        DropReason::FailClosedConnect,
+        DropReason::AssignFailed,
+        DropReason::NoAgent,
+        DropReason::Ipv6Unchecked,
+    ];
+
+    /// Its slot in [`names::DROPS`].
+    pub const fn index(self) -> u32 {
+        self as u32
+    }
+
+    /// The reason counted at `index`, if this version knows it.
+    pub const fn from_index(index: u32) -> Option<Self> {
+        let i = index as usize;
+        if i < Self::ALL.len() {
+            Some(Self::ALL[i])
+        } else {
+            None
+        }
+    }
+
+    /// A stable snake_case name, for metric labels and logs.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DropReason::StrictPlaintext => "strict_plaintext",
+            DropReason::SpoofedSource => "spoofed_source",
+            DropReason::Fragment => "fragment",
+            DropReason::Ipv6Attempt => "ipv6_attempt",
+            DropReason::Unparsable => "unparsable",
+            DropReason::FailClosedConnect => "fail_closed_connect",
+            DropReason::AssignFailed => "assign_failed",
+            DropReason::NoAgent => "no_agent",
+            DropReason::Ipv6Unchecked => "ipv6_unchecked",
+        }
+    }
+}
+
+// Every reason has a slot, with room to spare for later ones.
+const _: () = assert!(DropReason::ALL.len() < DROP_MAP_ENTRIES as usize);
 
 /// An enrolled pod, as the kernel programs need to know it.
 #[repr(C)]
@@ -168,4 +269,57 @@ mod user {
     unsafe impl aya::Pod for super::InboundKey {}
     #[allow(unsafe_code)]
     unsafe impl aya::Pod for super::ProbeKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::collections::BTreeSet;
+
+    use super::DropReason;
+
+    #[test]
+    fn drop_reasons_are_numbered_by_their_place_in_all() {
+        for (i, reason) in DropReason::ALL.into_iter().enumerate() {
+            assert_eq!(reason.index() as usize, i, "{reason:?}");
+            assert_eq!(DropReason::from_index(i as u32), Some(reason));
+        }
+        assert_eq!(DropReason::from_index(DropReason::ALL.len() as u32), None);
+        assert_eq!(DropReason::from_index(u32::MAX), None);
+    }
+
+    #[test]
+    fn drop_reason_names_are_distinct_snake_case_labels() {
+        let names: BTreeSet<&str> = DropReason::ALL.iter().map(|r| r.name()).collect();
+        assert_eq!(names.len(), DropReason::ALL.len());
+        for name in names {
+            assert!(
+                !name.is_empty()
+                    && name.starts_with(|c: char| c.is_ascii_lowercase())
+                    && name
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+                "{name:?} is not a snake_case label value"
+            );
+        }
+    }
+
+    /// The numbers index counters that outlive agents: they must not change.
+    #[test]
+    fn drop_reason_numbers_are_stable() {
+        let pinned: [(DropReason, u32, &str); 9] = [
+            (DropReason::StrictPlaintext, 0, "strict_plaintext"),
+            (DropReason::SpoofedSource, 1, "spoofed_source"),
+            (DropReason::Fragment, 2, "fragment"),
+            (DropReason::Ipv6Attempt, 3, "ipv6_attempt"),
+            (DropReason::Unparsable, 4, "unparsable"),
+            (DropReason::FailClosedConnect, 5, "fail_closed_connect"),
+            (DropReason::AssignFailed, 6, "assign_failed"),
+            (DropReason::NoAgent, 7, "no_agent"),
+            (DropReason::Ipv6Unchecked, 8, "ipv6_unchecked"),
+        ];
+        for (reason, index, name) in pinned {
+            assert_eq!((reason.index(), reason.name()), (index, name));
+        }
+    }
 }

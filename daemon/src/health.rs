@@ -10,120 +10,57 @@
 //!
 //! Plain HTTP/1.1 without TLS, as kubelet probes are; nothing secret is served.
 
-use std::{convert::Infallible, future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{io, net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
-use hyper::{body::Incoming, service::service_fn};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use hyper::body::Incoming;
 
-use crate::limits::PerAddress;
+use crate::http::{self as server, text};
 
 pub const READY_PATH: &str = "/healthz/ready";
 pub const LIVE_PATH: &str = "/healthz/live";
 
-/// A probe that takes longer than this to send its request is dropped: the
-/// endpoints must not be held open by a slow client. The kubelet sends its
-/// request at once.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
-/// Connections served at once, in all and from one address; more are closed
-/// at once. The kubelet opens one per probe, from one address, so this is
-/// far above what it needs, and far below what would cost the daemon its
-/// file descriptors; the share per address keeps one client from taking
-/// them all and failing the kubelet's probes.
-const MAX_CONNECTIONS: usize = 1024;
-const MAX_CONNECTIONS_PER_ADDRESS: usize = 4;
-
 /// Whether the daemon is ready, asked at each probe: `Err` says why not.
 pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
-/// Serves the endpoints on `listener` until `shutdown` completes.
-pub async fn serve(listener: TcpListener, ready: Readiness, shutdown: impl Future<Output = ()>) {
-    let mut shutdown = std::pin::pin!(shutdown);
-    let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let per_address = PerAddress::new(MAX_CONNECTIONS_PER_ADDRESS);
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Out of file descriptors and the like: pause, not spin.
-                    tracing::warn!(%error, "health endpoint cannot accept");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => return,
-        };
-        // Dropping the stream closes it.
-        let Ok(permit) = open.clone().try_acquire_owned() else {
-            continue;
-        };
-        let Some(slot) = per_address.take(peer.ip()) else {
-            continue;
-        };
-        let ready = ready.clone();
-        tokio::spawn(async move {
-            let _held = (permit, slot);
-            let service = service_fn(move |request| {
-                let ready = ready.clone();
-                async move { Ok::<_, Infallible>(answer(&request, &ready)) }
-            });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .header_read_timeout(REQUEST_TIMEOUT)
-                .timer(hyper_util::rt::TokioTimer::new())
-                .keep_alive(false)
-                .serve_connection(TokioIo::new(stream), service);
-            // A probe that hangs up early is not worth a log line.
-            let _ = tokio::time::timeout(REQUEST_TIMEOUT, connection).await;
-        });
-    }
-}
-
-/// Binds `address` and serves there in a task of its own, which ends with
-/// the runtime. Returns the address bound (a port of 0 picks one).
+/// Binds `address` and serves the endpoints there in a task of its own,
+/// which ends with the runtime. Returns the address bound (a port of 0
+/// picks one).
 pub async fn spawn(address: &str, ready: Readiness) -> io::Result<SocketAddr> {
-    let listener = TcpListener::bind(address).await.map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("cannot listen on {address} for health probes: {e}"),
-        )
-    })?;
-    let local = listener.local_addr()?;
-    tokio::spawn(serve(listener, ready, std::future::pending()));
-    Ok(local)
+    server::spawn(
+        address,
+        "health probes",
+        Arc::new(move |request| answer(request, &ready)),
+    )
+    .await
 }
 
-fn answer(request: &Request<Incoming>, ready: &Readiness) -> Response<Full<Bytes>> {
-    if request.method() != Method::GET && request.method() != Method::HEAD {
-        return reply(StatusCode::METHOD_NOT_ALLOWED, "use GET\n".into());
-    }
-    match request.uri().path() {
-        READY_PATH => match ready() {
-            Ok(()) => reply(StatusCode::OK, "ready\n".into()),
-            Err(why) => reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("not ready: {why}\n"),
-            ),
-        },
-        LIVE_PATH => reply(StatusCode::OK, "live\n".into()),
-        _ => reply(
-            StatusCode::NOT_FOUND,
-            format!("no such endpoint; try {READY_PATH} or {LIVE_PATH}\n"),
+/// The readiness endpoint alone, as an answer to `request`, for servers
+/// that serve it beside other paths (the agent's admin endpoint).
+pub fn readiness(ready: &Readiness) -> Response<Full<Bytes>> {
+    match ready() {
+        Ok(()) => text(StatusCode::OK, "ready\n".into()),
+        Err(why) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
         ),
     }
 }
 
-fn reply(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
+fn answer(request: &Request<Incoming>, ready: &Readiness) -> Response<Full<Bytes>> {
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n".into());
+    }
+    match request.uri().path() {
+        READY_PATH => readiness(ready),
+        LIVE_PATH => text(StatusCode::OK, "live\n".into()),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            format!("no such endpoint; try {READY_PATH} or {LIVE_PATH}\n"),
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -133,22 +70,15 @@ mod tests {
         atomic::{AtomicBool, Ordering},
     };
 
+    use std::time::Duration;
+
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
-
-    /// Sends one raw request and returns the whole response.
-    async fn get(address: SocketAddr, request: &str) -> String {
-        try_get(address, request).await.unwrap()
-    }
-
-    async fn try_get(address: SocketAddr, request: &str) -> std::io::Result<String> {
-        let mut stream = tokio::net::TcpStream::connect(address).await?;
-        stream.write_all(request.as_bytes()).await?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await?;
-        Ok(response)
-    }
+    use crate::http::{
+        MAX_CONNECTIONS_PER_ADDRESS,
+        testing::{get, try_get},
+    };
 
     fn probe(path: &str) -> String {
         format!("GET {path} HTTP/1.1\r\nHost: probe\r\n\r\n")

@@ -29,6 +29,9 @@
 //! - `warren_egress` (cgroup_skb/egress, on the pod's cgroup) drops IPv4
 //!   packets a pod sends with a source address that is not its own: a pod
 //!   cannot pass for another one (policies match source addresses).
+//!
+//! Every refusal is counted, by [`DropReason`], in the per-CPU array `DROPS`
+//! (pinned with the other maps; the agent reads it).
 #![no_std]
 #![no_main]
 
@@ -45,13 +48,13 @@ use aya_ebpf::{
         bpf_sk_release, bpf_skc_lookup_tcp,
     },
     macros::{cgroup_skb, cgroup_sock_addr, classifier, map, sock_ops},
-    maps::{HashMap, LruHashMap, SockHash},
+    maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
     programs::{SkBuffContext, SockAddrContext, SockOpsContext, TcContext},
 };
 use aya_log_ebpf::debug;
 use warren_common::{
-    FLOW_MAP_ENTRIES, FlowKey, HBONE_PORT, INBOUND_MODE_ENTRIES, InboundKey, Ipv4Dst,
-    POD_MAP_ENTRIES, PROBE_MAP_ENTRIES, PodInfo, ProbeKey, mode,
+    DROP_MAP_ENTRIES, DropReason, FLOW_MAP_ENTRIES, FlowKey, HBONE_PORT, INBOUND_MODE_ENTRIES,
+    InboundKey, Ipv4Dst, POD_MAP_ENTRIES, PROBE_MAP_ENTRIES, PodInfo, ProbeKey, mode,
 };
 
 const AF_INET: u32 = 2;
@@ -63,6 +66,22 @@ const LOCALHOST: u32 = 0x7f00_0001;
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
 const AF_INET6: u32 = 10;
+
+/// How many packets and connects each program refused, by [`DropReason`].
+#[map(name = "DROPS")]
+static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP_MAP_ENTRIES, 0);
+
+/// Counts one refusal for `reason`.
+#[inline(always)]
+fn count(reason: DropReason) {
+    if let Some(slot) = DROPS.get_ptr_mut(reason.index()) {
+        // SAFETY: the lookup returned this CPU's slot of an array map, a
+        // valid, aligned u64 for the whole run of the program. The slot is
+        // shared only with programs on this CPU; one that interrupts this
+        // add could lose a count, never corrupt memory.
+        unsafe { *slot += 1 };
+    }
+}
 
 #[map(name = "PODS")]
 static PODS: HashMap<u64, PodInfo> = HashMap::with_max_entries(POD_MAP_ENTRIES, 0);
@@ -142,7 +161,7 @@ fn capture(ctx: &SockAddrContext, ip: u32, port: u16) -> Verdict {
         )
     };
     // SAFETY: the value is only read, and PODS entries are plain integers.
-    let Some(pod) = (unsafe { PODS.get(&netns) }).copied() else {
+    let Some(pod) = (unsafe { PODS.get(netns) }).copied() else {
         // Attached but not (or no longer) enrolled: leave it alone.
         return Verdict::Leave;
     };
@@ -151,9 +170,10 @@ fn capture(ctx: &SockAddrContext, ip: u32, port: u16) -> Verdict {
         return Verdict::Leave;
     }
     let original = Ipv4Dst { ip, port, _pad: 0 };
-    if PENDING.insert(&cookie, &original, 0).is_err() {
+    if PENDING.insert(cookie, original, 0).is_err() {
         // Without a record the agent could not forward it, and letting it
         // through would send it in clear: fail closed.
+        count(DropReason::FailClosedConnect);
         return Verdict::Deny;
     }
     debug!(
@@ -178,12 +198,12 @@ pub fn warren_sock_ops(ctx: SockOpsContext) -> u32 {
         )
     };
     // SAFETY: the value is copied out before the entry is removed.
-    let Some(original) = (unsafe { PENDING.get(&cookie) }).copied() else {
+    let Some(original) = (unsafe { PENDING.get(cookie) }).copied() else {
         return 0;
     };
     // sock_ops reports local_port in host byte order.
     let key = FlowKey::new(netns, ctx.local_port() as u16);
-    if ORIGINAL_DST.insert(&key, &original, 0).is_ok() {
+    if ORIGINAL_DST.insert(key, original, 0).is_ok() {
         debug!(
             &ctx,
             "sock_ops: source port {} -> original destination {:i}:{}",
@@ -192,7 +212,7 @@ pub fn warren_sock_ops(ctx: SockOpsContext) -> u32 {
             original.port
         );
     }
-    let _ = PENDING.remove(&cookie);
+    let _ = PENDING.remove(cookie);
     0
 }
 
@@ -219,48 +239,67 @@ const CURRENT_NETNS: u64 = 0xffff_ffff;
 pub fn warren_pod_ingress(ctx: TcContext) -> i32 {
     match ctx.load::<u16>(12).map(u16::from_be) {
         Ok(ETH_P_IP) => ipv4(&ctx),
-        Ok(ETH_P_IPV6) => ipv6(&ctx),
-        _ => TC_ACT_OK as i32,
+        Ok(ETH_P_IPV6) => tc_action(ipv6(&ctx)),
+        _ => TC_ACT_OK,
     }
+}
+
+/// The tc verdict for a packet that is let through (`Ok`), or dropped and
+/// counted (`Err`).
+fn tc_action(verdict: Result<(), DropReason>) -> i32 {
+    match verdict {
+        Ok(()) => TC_ACT_OK,
+        Err(reason) => {
+            count(reason);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+/// Reads a `T` at `offset` of the packet; one that is too short for it is
+/// unparsable.
+#[inline(always)]
+fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, DropReason> {
+    ctx.load(offset).map_err(|_| DropReason::Unparsable)
 }
 
 fn ipv4(ctx: &TcContext) -> i32 {
     let Ok(daddr) = ctx.load::<u32>(ETH_HLEN + 16) else {
-        return TC_ACT_OK as i32; // too short to be anyone's IPv4 packet
+        return TC_ACT_OK; // too short to be anyone's IPv4 packet
     };
     let pod = u32::from_be(daddr);
     // SAFETY: lookups only read plain integers.
-    let Some(&default) = (unsafe { INBOUND_MODES.get(&InboundKey::new(pod, 0)) }) else {
-        return TC_ACT_OK as i32; // not an enrolled pod's address
+    let Some(&default) = (unsafe { INBOUND_MODES.get(InboundKey::new(pod, 0)) }) else {
+        return TC_ACT_OK; // not an enrolled pod's address
     };
     // For an enrolled pod, what cannot be parsed does not get in.
-    ipv4_tcp(ctx, pod, default).unwrap_or(TC_ACT_SHOT as i32)
+    tc_action(ipv4_tcp(ctx, pod, default))
 }
 
-fn ipv4_tcp(ctx: &TcContext, pod: u32, default: u32) -> Option<i32> {
-    let version_ihl: u8 = ctx.load(ETH_HLEN).ok()?;
-    let protocol: u8 = ctx.load(ETH_HLEN + 9).ok()?;
+fn ipv4_tcp(ctx: &TcContext, pod: u32, default: u32) -> Result<(), DropReason> {
+    let version_ihl: u8 = load(ctx, ETH_HLEN)?;
+    let protocol: u8 = load(ctx, ETH_HLEN + 9)?;
     if protocol != IPPROTO_TCP as u8 {
-        return Some(TC_ACT_OK as i32);
+        return Ok(());
     }
     // A fragment's TCP header may be cut short or missing (the tiny-fragment
     // trick); TCP does not fragment in practice, so fragments are not let in.
-    let fragment = u16::from_be(ctx.load(ETH_HLEN + 6).ok()?);
+    let fragment = u16::from_be(load(ctx, ETH_HLEN + 6)?);
     if fragment & 0x3fff != 0 {
-        return None;
+        return Err(DropReason::Fragment);
     }
-    let saddr: u32 = ctx.load(ETH_HLEN + 12).ok()?;
+    let saddr: u32 = load(ctx, ETH_HLEN + 12)?;
     let tcp = ETH_HLEN + usize::from(version_ihl & 0x0f) * 4;
-    let sport: u16 = ctx.load(tcp).ok()?;
-    let dport: u16 = ctx.load(tcp + 2).ok()?;
-    let flags: u8 = ctx.load(tcp + 13).ok()?;
+    let sport: u16 = load(ctx, tcp)?;
+    let dport: u16 = load(ctx, tcp + 2)?;
+    let flags: u8 = load(ctx, tcp + 13)?;
     let port = u16::from_be(dport);
     if port == HBONE_PORT {
-        return Some(TC_ACT_OK as i32);
+        return Ok(());
     }
     // SAFETY: the value is copied out at once, and INBOUND_MODES values are
     // plain integers.
-    let value = unsafe { INBOUND_MODES.get(&InboundKey::new(pod, port)) }
+    let value = unsafe { INBOUND_MODES.get(InboundKey::new(pod, port)) }
         .copied()
         .unwrap_or(default);
     let strict = value & mode::MASK == mode::STRICT;
@@ -297,21 +336,21 @@ fn ipv4_tcp(ctx: &TcContext, pod: u32, default: u32) -> Option<i32> {
             // released once, and not used after.
             unsafe { bpf_sk_release(sk.cast()) };
             if state != TCP_LISTEN {
-                return Some(TC_ACT_OK as i32);
+                return Ok(());
             }
             // Only a listener: the final ACK of a SYN-cookie handshake. A
             // probe's is the application's, like its SYN (below).
             if is_probe(pod, saddr, port) {
-                return Some(TC_ACT_OK as i32);
+                return Ok(());
             }
         }
         // No connection: at most the ACK of a SYN-cookie handshake with the
         // agent's listener; under STRICT, nothing.
         if strict {
-            return Some(TC_ACT_SHOT as i32);
+            return Err(DropReason::StrictPlaintext);
         }
         let _ = assign_to_agent(skb, pod);
-        return Some(TC_ACT_OK as i32);
+        return Ok(());
     }
 
     // A connection attempt never takes the path above: one that matches a
@@ -329,22 +368,23 @@ fn ipv4_tcp(ctx: &TcContext, pod: u32, default: u32) -> Option<i32> {
             u32::from_be(saddr),
             port
         );
-        return Some(TC_ACT_OK as i32);
+        return Ok(());
     }
     if strict {
         debug!(
             ctx,
             "ingress: STRICT pod {:i}: dropped plaintext SYN to port {}", pod, port
         );
-        return Some(TC_ACT_SHOT as i32);
+        return Err(DropReason::StrictPlaintext);
     }
     // PERMISSIVE (and DISABLE): to the agent, which authorizes it. With no
     // agent listening, the application takes it unless authorization
     // applies to the pod: then it must not bypass the agent.
     match assign_to_agent(skb, pod) {
-        Assigned::Yes => Some(TC_ACT_OK as i32),
-        Assigned::NoListener if value & mode::AUTHORIZED == 0 => Some(TC_ACT_OK as i32),
-        _ => Some(TC_ACT_SHOT as i32),
+        Assigned::Yes => Ok(()),
+        Assigned::NoListener if value & mode::AUTHORIZED == 0 => Ok(()),
+        Assigned::NoListener => Err(DropReason::NoAgent),
+        Assigned::Failed => Err(DropReason::AssignFailed),
     }
 }
 
@@ -402,11 +442,12 @@ pub fn warren_egress(ctx: SkBuffContext) -> i32 {
     // SAFETY: a plain helper call on the program's own context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: the value is only read, and PODS entries are plain integers.
-    let Some(pod) = (unsafe { PODS.get(&netns) }).copied() else {
+    let Some(pod) = (unsafe { PODS.get(netns) }).copied() else {
         return PASS; // not (or no longer) enrolled
     };
     // cgroup_skb sees the packet from its IP header on.
     let Ok(saddr) = ctx.load::<u32>(12) else {
+        count(DropReason::Unparsable);
         return DROP;
     };
     let saddr = u32::from_be(saddr);
@@ -417,6 +458,7 @@ pub fn warren_egress(ctx: SkBuffContext) -> i32 {
         &ctx,
         "egress: dropped a packet from {:i}, which is not the pod's address {:i}", saddr, pod.ip
     );
+    count(DropReason::SpoofedSource);
     DROP
 }
 
@@ -429,17 +471,19 @@ const IPV6_HLEN: usize = 40;
 /// the agent. The program runs only on enrolled pods' interfaces, so IPv6
 /// connection attempts there are dropped, and so is whatever hides its
 /// transport behind extension headers.
-fn ipv6(ctx: &TcContext) -> i32 {
-    let Ok(next) = ctx.load::<u8>(ETH_HLEN + 6) else {
-        return TC_ACT_SHOT as i32;
-    };
+fn ipv6(ctx: &TcContext) -> Result<(), DropReason> {
+    let next: u8 = load(ctx, ETH_HLEN + 6)?;
     match next {
-        IPPROTO_ICMPV6 | IPPROTO_UDP => TC_ACT_OK as i32,
-        n if n == IPPROTO_TCP as u8 => match ctx.load::<u8>(ETH_HLEN + IPV6_HLEN + 13) {
-            Ok(flags) if flags & (TCP_SYN | TCP_ACK) != TCP_SYN => TC_ACT_OK as i32,
-            _ => TC_ACT_SHOT as i32,
-        },
-        _ => TC_ACT_SHOT as i32,
+        IPPROTO_ICMPV6 | IPPROTO_UDP => Ok(()),
+        n if n == IPPROTO_TCP as u8 => {
+            let flags: u8 = load(ctx, ETH_HLEN + IPV6_HLEN + 13)?;
+            if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+                Err(DropReason::Ipv6Attempt)
+            } else {
+                Ok(())
+            }
+        }
+        _ => Err(DropReason::Ipv6Unchecked),
     }
 }
 
@@ -449,6 +493,8 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
 
+// SAFETY: the loader reads the license from this section; nothing else is
+// placed there, and no other symbol is named LICENSE.
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

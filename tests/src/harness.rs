@@ -78,6 +78,8 @@ pub struct MeshWorkload {
     /// Ports plaintext from the node may reach in any mode (the kubelet's
     /// probes).
     pub probe_ports: Vec<u16>,
+    /// Istio's workload name (a Deployment's), if not the pod's.
+    pub workload_name: Option<String>,
 }
 
 impl MeshWorkload {
@@ -88,7 +90,14 @@ impl MeshWorkload {
             service_account: service_account.into(),
             labels: Vec::new(),
             probe_ports: Vec::new(),
+            workload_name: None,
         }
+    }
+
+    /// As a pod of the workload `name` (a Deployment, say).
+    pub fn workload_name(mut self, name: &str) -> Self {
+        self.workload_name = Some(name.into());
+        self
     }
 
     /// With `port` probed by the kubelet.
@@ -236,6 +245,9 @@ fn config_yaml(
         if !w.probe_ports.is_empty() {
             let _ = writeln!(yaml, "    probePorts: {:?}", w.probe_ports);
         }
+        if let Some(name) = &w.workload_name {
+            let _ = writeln!(yaml, "    workloadName: {name}");
+        }
         if node.is_some_and(|node| w.pod.node == node.name) {
             let _ = write!(
                 yaml,
@@ -248,6 +260,15 @@ fn config_yaml(
     yaml
 }
 
+/// The log filter of the daemons the tests run: beyond production's `info`,
+/// the kernel programs' records and each connection's decisions as they are
+/// made (what a test waits for); `WARREN_LOG_LEVEL` replaces it (the bench
+/// runs production's).
+pub fn log_level() -> String {
+    std::env::var("WARREN_LOG_LEVEL")
+        .unwrap_or_else(|_| "info,warren_ebpf=debug,warren_agent::proxy=debug".into())
+}
+
 /// A `warren` agent or `warren-ca` process on a lab node, logging JSON to a
 /// file.
 pub struct Daemon {
@@ -258,11 +279,11 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts `<program> <args>` (`warren` or `warren-ca`) in `node`'s
-    /// namespace, logging to `log`.
+    /// Starts `<program> <args>` (the path of `warren` or `warren-ca`) in
+    /// `node`'s namespace, logging to `log`.
     fn start(
         node: &Node,
-        program: &str,
+        program: PathBuf,
         name: String,
         args: &[&OsStr],
         log: PathBuf,
@@ -276,7 +297,7 @@ impl Daemon {
     /// empties the bounding set but for them before exec).
     fn start_limited(
         node: &Node,
-        program: &str,
+        program: PathBuf,
         name: String,
         args: &[&OsStr],
         log: PathBuf,
@@ -284,7 +305,7 @@ impl Daemon {
     ) -> Result<Self> {
         let log_file = fs::File::create(&log)?;
         let mut command = match capabilities {
-            None => node.try_command(binary(program)?)?,
+            None => node.try_command(&program)?,
             Some(capabilities) => {
                 let kept: Vec<String> = capabilities
                     .iter()
@@ -295,18 +316,13 @@ impl Daemon {
                     .arg(format!("--bounding-set=-all{}", kept.concat()))
                     .arg("--inh-caps=-all")
                     .arg("--")
-                    .arg(binary(program)?);
+                    .arg(&program);
                 command
             }
         };
         let child = command
             .args(args)
-            .args([
-                "--log-format",
-                "json",
-                "--log-level",
-                "info,warren_ebpf=debug",
-            ])
+            .args(["--log-format", "json", "--log-level", &log_level()])
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -461,6 +477,24 @@ impl Agent {
         dir: &Path,
         capabilities: Option<&[String]>,
     ) -> Result<Self> {
+        Self::spawn_binary(binary("warren")?, node, config, dir, capabilities)
+    }
+
+    /// Like [`start`](Self::start), running the agent binary at `program`
+    /// (another build of warren, say, to compare with).
+    pub fn start_binary(program: PathBuf, node: &Node, config: &str, dir: &Path) -> Result<Self> {
+        let mut agent = Self::spawn_binary(program, node, config, dir, None)?;
+        agent.wait_ready()?;
+        Ok(agent)
+    }
+
+    fn spawn_binary(
+        program: PathBuf,
+        node: &Node,
+        config: &str,
+        dir: &Path,
+        capabilities: Option<&[String]>,
+    ) -> Result<Self> {
         fs::create_dir_all(dir)?;
         let config_path = dir.join(format!("{}.yaml", node.name));
         fs::write(&config_path, config)?;
@@ -471,7 +505,7 @@ impl Agent {
         ];
         let daemon = Daemon::start_limited(
             node,
-            "warren",
+            program,
             format!("agent on {}", node.name),
             &args,
             dir.join(format!("{}.log", node.name)),
@@ -674,7 +708,7 @@ impl CaService {
     fn serve(node: &Node, args: Vec<std::ffi::OsString>, log: PathBuf) -> Result<Self> {
         let addr = SocketAddrV4::new(node.ip, CA_PORT);
         let args: Vec<&OsStr> = args.iter().map(|a| a.as_os_str()).collect();
-        let mut daemon = Daemon::start(node, "warren-ca", "CA".into(), &args, log)?;
+        let mut daemon = Daemon::start(node, binary("warren-ca")?, "CA".into(), &args, log)?;
         daemon.wait_for(PATIENCE, |l| {
             l.message() == "warren CA serving istio.v1.auth.IstioCertificateService"
         })?;

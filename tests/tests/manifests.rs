@@ -1033,3 +1033,61 @@ fn the_ca_accepts_the_shipped_arguments() {
         assert!(stderr.contains(expected), "{name}: {stderr}");
     }
 }
+
+#[test]
+fn prometheus_finds_the_metrics_where_they_are_served() {
+    for name in INSTALLS {
+        let objects = &rendered(name).objects;
+        // The agent: its config says where; the pod's annotations and its
+        // declared port say the same.
+        let (_, agent) = agent(objects);
+        let listen = agent_config(objects)["metricsListen"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let port = listen.rsplit_once(':').map(|(_, p)| p.to_owned());
+        let annotations =
+            &object(objects, "DaemonSet", AGENT)["spec"]["template"]["metadata"]["annotations"];
+        assert_eq!(annotations["prometheus.io/scrape"], "true", "{name}");
+        assert_eq!(
+            annotations["prometheus.io/port"].as_str(),
+            port.as_deref(),
+            "{name}: the agent's metricsListen ({listen}) and its annotation"
+        );
+        assert_eq!(
+            port_number(agent, &json!("http-monitoring")).to_string(),
+            port.unwrap(),
+            "{name}"
+        );
+        // The admin endpoint is never opened beyond the node.
+        let admin = agent_config(objects)["adminListen"]
+            .as_str()
+            .unwrap_or("127.0.0.1:15000")
+            .to_owned();
+        assert!(
+            admin.starts_with("127.0.0.1:"),
+            "{name}: adminListen {admin}"
+        );
+
+        // The CA: --metrics-listen, its annotation and its port.
+        let (_, ca) = ca(objects);
+        let ca_port = arg(ca, "--metrics-listen")
+            .rsplit_once(':')
+            .unwrap()
+            .1
+            .to_owned();
+        let annotations =
+            &object(objects, "Deployment", CA)["spec"]["template"]["metadata"]["annotations"];
+        assert_eq!(annotations["prometheus.io/scrape"], "true", "{name}");
+        assert_eq!(
+            annotations["prometheus.io/port"],
+            ca_port.as_str(),
+            "{name}"
+        );
+        assert_eq!(
+            port_number(ca, &json!("http-monitoring")).to_string(),
+            ca_port,
+            "{name}"
+        );
+    }
+}

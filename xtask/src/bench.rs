@@ -12,6 +12,12 @@
 //! Metrics: iperf3 throughput with 1 and 4 streams, round-trip latency of 64-byte messages on
 //! one kept-alive connection (`labpod rr`), and sequential new connections per second
 //! (`labpod connrate`). Release builds; results also go to `target/bench/results.json`.
+//!
+//! The agents run as in production, with their Prometheus endpoint on and scraped every
+//! second, and their access log on. `--against REV` adds a third configuration, the agent
+//! built from the git revision REV (in a worktree of its own, with a target directory of its
+//! own: the first build takes minutes), taking its turns like the others: how a change moves
+//! warren's figures, measured in one run.
 
 use std::{
     fs,
@@ -28,9 +34,9 @@ use serde_json::{Value, json};
 use warren_tests::{
     Lab, LabSpec, Pod,
     harness::{Agent, MeshWorkload, agent_config, binary},
+    telemetry,
 };
 
-const ROUNDS: usize = 3;
 /// `labpod serve`, for round trips.
 const ECHO_PORT: u16 = 8080;
 /// `labpod greet`, for new connections.
@@ -48,7 +54,24 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
 enum Config {
     Baseline,
     Warren,
+    /// The agent built from `--against`'s revision.
+    Against,
 }
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Also measure the agent built from this git revision (a commit, tag or branch).
+    #[arg(long, value_name = "REV")]
+    against: Option<String>,
+    /// Rounds of every measurement; each figure is the median of its rounds. More rounds
+    /// narrow what the machine's noise leaves uncertain.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
+    rounds: u32,
+}
+
+/// How often the agents' metrics are scraped while they run.
+const SCRAPE_EVERY: Duration = Duration::from_secs(1);
+const METRICS_PORT: u16 = 15020;
 
 /// One measurement, yielding the figures of the [`METRICS`] that name it, in their order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,16 +138,24 @@ struct Target<'a> {
     server: &'a Pod,
     baseline: Series,
     warren: Series,
+    against: Series,
 }
 
-pub fn run() -> Result<()> {
+pub fn run(args: &Args) -> Result<()> {
     crate::setup::run(true)?;
+    let against = match &args.against {
+        Some(rev) => Some((rev.clone(), build_against(rev)?)),
+        None => None,
+    };
     println!("building warren and labpod (release)...");
     let bin_dir = crate::build(crate::Profile::Release)?;
     // SAFETY: xtask has spawned no thread yet (only child processes, waited
     // for), so no one reads the environment concurrently. harness::binary()
     // reads this variable to find the release builds.
     unsafe { std::env::set_var("WARREN_BIN_DIR", &bin_dir) };
+    // SAFETY: as above. The agents log as in production (the tests' filter adds each
+    // connection's decisions at debug, which costs).
+    unsafe { std::env::set_var("WARREN_LOG_LEVEL", "info") };
 
     let lab = Lab::up(LabSpec {
         nodes: 2,
@@ -160,17 +191,22 @@ pub fn run() -> Result<()> {
             .collect(),
         dir: std::env::temp_dir().join("warren-bench").join(lab.prefix()),
         running: Vec::new(),
+        current: None,
+        against: against.as_ref().map(|(_, binary)| binary.clone()),
+        scraper: None,
     };
+    let mut configs = vec![Config::Baseline, Config::Warren];
+    if against.is_some() {
+        configs.push(Config::Against);
+    }
 
-    for round in 0..ROUNDS {
-        println!("round {}/{ROUNDS}", round + 1);
+    let rounds = args.rounds as usize;
+    for round in 0..rounds {
+        println!("round {}/{rounds}", round + 1);
         for (k, &probe) in PROBES.iter().enumerate() {
-            // Who goes first alternates, so that neither always follows the other.
-            let order = if (round + k) % 2 == 0 {
-                [Config::Baseline, Config::Warren]
-            } else {
-                [Config::Warren, Config::Baseline]
-            };
+            // Who goes first rotates, so that none always follows another.
+            let mut order = configs.clone();
+            order.rotate_left((round + k) % configs.len());
             for config in order {
                 agents.set(config, &targets)?;
                 for target in &mut targets {
@@ -183,12 +219,13 @@ pub fn run() -> Result<()> {
     }
     agents.set(Config::Baseline, &targets)?;
 
-    print_table(client, &targets);
+    let against = against.map(|(rev, _)| rev);
+    print_table(client, &targets, against.as_deref(), rounds);
     let path = crate::workspace_root().join("target/bench/results.json");
     fs::create_dir_all(path.parent().expect("a file path has a parent"))?;
     fs::write(
         &path,
-        serde_json::to_string_pretty(&to_json(client, &targets))?,
+        serde_json::to_string_pretty(&to_json(client, &targets, against.as_deref(), rounds))?,
     )?;
     println!("\nresults: {}", path.display());
     let _ = fs::remove_dir_all(&agents.dir);
@@ -202,6 +239,7 @@ impl<'a> Target<'a> {
             server,
             baseline: Default::default(),
             warren: Default::default(),
+            against: Default::default(),
         }
     }
 
@@ -209,6 +247,7 @@ impl<'a> Target<'a> {
         let series = match config {
             Config::Baseline => &mut self.baseline,
             Config::Warren => &mut self.warren,
+            Config::Against => &mut self.against,
         };
         let slots = (0..METRICS.len()).filter(|&m| METRICS[m].probe == probe);
         for (m, figure) in slots.zip(figures) {
@@ -228,36 +267,63 @@ fn median(values: &[f64]) -> f64 {
     }
 }
 
-/// Warren on (an agent on every node, every pod enrolled) or off (no agent at all).
+/// Warren on (an agent on every node, every pod enrolled), the agent of another revision, or
+/// off (no agent at all).
 struct Agents<'a> {
     lab: &'a Lab,
     mesh: Vec<MeshWorkload>,
     /// Their configs and logs.
     dir: PathBuf,
     running: Vec<Agent>,
+    /// Which configuration runs now.
+    current: Option<Config>,
+    /// The agent binary of `--against`'s revision.
+    against: Option<PathBuf>,
+    /// Scrapes the running agents' metrics (this revision's only: an older one may have
+    /// none), until dropped.
+    scraper: Option<Scraper>,
 }
 
 impl Agents<'_> {
     fn set(&mut self, config: Config, targets: &[Target]) -> Result<()> {
+        if self.current.unwrap_or(Config::Baseline) == config {
+            return Ok(());
+        }
+        if !self.running.is_empty() {
+            self.check_captured(targets)?;
+            self.scraper = None;
+            // A stopped agent leaves its pods failing closed (pinned
+            // programs): release them, for plain pod-to-pod TCP or the other agent.
+            for mut agent in self.running.drain(..) {
+                agent.stop()?;
+                agent.uninstall()?;
+            }
+        }
         match config {
-            Config::Warren if self.running.is_empty() => {
+            Config::Baseline => {}
+            Config::Warren => {
                 for node in self.lab.nodes() {
-                    let agent_config = agent_config(node, &self.mesh);
+                    let agent_config = agent_config(node, &self.mesh)
+                        + &format!("metricsListen: {}:{METRICS_PORT}\n", node.ip);
                     self.running
                         .push(Agent::start(node, &agent_config, &self.dir)?);
                 }
+                self.scraper = Some(Scraper::start(self.lab));
             }
-            Config::Baseline if !self.running.is_empty() => {
-                self.check_captured(targets)?;
-                // A stopped agent leaves its pods failing closed (pinned
-                // programs): release them, for plain pod-to-pod TCP.
-                for mut agent in self.running.drain(..) {
-                    agent.stop()?;
-                    agent.uninstall()?;
+            Config::Against => {
+                let binary = self.against.clone().context("no --against build")?;
+                for node in self.lab.nodes() {
+                    let agent_config = agent_config(node, &self.mesh);
+                    self.running.push(Agent::start_binary(
+                        binary.clone(),
+                        node,
+                        &agent_config,
+                        &self.dir,
+                    )?);
                 }
             }
-            _ => {}
         }
+        self.current = Some(config);
         Ok(())
     }
 
@@ -265,10 +331,18 @@ impl Agents<'_> {
     fn check_captured(&self, targets: &[Target]) -> Result<()> {
         // The client's node, node-1, was started first.
         let agent = &self.running[0];
-        let captures = agent.captures();
+        // Each connection's access line, or (an older agent's) capture line.
+        let mut carried: Vec<String> = agent
+            .lines()
+            .iter()
+            .filter(|l| l.field("target") == "access" && l.field("direction") == "outbound")
+            .map(|l| l.field("dst.addr").to_owned())
+            .collect();
+        carried.extend(agent.captures().iter().map(|c| c.dst.to_string()));
         for target in targets {
+            let server = format!("{}:", target.server.ip);
             ensure!(
-                captures.iter().any(|c| *c.dst.ip() == target.server.ip),
+                carried.iter().any(|dst| dst.starts_with(&server)),
                 "the agent on {} captured no connection to {}; log: {}",
                 agent.node,
                 target.server.ip,
@@ -277,6 +351,115 @@ impl Agents<'_> {
         }
         Ok(())
     }
+}
+
+/// Scrapes every node's agent once per [`SCRAPE_EVERY`], as Prometheus would (more often),
+/// so that the figures include what serving metrics costs.
+struct Scraper {
+    stop: mpsc::Sender<()>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Scraper {
+    fn start(lab: &Lab) -> Self {
+        let nodes: Vec<(PathBuf, std::net::SocketAddr)> = lab
+            .nodes()
+            .iter()
+            .map(|n| (n.netns_path(), (n.ip, METRICS_PORT).into()))
+            .collect();
+        let (stop, stopped) = mpsc::channel();
+        let thread = thread::spawn(move || {
+            while stopped.recv_timeout(SCRAPE_EVERY).is_err() {
+                for (netns, addr) in &nodes {
+                    if let Err(error) = telemetry::scrape(netns, *addr, "/metrics") {
+                        eprintln!("scraping {addr}: {error:#}");
+                    }
+                }
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Scraper {
+    fn drop(&mut self) {
+        let _ = self.stop.send(());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Builds the agent of git revision `rev` (release) in a worktree and target directory of
+/// its own under target/bench/against, and returns the binary's path.
+fn build_against(rev: &str) -> Result<PathBuf> {
+    let root = crate::workspace_root();
+    let dir = root.join("target/bench/against");
+    let tree = dir.join("tree");
+    fs::create_dir_all(&dir)?;
+    let git = |args: &[&str]| -> Result<()> {
+        let status = Command::new("git")
+            .args(args)
+            .current_dir(&root)
+            .stdout(Stdio::null())
+            .status()
+            .context("running git")?;
+        ensure!(
+            status.success(),
+            "`git {}` failed ({status})",
+            args.join(" ")
+        );
+        Ok(())
+    };
+    let tree_arg = tree.to_str().context("a non-UTF-8 path")?;
+    if tree.exists() {
+        git(&["worktree", "remove", "--force", tree_arg])?;
+    }
+    // The commit it names, so that what reaches git's other commands is a
+    // hash, never something that reads as an option.
+    let resolved = Command::new("git")
+        .args(["rev-parse", "--verify", "--end-of-options"])
+        .arg(format!("{rev}^{{commit}}"))
+        .current_dir(&root)
+        .output()
+        .context("running git")?;
+    ensure!(
+        resolved.status.success(),
+        "{rev:?} is not a commit here: {}",
+        String::from_utf8_lossy(&resolved.stderr).trim()
+    );
+    let commit = String::from_utf8(resolved.stdout)?.trim().to_owned();
+    println!(
+        "building the agent of {rev} ({commit}, release) in {}...",
+        tree.display()
+    );
+    git(&["worktree", "add", "--detach", tree_arg, &commit])?;
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "warren-agent",
+            "--bin",
+            "warren",
+        ])
+        .env("CARGO_TARGET_DIR", dir.join("target"))
+        .current_dir(&tree)
+        .status()
+        .context("running cargo")?;
+    let removed = git(&["worktree", "remove", "--force", tree_arg]);
+    ensure!(
+        status.success(),
+        "building the agent of {rev} failed ({status})"
+    );
+    removed?;
+    let binary = dir.join(format!("warren-{}", rev.replace('/', "_")));
+    fs::copy(dir.join("target/release/warren"), &binary)?;
+    Ok(binary)
 }
 
 /// Runs `probe` from `client` to `server`.
@@ -443,11 +626,16 @@ fn last_json_line(stdout: &str) -> Result<Value> {
         .with_context(|| format!("no JSON report in {stdout:?}"))
 }
 
-fn print_table(client: &Pod, targets: &[Target]) {
-    println!(
+fn print_table(client: &Pod, targets: &[Target], against: Option<&str>, rounds: usize) {
+    let other = against.map(|rev| format!("@{rev}"));
+    print!(
         "\n{:<34}{:>12}{:>12}{:>8}",
         "metric", "baseline", "warren", "ratio"
     );
+    if let Some(other) = &other {
+        print!("{:>12}{:>10}", truncate(other, 12), "vs @rev");
+    }
+    println!();
     for target in targets {
         println!(
             "{} ({} -> {})",
@@ -455,20 +643,32 @@ fn print_table(client: &Pod, targets: &[Target]) {
         );
         for (m, metric) in METRICS.iter().enumerate() {
             let (baseline, warren) = (median(&target.baseline[m]), median(&target.warren[m]));
-            println!(
+            print!(
                 "  {:<32}{baseline:>12.2}{warren:>12.2}{:>8.2}",
                 metric.label,
                 warren / baseline
             );
+            if other.is_some() {
+                let then = median(&target.against[m]);
+                print!("{then:>12.2}{:>10.3}", warren / then);
+            }
+            println!();
         }
     }
     println!(
-        "Medians of {ROUNDS} rounds. ratio = warren / baseline: higher is better for throughput \
+        "Medians of {rounds} rounds. ratio = warren / baseline: higher is better for throughput \
          and connections/s, lower is better for latency."
     );
+    if let Some(rev) = against {
+        println!("vs @rev = warren / the agent of {rev}, measured in the same rounds.");
+    }
 }
 
-fn to_json(client: &Pod, targets: &[Target]) -> Value {
+fn truncate(text: &str, width: usize) -> String {
+    text.chars().take(width).collect()
+}
+
+fn to_json(client: &Pod, targets: &[Target], against: Option<&str>, rounds: usize) -> Value {
     let targets: Vec<Value> = targets
         .iter()
         .map(|target| {
@@ -478,7 +678,7 @@ fn to_json(client: &Pod, targets: &[Target]) -> Value {
                 .map(|(m, metric)| {
                     let (baseline, warren) =
                         (median(&target.baseline[m]), median(&target.warren[m]));
-                    let value = json!({
+                    let mut value = json!({
                         "baseline": baseline,
                         "warren": warren,
                         "ratio": warren / baseline,
@@ -486,6 +686,12 @@ fn to_json(client: &Pod, targets: &[Target]) -> Value {
                         "baseline_rounds": target.baseline[m],
                         "warren_rounds": target.warren[m],
                     });
+                    if against.is_some() {
+                        let then = median(&target.against[m]);
+                        value["against"] = json!(then);
+                        value["ratio_against"] = json!(warren / then);
+                        value["against_rounds"] = json!(target.against[m]);
+                    }
                     (metric.key.to_owned(), value)
                 })
                 .collect();
@@ -498,10 +704,11 @@ fn to_json(client: &Pod, targets: &[Target]) -> Value {
         })
         .collect();
     json!({
-        "rounds": ROUNDS,
+        "rounds": rounds,
         "iperf_seconds": IPERF_SECONDS,
         "rr_count": RR_COUNT,
         "connrate_seconds": CONNRATE_SECONDS,
+        "against": against,
         "targets": targets,
     })
 }

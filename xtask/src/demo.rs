@@ -3,11 +3,15 @@
 //! is real: eBPF programs in the pods' cgroups, processes in network
 //! namespaces, a CA signing CSRs over mutual TLS, mutual TLS between the
 //! agents, bytes on veths. Every claim printed is checked first. The lab is
-//! torn down at the end, also on failure. The last scenes run the agents in
+//! torn down at the end, also on failure. Then what the agents report:
+//! Istio's metrics, the access log, the admin endpoint. The last scenes run the agents in
 //! Kubernetes mode against a real API server, and a new pod through the CNI
 //! plugin.
 
-use std::{net::SocketAddrV4, time::Instant};
+use std::{
+    net::{SocketAddr, SocketAddrV4},
+    time::Instant,
+};
 
 use anyhow::{Context, Result, anyhow, ensure};
 use warren_tests::{
@@ -18,9 +22,11 @@ use warren_tests::{
         Agent, CA_PORT, CaService, Call, Capture, LabCa, MeshWorkload, PATIENCE, Server,
         WireCapture, ca_agent_config, ca_workloads, contains,
     },
+    telemetry,
 };
 
 const PORT: u16 = 8080;
+const METRICS_PORT: u16 = 15020;
 const BYTES: usize = 4096;
 /// labpod's payload repeats this.
 const MARKER: &[u8] = b"warren-labpod-warren-labpod-";
@@ -70,7 +76,11 @@ pub fn run() -> Result<()> {
         signing.node_credential(node, &signing.root(), &credential, false)?;
         let ca_addr = std::net::SocketAddrV4::new(lab.node(0).ip, CA_PORT);
         let config = ca_agent_config(node, &mesh, ca_addr, &credential)
-            + &format!("policyDir: {}\n", policies.display());
+            + &format!(
+                "policyDir: {}\nmetricsListen: {}:{METRICS_PORT}\n",
+                policies.display(),
+                node.ip
+            );
         agents.push(Agent::start(node, &config, &dir)?);
     }
     println!(
@@ -183,6 +193,9 @@ pub fn run() -> Result<()> {
     })?;
     println!("   Allowed by {}.", allowed.field("policy"));
 
+    println!("\n5. What the agents report");
+    observability(&lab, &agents)?;
+
     for agent in &mut agents {
         agent.stop()?;
     }
@@ -198,11 +211,11 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
-/// Scene 5: the same agents in Kubernetes mode, learning the mesh from a real
+/// Scene 6: the same agents in Kubernetes mode, learning the mesh from a real
 /// API server (the lab plays the kubelet).
 fn kubernetes() -> Result<()> {
     println!(
-        "\n5. On Kubernetes: a real API server and controller manager (1.20, built from \
+        "\n6. On Kubernetes: a real API server and controller manager (1.20, built from \
          Debian's source package), the lab playing the kubelet, an agent per node reading the \
          API with its own service account (RBAC as in deploy/kustomize/base/agent/rbac.yaml)"
     );
@@ -329,11 +342,11 @@ fn kubernetes() -> Result<()> {
     Ok(())
 }
 
-/// Scene 6: a pod made the way a container runtime makes it, with the CNI
+/// Scene 7: a pod made the way a container runtime makes it, with the CNI
 /// plugin holding it until its agent has captured it.
 fn new_pod_through_cni() -> Result<()> {
     println!(
-        "\n6. A new pod, held until it is captured: each agent put warren-cni after its node's \
+        "\n7. A new pod, held until it is captured: each agent put warren-cni after its node's \
          primary CNI (Debian's bridge + host-local), and the lab makes sandboxes as containerd \
          does (the pod's cgroup, an empty network namespace, then each plugin of the list)"
     );
@@ -431,10 +444,14 @@ fn conversation(
         "a mesh destination went by {}",
         capture.path
     );
+    // The access log's line for it, once both ends have closed.
     let closed = client_agent.wait_for(PATIENCE, |l| {
-        l.message() == "connection closed" && l.field("src") == capture.src.to_string()
+        l.field("target") == "access" && l.field("src.addr") == capture.src.to_string()
     })?;
-    let (relayed_out, relayed_in) = (closed.0["sent"].clone(), closed.0["received"].clone());
+    let (relayed_out, relayed_in) = (
+        closed.0["request_bytes"].clone(),
+        closed.0["response_bytes"].clone(),
+    );
     let client_node = client_agent.node.clone();
 
     let server_agent = &mut agents[node_index(&server.pod.node)];
@@ -476,6 +493,80 @@ fn conversation(
     println!(
         "   The server saw the caller as {}: the client pod's own address, not an agent's.",
         served.peer
+    );
+    Ok(())
+}
+
+/// Scene 5: node-1's metrics (Istio's names), its access log and its admin endpoint, read
+/// as an operator would.
+fn observability(lab: &Lab, agents: &[Agent]) -> Result<()> {
+    let node = lab.node(0);
+    let metrics = SocketAddr::from((node.ip, METRICS_PORT));
+    let scraped = telemetry::scrape(&node.netns_path(), metrics, "/stats/prometheus")?;
+    let sum = |metric: &str, matching: &[(&str, &str)]| -> f64 {
+        scraped
+            .of(metric)
+            .filter(|s| matching.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .filter_map(|s| telemetry::number(s).ok())
+            .sum()
+    };
+    let inbound = [
+        ("reporter", "destination"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    let opened = sum("istio_tcp_connections_opened_total", &inbound);
+    let received = sum("istio_tcp_received_bytes_total", &inbound);
+    let plaintext = sum(
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "destination"),
+            ("connection_security_policy", "none"),
+        ],
+    );
+    let dropped = sum(
+        "warren_kernel_drops_total",
+        &[("reason", "strict_plaintext")],
+    );
+    ensure!(
+        opened >= 2.0 && dropped >= 1.0,
+        "the metrics missed the scenes above"
+    );
+    println!(
+        "   node-1's agent serves Prometheus metrics on {metrics}, with Istio's names and labels: \
+         {opened} mutual-TLS connections into its pods (istio_tcp_connections_opened_total, \
+         reporter=\"destination\"), {received} bytes from their clients, {plaintext} in plaintext \
+         (connection_security_policy=\"none\"); and warren's own: {dropped} plaintext SYNs dropped \
+         by the kernel under STRICT (warren_kernel_drops_total)."
+    );
+    // The destination's line: it has the policy decision.
+    let access = agents[0]
+        .lines()
+        .into_iter()
+        .rfind(|l| l.field("target") == "access" && l.field("direction") == "inbound")
+        .context("no access log line")?;
+    println!(
+        "   Each connection ends with one line on the `access` log target of each agent: the \
+         last one node-1's agent wrote as the destination says {} -> {} ({}), {} bytes in, {} \
+         out, {} ms, decided by {}.",
+        access.field("src.workload"),
+        access.field("dst.workload"),
+        access.field("path"),
+        access.0["request_bytes"],
+        access.0["response_bytes"],
+        access.0["duration_ms"],
+        access.field("policy"),
+    );
+    let admin = SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 15000));
+    let dump = telemetry::http(&node.netns_path(), admin, "GET", "/config_dump")?;
+    let dump: serde_json::Value = serde_json::from_str(&dump.body)?;
+    let certificates = dump["certificates"].as_array().cloned().unwrap_or_default();
+    println!(
+        "   On the node's loopback only, the admin endpoint (127.0.0.1:15000/config_dump) shows \
+         the agent's view: {} workloads, {} pods enrolled here, {} certificates held (identity, \
+         serial, expiry; never a key); POST /logging?level=... changes the log filter live.",
+        dump["workloads"].as_array().map_or(0, Vec::len),
+        dump["pods"].as_array().map_or(0, Vec::len),
+        certificates.len(),
     );
     Ok(())
 }

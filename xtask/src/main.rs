@@ -48,8 +48,9 @@ enum Task {
         #[command(subcommand)]
         action: lab::Action,
     },
-    /// Measure throughput, latency and connection rate with warren against without (needs root).
-    Bench,
+    /// Measure throughput, latency and connection rate with warren against without (needs root);
+    /// `--against REV` also measures the agent of another git revision.
+    Bench(bench::Args),
     /// Measure what the agent's Kubernetes discovery costs at scale, 10k pods (needs root).
     BenchDiscovery(bench_discovery::Args),
     /// Build OCI images of the agent and the CA as archives under target/images/, and run
@@ -63,7 +64,7 @@ fn main() -> Result<()> {
         Task::Test { args } => test(&args),
         Task::Demo => demo::run(),
         Task::Lab { action } => lab::run(action),
-        Task::Bench => bench::run(),
+        Task::Bench(args) => bench::run(&args),
         Task::BenchDiscovery(args) => bench_discovery::run(&args),
         Task::Image(args) => image::run(&args),
     }

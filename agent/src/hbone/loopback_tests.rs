@@ -16,7 +16,7 @@ use tokio::{
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use super::{
-    check_request,
+    Trace, check_request,
     client::{Connection, Keepalive},
     connect_request,
     copy::relay,
@@ -142,7 +142,11 @@ async fn socket_pair() -> (TcpStream, TcpStream) {
 async fn exchange(connection: &Connection, app: SocketAddr, payload: &[u8]) -> String {
     let (proxy_side, mut app_side) = socket_pair().await;
     let (response, send) = connection
-        .send(connect_request(app, "127.0.0.1:4000".parse().unwrap()))
+        .send(connect_request(
+            app,
+            "127.0.0.1:4000".parse().unwrap(),
+            Trace::start(),
+        ))
         .await
         .unwrap();
     assert_eq!(response.status(), http::StatusCode::OK);
@@ -276,7 +280,11 @@ async fn a_dead_connection_fails_its_streams_and_is_replaced() {
     let started = Instant::now();
     let result = checkout
         .connection()
-        .send(connect_request(app, "127.0.0.1:4000".parse().unwrap()))
+        .send(connect_request(
+            app,
+            "127.0.0.1:4000".parse().unwrap(),
+            Trace::start(),
+        ))
         .await;
     assert!(result.is_err());
     assert!(started.elapsed() < Duration::from_secs(5));

@@ -104,13 +104,14 @@ pub fn check_request<B>(request: &http::Request<B>, pod_ip: IpAddr) -> Result<So
     Ok(dst)
 }
 
-/// The CONNECT request for `dst`, on behalf of a client at `src`.
-pub fn connect_request(dst: SocketAddr, src: SocketAddr) -> http::Request<()> {
+/// The CONNECT request for `dst`, on behalf of a client at `src`, in the
+/// trace `trace`.
+pub fn connect_request(dst: SocketAddr, src: SocketAddr, trace: Trace) -> http::Request<()> {
     http::Request::builder()
         .method(http::Method::CONNECT)
         .uri(dst.to_string())
         .header("forwarded", format!("for=\"{src}\""))
-        .header("traceparent", traceparent())
+        .header("traceparent", trace.traceparent())
         .body(())
         .expect("a CONNECT request from valid addresses is well-formed")
 }
@@ -126,10 +127,71 @@ pub fn forwarded_for<B>(request: &http::Request<B>) -> Option<SocketAddr> {
 
 /// A fresh W3C trace context (version 00, not sampled): a new trace per
 /// proxied connection, so logs on both nodes can be joined.
-fn traceparent() -> String {
-    let trace: u128 = rand::random();
-    let span: u64 = rand::random();
-    format!("00-{trace:032x}-{span:016x}-00")
+/// Shows the trace id (32 hex digits), what log lines carry.
+impl std::fmt::Display for Trace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:032x}", self.trace_id)
+    }
+}
+
+/// A W3C trace context (`traceparent`): the trace a connection belongs
+/// to. The source's agent starts one per connection and sends it with the
+/// CONNECT; the destination's agent continues it, so both agents' log lines
+/// of one connection carry the same trace id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Trace {
+    pub trace_id: u128,
+    /// The sender's span (what the receiver calls its parent).
+    pub span_id: u64,
+}
+
+impl Trace {
+    /// A new trace.
+    pub fn start() -> Self {
+        Self {
+            // Zero is invalid in both (W3C trace context).
+            trace_id: rand::random::<u128>().max(1),
+            span_id: rand::random::<u64>().max(1),
+        }
+    }
+
+    /// The trace of a CONNECT's `traceparent` header (version 00), if it
+    /// carries a valid one; a new trace otherwise.
+    pub fn of<B>(request: &http::Request<B>) -> Self {
+        request
+            .headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(Self::parse)
+            .unwrap_or_else(Self::start)
+    }
+
+    fn parse(header: &str) -> Option<Self> {
+        let mut parts = header.split('-');
+        let (version, trace, span, flags) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
+        if parts.next().is_some()
+            || version != "00"
+            || !hex(trace, 32)
+            || !hex(span, 16)
+            || !hex(flags, 2)
+        {
+            return None;
+        }
+        let trace_id = u128::from_str_radix(trace, 16).ok()?;
+        let span_id = u64::from_str_radix(span, 16).ok()?;
+        (trace_id != 0 && span_id != 0).then_some(Self { trace_id, span_id })
+    }
+
+    /// The trace id as W3C writes it (32 hex digits).
+    pub fn trace_id(&self) -> String {
+        self.to_string()
+    }
+
+    pub fn traceparent(&self) -> String {
+        format!("00-{:032x}-{:016x}-00", self.trace_id, self.span_id)
+    }
 }
 
 #[cfg(test)]
@@ -175,9 +237,11 @@ mod tests {
 
     #[test]
     fn connect_request_carries_forwarded_and_traceparent() {
+        let trace = Trace::start();
         let req = connect_request(
             "10.0.0.2:80".parse().unwrap(),
             "10.0.0.1:4000".parse().unwrap(),
+            trace,
         );
         assert_eq!(req.method(), http::Method::CONNECT);
         assert_eq!(req.uri().authority().unwrap().as_str(), "10.0.0.2:80");
@@ -188,6 +252,40 @@ mod tests {
             (parts[0], parts[1].len(), parts[2].len(), parts[3]),
             ("00", 32, 16, "00")
         );
+        // The destination reads back the same trace.
+        assert_eq!(Trace::of(&req), trace);
+    }
+
+    #[test]
+    fn a_missing_or_malformed_traceparent_starts_a_new_trace() {
+        let with = |value: &str| {
+            http::Request::builder()
+                .header("traceparent", value)
+                .body(())
+                .unwrap()
+        };
+        let valid = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let trace = Trace::of(&with(valid));
+        assert_eq!(trace.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(trace.span_id, 0x00f0_67aa_0ba9_02b7);
+        for bad in [
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-+bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+            "garbage",
+        ] {
+            let fresh = Trace::of(&with(bad));
+            assert_ne!(
+                fresh.trace_id(),
+                "4bf92f3577b34da6a3ce929d0e0e4736",
+                "{bad}"
+            );
+            assert_ne!(fresh.trace_id, 0, "{bad}");
+        }
+        assert_ne!(Trace::of(&http::Request::new(())).trace_id, 0);
     }
 }
 

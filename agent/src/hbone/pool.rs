@@ -20,8 +20,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::client::{Connection, Keepalive};
+use prometheus_client::metrics::gauge::Gauge;
 use warren_pki::identity::SpiffeId;
+
+use super::client::{Connection, Keepalive};
+use crate::metrics::Live;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
@@ -61,6 +64,10 @@ pub struct Pool {
     settings: Settings,
     slots: Mutex<HashMap<PoolKey, Slot>>,
     next_id: AtomicU64,
+    /// Connections alive (in the pool, or retired and finishing their
+    /// streams), and streams checked out.
+    connections: Gauge,
+    streams: Gauge,
 }
 
 #[derive(Debug)]
@@ -69,6 +76,7 @@ struct Pooled {
     connection: Connection,
     active: AtomicUsize,
     idle_since: Mutex<Instant>,
+    _alive: Live,
 }
 
 impl Pooled {
@@ -87,6 +95,7 @@ impl Pooled {
 pub struct Checkout {
     pooled: Arc<Pooled>,
     reused: bool,
+    _alive: Live,
 }
 
 impl Checkout {
@@ -119,7 +128,16 @@ impl Pool {
             settings,
             slots: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            connections: Gauge::default(),
+            streams: Gauge::default(),
         }
+    }
+
+    /// Counts the pool's live connections and streams in these gauges.
+    pub fn with_gauges(mut self, connections: Gauge, streams: Gauge) -> Self {
+        self.connections = connections;
+        self.streams = streams;
+        self
     }
 
     pub fn settings(&self) -> Settings {
@@ -143,6 +161,7 @@ impl Pool {
             return Ok(Checkout {
                 pooled: pooled.clone(),
                 reused: true,
+                _alive: Live::new(&self.streams),
             });
         }
         let pooled = Arc::new(Pooled {
@@ -150,11 +169,13 @@ impl Pool {
             connection: connect().await?,
             active: AtomicUsize::new(1),
             idle_since: Mutex::new(Instant::now()),
+            _alive: Live::new(&self.connections),
         });
         connections.push(pooled.clone());
         Ok(Checkout {
             pooled,
             reused: false,
+            _alive: Live::new(&self.streams),
         })
     }
 

@@ -316,6 +316,7 @@ fn workload(
     Some(Workload {
         name: pod.name.clone(),
         namespace: pod.namespace.clone(),
+        workload_name: pod.workload_name.clone(),
         service_account: pod.service_account.clone(),
         identity,
         ip,
@@ -421,7 +422,8 @@ fn services(tables: &Tables) -> Services {
                 ports.push((
                     SocketAddrV4::new(*vip, *port),
                     ServicePort {
-                        service: format!("{}/{}", service.namespace, service.name),
+                        name: service.name.clone(),
+                        namespace: service.namespace.clone(),
                         endpoints: endpoints.clone(),
                     },
                 ));

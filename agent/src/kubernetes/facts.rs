@@ -35,6 +35,8 @@ pub struct PodFacts {
     pub name: String,
     pub namespace: String,
     pub uid: String,
+    /// Istio's workload name: see [`workload_name`].
+    pub workload_name: String,
     pub labels: Labels,
     /// `spec.nodeName`: none until scheduled.
     pub node: Option<String>,
@@ -83,6 +85,7 @@ pub fn pod(pod: &Pod) -> Option<PodFacts> {
         name: pod.name_any(),
         namespace: pod.namespace().unwrap_or_default(),
         uid: pod.uid().unwrap_or_default(),
+        workload_name: workload_name(pod),
         has_sidecar: annotations.contains_key(SIDECAR_ANNOTATION),
         mirror: annotations.contains_key(MIRROR_ANNOTATION),
         labels: pod.labels().clone(),
@@ -99,6 +102,50 @@ pub fn pod(pod: &Pod) -> Option<PodFacts> {
         created: pod.metadata.creation_timestamp.as_ref().map(|t| t.0),
         probe_ports: probe_ports(containers),
     })
+}
+
+/// The workload a pod belongs to, named as Istio names it in metrics: its
+/// controller's name, and for the controllers that make pods through
+/// another the outer one's (a Deployment's ReplicaSet `web-5d4f8b7c9`
+/// gives `web`; a CronJob's Job `backup-28735200` gives `backup`); a pod
+/// without a controller is its own workload.
+fn workload_name(pod: &Pod) -> String {
+    let name = pod.name_any();
+    let Some(owner) = pod
+        .owner_references()
+        .iter()
+        .find(|o| o.controller == Some(true))
+    else {
+        return name;
+    };
+    let labels = pod.labels();
+    let trimmed = |suffix: &str| {
+        owner
+            .name
+            .strip_suffix(suffix)
+            .and_then(|rest| rest.strip_suffix('-'))
+            .filter(|rest| !rest.is_empty())
+            .map(str::to_owned)
+    };
+    match owner.kind.as_str() {
+        // The ReplicaSet's suffix is the pod template's hash, which the
+        // Deployment also puts on the pod as a label.
+        "ReplicaSet" => labels
+            .get("pod-template-hash")
+            .and_then(|hash| trimmed(hash)),
+        // A CronJob names its Jobs `<cronjob>-<scheduled minute>`.
+        "Job" => owner
+            .name
+            .rsplit_once('-')
+            .filter(|(cron, time)| {
+                !cron.is_empty() && time.len() >= 8 && time.bytes().all(|b| b.is_ascii_digit())
+            })
+            .map(|(cron, _)| cron.to_owned()),
+        // OpenShift's DeploymentConfig labels its pods with its name.
+        "ReplicationController" => labels.get("deploymentconfig").cloned(),
+        _ => None,
+    }
+    .unwrap_or_else(|| owner.name.clone())
 }
 
 /// Probe ports a pod may have let through: each is an entry in a kernel map

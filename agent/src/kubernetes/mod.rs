@@ -31,7 +31,7 @@ use tracing::{error, info, warn};
 
 use warren_pki::identity::TrustDomain;
 
-use crate::mesh::Store;
+use crate::{mesh::Store, metrics::Metrics};
 pub use watch::Reported;
 use watch::{Shared, Tables};
 
@@ -153,8 +153,9 @@ pub fn spawn(
     client: Client,
     context: Context,
     store: Store,
+    metrics: Arc<Metrics>,
 ) -> (tokio::task::JoinHandle<()>, Source) {
-    let shared = Arc::new(Shared::default());
+    let shared = Arc::new(Shared::counted(metrics));
     let reports = load_reports(&context);
     if !reports.is_empty() {
         info!(

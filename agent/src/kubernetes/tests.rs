@@ -441,7 +441,7 @@ fn service_ports_lead_to_ready_endpoints_with_target_ports_resolved_per_slice() 
     let built = build(&tables, &context());
     let vip = |port| SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), port);
     let http = built.services.get(vip(80)).unwrap();
-    assert_eq!(http.service, "shop/web");
+    assert_eq!(http.qualified_name(), "shop/web");
     let expected: Vec<SocketAddrV4> = ["10.244.1.2:8080", "10.244.2.2:8080", "10.244.2.3:8081"]
         .iter()
         .map(|a| a.parse().unwrap())
@@ -632,4 +632,46 @@ fn a_reported_sandbox_makes_a_workload_before_the_api_server_has_its_address() {
             .by_ip(Ipv4Addr::new(10, 244, 2, 3))
             .is_some()
     );
+}
+
+#[test]
+fn a_pods_workload_is_named_as_istio_names_it() {
+    let owned = |kind: &str, owner: &str, labels: serde_json::Value| {
+        let mut pod = pod(
+            "shop",
+            "web-5d4f8b7c9-x2x7q",
+            "node-1",
+            "10.244.1.2",
+            labels,
+        );
+        pod.metadata.owner_references = Some(vec![
+            serde_json::from_value(json!({
+                "apiVersion": "apps/v1", "kind": kind, "name": owner, "uid": "u", "controller": true
+            }))
+            .unwrap(),
+        ]);
+        facts::pod(&pod).unwrap().workload_name
+    };
+    let hash = json!({"pod-template-hash": "5d4f8b7c9"});
+    assert_eq!(owned("ReplicaSet", "web-5d4f8b7c9", hash.clone()), "web");
+    // A ReplicaSet of its own (no Deployment's hash): itself.
+    assert_eq!(
+        owned("ReplicaSet", "web-5d4f8b7c9", json!({})),
+        "web-5d4f8b7c9"
+    );
+    assert_eq!(owned("ReplicaSet", "5d4f8b7c9", hash), "5d4f8b7c9");
+    assert_eq!(owned("Job", "backup-28735200", json!({})), "backup");
+    assert_eq!(owned("Job", "migrate-v2", json!({})), "migrate-v2");
+    assert_eq!(owned("StatefulSet", "db", json!({})), "db");
+    assert_eq!(
+        owned(
+            "ReplicationController",
+            "shop-3",
+            json!({"deploymentconfig": "shop"})
+        ),
+        "shop"
+    );
+    // No controller: the pod is its own workload.
+    let bare = pod("shop", "debug", "node-1", "10.244.1.3", json!({}));
+    assert_eq!(facts::pod(&bare).unwrap().workload_name, "debug");
 }

@@ -18,7 +18,7 @@ use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
 use super::facts::{PodFacts, PolicyFacts, ServiceFacts, SliceFacts};
-use crate::mesh::Labels;
+use crate::{mesh::Labels, metrics::Metrics};
 
 /// The facts of one kind's objects, by `namespace/name` (by name for
 /// cluster-wide kinds: namespaces).
@@ -85,9 +85,19 @@ pub struct Reported {
 pub struct Shared {
     tables: Mutex<Tables>,
     pub changed: Notify,
+    /// Where watch failures are counted (none in unit tests).
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 impl Shared {
+    /// Tables that count the watches' failures in `metrics`.
+    pub fn counted(metrics: Arc<Metrics>) -> Self {
+        Self {
+            metrics: Some(metrics),
+            ..Self::default()
+        }
+    }
+
     pub fn tables(&self) -> MutexGuard<'_, Tables> {
         self.tables.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -162,6 +172,9 @@ async fn run<K, F>(
                         error = %error,
                         "cannot watch the API server; serving the last view of the mesh, retrying"
                     );
+                }
+                if let Some(metrics) = &shared.metrics {
+                    metrics.discovery_error();
                 }
                 failing = true;
                 continue;

@@ -12,6 +12,25 @@ mod store;
 mod workload;
 
 pub use policy::Policies;
+
+/// The cluster the mesh is in, as Istio's metrics and Services' names
+/// refer to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    /// Istio's cluster ID (`Kubernetes` unless set otherwise).
+    pub id: String,
+    /// The cluster's DNS domain.
+    pub domain: String,
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Self {
+            id: "Kubernetes".into(),
+            domain: "cluster.local".into(),
+        }
+    }
+}
 pub use service::{ServicePort, Services};
 pub use store::{Snapshot, Store};
 pub use workload::{Labels, LocalPod, Workload, Workloads};

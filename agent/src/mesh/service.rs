@@ -10,11 +10,25 @@ use std::{
 /// Where connections to one port of a Service's virtual address may go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServicePort {
-    /// `namespace/name`, for logs.
-    pub service: String,
+    /// The Service's name and namespace.
+    pub name: String,
+    pub namespace: String,
     /// The ready endpoints, each with the port this Service port leads to
     /// on it (named target ports resolve per endpoint).
     pub endpoints: Vec<SocketAddrV4>,
+}
+
+impl ServicePort {
+    /// `namespace/name`, how operators refer to a Service.
+    pub fn qualified_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The Service's DNS name in a cluster whose domain is `domain`, which
+    /// Istio's metrics call the destination service.
+    pub fn hostname(&self, domain: &str) -> String {
+        format!("{}.{}.svc.{domain}", self.name, self.namespace)
+    }
 }
 
 /// Every service port of the mesh, by virtual address and port.
@@ -38,6 +52,12 @@ impl Services {
     /// Whether `ip` is a Service's virtual address.
     pub fn is_vip(&self, ip: Ipv4Addr) -> bool {
         self.vips.contains(&ip)
+    }
+
+    /// Every service port with its virtual address and port, in no
+    /// particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&SocketAddrV4, &Arc<ServicePort>)> {
+        self.by_vip.iter()
     }
 
     /// The service port at `vip` (a ClusterIP and a port), if any.

@@ -136,6 +136,7 @@ mod tests {
         Workload {
             name: "a".into(),
             namespace: "ns".into(),
+            workload_name: "w".into(),
             service_account: "sa".into(),
             identity: SpiffeId::new(TrustDomain::new("cluster.local").unwrap(), "ns", "sa")
                 .unwrap(),

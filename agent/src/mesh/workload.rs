@@ -18,6 +18,10 @@ pub struct Workload {
     /// Pod name, unique within its namespace.
     pub name: String,
     pub namespace: String,
+    /// What Istio calls the pod's workload: the Deployment (or other
+    /// owner) it belongs to, else the pod itself. Metrics are labelled by
+    /// it, so that a workload's pods add up.
+    pub workload_name: String,
     pub service_account: String,
     pub identity: SpiffeId,
     pub ip: Ipv4Addr,
@@ -56,6 +60,34 @@ impl Workload {
     /// `namespace/name`, how operators refer to a pod.
     pub fn qualified_name(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The canonical service, as Istio names it: the
+    /// `service.istio.io/canonical-name` label, else the
+    /// `app.kubernetes.io/name` or `app` label, else the workload name.
+    pub fn canonical_service(&self) -> &str {
+        [
+            "service.istio.io/canonical-name",
+            "app.kubernetes.io/name",
+            "app",
+        ]
+        .iter()
+        .find_map(|key| self.labels.get(*key))
+        .map_or(&self.workload_name, |v| v)
+    }
+
+    /// The canonical revision, as Istio names it: the
+    /// `service.istio.io/canonical-revision` label, else the
+    /// `app.kubernetes.io/version` or `version` label, else `latest`.
+    pub fn canonical_revision(&self) -> &str {
+        [
+            "service.istio.io/canonical-revision",
+            "app.kubernetes.io/version",
+            "version",
+        ]
+        .iter()
+        .find_map(|key| self.labels.get(*key))
+        .map_or("latest", |v| v)
     }
 
     /// Whether `other` is the same pod in the same place, so that it needs
@@ -109,6 +141,11 @@ impl Workloads {
         self.by_ip.get(&ip)
     }
 
+    /// Every workload, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.by_ip.values()
+    }
+
     /// The workloads of this node, which the agent enrolls.
     pub fn local(&self) -> impl Iterator<Item = &Arc<Workload>> {
         self.by_ip.values().filter(|w| w.local.is_some())
@@ -120,5 +157,81 @@ impl Workloads {
 
     pub fn is_empty(&self) -> bool {
         self.by_ip.is_empty()
+    }
+}
+
+#[cfg(test)]
+impl Workload {
+    /// A pod of the workload `sa` (named after its service account) in
+    /// `namespace`, at `ip`, on another node.
+    pub(crate) fn for_tests(
+        namespace: &str,
+        sa: &str,
+        ip: [u8; 4],
+        labels: &[(&str, &str)],
+    ) -> Self {
+        Workload {
+            name: format!("{sa}-5d4f8b7c9-x2x7q"),
+            namespace: namespace.into(),
+            workload_name: sa.into(),
+            service_account: sa.into(),
+            identity: format!("spiffe://cluster.local/ns/{namespace}/sa/{sa}")
+                .parse()
+                .expect("a valid SPIFFE ID"),
+            ip: ip.into(),
+            node: "node-1".into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            local: None,
+            probe_ports: BTreeSet::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workload(labels: &[(&str, &str)]) -> Workload {
+        Workload::for_tests("shop", "web", [10, 244, 1, 2], labels)
+    }
+
+    #[test]
+    fn canonical_service_and_revision_follow_istios_labels_in_order() {
+        let bare = workload(&[]);
+        assert_eq!(
+            (bare.canonical_service(), bare.canonical_revision()),
+            ("web", "latest")
+        );
+        let app = workload(&[("app", "shop-web"), ("version", "v2")]);
+        assert_eq!(
+            (app.canonical_service(), app.canonical_revision()),
+            ("shop-web", "v2")
+        );
+        let recommended = workload(&[
+            ("app", "shop-web"),
+            ("app.kubernetes.io/name", "web-ui"),
+            ("version", "v2"),
+            ("app.kubernetes.io/version", "2.1"),
+        ]);
+        assert_eq!(
+            (
+                recommended.canonical_service(),
+                recommended.canonical_revision()
+            ),
+            ("web-ui", "2.1")
+        );
+        let istio = workload(&[
+            ("app", "shop-web"),
+            ("service.istio.io/canonical-name", "storefront"),
+            ("version", "v2"),
+            ("service.istio.io/canonical-revision", "canary"),
+        ]);
+        assert_eq!(
+            (istio.canonical_service(), istio.canonical_revision()),
+            ("storefront", "canary")
+        );
     }
 }

@@ -10,7 +10,7 @@ use std::{
     io,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::{Arc, Mutex},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, SystemTime},
 };
 
 use bytes::Bytes;
@@ -22,7 +22,7 @@ use tokio::{
     time::timeout,
 };
 use tokio_rustls::TlsAcceptor;
-use tracing::{info, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{PodProxy, transparent};
 use warren_daemon::logging::Chain;
@@ -32,8 +32,9 @@ use warren_pki::{
 };
 
 use crate::{
-    hbone::{self, Refusal, copy::relay, server},
+    hbone::{self, Refusal, Trace, copy::relay, server},
     mesh::policy::MtlsMode,
+    metrics::traffic::{Connection, Outcome, Path, Reporter, ResponseFlag},
     tls,
 };
 use warren_common::INBOUND_PLAINTEXT_PORT;
@@ -212,9 +213,23 @@ async fn accept_loop<F, Fut>(
 impl PodInbound {
     /// A plaintext connection handed over by the ingress program: its local
     /// address is where the client was going.
-    async fn plaintext(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr) {
-        let workload = self.pod.workload.qualified_name();
+    async fn plaintext(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
         let Ok(dst) = client.local_addr() else { return };
+        let id = super::connection_id();
+        let span = info_span!("inbound", connection = id,);
+        self.plaintext_in_span(client, peer, dst, id)
+            .instrument(span)
+            .await
+    }
+
+    async fn plaintext_in_span(
+        &self,
+        client: TcpStream,
+        peer: SocketAddr,
+        dst: SocketAddr,
+        id: u64,
+    ) {
+        let workload = self.pod.workload.qualified_name();
         let refuse = |reason: &str| {
             warn!(%workload, src = %peer, %dst, %reason, "plaintext connection refused");
         };
@@ -234,9 +249,32 @@ impl PodInbound {
             // The kernel drops these; this is a mode change racing a SYN.
             return refuse("the pod's mTLS mode is STRICT");
         }
+        // Plaintext proves no identity: the client is described by its
+        // address alone (which the egress check of its own node vouches for,
+        // if it is a pod of the mesh).
+        let source = self.pod.state.borrow().workload_by_ip(src_ip).cloned();
+        let me = self.pod.current();
+        let tracked = self.pod.metrics.traffic.open(&Connection {
+            reporter: Reporter::destination,
+            path: Path::PlaintextInbound,
+            id,
+            trace_id: None,
+            src: peer,
+            dst,
+            source: source.as_deref(),
+            source_identity: None,
+            destination: Some(&me),
+            service: None,
+        });
         let decision = self.pod.authorize(None, peer.ip(), dst);
         if !decision.allowed {
-            return refuse(&format!("denied by policy: {}", decision.reason));
+            let reason = format!("denied by policy: {}", decision.reason);
+            refuse(&reason);
+            return tracked.close(Outcome::failed(
+                ResponseFlag::Denied,
+                Some(decision.reason),
+                reason,
+            ));
         }
         // The delivery socket takes an ephemeral port of the client's
         // address; should it be the client's own port, the tuple is this very
@@ -245,24 +283,31 @@ impl PodInbound {
             Err(_) => transparent::connect(&self.pod.netns, src_ip, dst).await,
             ok => ok,
         };
-        let mut app = match connected {
+        let app = match connected {
             Ok(app) => app,
-            Err(e) => return refuse(&format!("connecting to the application failed: {e}")),
+            Err(e) => {
+                let reason = format!("connecting to the application failed: {e}");
+                refuse(&reason);
+                return tracked.close(Outcome::failed(
+                    ResponseFlag::ConnectFailed,
+                    Some(decision.reason),
+                    reason,
+                ));
+            }
         };
-        info!(
+        debug!(
             %workload, src = %peer, %dst, %mode, policy = %decision.reason,
             "accepted plaintext connection"
         );
-        let started = Instant::now();
+        let mut client = client;
+        let mut app = tracked.server_side(app);
         match tokio::io::copy_bidirectional(&mut client, &mut app).await {
-            Ok((sent, received)) => info!(
-                %workload, src = %peer, %dst, sent, received,
-                duration_ms = started.elapsed().as_millis() as u64,
-                "plaintext connection closed"
-            ),
-            Err(error) => {
-                warn!(%workload, src = %peer, %dst, error = %Chain(&error), "plaintext connection failed")
-            }
+            Ok(_) => tracked.close(Outcome::completed(Some(decision.reason))),
+            Err(error) => tracked.close(Outcome::failed(
+                ResponseFlag::None,
+                Some(decision.reason),
+                Chain(&error).to_string(),
+            )),
         }
     }
 
@@ -353,12 +398,35 @@ impl PodInbound {
         }
     }
 
+    /// Serves one CONNECT stream, in a span of its own that continues the
+    /// client's trace.
     async fn stream(
         self: Arc<Self>,
         peer_identity: SpiffeId,
         peer: SocketAddr,
         request: http::Request<RecvStream>,
+        respond: SendResponse<Bytes>,
+    ) {
+        let id = super::connection_id();
+        let trace = Trace::of(&request);
+        let span = info_span!(
+            "inbound",
+            connection = id,
+            trace_id = %trace,
+        );
+        self.stream_in_span(peer_identity, peer, request, respond, id, trace)
+            .instrument(span)
+            .await
+    }
+
+    async fn stream_in_span(
+        &self,
+        peer_identity: SpiffeId,
+        peer: SocketAddr,
+        request: http::Request<RecvStream>,
         mut respond: SendResponse<Bytes>,
+        id: u64,
+        trace: Trace,
     ) {
         let workload = self.pod.workload.qualified_name();
         let pod_ip = IpAddr::V4(self.pod.workload.ip);
@@ -377,17 +445,44 @@ impl PodInbound {
                 return;
             }
         };
+        // The client is the workload at the tunnel's source address, if
+        // that is the identity it authenticated as.
+        let source = match peer.ip() {
+            IpAddr::V4(ip) => self.pod.state.borrow().workload_by_ip(ip).cloned(),
+            IpAddr::V6(_) => None,
+        };
+        let me = self.pod.current();
+        let tracked = self.pod.metrics.traffic.open(&Connection {
+            reporter: Reporter::destination,
+            path: Path::Hbone,
+            id,
+            trace_id: Some(trace.trace_id),
+            src: peer,
+            dst,
+            source: source.as_deref(),
+            source_identity: Some(&peer_identity),
+            destination: Some(&me),
+            service: None,
+        });
+        let refused =
+            |respond: &mut SendResponse<Bytes>, refusal: Refusal, policy: Option<String>| {
+                warn!(
+                    %workload, %peer_identity, src = %peer, %dst,
+                    status = refusal.status().as_u16(),
+                    reason = %refusal,
+                    "HBONE stream refused"
+                );
+                server::refuse(respond, &refusal);
+                let flag = match refusal {
+                    Refusal::Denied(_) => ResponseFlag::Denied,
+                    _ => ResponseFlag::ConnectFailed,
+                };
+                Outcome::failed(flag, policy, refusal.to_string())
+            };
         let decision = self.pod.authorize(Some(&peer_identity), peer.ip(), dst);
         if !decision.allowed {
-            let refusal = Refusal::Denied(decision.reason);
-            warn!(
-                %workload, %peer_identity, src = %peer, %dst,
-                status = refusal.status().as_u16(),
-                reason = %refusal,
-                "HBONE stream refused"
-            );
-            server::refuse(&mut respond, &refusal);
-            return;
+            let refusal = Refusal::Denied(decision.reason.clone());
+            return tracked.close(refused(&mut respond, refusal, Some(decision.reason)));
         }
         // The application sees the address the tunnel came from: the client
         // pod's own (its agent dials from inside the client pod).
@@ -397,9 +492,7 @@ impl PodInbound {
                 dst,
                 reason: format!("cannot deliver as {peer}: only IPv4 clients are supported"),
             };
-            warn!(%workload, %peer_identity, %dst, status = 503, reason = %refusal, "HBONE stream refused");
-            server::refuse(&mut respond, &refusal);
-            return;
+            return tracked.close(refused(&mut respond, refusal, Some(decision.reason)));
         };
         let app = match transparent::connect(&self.pod.netns, src_ip, dst).await {
             Ok(app) => app,
@@ -408,21 +501,24 @@ impl PodInbound {
                     dst,
                     reason: e.to_string(),
                 };
-                warn!(%workload, %peer_identity, %dst, status = 503, reason = %refusal, "HBONE stream refused");
-                server::refuse(&mut respond, &refusal);
-                return;
+                return tracked.close(refused(&mut respond, refusal, Some(decision.reason)));
             }
         };
         let send = match server::accept(&mut respond) {
             Ok(send) => send,
             Err(error) => {
-                warn!(%workload, %peer_identity, error = %Chain(&error), "HBONE stream lost before it started");
-                return;
+                let error = Chain(&error).to_string();
+                warn!(%workload, %peer_identity, %error, "HBONE stream lost before it started");
+                return tracked.close(Outcome::failed(
+                    ResponseFlag::None,
+                    Some(decision.reason),
+                    error,
+                ));
             }
         };
         // `src` is the address the tunnel came from; what the client claims
         // in its `forwarded` header is logged apart, as a claim.
-        info!(
+        debug!(
             %workload,
             %peer_identity,
             src = %peer,
@@ -431,18 +527,14 @@ impl PodInbound {
             policy = %decision.reason,
             "accepted HBONE stream"
         );
-        let started = Instant::now();
+        let app = tracked.server_side(app);
         match relay(app, send, request.into_body()).await {
-            Ok(relayed) => info!(
-                %workload, %peer_identity, %dst,
-                sent = relayed.sent,
-                received = relayed.received,
-                duration_ms = started.elapsed().as_millis() as u64,
-                "HBONE stream closed"
-            ),
-            Err(error) => {
-                warn!(%workload, %peer_identity, %dst, error = %Chain(&error), "HBONE stream failed")
-            }
+            Ok(_) => tracked.close(Outcome::completed(Some(decision.reason))),
+            Err(error) => tracked.close(Outcome::failed(
+                ResponseFlag::None,
+                Some(decision.reason),
+                Chain(&error).to_string(),
+            )),
         }
     }
 }

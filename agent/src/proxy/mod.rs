@@ -11,7 +11,10 @@ pub mod transparent;
 
 use std::{
     net::{IpAddr, SocketAddr},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::SystemTime,
 };
 
@@ -29,9 +32,17 @@ use crate::{
         Policies, Snapshot, Workload,
         policy::{Connection, Decision},
     },
+    metrics::Metrics,
     netns::NetNs,
     redirect::OriginalDsts,
 };
+
+/// A new id for a connection, unique in this agent's life: its span and
+/// its access log line carry it.
+fn connection_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
 
 /// Everything the proxies of one enrolled pod need.
 pub struct PodProxy {
@@ -41,6 +52,7 @@ pub struct PodProxy {
     /// The mesh and the roots to trust.
     pub state: watch::Receiver<Arc<Snapshot>>,
     pub pool: Arc<Pool>,
+    pub metrics: Arc<Metrics>,
     /// The pod's certificate, none until the CA has issued one; replaced when
     /// renewed, and watched by the inbound side to retire connections made
     /// with the old one.
@@ -56,6 +68,7 @@ impl PodProxy {
         original_dsts: OriginalDsts,
         state: watch::Receiver<Arc<Snapshot>>,
         pool: Arc<Pool>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             workload,
@@ -63,6 +76,7 @@ impl PodProxy {
             original_dsts,
             state,
             pool,
+            metrics,
             certificate: watch::Sender::new(None),
         }
     }
@@ -143,6 +157,7 @@ impl PodProxy {
         for result in &decision.dry_run {
             info!(%workload, %source, %source_ip, %dst, %result, "dry-run policy");
         }
+        self.metrics.decided(&decision);
         decision
     }
 
@@ -155,6 +170,17 @@ impl PodProxy {
             .workload_by_ip(self.workload.ip)
             .map_or(&self.workload, |w| &**w);
         f(state.policies(), workload)
+    }
+
+    /// This pod as the mesh has it now: its labels, which the metrics
+    /// report, may have changed since it was enrolled.
+    fn current(&self) -> Arc<Workload> {
+        self.state
+            .borrow()
+            .workload_by_ip(self.workload.ip)
+            .filter(|w| w.same_pod(&self.workload))
+            .cloned()
+            .unwrap_or_else(|| Arc::new(self.workload.clone()))
     }
 
     fn hbone_addr(&self) -> SocketAddr {

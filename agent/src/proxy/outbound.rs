@@ -27,17 +27,18 @@ use std::{
     io,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     sync::Arc,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use rand::seq::SliceRandom;
 use rustls::pki_types::ServerName;
 use tokio::{
+    io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
     time::timeout,
 };
 use tokio_rustls::TlsConnector;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info_span, warn};
 use warren_common::OUTBOUND_PORT;
 use warren_daemon::logging::Chain;
 use warren_pki::tls::{TlsError, handshake_error};
@@ -45,12 +46,12 @@ use warren_pki::tls::{TlsError, handshake_error};
 use super::PodProxy;
 use crate::{
     hbone::{
-        self,
-        client::Connection,
+        self, Trace,
         copy::{Relayed, relay},
         pool::{Checkout, PoolKey},
     },
     mesh::{ServicePort, Workload, policy::MtlsMode},
+    metrics::traffic::{Connection, Outcome, Path, Reporter, ResponseFlag},
     tls,
 };
 
@@ -91,10 +92,10 @@ pub enum OutboundError {
 }
 
 /// Relays a plain TCP connection both ways until both ends are done.
-async fn relay_plain(
-    mut client: TcpStream,
-    mut upstream: TcpStream,
-) -> Result<Relayed, OutboundError> {
+async fn relay_plain<C>(mut client: C, mut upstream: TcpStream) -> Result<Relayed, OutboundError>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
     let (sent, received) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
     Ok(Relayed { sent, received })
 }
@@ -118,21 +119,59 @@ struct Stream {
     send: h2::SendStream<bytes::Bytes>,
 }
 
-impl Stream {
-    async fn relay(self, client: TcpStream) -> Result<Relayed, OutboundError> {
-        let Stream {
-            _checkout,
-            response,
-            send,
-        } = self;
-        Ok(relay(client, send, response.into_body()).await?)
-    }
-}
-
-/// The far end of a connection to a service endpoint.
+/// The far end of a captured connection, reached.
 enum Upstream {
     Tunnel(Stream),
     Plain(TcpStream),
+}
+
+/// Where a captured connection goes, as far as it is known.
+#[derive(Clone)]
+struct Target {
+    /// The address connected to (a Service's endpoint, for a Service).
+    addr: SocketAddrV4,
+    /// The mesh workload there, if any.
+    workload: Option<Arc<Workload>>,
+    service: Option<Arc<ServicePort>>,
+    path: Path,
+}
+
+/// A captured connection that reached its destination.
+struct Routed {
+    upstream: Upstream,
+    target: Target,
+}
+
+/// A captured connection that did not: why, and where it was going.
+struct Unrouted {
+    error: OutboundError,
+    target: Target,
+    /// Whether the client learns it by a reset (it has sent nothing
+    /// anywhere) rather than a close.
+    reset: bool,
+}
+
+impl Unrouted {
+    fn new(error: OutboundError, target: Target) -> Self {
+        Self {
+            error,
+            target,
+            reset: false,
+        }
+    }
+
+    fn with_reset(mut self) -> Self {
+        self.reset = true;
+        self
+    }
+
+    /// Istio's response flag for a connection that failed this way.
+    fn flag(&self) -> ResponseFlag {
+        match self.error {
+            OutboundError::Refused(http::StatusCode::UNAUTHORIZED) => ResponseFlag::Denied,
+            _ => ResponseFlag::ConnectFailed,
+        }
+    }
 }
 
 /// Opens the outbound listener inside the pod's network namespace.
@@ -165,7 +204,23 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodProxy>) {
 }
 
 impl PodProxy {
+    /// Serves one captured connection, in a span of its own: every log line
+    /// about it carries its id and its trace (the one sent to the
+    /// destination).
     async fn forward(self: Arc<Self>, client: TcpStream, src_port: u16) {
+        let id = super::connection_id();
+        let trace = Trace::start();
+        let span = info_span!(
+            "outbound",
+            connection = id,
+            trace_id = %trace,
+        );
+        self.forward_in_span(client, src_port, id, trace)
+            .instrument(span)
+            .await
+    }
+
+    async fn forward_in_span(&self, client: TcpStream, src_port: u16, id: u64, trace: Trace) {
         let workload = self.workload.qualified_name();
         let src = SocketAddrV4::new(self.workload.ip, src_port);
         let Some(dst) = self.original_dsts.take(self.netns.cookie(), src_port) else {
@@ -175,6 +230,62 @@ impl PodProxy {
             return;
         };
         let _ = client.set_nodelay(true);
+        let routed = self.route(src, dst, trace).await;
+        let target = match &routed {
+            Ok(routed) => &routed.target,
+            Err(unrouted) => &unrouted.target,
+        };
+        let me = self.current();
+        let tracked = self.metrics.traffic.open(&Connection {
+            reporter: Reporter::source,
+            path: target.path,
+            id,
+            trace_id: Some(trace.trace_id),
+            src: src.into(),
+            dst: target.addr.into(),
+            source: Some(&me),
+            source_identity: Some(&self.workload.identity),
+            destination: target.workload.as_deref(),
+            service: target.service.as_deref(),
+        });
+        let routed = match routed {
+            Ok(routed) => routed,
+            Err(unrouted) => {
+                if unrouted.reset {
+                    reset(&client);
+                }
+                let error = Chain(&unrouted.error).to_string();
+                warn!(%workload, %src, %dst, %error, "outbound connection failed");
+                tracked.close(Outcome::failed(unrouted.flag(), None, error));
+                return;
+            }
+        };
+        let client = tracked.client_side(client);
+        let relayed = match routed.upstream {
+            Upstream::Tunnel(stream) => relay(client, stream.send, stream.response.into_body())
+                .await
+                .map_err(OutboundError::from),
+            Upstream::Plain(upstream) => relay_plain(client, upstream).await,
+        };
+        match relayed {
+            Ok(_) => tracked.close(Outcome::completed(None)),
+            Err(error) => {
+                let error = Chain(&error).to_string();
+                warn!(%workload, %src, %dst, %error, "outbound connection failed");
+                tracked.close(Outcome::failed(ResponseFlag::None, None, error));
+            }
+        }
+    }
+
+    /// Decides where a connection to `dst` goes (see the module's
+    /// documentation) and reaches it.
+    async fn route(
+        &self,
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+        trace: Trace,
+    ) -> Result<Routed, Unrouted> {
+        let workload = self.workload.qualified_name();
         let (dst_workload, mode, service, conflicted) = {
             let state = self.state.borrow();
             let conflicted = state.workloads().is_conflicted(*dst.ip());
@@ -185,79 +296,91 @@ impl PodProxy {
             let service = state.service(dst).cloned();
             (dst_workload, mode, service, conflicted)
         };
-        let started = Instant::now();
-        let result = match &dst_workload {
+        let plain = |workload| Target {
+            addr: dst,
+            workload,
+            service: None,
+            path: Path::Passthrough,
+        };
+        match dst_workload {
             // Neither claimant's identity can be expected, and plaintext
             // would leak to whichever it is.
             None if conflicted => {
-                reset(&client);
-                Err(OutboundError::Conflicted(*dst.ip()))
+                Err(Unrouted::new(OutboundError::Conflicted(*dst.ip()), plain(None)).with_reset())
             }
-            None if service.is_some() => {
-                let service = service.expect("checked");
-                self.to_service(client, src, dst, &service).await
-            }
+            None => match service {
+                Some(service) => self.to_service(src, dst, service, trace).await,
+                None => {
+                    debug!(%workload, %src, %dst, dst_workload = "-", path = "passthrough", "captured outbound connection");
+                    self.passthrough(plain(None)).await
+                }
+            },
             // The destination takes plaintext only: as Istio, send it so.
             Some(dst_workload) if mode == Some(MtlsMode::Disable) => {
-                info!(
+                debug!(
                     %workload, %src, %dst,
                     dst_workload = %dst_workload.qualified_name(),
                     path = "passthrough",
                     mtls = "DISABLE",
                     "captured outbound connection"
                 );
-                self.passthrough(client, dst).await
+                self.passthrough(plain(Some(dst_workload))).await
             }
-            Some(dst_workload) => self.tunnel(client, src, dst, dst_workload).await,
-            None => {
-                info!(%workload, %src, %dst, dst_workload = "-", path = "passthrough", "captured outbound connection");
-                self.passthrough(client, dst).await
-            }
-        };
-        match result {
-            Ok(relayed) => info!(
-                %workload,
-                %src,
-                %dst,
-                sent = relayed.sent,
-                received = relayed.received,
-                duration_ms = started.elapsed().as_millis() as u64,
-                "connection closed"
-            ),
-            Err(error) => {
-                warn!(%workload, %src, %dst, error = %Chain(&error), "outbound connection failed")
+            Some(dst_workload) => {
+                let target = Target {
+                    addr: dst,
+                    workload: Some(dst_workload),
+                    service: None,
+                    path: Path::Hbone,
+                };
+                self.tunnel(src, target, trace).await
             }
         }
     }
 
-    async fn passthrough(
-        &self,
-        client: TcpStream,
-        dst: SocketAddrV4,
-    ) -> Result<Relayed, OutboundError> {
-        let upstream =
-            self.netns
-                .connect(dst.into())
-                .await
-                .map_err(|source| OutboundError::Connect {
-                    dst: dst.into(),
+    async fn passthrough(&self, target: Target) -> Result<Routed, Unrouted> {
+        match self.netns.connect(target.addr.into()).await {
+            Ok(upstream) => Ok(Routed {
+                upstream: Upstream::Plain(upstream),
+                target,
+            }),
+            Err(source) => Err(Unrouted::new(
+                OutboundError::Connect {
+                    dst: target.addr.into(),
                     source,
-                })?;
-        relay_plain(client, upstream).await
+                },
+                target,
+            )),
+        }
     }
 
+    /// An HBONE stream to `target`, a mesh workload, that its agent
+    /// accepted.
     async fn tunnel(
         &self,
-        client: TcpStream,
         src: SocketAddrV4,
-        dst: SocketAddrV4,
-        dst_workload: &Workload,
-    ) -> Result<Relayed, OutboundError> {
-        let stream = self.open_stream(src, dst, dst_workload, None).await?;
-        if stream.response.status() != http::StatusCode::OK {
-            return Err(OutboundError::Refused(stream.response.status()));
+        target: Target,
+        trace: Trace,
+    ) -> Result<Routed, Unrouted> {
+        let dst_workload = target
+            .workload
+            .as_deref()
+            .expect("a tunnel goes to a workload");
+        let service = target.service.as_ref().map(|s| s.qualified_name());
+        let opened = self
+            .open_stream(src, target.addr, dst_workload, service.as_deref(), trace)
+            .await
+            .and_then(|stream| match stream.response.status() {
+                http::StatusCode::OK => Ok(stream),
+                status => Err(OutboundError::Refused(status)),
+            });
+        match opened {
+            Ok(stream) => Ok(Routed {
+                upstream: Upstream::Tunnel(stream),
+                target,
+            }),
+            Err(error) => Err(Unrouted::new(error, target)),
         }
-        stream.relay(client).await
     }
 
     /// Sends a CONNECT for `dst` to `dst_workload`'s agent and waits for its
@@ -268,6 +391,7 @@ impl PodProxy {
         dst: SocketAddrV4,
         dst_workload: &Workload,
         service: Option<&str>,
+        trace: Trace,
     ) -> Result<Stream, OutboundError> {
         let key = PoolKey {
             src_netns: self.netns.cookie(),
@@ -285,7 +409,7 @@ impl PodProxy {
                 .pool
                 .checkout(&key, || self.open_connection(&key))
                 .await?;
-            let request = hbone::connect_request(dst.into(), src.into());
+            let request = hbone::connect_request(dst.into(), src.into(), trace);
             match timeout(hbone::CONNECT_TIMEOUT, checkout.connection().send(request)).await {
                 Ok(Ok((response, send))) => break (checkout, response, send),
                 Ok(Err(e)) if attempts == 1 && checkout.connection().is_closed() => {
@@ -295,7 +419,7 @@ impl PodProxy {
                 Err(_) => return Err(OutboundError::Timeout("waiting for the answer to CONNECT")),
             }
         };
-        info!(
+        debug!(
             workload = %self.workload.qualified_name(),
             %src,
             %dst,
@@ -304,7 +428,7 @@ impl PodProxy {
             identity = %key.src,
             dst_identity = %key.dst,
             path = "hbone",
-            connection = checkout.connection_id(),
+            tunnel = checkout.connection_id(),
             reused = checkout.reused(),
             "captured outbound connection"
         );
@@ -319,19 +443,26 @@ impl PodProxy {
     /// ready endpoints (see the module's documentation).
     async fn to_service(
         &self,
-        client: TcpStream,
         src: SocketAddrV4,
         vip: SocketAddrV4,
-        service: &ServicePort,
-    ) -> Result<Relayed, OutboundError> {
+        service: Arc<ServicePort>,
+        trace: Trace,
+    ) -> Result<Routed, Unrouted> {
         let workload = self.workload.qualified_name();
-        let name = service.service.as_str();
+        let name = service.qualified_name();
+        let at = |addr, workload, path| Target {
+            addr,
+            workload,
+            service: Some(service.clone()),
+            path,
+        };
         if service.endpoints.is_empty() {
             // Fail fast, as a connection refused would.
-            reset(&client);
-            return Err(OutboundError::NoEndpoint {
-                service: name.to_owned(),
-            });
+            return Err(Unrouted::new(
+                OutboundError::NoEndpoint { service: name },
+                at(vip, None, Path::Passthrough),
+            )
+            .with_reset());
         }
         // Where each endpoint is, as of now: a mesh workload (HBONE, unless
         // it takes plaintext only), outside the mesh, or an address several
@@ -355,14 +486,17 @@ impl PodProxy {
             (endpoints, contested)
         };
         if let ([], [first, ..]) = (endpoints.as_slice(), contested.as_slice()) {
-            reset(&client);
-            return Err(OutboundError::Conflicted(*first.ip()));
+            return Err(Unrouted::new(
+                OutboundError::Conflicted(*first.ip()),
+                at(*first, None, Path::Passthrough),
+            )
+            .with_reset());
         }
         // The node's service proxy may pick any endpoint, a contested one
         // too: only with none contested is the virtual address left to it.
         if contested.is_empty() && endpoints.iter().all(|(_, mesh)| mesh.is_none()) {
-            info!(%workload, %src, dst = %vip, service = name, dst_workload = "-", path = "passthrough", "captured outbound connection");
-            return self.passthrough(client, vip).await;
+            debug!(%workload, %src, dst = %vip, service = %name, dst_workload = "-", path = "passthrough", "captured outbound connection");
+            return self.passthrough(at(vip, None, Path::Passthrough)).await;
         }
         let mut order = endpoints;
         order.shuffle(&mut rand::rng());
@@ -372,68 +506,72 @@ impl PodProxy {
         let tried = order.len();
         let mut last = None;
         for (endpoint, mesh) in order {
-            let opened = match &mesh {
-                Some(dst_workload) => self
-                    .open_stream(src, endpoint, dst_workload, Some(name))
-                    .await
-                    .and_then(|stream| match stream.response.status() {
-                        http::StatusCode::OK => Ok(Upstream::Tunnel(stream)),
-                        status => Err(OutboundError::Refused(status)),
-                    }),
+            let opened = match mesh {
+                Some(dst_workload) => {
+                    self.tunnel(src, at(endpoint, Some(dst_workload), Path::Hbone), trace)
+                        .await
+                }
                 None => {
-                    info!(%workload, %src, dst = %endpoint, service = name, dst_workload = "-", path = "passthrough", "captured outbound connection");
+                    debug!(%workload, %src, dst = %endpoint, service = %name, dst_workload = "-", path = "passthrough", "captured outbound connection");
+                    let target = at(endpoint, None, Path::Passthrough);
                     // Bounded: a black-holed endpoint must not hold the
                     // client for the kernel's minutes of SYN retries.
-                    match timeout(hbone::CONNECT_TIMEOUT, self.netns.connect(endpoint.into())).await
-                    {
-                        Ok(connected) => connected.map(Upstream::Plain).map_err(|source| {
-                            OutboundError::Connect {
-                                dst: endpoint.into(),
-                                source,
-                            }
-                        }),
-                        Err(_) => Err(OutboundError::Timeout("connecting to the endpoint")),
+                    match timeout(hbone::CONNECT_TIMEOUT, self.passthrough(target.clone())).await {
+                        Ok(connected) => connected,
+                        Err(_) => Err(Unrouted::new(
+                            OutboundError::Timeout("connecting to the endpoint"),
+                            target,
+                        )),
                     }
                 }
             };
             match opened {
-                Ok(Upstream::Tunnel(stream)) => return stream.relay(client).await,
-                Ok(Upstream::Plain(upstream)) => return relay_plain(client, upstream).await,
+                Ok(routed) => return Ok(routed),
                 // A policy refusal is an answer, not an unreachable endpoint:
                 // another endpoint of the same service would say the same.
                 // And without a certificate of its own, this pod reaches no
                 // endpoint over HBONE.
-                Err(error @ OutboundError::Refused(http::StatusCode::UNAUTHORIZED))
-                | Err(error @ OutboundError::NoCertificate) => {
-                    reset(&client);
-                    return Err(error);
-                }
+                Err(
+                    unrouted @ Unrouted {
+                        error:
+                            OutboundError::Refused(http::StatusCode::UNAUTHORIZED)
+                            | OutboundError::NoCertificate,
+                        ..
+                    },
+                ) => return Err(unrouted.with_reset()),
                 // The client has sent nothing anywhere yet: another endpoint
                 // can take it.
-                Err(error) => {
-                    warn!(%workload, %src, dst = %vip, service = name, %endpoint, error = %Chain(&error), "service endpoint unreachable; trying another");
-                    last = Some(error);
+                Err(unrouted) => {
+                    warn!(%workload, %src, dst = %vip, service = %name, %endpoint, error = %Chain(&unrouted.error), "service endpoint unreachable; trying another");
+                    last = Some(unrouted);
                 }
             }
         }
-        reset(&client);
-        Err(OutboundError::EndpointsUnreachable {
-            service: name.to_owned(),
-            tried,
-            last: Box::new(last.expect("at least one endpoint was tried")),
-        })
+        let last = last.expect("at least one endpoint was tried");
+        Err(Unrouted::new(
+            OutboundError::EndpointsUnreachable {
+                service: name,
+                tried,
+                last: Box::new(last.error),
+            },
+            last.target,
+        )
+        .with_reset())
     }
 
     /// A new mutual-TLS HTTP/2 connection to the destination's HBONE port,
     /// presenting this pod's certificate and accepting only the expected
     /// destination identity.
-    async fn open_connection(&self, key: &PoolKey) -> Result<Connection, OutboundError> {
+    async fn open_connection(
+        &self,
+        key: &PoolKey,
+    ) -> Result<hbone::client::Connection, OutboundError> {
         timeout(hbone::CONNECT_TIMEOUT, self.handshakes(key))
             .await
             .map_err(|_| OutboundError::Timeout("opening the tunnel connection"))?
     }
 
-    async fn handshakes(&self, key: &PoolKey) -> Result<Connection, OutboundError> {
+    async fn handshakes(&self, key: &PoolKey) -> Result<hbone::client::Connection, OutboundError> {
         let certificate = self
             .valid_certificate()
             .ok_or(OutboundError::NoCertificate)?;
@@ -459,8 +597,10 @@ impl PodProxy {
             .map_or(certificate.not_after(), |peer| {
                 peer.min(certificate.not_after())
             });
-        Ok(Connection::handshake(tls, self.pool.settings().keepalive)
-            .await?
-            .valid_until(valid_until))
+        Ok(
+            hbone::client::Connection::handshake(tls, self.pool.settings().keepalive)
+                .await?
+                .valid_until(valid_until),
+        )
     }
 }

@@ -59,6 +59,7 @@ fn pod(name: &str, ip: u8) -> Workload {
     Workload {
         name: name.into(),
         namespace: "ns".into(),
+        workload_name: name.into(),
         service_account: "sa".into(),
         identity: SpiffeId::new(TrustDomain::new("cluster.local").unwrap(), "ns", "sa").unwrap(),
         ip: Ipv4Addr::new(10, 244, 1, ip),

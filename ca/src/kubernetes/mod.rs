@@ -19,11 +19,13 @@ mod bundle;
 mod pods;
 mod reviews;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::{fmt, sync::Arc, time::Duration};
 
 use kube::Client;
+
+use crate::metrics::Metrics;
 
 pub use bundle::publish_roots;
 pub use pods::Pods;
@@ -115,9 +117,10 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
-    pub fn new(client: Client, settings: Settings, pods: Arc<Pods>) -> Self {
+    /// Counts its TokenReviews in `metrics`.
+    pub fn new(client: Client, settings: Settings, pods: Arc<Pods>, metrics: Metrics) -> Self {
         Self {
-            reviewer: Reviewer::new(client, settings.clone()),
+            reviewer: Reviewer::new(client, settings.clone(), metrics),
             settings,
             pods,
         }

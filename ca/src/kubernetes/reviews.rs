@@ -16,6 +16,7 @@ use kube::{Api, Client, api::PostParams};
 use tokio::sync::Semaphore;
 
 use super::{ObjectRef, Refusal, Settings};
+use crate::metrics::{Metrics, ReviewOutcome};
 
 /// A service-account token is about a kilobyte; anything much larger is not
 /// one, and is refused before it is hashed or sent anywhere.
@@ -62,16 +63,18 @@ pub struct Reviewer {
     accepted: Mutex<HashMap<[u8; 32], Remembered>>,
     refused: Mutex<HashMap<[u8; 32], Remembered>>,
     reviewing: Semaphore,
+    metrics: Metrics,
 }
 
 impl Reviewer {
-    pub fn new(client: Client, settings: Settings) -> Self {
+    pub fn new(client: Client, settings: Settings, metrics: Metrics) -> Self {
         Self {
             api: Api::all(client),
             settings,
             accepted: Mutex::default(),
             refused: Mutex::default(),
             reviewing: Semaphore::new(MAX_REVIEWING),
+            metrics,
         }
     }
 
@@ -122,6 +125,7 @@ impl Reviewer {
         let Ok(Ok(_permit)) =
             tokio::time::timeout(REVIEW_QUEUE_WAIT, self.reviewing.acquire()).await
         else {
+            self.metrics.reviewed(ReviewOutcome::Throttled);
             return Err(Refusal::Unavailable(
                 "the CA is busy reviewing other tokens; try again".into(),
             ));
@@ -129,6 +133,7 @@ impl Reviewer {
         let answer = match self.api.create(&PostParams::default(), &review).await {
             Ok(answer) => answer,
             Err(kube::Error::Api(status)) if status.is_forbidden() => {
+                self.metrics.reviewed(ReviewOutcome::Forbidden);
                 return Err(Refusal::Unavailable(format!(
                     "the CA's service account may not create TokenReviews (RBAC, see deploy/): \
                      {}",
@@ -136,6 +141,7 @@ impl Reviewer {
                 )));
             }
             Err(error) => {
+                self.metrics.reviewed(ReviewOutcome::Error);
                 return Err(Refusal::Unavailable(format!(
                     "cannot review the token with the API server, and no recent review of it \
                      is remembered: {error}"
@@ -143,6 +149,11 @@ impl Reviewer {
             }
         };
         let outcome = interpret(answer.status.as_ref(), &self.settings);
+        self.metrics.reviewed(match &outcome {
+            Ok(_) => ReviewOutcome::Accepted,
+            Err(Refusal::Unavailable(_)) => ReviewOutcome::Error,
+            Err(_) => ReviewOutcome::Refused,
+        });
         let until = match &outcome {
             Ok(_) => {
                 let expires_in = expiry(token)

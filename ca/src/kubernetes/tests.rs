@@ -1,13 +1,15 @@
 //! The parts that need no API server: what a review's answer means, the Pod
-//! table, token expiry. The end-to-end suite (tests/tests/kubernetes_ca.rs)
-//! runs the whole path against a real API server with real tokens.
+//! table, token expiry; and, against a fake API server that gives one
+//! answer to everything, what reviews are counted as. The end-to-end suite
+//! (tests/tests/kubernetes_ca.rs) runs the whole path against a real API
+//! server with real tokens. The service's tests use the helpers here.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use base64::Engine;
 use k8s_openapi::{
     api::{
-        authentication::v1::{TokenReviewStatus, UserInfo},
+        authentication::v1::{TokenReview, TokenReviewStatus, UserInfo},
         core::v1::{Pod, PodSpec, PodStatus},
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -15,8 +17,9 @@ use k8s_openapi::{
 use kube::runtime::watcher::Event;
 
 use super::{ObjectRef, Pods, Refusal, Settings, reviews};
+use crate::metrics::{Metrics, testing};
 
-fn settings() -> Settings {
+pub(crate) fn settings() -> Settings {
     Settings {
         agent: ObjectRef::parse("--agent-service-account", "warren-system/warren-agent").unwrap(),
         audience: "warren-ca".into(),
@@ -127,7 +130,7 @@ fn expiry_is_read_from_the_claims() {
     assert_eq!(reviews::expiry("a.!!!.c"), None);
 }
 
-fn pod(
+pub(crate) fn pod(
     namespace: &str,
     name: &str,
     uid: &str,
@@ -279,7 +282,18 @@ fn object_refs_are_namespace_slash_name() {
 #[tokio::test]
 async fn obvious_garbage_never_reaches_the_api_server() {
     let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
-    let reviewer = super::Reviewer::new(kube::Client::try_from(config).unwrap(), settings());
+    let mut registry = prometheus_client::registry::Registry::default();
+    let reviewer = super::Reviewer::new(
+        kube::Client::try_from(config).unwrap(),
+        settings(),
+        Metrics::new(&mut registry),
+    );
+    let reviews = || {
+        testing::series(
+            &testing::samples(&registry),
+            "warren_ca_token_reviews_total",
+        )
+    };
     let huge = format!("a.{}.c", "b".repeat(reviews::MAX_TOKEN_BYTES));
     for token in [
         "",
@@ -296,9 +310,11 @@ async fn obvious_garbage_never_reaches_the_api_server() {
             "{token:.20}: {refusal:?}"
         );
     }
+    assert!(reviews().is_empty(), "{:?}", reviews());
     // A well-formed token does go to the (absent) API server.
     let refusal = reviewer.review("a.b.c").await.unwrap_err();
     assert!(matches!(refusal, Refusal::Unavailable(_)), "{refusal:?}");
+    assert_eq!(reviews()["outcome=\"error\""], 1.0);
 }
 
 /// What a node's kubelet can make on its own (a mirror Pod, in any
@@ -369,7 +385,7 @@ fn a_terminating_agent_pod_is_gone_for_authentication() {
     assert!(pods.runs_on("node-a", "warren-system", "warren-agent"));
 }
 
-fn jwt(claims: serde_json::Value) -> String {
+pub(crate) fn jwt(claims: serde_json::Value) -> String {
     let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
     format!("{}.{}.c2ln", b64(b"{}"), b64(claims.to_string().as_bytes()))
 }
@@ -428,4 +444,110 @@ fn claims_that_could_not_pass_are_refused_before_any_review() {
             "{claim}: {refusal:?}"
         );
     }
+}
+
+/// A projected token of the agent Pod `name` (UID `uid`), unsigned: only
+/// the (fake) API server's review vouches for it.
+pub(crate) fn agent_token(name: &str, uid: &str) -> String {
+    jwt(serde_json::json!({
+        "sub": AGENT,
+        "aud": ["warren-ca"],
+        "exp": 4_000_000_000u64,
+        "kubernetes.io": {"pod": {"name": name, "uid": uid}},
+    }))
+}
+
+/// The API server's answer to a review of `agent_token(name, uid)`.
+pub(crate) fn review_of_agent(name: &str, uid: &str) -> String {
+    let review = TokenReview {
+        status: Some(status(
+            AGENT,
+            &["warren-ca"],
+            &[(POD.0, name), (UID.0, uid)],
+        )),
+        ..TokenReview::default()
+    };
+    serde_json::to_string(&review).unwrap()
+}
+
+/// An API server that answers every request with `status` and `body`, and
+/// a client of it. It cannot tell one token from another: each test asks it
+/// the one question it has the answer to.
+pub(crate) async fn fake_api_server(status: u16, body: String) -> kube::Client {
+    let status = http::StatusCode::from_u16(status).unwrap();
+    let address = warren_daemon::http::spawn(
+        "127.0.0.1:0",
+        "a fake API server",
+        Arc::new(move |_| {
+            warren_daemon::http::reply(status, "application/json", body.clone().into())
+        }),
+    )
+    .await
+    .unwrap();
+    let config = kube::Config::new(format!("http://{address}").parse().unwrap());
+    kube::Client::try_from(config).unwrap()
+}
+
+#[tokio::test]
+async fn reviews_are_counted_by_outcome_and_recalled_ones_not_at_all() {
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Metrics::new(&mut registry);
+    let reviewer = |client| reviews::Reviewer::new(client, settings(), metrics.clone());
+    let token = agent_token("warren-agent-a", "a1");
+
+    let accepting = reviewer(fake_api_server(201, review_of_agent("warren-agent-a", "a1")).await);
+    for _ in 0..3 {
+        let bound = accepting.review(&token).await.unwrap();
+        assert_eq!(bound.pod_uid, "a1");
+    }
+
+    let mut refusal = TokenReview {
+        status: Some(status(AGENT, &["warren-ca"], &[POD, UID])),
+        ..TokenReview::default()
+    };
+    let answer = refusal.status.as_mut().unwrap();
+    answer.authenticated = Some(false);
+    answer.error = Some("token has expired".into());
+    let refusing = reviewer(fake_api_server(201, serde_json::to_string(&refusal).unwrap()).await);
+    for _ in 0..2 {
+        let refused = refusing.review(&token).await.unwrap_err();
+        assert!(
+            matches!(refused, Refusal::Unauthenticated(_)),
+            "{refused:?}"
+        );
+    }
+
+    let forbidden = serde_json::json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": "tokenreviews.authentication.k8s.io is forbidden", "reason": "Forbidden",
+        "code": 403,
+    });
+    let forbidding = reviewer(fake_api_server(403, forbidden.to_string()).await);
+    let refused = forbidding.review(&token).await.unwrap_err();
+    assert!(
+        matches!(&refused, Refusal::Unavailable(why) if why.contains("RBAC")),
+        "{refused:?}"
+    );
+
+    let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
+    let unreachable = reviewer(kube::Client::try_from(config).unwrap());
+    let refused = unreachable.review(&token).await.unwrap_err();
+    assert!(matches!(refused, Refusal::Unavailable(_)), "{refused:?}");
+
+    // Remembered answers are not reviews: one of each.
+    assert_eq!(
+        testing::series(
+            &testing::samples(&registry),
+            "warren_ca_token_reviews_total"
+        ),
+        [
+            ("accepted", 1.0),
+            ("refused", 1.0),
+            ("forbidden", 1.0),
+            ("error", 1.0)
+        ]
+        .into_iter()
+        .map(|(outcome, n)| (format!("outcome=\"{outcome}\""), n))
+        .collect()
+    );
 }

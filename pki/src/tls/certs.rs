@@ -103,6 +103,11 @@ impl WorkloadCertificate {
         self.not_after
     }
 
+    /// The leaf's serial number in hex (it parsed when this was made).
+    pub fn serial(&self) -> String {
+        serial_of(&self.chain[0]).unwrap_or_default()
+    }
+
     /// How long it was valid for when it was received (less than
     /// `not_after - not_before` if it was backdated).
     pub fn lifetime(&self) -> Duration {
@@ -250,6 +255,18 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, TlsError> {
     }
 }
 
+/// The certificate's serial number as a number in lower-case hex (what
+/// `openssl x509 -serial` shows, bar the case and DER's sign byte).
+pub fn serial_of(cert: &CertificateDer<'_>) -> Result<String, TlsError> {
+    Ok(parse(cert)?.serial.to_str_radix(16))
+}
+
+/// The certificate's subject, as RFC 4514 writes names (`CN=root, O=org`;
+/// empty for Istio's workload certificates, which have none).
+pub fn subject_of(cert: &CertificateDer<'_>) -> Result<String, TlsError> {
+    Ok(parse(cert)?.subject().to_string())
+}
+
 /// When the certificate starts and stops being valid.
 pub fn validity_of(cert: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime), TlsError> {
     let x509 = parse(cert)?;
@@ -285,4 +302,38 @@ pub fn certificates_from_pem(
         return Err(TlsError::NoCertificate { what });
     }
     Ok(certs)
+}
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, SerialNumber};
+
+    use super::*;
+
+    #[test]
+    fn subjects_and_serials_read_as_openssl_shows_them() {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "warren");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "root CA");
+        // The top bit set: DER puts a zero byte before it, the number has none.
+        params.serial_number = Some(SerialNumber::from_slice(&[0x00, 0x9f, 0x01]));
+        let der = params.self_signed(&key).unwrap().der().clone();
+        assert_eq!(subject_of(&der).unwrap(), "O=warren, CN=root CA");
+        assert_eq!(serial_of(&der).unwrap(), "9f01");
+
+        // Istio's workload certificates have no subject.
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name = DistinguishedName::new();
+        let subjectless = params.self_signed(&key).unwrap().der().clone();
+        assert_eq!(subject_of(&subjectless).unwrap(), "");
+
+        let truncated = CertificateDer::from(der[..40].to_vec());
+        assert!(subject_of(&truncated).is_err());
+    }
 }

@@ -14,7 +14,8 @@ pub mod x509_time;
 use std::{io, path::PathBuf};
 
 pub use certs::{
-    TrustBundle, WorkloadCertificate, certificates_from_pem, spiffe_id_of, validity_of,
+    TrustBundle, WorkloadCertificate, certificates_from_pem, serial_of, spiffe_id_of, subject_of,
+    validity_of,
 };
 
 use crate::identity::{IdentityError, SpiffeId, TrustDomain};

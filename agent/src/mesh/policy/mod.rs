@@ -375,6 +375,17 @@ impl Policies {
         &self.root_namespace
     }
 
+    /// The PeerAuthentications in force, by namespace then age.
+    pub fn peer_authentications(&self) -> &[PeerAuthentication] {
+        &self.peer_authentications
+    }
+
+    /// The AuthorizationPolicies in force (dry-run ones included), by
+    /// namespace then name.
+    pub fn authorization_policies(&self) -> &[AuthorizationPolicy] {
+        &self.authorization_policies
+    }
+
     /// The mTLS mode of `workload`: for any port, and for the ports that
     /// have a mode of their own (`portLevelMtls`).
     pub fn mtls_modes(&self, workload: &Workload) -> (MtlsMode, BTreeMap<u16, MtlsMode>) {

@@ -17,6 +17,7 @@ fn workload(ns: &str, labels: &str) -> Workload {
     Workload {
         name: "pod".into(),
         namespace: ns.into(),
+        workload_name: "w".into(),
         service_account: "sa".into(),
         identity: format!("spiffe://cluster.local/ns/{ns}/sa/sa")
             .parse()
