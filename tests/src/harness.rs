@@ -495,7 +495,11 @@ impl Agent {
         dir: &Path,
         capabilities: Option<&[String]>,
     ) -> Result<Self> {
-        fs::create_dir_all(dir)?;
+        // The log apart from the config: the agent watches its config's
+        // directory, and each line it wrote there would wake it (a cost no
+        // production agent pays: its log is a pipe).
+        let logs = dir.join("logs");
+        fs::create_dir_all(&logs)?;
         let config_path = dir.join(format!("{}.yaml", node.name));
         fs::write(&config_path, config)?;
         let args = [
@@ -508,7 +512,7 @@ impl Agent {
             program,
             format!("agent on {}", node.name),
             &args,
-            dir.join(format!("{}.log", node.name)),
+            logs.join(format!("{}.log", node.name)),
             capabilities,
         )?;
         Ok(Self {

@@ -22,7 +22,7 @@ use tokio::{
     time::timeout,
 };
 use tokio_rustls::TlsAcceptor;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, debug_span, info, warn};
 
 use super::{PodProxy, transparent};
 use warren_daemon::logging::Chain;
@@ -216,7 +216,7 @@ impl PodInbound {
     async fn plaintext(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
         let Ok(dst) = client.local_addr() else { return };
         let id = super::connection_id();
-        let span = info_span!("inbound", connection = id,);
+        let span = debug_span!("inbound", connection = id);
         self.plaintext_in_span(client, peer, dst, id)
             .instrument(span)
             .await
@@ -231,7 +231,7 @@ impl PodInbound {
     ) {
         let workload = self.pod.workload.qualified_name();
         let refuse = |reason: &str| {
-            warn!(%workload, src = %peer, %dst, %reason, "plaintext connection refused");
+            warn!(%workload, src = %peer, %dst, %reason, connection = id, "plaintext connection refused");
         };
         // Only what the kernel handed over: connections to the pod's own
         // address, not to a proxy port, from a peer outside the pod.
@@ -398,8 +398,9 @@ impl PodInbound {
         }
     }
 
-    /// Serves one CONNECT stream, in a span of its own that continues the
-    /// client's trace.
+    /// Serves one CONNECT stream, continuing the client's trace: its
+    /// warnings and access line carry the connection's id and trace id, and
+    /// its debug lines are in a span that does (see `outbound`).
     async fn stream(
         self: Arc<Self>,
         peer_identity: SpiffeId,
@@ -409,7 +410,7 @@ impl PodInbound {
     ) {
         let id = super::connection_id();
         let trace = Trace::of(&request);
-        let span = info_span!(
+        let span = debug_span!(
             "inbound",
             connection = id,
             trace_id = %trace,
@@ -439,6 +440,8 @@ impl PodInbound {
                     authority = %request.uri(),
                     status = refusal.status().as_u16(),
                     reason = %refusal,
+                    connection = id,
+                    trace_id = %trace,
                     "HBONE stream refused"
                 );
                 server::refuse(&mut respond, &refusal);
@@ -470,6 +473,8 @@ impl PodInbound {
                     %workload, %peer_identity, src = %peer, %dst,
                     status = refusal.status().as_u16(),
                     reason = %refusal,
+                    connection = id,
+                    trace_id = %trace,
                     "HBONE stream refused"
                 );
                 server::refuse(respond, &refusal);
@@ -508,7 +513,7 @@ impl PodInbound {
             Ok(send) => send,
             Err(error) => {
                 let error = Chain(&error).to_string();
-                warn!(%workload, %peer_identity, %error, "HBONE stream lost before it started");
+                warn!(%workload, %peer_identity, %error, connection = id, trace_id = %trace, "HBONE stream lost before it started");
                 return tracked.close(Outcome::failed(
                     ResponseFlag::None,
                     Some(decision.reason),

@@ -38,7 +38,7 @@ use tokio::{
     time::timeout,
 };
 use tokio_rustls::TlsConnector;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, debug_span, warn};
 use warren_common::OUTBOUND_PORT;
 use warren_daemon::logging::Chain;
 use warren_pki::tls::{TlsError, handshake_error};
@@ -204,13 +204,15 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodProxy>) {
 }
 
 impl PodProxy {
-    /// Serves one captured connection, in a span of its own: every log line
-    /// about it carries its id and its trace (the one sent to the
-    /// destination).
+    /// Serves one captured connection. Every log line about it carries its
+    /// id and its trace (the one sent to the destination): the warnings and
+    /// the access line name them, and the debug lines are in a span that
+    /// does (a span of its own at info level would cost every connection
+    /// for lines that are not written).
     async fn forward(self: Arc<Self>, client: TcpStream, src_port: u16) {
         let id = super::connection_id();
         let trace = Trace::start();
-        let span = info_span!(
+        let span = debug_span!(
             "outbound",
             connection = id,
             trace_id = %trace,
@@ -226,7 +228,7 @@ impl PodProxy {
         let Some(dst) = self.original_dsts.take(self.netns.cookie(), src_port) else {
             // Evicted from the kernel's table before we got to it: we do not
             // know where it was going, so it goes nowhere.
-            warn!(%workload, %src, "outbound connection dropped: no original destination recorded");
+            warn!(%workload, %src, connection = id, "outbound connection dropped: no original destination recorded");
             return;
         };
         let _ = client.set_nodelay(true);
@@ -255,7 +257,7 @@ impl PodProxy {
                     reset(&client);
                 }
                 let error = Chain(&unrouted.error).to_string();
-                warn!(%workload, %src, %dst, %error, "outbound connection failed");
+                warn!(%workload, %src, %dst, %error, connection = id, trace_id = %trace, "outbound connection failed");
                 tracked.close(Outcome::failed(unrouted.flag(), None, error));
                 return;
             }
@@ -271,7 +273,7 @@ impl PodProxy {
             Ok(_) => tracked.close(Outcome::completed(None)),
             Err(error) => {
                 let error = Chain(&error).to_string();
-                warn!(%workload, %src, %dst, %error, "outbound connection failed");
+                warn!(%workload, %src, %dst, %error, connection = id, trace_id = %trace, "outbound connection failed");
                 tracked.close(Outcome::failed(ResponseFlag::None, None, error));
             }
         }
@@ -542,7 +544,7 @@ impl PodProxy {
                 // The client has sent nothing anywhere yet: another endpoint
                 // can take it.
                 Err(unrouted) => {
-                    warn!(%workload, %src, dst = %vip, service = %name, %endpoint, error = %Chain(&unrouted.error), "service endpoint unreachable; trying another");
+                    warn!(%workload, %src, dst = %vip, service = %name, %endpoint, error = %Chain(&unrouted.error), trace_id = %trace, "service endpoint unreachable; trying another");
                     last = Some(unrouted);
                 }
             }
