@@ -52,6 +52,13 @@ pub const ISTIO_TCP_LABELS: [&str; 23] = [
     "connection_security_policy",
 ];
 
+/// An AuthorizationPolicy that denies port 9090 of shop's `app: web`: a
+/// decision whose name the telemetry must show.
+pub const NO_ADMIN_PORT: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+     metadata: {name: no-admin-port, namespace: shop}\n\
+     spec: {selector: {matchLabels: {app: web}}, action: DENY, \
+     rules: [{to: [{operation: {ports: [\"9090\"]}}]}]}\n";
+
 /// An HTTP answer: status and body.
 #[derive(Debug, Clone)]
 pub struct Answer {

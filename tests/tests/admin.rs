@@ -18,7 +18,7 @@ use warren_tests::{
         Agent, Call, MeshWorkload, PATIENCE, Server, agent_config, dev_ca_dir, log_level, test_lab,
     },
     lab::files_dir,
-    telemetry::{Answer, http},
+    telemetry::{Answer, NO_ADMIN_PORT, http},
 };
 
 const ADMIN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15000));
@@ -88,14 +88,7 @@ fn the_dump_follows_the_mesh_holds_no_key_and_the_endpoint_stays_on_the_node() {
     );
 
     // A policy written now is in the dump within a second.
-    fs::write(
-        policies.join("deny.yaml"),
-        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
-         metadata: {name: no-admin-port, namespace: shop}\n\
-         spec: {selector: {matchLabels: {app: web}}, action: DENY, \
-         rules: [{to: [{operation: {ports: [\"9090\"]}}]}]}\n",
-    )
-    .unwrap();
+    fs::write(policies.join("deny.yaml"), NO_ADMIN_PORT).unwrap();
     let written = Instant::now();
     let seen = loop {
         let view = dump(node);

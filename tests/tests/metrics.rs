@@ -13,7 +13,7 @@ use warren_tests::{
     Lab, Node,
     harness::{Agent, Call, LogLine, MeshWorkload, PATIENCE, Server, agent_config, test_lab},
     lab::files_dir,
-    telemetry::{self, ISTIO_TCP_LABELS, ISTIO_TCP_METRICS, Metrics},
+    telemetry::{self, ISTIO_TCP_LABELS, ISTIO_TCP_METRICS, Metrics, NO_ADMIN_PORT},
 };
 
 const PORT: u16 = 8080;
@@ -44,14 +44,7 @@ impl Mesh {
         let dir = files_dir(lab.prefix());
         let policies = dir.join("policies");
         fs::create_dir_all(&policies).unwrap();
-        fs::write(
-            policies.join("deny.yaml"),
-            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
-             metadata: {name: no-admin-port, namespace: shop}\n\
-             spec: {selector: {matchLabels: {app: web}}, action: DENY, \
-             rules: [{to: [{operation: {ports: [\"9090\"]}}]}]}\n",
-        )
-        .unwrap();
+        fs::write(policies.join("deny.yaml"), NO_ADMIN_PORT).unwrap();
         let workloads = [sleep.clone(), web.clone()];
         let agents = lab
             .nodes()
