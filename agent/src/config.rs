@@ -375,24 +375,8 @@ impl RawConfig {
         if root_namespace.trim().is_empty() {
             return Err(("rootNamespace".into(), "must not be empty".into()));
         }
-        let health_listen = match self.health_listen {
-            Some(address) if !is_host_port(&address) => {
-                return Err((
-                    "healthListen".into(),
-                    format!("{address:?} is not host:port (e.g. 0.0.0.0:15021)"),
-                ));
-            }
-            other => other,
-        };
-        let metrics_listen = match self.metrics_listen {
-            Some(address) if !is_host_port(&address) => {
-                return Err((
-                    "metricsListen".into(),
-                    format!("{address:?} is not host:port (e.g. 0.0.0.0:15020)"),
-                ));
-            }
-            other => other,
-        };
+        let health_listen = listen_address("healthListen", self.health_listen, "0.0.0.0:15021")?;
+        let metrics_listen = listen_address("metricsListen", self.metrics_listen, "0.0.0.0:15020")?;
         // Unauthenticated, and it changes the log level: only processes of
         // the node itself may reach it.
         let admin_listen = self
@@ -568,6 +552,21 @@ impl RawCni {
             }
         };
         Ok(CniSettings { socket, install })
+    }
+}
+
+/// An optional `host:port` to serve on; `example` shows the form in the error.
+fn listen_address(
+    field: &str,
+    address: Option<String>,
+    example: &str,
+) -> Result<Option<String>, Invalid> {
+    match address {
+        Some(address) if !is_host_port(&address) => Err((
+            field.into(),
+            format!("{address:?} is not host:port (e.g. {example})"),
+        )),
+        other => Ok(other),
     }
 }
 

@@ -498,7 +498,7 @@ impl Daemon {
     /// the node's CNI configuration once it is served.
     /// Serves the metrics, if the config says where, with the values read
     /// at each scrape: each served pod's certificate expiry, and the kernel
-    /// programs' drop counters (from their pinned map, summed over CPUs).
+    /// programs' drop counters (summed over CPUs).
     async fn serve_metrics(&mut self) -> Result<(), DaemonError> {
         let Some(mut registry) = self.registry.take() else {
             return Ok(());
@@ -530,12 +530,12 @@ impl Daemon {
                     .collect()
             },
         )));
-        let pin_dir = self.config.bpf_pin_dir.clone();
+        let drops = self.reconciler.enroller().redirector.drop_counter();
         registry.register_collector(Box::new(Scraped::counter(
             "warren_kernel_drops",
             "Packets and connects the kernel programs refused, by reason, since the node's \
              first agent (the counters are pinned with the maps)",
-            move || match crate::redirect::read_drops(&pin_dir) {
+            move || match drops.read() {
                 Ok(counts) => counts
                     .iter()
                     .map(|(reason, n)| {

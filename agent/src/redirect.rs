@@ -13,7 +13,7 @@
 //! withdrawn (or `warren uninstall` removes them all).
 //!
 //! The programs count what they refuse, by [`DropReason`], in the pinned
-//! `DROPS` map ([`Redirector::drops`], [`read_drops`]). Being pinned, the
+//! `DROPS` map ([`Redirector::drop_counter`], [`read_drops`]). Being pinned, the
 //! counters survive agent restarts: they are cumulative since the map was
 //! created, that is since the first agent on the node, or the first after
 //! the last `warren uninstall`.
@@ -130,7 +130,7 @@ pub struct Redirector {
     /// The kubelet's probes; the values are unused.
     probes: HashMap<MapData, ProbeKey, u8>,
     /// What the programs refused, by [`DropReason`]; per CPU.
-    drops: PerCpuArray<MapData, u64>,
+    drops: DropCounter,
     original_dst: OriginalDsts,
 }
 
@@ -193,6 +193,7 @@ impl Redirector {
         let probes = HashMap::try_from(take_map(&mut ebpf, names::PROBES)?)
             .map_err(map_error(names::PROBES))?;
         let drops = PerCpuArray::try_from(take_map(&mut ebpf, names::DROPS)?)
+            .map(|map| DropCounter(Arc::new(map)))
             .map_err(map_error(names::DROPS))?;
 
         let pods = HashMap::try_from(take_map(&mut ebpf, names::PODS)?).map_err(|source| {
@@ -226,10 +227,10 @@ impl Redirector {
         self.original_dst.clone()
     }
 
-    /// How many packets and connects the programs have refused, by reason,
-    /// since the pinned map was created (see the module's documentation).
-    pub fn drops(&self) -> Result<DropCounts, RedirectError> {
-        DropCounts::read(&self.drops)
+    /// The programs' drop counters, to read while the agent runs (the
+    /// metrics, at each scrape).
+    pub fn drop_counter(&self) -> DropCounter {
+        self.drops.clone()
     }
 
     /// Starts capturing the outbound TCP connections of the pod whose cgroup
@@ -642,6 +643,18 @@ impl DropCounts {
                 per_cpu.iter().fold(0, |sum: u64, &n| sum.saturating_add(n));
         }
         Ok(counts)
+    }
+}
+
+/// The loaded programs' drop counters, shared with whoever reads them.
+#[derive(Clone)]
+pub struct DropCounter(Arc<PerCpuArray<MapData, u64>>);
+
+impl DropCounter {
+    /// How many packets and connects the programs have refused, by reason,
+    /// since the pinned map was created (see the module's documentation).
+    pub fn read(&self) -> Result<DropCounts, RedirectError> {
+        DropCounts::read(&self.0)
     }
 }
 

@@ -39,6 +39,7 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::ConstGauge, gauge::Gauge, info::Info},
     registry::{Registry, Unit},
 };
+use warren_daemon::metrics::Live;
 use warren_pki::ca::CaError;
 
 use crate::kubernetes::Refusal;
@@ -334,9 +335,8 @@ impl Metrics {
     }
 
     /// Counts a connection open until the guard is dropped.
-    pub fn connection_opened(&self) -> OpenConnection {
-        self.open_connections.inc();
-        OpenConnection(self.open_connections.clone())
+    pub fn connection_opened(&self) -> Live {
+        Live::new(&self.open_connections)
     }
 }
 
@@ -344,16 +344,6 @@ impl Metrics {
 fn show<S: Clone + Eq + std::hash::Hash>(family: &Family<S, Counter>, labels: S) {
     // The guard holds the family's lock: let it go at once.
     drop(family.get_or_create(&labels));
-}
-
-/// A connection counted in `warren_ca_open_connections` while this lives.
-#[derive(Debug)]
-pub struct OpenConnection(Gauge);
-
-impl Drop for OpenConnection {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
 }
 
 /// The signing chain's expiry, read at each scrape so that the time left is

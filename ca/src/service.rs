@@ -45,9 +45,12 @@ use x509_parser::{certificate::X509Certificate, prelude::FromDer};
 
 use crate::{
     kubernetes::{Authenticator, Caller, Refusal},
-    metrics::{Authentication, ConnectionRefusal, Metrics, OpenConnection, RefusalReason},
+    metrics::{Authentication, ConnectionRefusal, Metrics, RefusalReason},
 };
-use warren_daemon::limits::{AddressSlot, PerAddress};
+use warren_daemon::{
+    limits::{AddressSlot, PerAddress},
+    metrics::Live,
+};
 use warren_pki::{
     api::{
         IstioCertificateRequest, IstioCertificateResponse,
@@ -366,7 +369,7 @@ async fn accept_loop(
 struct NodeStream {
     tls: TlsStream<TcpStream>,
     connection: Connection,
-    _limits: (OwnedSemaphorePermit, AddressSlot, OpenConnection),
+    _limits: (OwnedSemaphorePermit, AddressSlot, Live),
 }
 
 /// Who is at the other end of a connection.

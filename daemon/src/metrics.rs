@@ -32,7 +32,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use prometheus_client::{encoding::text, registry::Registry};
+use prometheus_client::{encoding::text, metrics::gauge::Gauge, registry::Registry};
 
 use crate::http::{self as server, reply};
 
@@ -42,6 +42,24 @@ pub const ISTIO_METRICS_PATH: &str = "/stats/prometheus";
 /// What [`text::encode`] writes: OpenMetrics 1.0, which Prometheus asks for
 /// first and reads natively.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Counts one live thing (an open connection, a stream) in a gauge: up when
+/// made, down when dropped.
+#[derive(Debug)]
+pub struct Live(Gauge);
+
+impl Live {
+    pub fn new(gauge: &Gauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
 
 /// How long one encoding of the registry answers scrapes. Prometheus scrapes
 /// every 15 s or more; a second's staleness costs it nothing.
@@ -96,17 +114,6 @@ pub async fn spawn(address: &str, registry: Arc<Registry>) -> io::Result<SocketA
     server::spawn(address, "metrics", handler(registry)).await
 }
 
-/// The metrics alone, as the answer to a scrape, for servers that serve
-/// them beside other paths (the agent's admin endpoint). A registry that
-/// cannot be encoded (a collector failed) answers 500, and is logged: the
-/// scraper records only that the target is down.
-pub fn scrape(registry: &Registry) -> Response<Full<Bytes>> {
-    match encoded(registry) {
-        Some(body) => reply(StatusCode::OK, CONTENT_TYPE, body),
-        None => cannot_encode(),
-    }
-}
-
 /// The registry in the OpenMetrics text format; none if a metric or
 /// collector failed.
 fn encoded(registry: &Registry) -> Option<Bytes> {
@@ -115,6 +122,8 @@ fn encoded(registry: &Registry) -> Option<Bytes> {
     Some(body.into())
 }
 
+/// A registry that cannot be encoded (a collector failed) answers 500, and
+/// is logged: the scraper records only that the target is down.
 fn cannot_encode() -> Response<Full<Bytes>> {
     tracing::error!("cannot encode the metrics: a metric or collector failed");
     server::text(
@@ -165,6 +174,17 @@ mod tests {
         )
         .await
         .unwrap()
+    }
+
+    #[test]
+    fn live_things_are_counted_while_they_live() {
+        let gauge = Gauge::default();
+        let (a, b) = (Live::new(&gauge), Live::new(&gauge));
+        assert_eq!(gauge.get(), 2);
+        drop(a);
+        assert_eq!(gauge.get(), 1);
+        drop(b);
+        assert_eq!(gauge.get(), 0);
     }
 
     #[tokio::test]

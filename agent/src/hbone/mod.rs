@@ -184,11 +184,6 @@ impl Trace {
         (trace_id != 0 && span_id != 0).then_some(Self { trace_id, span_id })
     }
 
-    /// The trace id as W3C writes it (32 hex digits).
-    pub fn trace_id(&self) -> String {
-        self.to_string()
-    }
-
     pub fn traceparent(&self) -> String {
         format!("00-{:032x}-{:016x}-00", self.trace_id, self.span_id)
     }
@@ -266,7 +261,7 @@ mod tests {
         };
         let valid = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let trace = Trace::of(&with(valid));
-        assert_eq!(trace.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(trace.to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(trace.span_id, 0x00f0_67aa_0ba9_02b7);
         for bad in [
             "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
@@ -279,7 +274,7 @@ mod tests {
         ] {
             let fresh = Trace::of(&with(bad));
             assert_ne!(
-                fresh.trace_id(),
+                fresh.to_string(),
                 "4bf92f3577b34da6a3ce929d0e0e4736",
                 "{bad}"
             );

@@ -21,10 +21,10 @@ use std::{
 };
 
 use prometheus_client::metrics::gauge::Gauge;
+use warren_daemon::metrics::Live;
 use warren_pki::identity::SpiffeId;
 
 use super::client::{Connection, Keepalive};
-use crate::metrics::Live;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {

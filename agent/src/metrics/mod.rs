@@ -192,23 +192,6 @@ impl CertificateSource for CountedSource {
     }
 }
 
-/// Counts one live thing in a gauge: up when made, down when dropped.
-#[derive(Debug)]
-pub struct Live(Gauge);
-
-impl Live {
-    pub fn new(gauge: &Gauge) -> Self {
-        gauge.inc();
-        Self(gauge.clone())
-    }
-}
-
-impl Drop for Live {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
 /// A gauge or counter family whose values are read at each scrape.
 pub struct Scraped<L> {
     name: &'static str,
@@ -338,16 +321,5 @@ mod tests {
             "{}",
             scrape()
         );
-    }
-
-    #[test]
-    fn live_things_are_counted_while_they_live() {
-        let gauge = Gauge::default();
-        let (a, b) = (Live::new(&gauge), Live::new(&gauge));
-        assert_eq!(gauge.get(), 2);
-        drop(a);
-        assert_eq!(gauge.get(), 1);
-        drop(b);
-        assert_eq!(gauge.get(), 0);
     }
 }

@@ -33,7 +33,10 @@ use prometheus_client::{
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use warren_pki::identity::SpiffeId;
 
-use crate::mesh::{Cluster, ServicePort, Workload};
+use crate::{
+    hbone::Trace,
+    mesh::{Cluster, ServicePort, Workload},
+};
 
 /// What the metrics say where a value is not known, as Istio's do.
 const UNKNOWN: &str = "unknown";
@@ -205,8 +208,8 @@ pub struct Connection<'a> {
     pub path: Path,
     /// The connection's own id (in the span of each of its log lines).
     pub id: u64,
-    /// Its W3C trace id, when it has one (HBONE).
-    pub trace_id: Option<u128>,
+    /// Its W3C trace, when it has one (HBONE).
+    pub trace: Option<Trace>,
     pub src: SocketAddr,
     pub dst: SocketAddr,
     /// The client's workload, if it is one of the mesh's.
@@ -383,7 +386,7 @@ struct Access {
     direction: &'static str,
     path: &'static str,
     id: u64,
-    trace_id: Option<String>,
+    trace: Option<Trace>,
     src: SocketAddr,
     dst: SocketAddr,
     src_workload: Option<String>,
@@ -396,7 +399,7 @@ impl Access {
             direction: c.direction(),
             path: c.path.as_str(),
             id: c.id,
-            trace_id: c.trace_id.map(|t| format!("{t:032x}")),
+            trace: c.trace,
             src: c.src,
             dst: c.dst,
             src_workload: c.source.map(Workload::qualified_name),
@@ -514,7 +517,7 @@ impl Tracked {
                     direction = a.direction,
                     path = a.path,
                     connection = a.id,
-                    trace_id = a.trace_id.as_deref(),
+                    trace_id = a.trace.as_ref().map(tracing::field::display),
                     src.addr = %a.src,
                     src.workload = a.src_workload.as_deref(),
                     src.identity = known(&labels.source_principal).as_deref(),
@@ -634,7 +637,7 @@ mod tests {
             reporter,
             path,
             id: 7,
-            trace_id: None,
+            trace: None,
             src: "10.244.1.2:40000".parse().unwrap(),
             dst: "10.244.2.2:8080".parse().unwrap(),
             source,

@@ -33,7 +33,6 @@ use std::{
 use rand::seq::SliceRandom;
 use rustls::pki_types::ServerName;
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
     time::timeout,
 };
@@ -47,7 +46,7 @@ use super::PodProxy;
 use crate::{
     hbone::{
         self, Trace,
-        copy::{Relayed, relay},
+        copy::relay,
         pool::{Checkout, PoolKey},
     },
     mesh::{ServicePort, Workload, policy::MtlsMode},
@@ -87,17 +86,6 @@ pub enum OutboundError {
         tried: usize,
         last: Box<OutboundError>,
     },
-    #[error("I/O error: {0}")]
-    Io(#[from] io::Error),
-}
-
-/// Relays a plain TCP connection both ways until both ends are done.
-async fn relay_plain<C>(mut client: C, mut upstream: TcpStream) -> Result<Relayed, OutboundError>
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-{
-    let (sent, received) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
-    Ok(Relayed { sent, received })
 }
 
 /// How many of a Service's endpoints one connection tries.
@@ -242,7 +230,7 @@ impl PodProxy {
             reporter: Reporter::source,
             path: target.path,
             id,
-            trace_id: Some(trace.trace_id),
+            trace: Some(trace),
             src: src.into(),
             dst: target.addr.into(),
             source: Some(&me),
@@ -262,12 +250,18 @@ impl PodProxy {
                 return;
             }
         };
-        let client = tracked.client_side(client);
+        // Both ways until both ends are done; the bytes are counted as they
+        // pass the client's socket.
+        let mut client = tracked.client_side(client);
         let relayed = match routed.upstream {
             Upstream::Tunnel(stream) => relay(client, stream.send, stream.response.into_body())
                 .await
-                .map_err(OutboundError::from),
-            Upstream::Plain(upstream) => relay_plain(client, upstream).await,
+                .map(drop),
+            Upstream::Plain(mut upstream) => {
+                tokio::io::copy_bidirectional(&mut client, &mut upstream)
+                    .await
+                    .map(drop)
+            }
         };
         match relayed {
             Ok(_) => tracked.close(Outcome::completed(None)),
