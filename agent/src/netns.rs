@@ -5,7 +5,8 @@
 //! belongs to the namespace of the thread that created it, for its whole
 //! life. So each enrolled pod gets one long-lived thread that has joined the
 //! pod's namespace and creates sockets on request; the sockets are then
-//! driven by tokio like any other.
+//! driven by tokio like any other. It also keeps a few TCP sockets made
+//! ahead of need, so that a new connection does not wait for the thread.
 
 use std::{
     fs::File,
@@ -13,7 +14,11 @@ use std::{
     net::SocketAddr,
     os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
-    sync::mpsc,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
     thread,
 };
 
@@ -44,6 +49,23 @@ pub struct NetNs {
     id: crate::sandbox::NsId,
     cookie: u64,
     jobs: mpsc::Sender<Job>,
+    spares: Arc<Spares>,
+}
+
+/// How many IPv4 TCP sockets a namespace keeps made ahead of need: a burst
+/// of new connections this large takes its sockets at once; beyond it they
+/// wait for the namespace's thread, as without spares.
+const SPARES: usize = 8;
+
+/// Fresh IPv4 TCP sockets of the namespace, not yet bound or connected.
+/// Every new connection used to wait for a round trip to the namespace's
+/// thread (two cross-thread wake-ups) just to create its socket. A namespace
+/// that never connects keeps none: the first request fills them.
+#[derive(Debug, Default)]
+struct Spares {
+    sockets: Mutex<Vec<Socket>>,
+    /// A refill is queued on the namespace's thread.
+    refilling: AtomicBool,
 }
 
 impl NetNs {
@@ -94,6 +116,7 @@ impl NetNs {
             id,
             cookie: 0,
             jobs,
+            spares: Arc::default(),
         };
         netns.cookie = netns
             .run(|| {
@@ -161,22 +184,80 @@ impl NetNs {
         tokio::net::TcpListener::from_std(listener)
     }
 
+    /// A new nonblocking TCP socket for `domain` in this namespace, not
+    /// yet bound or connected: a spare if one is left (IPv4 only, the
+    /// mesh's family), otherwise made on the namespace's thread.
+    pub async fn tcp_socket(&self, domain: Domain) -> io::Result<Socket> {
+        if domain == Domain::IPV4 {
+            let spare = self
+                .spares
+                .sockets
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .pop();
+            self.refill();
+            if let Some(socket) = spare {
+                return Ok(socket);
+            }
+        }
+        self.run(move || new_tcp_socket(domain))
+            .await
+            .map_err(io::Error::other)?
+    }
+
+    /// Queues a refill of the spares on the namespace's thread when they
+    /// run low and no refill is queued yet. It stops at the first failure
+    /// (out of descriptors, say): `tcp_socket` then makes its own socket,
+    /// and reports the error.
+    fn refill(&self) {
+        let low = self
+            .spares
+            .sockets
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .len()
+            <= SPARES / 2;
+        if !low || self.spares.refilling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let spares = self.spares.clone();
+        let job: Job = Box::new(move || {
+            let lock = || {
+                spares
+                    .sockets
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+            };
+            // Only this job adds spares, and no other is queued: the room
+            // can only grow while the sockets are made.
+            let room = SPARES.saturating_sub(lock().len());
+            let made: Vec<Socket> = (0..room)
+                .map_while(|_| new_tcp_socket(Domain::IPV4).ok())
+                .collect();
+            lock().extend(made);
+            spares.refilling.store(false, Ordering::Release);
+        });
+        if self.jobs.send(job).is_err() {
+            // The thread is gone; tcp_socket reports it on its next call.
+            self.spares.refilling.store(false, Ordering::Release);
+        }
+    }
+
     /// A TCP connection to `dst` from this namespace (so from the pod's
     /// address, when the namespace is a pod's).
     pub async fn connect(&self, dst: SocketAddr) -> io::Result<tokio::net::TcpStream> {
-        let stream = self
-            .run(move || -> io::Result<std::net::TcpStream> {
-                let socket = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
-                socket.set_nonblocking(true)?;
-                socket.set_nodelay(true)?;
-                Ok(socket.into())
-            })
-            .await
-            .map_err(io::Error::other)??;
-        tokio::net::TcpSocket::from_std_stream(stream)
+        let socket = self.tcp_socket(Domain::for_address(dst)).await?;
+        socket.set_nodelay(true)?;
+        tokio::net::TcpSocket::from_std_stream(socket.into())
             .connect(dst)
             .await
     }
+}
+
+/// A nonblocking TCP socket in the calling thread's namespace.
+fn new_tcp_socket(domain: Domain) -> io::Result<Socket> {
+    // Nonblocking from the start: no fcntl calls afterwards.
+    Socket::new(domain, Type::STREAM.nonblocking(), None)
 }
 
 /// `SO_NETNS_COOKIE` (Linux 5.14): the namespace cookie of a socket.
@@ -218,6 +299,52 @@ mod tests {
             socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         assert_eq!(netns.cookie(), netns_cookie(&here).unwrap());
         assert_eq!(netns.run(|| 6 * 7).await.unwrap(), 42);
+    }
+
+    /// A new, empty network namespace, alive while the returned sender is.
+    fn fresh_namespace() -> (PathBuf, mpsc::Sender<()>) {
+        let (path_tx, path_rx) = mpsc::channel();
+        let (done, wait) = mpsc::channel::<()>();
+        thread::spawn(move || {
+            nix::sched::unshare(CloneFlags::CLONE_NEWNET).unwrap();
+            let tid = nix::unistd::gettid();
+            let pid = std::process::id();
+            path_tx
+                .send(PathBuf::from(format!("/proc/{pid}/task/{tid}/ns/net")))
+                .unwrap();
+            let _ = wait.recv();
+        });
+        (path_rx.recv().unwrap(), done)
+    }
+
+    #[tokio::test]
+    async fn sockets_come_from_the_namespace_and_spares_refill() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let (path, _alive) = fresh_namespace();
+        let netns = NetNs::open(&path).await.unwrap();
+        let here = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        assert_ne!(netns.cookie(), netns_cookie(&here).unwrap());
+        let spares = || netns.spares.sockets.lock().unwrap().len();
+        assert_eq!(spares(), 0, "none made before the first request");
+        // More than there are spares: the first waits for the thread, the
+        // rest come from the spares it made meanwhile, or from the thread.
+        for _ in 0..3 * SPARES {
+            let socket = netns.tcp_socket(Domain::IPV4).await.unwrap();
+            assert_eq!(netns_cookie(&socket).unwrap(), netns.cookie());
+            assert!(socket.nonblocking().unwrap());
+            assert_eq!(socket.local_addr().unwrap().as_socket().unwrap().port(), 0);
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while spares() < SPARES / 2 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert!((SPARES / 2..=SPARES).contains(&spares()), "{}", spares());
+        // Other families are made on demand, in the namespace too.
+        let v6 = netns.tcp_socket(Domain::IPV6).await.unwrap();
+        assert_eq!(netns_cookie(&v6).unwrap(), netns.cookie());
     }
 
     #[tokio::test]

@@ -24,7 +24,7 @@ use std::{
     io::{Read, Seek, SeekFrom},
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     sync::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
@@ -53,6 +53,8 @@ use warren_tests::{
     harness::{binary, kube_agent_config},
     lab,
 };
+
+use crate::procfs;
 
 /// The agent's log level: its discovery says "published the mesh" (with counts) and
 /// "listed again" at debug and info under this target.
@@ -116,7 +118,7 @@ pub fn run(args: &Args) -> Result<()> {
     // for), so no one reads the environment concurrently. harness::binary()
     // reads this variable to find the release builds.
     unsafe { std::env::set_var("WARREN_BIN_DIR", &bin_dir) };
-    let ticks_per_second = clock_ticks()?;
+    let ticks_per_second = procfs::clock_ticks()?;
 
     // Dropped in reverse: the agent, then the control plane, then the lab.
     let lab = Lab::up(LabSpec {
@@ -1097,30 +1099,10 @@ impl AgentProcess {
 
     fn usage(&self) -> Result<Usage> {
         let pid = self.child.id();
-        let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let field = |name: &str| -> Result<u64> {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-                .with_context(|| format!("no {name} in /proc/{pid}/status"))
-        };
-        let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        // After "(comm)", which may hold spaces: state is field 3, utime 14, stime 15.
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.split_whitespace().collect())
-            .unwrap_or_default();
-        let ticks = |i: usize| -> Result<u64> {
-            fields
-                .get(i)
-                .and_then(|f| f.parse().ok())
-                .with_context(|| format!("/proc/{pid}/stat: no field {}", i + 3))
-        };
         Ok(Usage {
-            rss_kib: field("VmRSS:")?,
-            hwm_kib: field("VmHWM:")?,
-            cpu_s: (ticks(11)? + ticks(12)?) as f64 / self.ticks_per_second,
+            rss_kib: procfs::status_kib(pid, "VmRSS")?,
+            hwm_kib: procfs::status_kib(pid, "VmHWM")?,
+            cpu_s: procfs::cpu_ticks(pid)? as f64 / self.ticks_per_second,
         })
     }
 
@@ -1211,18 +1193,6 @@ fn mib(kib: u64) -> f64 {
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Clock ticks per second, the unit of utime and stime in /proc/<pid>/stat.
-fn clock_ticks() -> Result<f64> {
-    let output = Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .context("running getconf CLK_TCK")?;
-    String::from_utf8_lossy(&output.stdout)
-        .trim()
-        .parse()
-        .context("getconf CLK_TCK printed no number")
 }
 
 struct Report<'a> {

@@ -20,6 +20,9 @@ pub enum Action {
         nodes: usize,
         #[arg(long, default_value_t = 2)]
         pods: usize,
+        /// Release builds, as the bench runs them: for profiling by hand.
+        #[arg(long)]
+        release: bool,
     },
     /// Stop the agents and remove the lab.
     Down {
@@ -44,8 +47,18 @@ pub enum Action {
 
 pub fn run(action: Action) -> Result<()> {
     match action {
-        Action::Up { name, nodes, pods } => up(
+        Action::Up {
+            name,
+            nodes,
+            pods,
+            release,
+        } => up(
             &name,
+            if release {
+                crate::Profile::Release
+            } else {
+                crate::Profile::Debug
+            },
             LabSpec {
                 nodes,
                 pods_per_node: pods,
@@ -92,9 +105,12 @@ fn files_dir(name: &str) -> PathBuf {
     PathBuf::from("/run/warren-lab").join(name)
 }
 
-fn up(name: &str, spec: LabSpec) -> Result<()> {
+fn up(name: &str, profile: crate::Profile, spec: LabSpec) -> Result<()> {
     crate::setup::run(true)?;
-    crate::build(crate::Profile::Debug)?;
+    let bin_dir = crate::build(profile)?;
+    // SAFETY: xtask has spawned no thread yet, so no one reads the environment
+    // concurrently. harness::binary() finds the builds through this variable.
+    unsafe { std::env::set_var("WARREN_BIN_DIR", &bin_dir) };
     let lab = Lab::up_named(name, spec)?;
     let workloads: Vec<MeshWorkload> = lab
         .nodes()

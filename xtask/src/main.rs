@@ -11,6 +11,7 @@ mod bench_discovery;
 mod demo;
 mod image;
 mod lab;
+mod procfs;
 mod setup;
 
 use std::{

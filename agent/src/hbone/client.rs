@@ -19,7 +19,7 @@ use tracing::debug;
 
 use super::{
     CLIENT_MAX_HEADER_LIST, CONNECTION_WINDOW, MAX_FRAME_SIZE, PING_INTERVAL, PING_TIMEOUT,
-    STREAM_WINDOW,
+    SEND_BUFFER, STREAM_WINDOW,
 };
 
 #[derive(Debug, Clone, Copy)]
@@ -61,6 +61,7 @@ impl Connection {
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME_SIZE)
             .max_header_list_size(CLIENT_MAX_HEADER_LIST)
+            .max_send_buffer_size(SEND_BUFFER)
             .enable_push(false)
             .handshake(io)
             .await?;

@@ -9,11 +9,15 @@
 //! - [`client`]: open a TLS + HTTP/2 connection and send CONNECTs on it.
 //! - [`pool`]: share client connections between streams.
 //! - [`copy`]: relay bytes between a TCP socket and a stream.
+//! - [`transport`]: the socket under the TLS, read through a buffer.
 
 pub mod client;
 pub mod copy;
 pub mod pool;
 pub mod server;
+pub mod transport;
+
+pub use transport::Transport;
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -38,6 +42,12 @@ pub const MAX_FRAME_SIZE: u32 = 1024 * 1024;
 pub const SERVER_MAX_STREAMS: u32 = 200;
 pub const SERVER_MAX_HEADER_LIST: u32 = 64 * 1024;
 pub const CLIENT_MAX_HEADER_LIST: u32 = 16 * 1024;
+/// How much of a stream's data h2 holds, sent by the relay but not yet
+/// written to TLS: two of the relay's largest chunks, so that reading the
+/// socket and writing TLS (on the connection's task) overlap. It is also
+/// what a peer that stops reading pins per stream, so no more (h2's default
+/// is 400 KiB).
+pub const SEND_BUFFER: usize = 512 * 1024;
 /// Opening a tunnel connection (TCP, TLS and HTTP/2 handshakes), and
 /// waiting for the answer to a CONNECT, take at most this long: a peer that
 /// stalls must not hold up the streams queued behind it.
@@ -45,6 +55,12 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Keepalive: a connection whose PING is not answered in time is dead.
 pub const PING_INTERVAL: Duration = Duration::from_secs(10);
 pub const PING_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Lets a TLS connection carrying HBONE take a whole relayed chunk in one
+/// write (see [`copy::TLS_SEND_LIMIT`]).
+pub fn tune_tls<D>(connection: &mut rustls::ConnectionCommon<D>) {
+    connection.set_buffer_limit(Some(copy::TLS_SEND_LIMIT));
+}
 
 /// Why a CONNECT request is refused, and the status it gets.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -7,8 +7,8 @@ use h2::{RecvStream, SendStream, server::SendResponse};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{
-    CONNECTION_WINDOW, MAX_FRAME_SIZE, Refusal, SERVER_MAX_HEADER_LIST, SERVER_MAX_STREAMS,
-    STREAM_WINDOW,
+    CONNECTION_WINDOW, MAX_FRAME_SIZE, Refusal, SEND_BUFFER, SERVER_MAX_HEADER_LIST,
+    SERVER_MAX_STREAMS, STREAM_WINDOW,
 };
 
 /// Serves the HTTP/2 connection on `io` (already authenticated by TLS):
@@ -30,6 +30,7 @@ where
         .max_frame_size(MAX_FRAME_SIZE)
         .max_concurrent_streams(SERVER_MAX_STREAMS)
         .max_header_list_size(SERVER_MAX_HEADER_LIST)
+        .max_send_buffer_size(SEND_BUFFER)
         .handshake(io)
         .await?;
     let mut wind_down = std::pin::pin!(wind_down);

@@ -35,6 +35,7 @@ use warren_pki::identity::SpiffeId;
 
 use crate::{
     hbone::Trace,
+    hbone::copy::{Duplex, Readable},
     mesh::{Cluster, ServicePort, Workload},
 };
 
@@ -562,6 +563,39 @@ pub struct Counted<S> {
     writes: Tally,
 }
 
+/// The relay counts each direction on its own half of the socket.
+impl<S: Duplex> Duplex for Counted<S> {
+    type Reader<'a>
+        = Counted<S::Reader<'a>>
+    where
+        Self: 'a;
+    type Writer<'a>
+        = Counted<S::Writer<'a>>
+    where
+        Self: 'a;
+
+    fn halves(&mut self) -> (Self::Reader<'_>, Self::Writer<'_>) {
+        let (reader, writer) = self.inner.halves();
+        let reader = Counted {
+            inner: reader,
+            reads: self.reads.clone(),
+            writes: self.writes.clone(),
+        };
+        let writer = Counted {
+            inner: writer,
+            reads: self.reads.clone(),
+            writes: self.writes.clone(),
+        };
+        (reader, writer)
+    }
+}
+
+impl<S: Readable> Readable for Counted<S> {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.inner.poll_read_ready(cx)
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -808,5 +842,40 @@ mod tests {
         drop(traffic.open(&c));
         assert_eq!(traffic.closed.get_or_create(&labels).get(), 1);
         assert_eq!(traffic.opened.get_or_create(&labels).get(), 2);
+    }
+
+    #[tokio::test]
+    async fn the_relay_halves_of_a_counted_socket_count_each_way() {
+        let mut registry = Registry::default();
+        let traffic = Traffic::register(&mut registry, Cluster::default());
+        let sleep = workload("default", "sleep", [10, 244, 1, 2], &[]);
+        let web = workload("shop", "web", [10, 244, 2, 2], &[]);
+        let c = connection(
+            Reporter::destination,
+            Path::Hbone,
+            Some(&sleep),
+            Some(&sleep.identity),
+            &web,
+        );
+        let tracked = traffic.open(&c);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut app = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (delivery, _) = listener.accept().await.unwrap();
+        // At the destination the delivery socket is wrapped: what it writes
+        // is the request, what it reads the response.
+        let mut counted = tracked.server_side(delivery);
+        let (mut reader, mut writer) = counted.halves();
+        writer.write_all(&[1; 70]).await.unwrap();
+        let mut request = [0; 70];
+        app.read_exact(&mut request).await.unwrap();
+        app.write_all(&[2; 20]).await.unwrap();
+        std::future::poll_fn(|cx| reader.poll_read_ready(cx))
+            .await
+            .unwrap();
+        let mut response = [0; 20];
+        reader.read_exact(&mut response).await.unwrap();
+        assert_eq!(tracked.bytes(), (70, 20));
     }
 }

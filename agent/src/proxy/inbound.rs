@@ -341,7 +341,11 @@ impl PodInbound {
             .with_interval(Duration::from_secs(10))
             .with_retries(3);
         let _ = SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
-        let tls = match timeout(hbone::CONNECT_TIMEOUT, acceptor.accept(tcp)).await {
+        let accepted = timeout(
+            hbone::CONNECT_TIMEOUT,
+            acceptor.accept(hbone::Transport::new(tcp)),
+        );
+        let mut tls = match accepted.await {
             Ok(Ok(tls)) => tls,
             Ok(Err(error)) => {
                 let error = handshake_error(&error);
@@ -353,6 +357,7 @@ impl PodInbound {
                 return;
             }
         };
+        hbone::tune_tls(tls.get_mut().1);
         let Some(peer_identity) = tls::peer_identity(tls.get_ref().1) else {
             // The verifier demands one; this is a belt to those braces.
             warn!(%workload, %peer, "HBONE connection refused: no peer identity");

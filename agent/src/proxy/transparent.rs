@@ -36,7 +36,7 @@ use rtnetlink::{
     packet_route::route::{RouteScope, RouteType},
     packet_route::rule::RuleAction,
 };
-use socket2::{Domain, Socket, Type};
+use socket2::Domain;
 use tokio::net::TcpStream;
 
 use crate::netns::{NetNs, NetnsError};
@@ -140,19 +140,12 @@ async fn install_routing() -> io::Result<()> {
 /// Connects to `dst` (an application in the pod of `netns`) as if from
 /// `src` (the client pod's address).
 pub async fn connect(netns: &NetNs, src: Ipv4Addr, dst: SocketAddr) -> io::Result<TcpStream> {
-    let std_socket = netns
-        .run(move || -> io::Result<std::net::TcpStream> {
-            let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
-            socket.set_ip_transparent(true)?;
-            socket.set_mark(MARK)?;
-            socket.set_nonblocking(true)?;
-            socket.set_nodelay(true)?;
-            socket.bind(&SocketAddrV4::new(src, 0).into())?;
-            Ok(socket.into())
-        })
-        .await
-        .map_err(io::Error::other)??;
-    tokio::net::TcpSocket::from_std_stream(std_socket)
+    let socket = netns.tcp_socket(Domain::IPV4).await?;
+    socket.set_ip_transparent(true)?;
+    socket.set_mark(MARK)?;
+    socket.set_nodelay(true)?;
+    socket.bind(&SocketAddrV4::new(src, 0).into())?;
+    tokio::net::TcpSocket::from_std_stream(socket.into())
         .connect(dst)
         .await
 }

@@ -1,16 +1,20 @@
-//! A tiny TCP tool that lab tests and the demo run inside pods. It prints one JSON event
-//! per line on stdout.
+//! A tiny TCP tool that lab tests, the demo and the bench run inside pods. It prints one
+//! JSON event per line on stdout.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
+use futures::{StreamExt, TryStreamExt};
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use serde_json::json;
 use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -70,19 +74,50 @@ enum Cli {
         size: usize,
     },
     /// New-connection rate against `greet`: connect, read the greeting until the server hangs
-    /// up, close; one after the other, for SECONDS or MAX connections, whichever comes first.
+    /// up, close; one after the other (in each of PARALLEL threads), for SECONDS or MAX
+    /// connections, whichever comes first. Reports the connections made and their rate.
     Connrate {
         /// Server address, ADDR:PORT.
         addr: SocketAddr,
         #[arg(long, default_value_t = 1.0)]
         seconds: f64,
+        /// At most this many connections, all threads together.
         #[arg(long, default_value_t = 100_000)]
         max: usize,
+        /// Threads, each making connections one after the other.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+        parallel: u16,
+    },
+    /// Accept connections and keep every one, echoing what it sends, until its client closes
+    /// it; thousands at once, on one thread (no thread per connection). With COUNT, exit
+    /// once COUNT connections have come and all have gone again.
+    Keep {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        count: Option<usize>,
+    },
+    /// Open COUNT connections to `keep` and confirm each end to end (one byte sent, the same
+    /// byte read back), say so once all are up, then keep them all open until stdin gives a
+    /// line or closes.
+    Hold {
+        /// Server address, ADDR:PORT.
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        /// Connections being opened at any one time.
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
+        concurrency: u16,
     },
 }
 
 fn main() -> ExitCode {
-    let result = match Cli::parse() {
+    let cli = Cli::parse();
+    // `keep` and `hold` hold a descriptor per connection, thousands of them, and a soft
+    // limit is often 1024.
+    raise_open_files();
+    let result = match cli {
         Cli::Serve { port, name } => serve(port, &name).map(|()| true),
         Cli::Greet { port, name } => greet(port, &name).map(|()| true),
         Cli::Call {
@@ -110,9 +145,19 @@ fn main() -> ExitCode {
             warmup,
             size,
         } => round_trips(addr, count, warmup, size).map(|()| true),
-        Cli::Connrate { addr, seconds, max } => {
-            connection_rate(addr, Duration::from_secs_f64(seconds), max).map(|()| true)
-        }
+        Cli::Connrate {
+            addr,
+            seconds,
+            max,
+            parallel,
+        } => connection_rate(addr, Duration::from_secs_f64(seconds), max, parallel.into())
+            .map(|()| true),
+        Cli::Keep { port, count } => keep(port, count).map(|()| true),
+        Cli::Hold {
+            addr,
+            count,
+            concurrency,
+        } => hold(addr, count, concurrency.into()).map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -298,31 +343,189 @@ fn round_trips(addr: SocketAddr, count: usize, warmup: usize, size: usize) -> Re
     Ok(())
 }
 
-fn connection_rate(addr: SocketAddr, duration: Duration, max: usize) -> Result<()> {
+fn connection_rate(
+    addr: SocketAddr,
+    duration: Duration,
+    max: usize,
+    parallel: usize,
+) -> Result<()> {
     let start = Instant::now();
-    let mut connections = 0;
-    while connections < max && start.elapsed() < duration {
-        let mut stream = connect(addr, Bind::default(), CONNECT_TIMEOUT)
-            .with_context(|| format!("connection {connections}"))?;
-        stream.set_read_timeout(Some(IO_TIMEOUT))?;
-        let mut greeting = String::new();
-        stream
-            .read_to_string(&mut greeting)
-            .with_context(|| format!("connection {connections}: reading the greeting"))?;
-        ensure!(
-            greeting.ends_with('\n'),
-            "connection {connections}: the server hung up without a greeting"
-        );
-        connections += 1;
-    }
+    // Connections begun, all threads together: each takes a number before connecting, so
+    // that they make no more than `max` between them.
+    let begun = AtomicUsize::new(0);
+    let connections = thread::scope(|scope| -> Result<usize> {
+        let threads: Vec<_> = (0..parallel)
+            .map(|_| {
+                scope.spawn(|| -> Result<usize> {
+                    let mut made = 0;
+                    while start.elapsed() < duration {
+                        let n = begun.fetch_add(1, Ordering::Relaxed);
+                        if n >= max {
+                            break;
+                        }
+                        connect_and_greet(addr).with_context(|| format!("connection {n}"))?;
+                        made += 1;
+                    }
+                    Ok(made)
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().expect("a connecting thread does not panic"))
+            .sum()
+    })?;
     let seconds = start.elapsed().as_secs_f64();
     emit(json!({
         "event": "connrate",
         "connections": connections,
+        "parallel": parallel,
         "seconds": seconds,
         "per_second": connections as f64 / seconds,
     }));
     Ok(())
+}
+
+/// One connection to `greet`: connect, read the greeting until the server hangs up, close.
+fn connect_and_greet(addr: SocketAddr) -> Result<()> {
+    let mut stream = connect(addr, Bind::default(), CONNECT_TIMEOUT)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    let mut greeting = String::new();
+    stream
+        .read_to_string(&mut greeting)
+        .context("reading the greeting")?;
+    ensure!(
+        greeting.ends_with('\n'),
+        "the server hung up without a greeting"
+    );
+    Ok(())
+}
+
+/// A runtime on this one thread: `keep` and `hold` wait on thousands of sockets through
+/// epoll rather than a thread each.
+fn one_thread_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting a tokio runtime")
+}
+
+fn keep(port: u16, count: Option<usize>) -> Result<()> {
+    one_thread_runtime()?.block_on(async {
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
+            .await
+            .with_context(|| format!("listening on port {port}"))?;
+        emit(json!({"event": "listening", "port": listener.local_addr()?.port()}));
+        let mut kept = tokio::task::JoinSet::new();
+        let (mut accepted, mut failed) = (0, 0);
+        while count.is_none_or(|count| accepted < count) {
+            tokio::select! {
+                conn = listener.accept() => {
+                    let (stream, _) =
+                        conn.with_context(|| format!("accepting connection {accepted}"))?;
+                    accepted += 1;
+                    kept.spawn(echo_until_closed(stream));
+                }
+                Some(ended) = kept.join_next() => {
+                    failed += usize::from(connection_failed(ended));
+                }
+            }
+        }
+        // All have come: no more are wanted, and waiting for the rest to go is all left.
+        drop(listener);
+        while let Some(ended) = kept.join_next().await {
+            failed += usize::from(connection_failed(ended));
+        }
+        emit(json!({"event": "released", "connections": accepted, "failed": failed}));
+        ensure!(failed == 0, "{failed} of {accepted} connections failed");
+        Ok(())
+    })
+}
+
+/// Says why a kept connection failed, if it did.
+fn connection_failed(ended: Result<io::Result<()>, tokio::task::JoinError>) -> bool {
+    match ended {
+        Ok(Ok(())) => false,
+        Ok(Err(err)) => {
+            eprintln!("labpod: kept connection: {err}");
+            true
+        }
+        Err(err) => {
+            eprintln!("labpod: kept connection: {err}");
+            true
+        }
+    }
+}
+
+async fn echo_until_closed(mut stream: tokio::net::TcpStream) -> io::Result<()> {
+    // Small: each of thousands of connections has its own, and the client sends one byte.
+    let mut buf = [0; 64];
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        stream.write_all(&buf[..n]).await?;
+    }
+}
+
+fn hold(addr: SocketAddr, count: usize, concurrency: usize) -> Result<()> {
+    let runtime = one_thread_runtime()?;
+    let start = Instant::now();
+    let held = runtime.block_on(
+        futures::stream::iter(0..count)
+            .map(|n| async move {
+                open_confirmed(addr)
+                    .await
+                    .with_context(|| format!("connection {n} of {count} to {addr}"))
+            })
+            .buffer_unordered(concurrency)
+            .try_collect::<Vec<_>>(),
+    )?;
+    emit(json!({
+        "event": "held",
+        "connections": held.len(),
+        "seconds": start.elapsed().as_secs_f64(),
+    }));
+    // Whatever stdin brings, a line or its end, means let go.
+    let _ = io::stdin().lock().read_line(&mut String::new());
+    // Closed within the runtime, whose reactor they are registered with.
+    runtime.block_on(async move { drop(held) });
+    emit(json!({"event": "released", "connections": count}));
+    Ok(())
+}
+
+/// A connection that has carried a byte there and back.
+async fn open_confirmed(addr: SocketAddr) -> Result<tokio::net::TcpStream> {
+    let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
+        .await
+        .context("connecting: timed out")?
+        .context("connecting")?;
+    let mut echoed = [0];
+    tokio::time::timeout(IO_TIMEOUT, async {
+        stream.write_all(b"w").await?;
+        stream.read_exact(&mut echoed).await
+    })
+    .await
+    .context("the echo: timed out")?
+    .context("the echo")?;
+    if echoed != *b"w" {
+        bail!("the echo is {echoed:?}, not what was sent");
+    }
+    Ok(stream)
+}
+
+/// Lifts the soft limit on open files to the hard one (an unprivileged process may).
+fn raise_open_files() {
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(err) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                eprintln!("labpod: raising the open files limit from {soft} to {hard}: {err}");
+            }
+        }
+        Ok(_) => {}
+        Err(err) => eprintln!("labpod: reading the open files limit: {err}"),
+    }
 }
 
 /// What to bind a client socket to before connecting, if anything.

@@ -1,0 +1,67 @@
+//! What the benches read of a process in /proc: its CPU time and its memory.
+
+use std::{fs, process::Command};
+
+use anyhow::{Context, Result};
+
+/// Clock ticks per second, sysconf(_SC_CLK_TCK): the unit of utime and stime in
+/// /proc/<pid>/stat.
+pub fn clock_ticks() -> Result<f64> {
+    let output = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .context("running getconf CLK_TCK")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.trim()
+        .parse()
+        .with_context(|| format!("getconf CLK_TCK printed {text:?}, not a number"))
+}
+
+/// utime + stime of process `pid`, in clock ticks: all its threads', those that ended
+/// too. The kernel rounds each down to a whole tick.
+pub fn cpu_ticks(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    // Fields 14 and 15; "(comm)", field 2, may hold spaces, so count after it, from
+    // field 3.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let field = |n: usize| -> Result<u64> {
+        fields
+            .get(n - 3)
+            .and_then(|f| f.parse().ok())
+            .with_context(|| format!("{path}: no number in field {n}: {stat:?}"))
+    };
+    Ok(field(14)? + field(15)?)
+}
+
+/// A memory figure of process `pid` from /proc/<pid>/status, in KiB: `VmRSS`, `VmHWM`.
+pub fn status_kib(pid: u32, name: &str) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("{path}: no {name} in kB"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_this_process() {
+        let pid = std::process::id();
+        assert!(clock_ticks().unwrap() > 0.0);
+        // Spin a little, so that there is CPU time to see.
+        let start = std::time::Instant::now();
+        while start.elapsed() < std::time::Duration::from_millis(30) {}
+        assert!(cpu_ticks(pid).unwrap() > 0);
+        let rss = status_kib(pid, "VmRSS").unwrap();
+        assert!(rss > 0 && rss <= status_kib(pid, "VmHWM").unwrap());
+        assert!(status_kib(pid, "VmNothing").is_err());
+    }
+}
