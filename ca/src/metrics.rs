@@ -393,7 +393,7 @@ fn unix_seconds(time: SystemTime) -> i64 {
 pub(crate) mod testing {
     use std::collections::BTreeMap;
 
-    use prometheus_client::{encoding::text::encode, registry::Registry};
+    use prometheus_client::registry::Registry;
     use prometheus_parse::{Scrape, Value};
 
     use super::{Authentication, RefusalReason};
@@ -401,9 +401,7 @@ pub(crate) mod testing {
     /// Every sample of `registry`'s exposition, parsed: value by metric name
     /// and labels (`name="value"`, sorted, comma-separated).
     pub fn samples(registry: &Registry) -> BTreeMap<(String, String), f64> {
-        let mut text = String::new();
-        encode(&mut text, registry).unwrap();
-        parse(&text)
+        parse(&warren_daemon::metrics::exposition(registry).unwrap())
     }
 
     pub fn parse(text: &str) -> BTreeMap<(String, String), f64> {
@@ -464,8 +462,6 @@ pub(crate) mod testing {
 mod tests {
     use std::{collections::BTreeSet, time::Duration};
 
-    use prometheus_client::encoding::text::encode;
-
     use super::*;
 
     /// The signing chain's time left, as a scrape shows it.
@@ -478,9 +474,7 @@ mod tests {
     }
 
     fn scrape(registry: &Registry) -> String {
-        let mut text = String::new();
-        encode(&mut text, registry).unwrap();
-        text
+        warren_daemon::metrics::exposition(registry).unwrap()
     }
 
     #[test]

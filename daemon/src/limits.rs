@@ -14,14 +14,38 @@ use nix::sys::resource::{Resource, getrlimit, setrlimit};
 /// connection and listeners for every pod (the agent), and a container
 /// runtime's soft default (often 1024) is too few for a busy node or CA.
 pub fn raise_open_files() {
-    match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-            Ok(()) => tracing::debug!(from = soft, to = hard, "raised the open files limit"),
-            Err(error) => tracing::warn!(%error, soft, "cannot raise the open files limit"),
-        },
-        Ok(_) => {}
-        Err(error) => tracing::warn!(%error, "cannot read the open files limit"),
+    match try_raise_open_files() {
+        Ok(Some((from, to))) => tracing::debug!(from, to, "raised the open files limit"),
+        Ok(None) => {}
+        Err(error) => tracing::warn!(%error, "cannot raise the open files limit"),
     }
+}
+
+/// Lifts the soft limit on open files to the hard one: the limits it was
+/// raised from and to, none if it already was there.
+pub fn try_raise_open_files() -> Result<Option<(u64, u64)>, OpenFilesError> {
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(OpenFilesError::Read)?;
+    if soft >= hard {
+        return Ok(None);
+    }
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(|source| OpenFilesError::Raise {
+        soft,
+        hard,
+        source,
+    })?;
+    Ok(Some((soft, hard)))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenFilesError {
+    #[error("reading the open files limit: {0}")]
+    Read(nix::Error),
+    #[error("raising the open files limit from {soft} to {hard}: {source}")]
+    Raise {
+        soft: u64,
+        hard: u64,
+        source: nix::Error,
+    },
 }
 
 /// Connections counted by source address, so that no one address takes all
@@ -77,7 +101,16 @@ impl Drop for AddressSlot {
 
 #[cfg(test)]
 mod tests {
-    use super::PerAddress;
+    use super::{PerAddress, try_raise_open_files};
+
+    #[test]
+    fn the_open_files_limit_is_raised_to_the_hard_one_once() {
+        try_raise_open_files().unwrap();
+        let (soft, hard) =
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+        assert_eq!(soft, hard);
+        assert_eq!(try_raise_open_files().unwrap(), None, "already there");
+    }
 
     #[test]
     fn each_address_gets_its_share_back_when_its_connections_end() {

@@ -114,12 +114,16 @@ pub async fn spawn(address: &str, registry: Arc<Registry>) -> io::Result<SocketA
     server::spawn(address, "metrics", handler(registry)).await
 }
 
-/// The registry in the OpenMetrics text format; none if a metric or
-/// collector failed.
-fn encoded(registry: &Registry) -> Option<Bytes> {
+/// The registry in the OpenMetrics text format: what a scrape gets (and
+/// what tests read); an error if a metric or collector failed.
+pub fn exposition(registry: &Registry) -> Result<String, std::fmt::Error> {
     let mut body = String::new();
-    text::encode(&mut body, registry).ok()?;
-    Some(body.into())
+    text::encode(&mut body, registry)?;
+    Ok(body)
+}
+
+fn encoded(registry: &Registry) -> Option<Bytes> {
+    exposition(registry).ok().map(Bytes::from)
 }
 
 /// A registry that cannot be encoded (a collector failed) answers 500, and

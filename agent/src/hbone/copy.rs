@@ -19,7 +19,7 @@ use std::{
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use tokio::{
-    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{TcpStream, tcp},
 };
 
@@ -94,6 +94,12 @@ impl Duplex for TcpStream {
     }
 }
 
+impl Readable for TcpStream {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TcpStream::poll_read_ready(self, cx)
+    }
+}
+
 impl Readable for tcp::ReadHalf<'_> {
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.as_ref().poll_read_ready(cx)
@@ -147,11 +153,8 @@ async fn socket_to_stream<R: AsyncRead + Readable + Unpin>(
     }
 }
 
-/// Reads what the socket has, up to `size` bytes; None at EOF. The memory
-/// for it is taken only for a read that finds bytes (it is dropped if the
-/// read finds none after all: readiness can outlive the bytes that caused
-/// it), so a connection waiting for its next bytes holds none. A short read
-/// is copied out of its chunk, so that what h2 queues weighs what it
+/// Reads what the socket has, up to `size` bytes; None at EOF. A short
+/// read is copied out of its chunk, so that what h2 queues weighs what it
 /// carries: a flow that once grew its chunks to 256 KiB, then trickles,
 /// must not pin 256 KiB per byte.
 fn poll_chunk<R: AsyncRead + Readable + Unpin>(
@@ -159,18 +162,40 @@ fn poll_chunk<R: AsyncRead + Readable + Unpin>(
     cx: &mut Context<'_>,
     size: usize,
 ) -> Poll<io::Result<Option<Bytes>>> {
-    ready!(reader.poll_read_ready(cx))?;
-    let mut buf = BytesMut::with_capacity(size);
-    let n = ready!(tokio_util::io::poll_read_buf(
-        Pin::new(&mut *reader),
-        cx,
-        &mut buf
-    ))?;
+    let mut buf = BytesMut::new();
+    let n = ready!(poll_fill(reader, cx, &mut buf, size))?;
     Poll::Ready(Ok(match n {
         0 => None,
         n if n < size / 4 => Some(Bytes::copy_from_slice(&buf)),
         _ => Some(buf.freeze()),
     }))
+}
+
+/// Reads up to `size` bytes into `buf`, which must be empty: the bytes
+/// read, 0 at EOF. Memory is taken only for a read that finds bytes, and
+/// given back (`buf` left without any) if it finds none after all
+/// (readiness can outlive the bytes that caused it), at EOF, or on an
+/// error: a connection waiting for its next bytes holds none.
+pub(super) fn poll_fill<R: AsyncRead + Readable + Unpin>(
+    reader: &mut R,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+    size: usize,
+) -> Poll<io::Result<usize>> {
+    debug_assert!(buf.is_empty());
+    ready!(reader.poll_read_ready(cx))?;
+    buf.reserve(size);
+    // Exactly `size`: whether a read filled it is what grows the relay's
+    // chunks.
+    let mut limited = (&mut *reader).take(size as u64);
+    let read = tokio_util::io::poll_read_buf(Pin::new(&mut limited), cx, buf);
+    match read {
+        Poll::Ready(Ok(n)) if n > 0 => Poll::Ready(Ok(n)),
+        other => {
+            *buf = BytesMut::new();
+            other
+        }
+    }
 }
 
 async fn stream_to_socket<W: AsyncWrite + Unpin>(

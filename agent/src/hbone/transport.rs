@@ -20,6 +20,8 @@ use tokio::{
     net::TcpStream,
 };
 
+use super::copy::poll_fill;
+
 /// How much one read from the socket takes at most.
 pub const READ_BUFFER: usize = 64 * 1024;
 
@@ -54,17 +56,9 @@ impl AsyncRead for Transport {
                 // As large as ours: no point copying twice.
                 return Pin::new(&mut self.tcp).poll_read(cx, out);
             }
-            ready!(self.tcp.poll_read_ready(cx))?;
             let this = &mut *self;
-            this.unread.reserve(READ_BUFFER);
-            let read = tokio_util::io::poll_read_buf(Pin::new(&mut this.tcp), cx, &mut this.unread);
-            match read {
-                Poll::Ready(Ok(n)) if n > 0 => {}
-                // EOF, an error, or readiness that was not: hold nothing.
-                other => {
-                    this.unread = BytesMut::new();
-                    return other.map_ok(drop);
-                }
+            if ready!(poll_fill(&mut this.tcp, cx, &mut this.unread, READ_BUFFER))? == 0 {
+                return Poll::Ready(Ok(())); // EOF
             }
         }
         let n = out.remaining().min(self.unread.len());

@@ -258,7 +258,6 @@ impl<L: EncodeLabelSet + Send + Sync + 'static> Collector for Scraped<L> {
 
 #[cfg(test)]
 mod tests {
-    use prometheus_client::encoding::text::encode;
 
     use super::*;
 
@@ -276,8 +275,7 @@ mod tests {
         metrics.decided(&decision(true, "ALLOW shop/from-sleep"));
         metrics.decided(&decision(true, "no policy"));
         metrics.decided(&decision(false, "no ALLOW policy matched"));
-        let mut text = String::new();
-        encode(&mut text, &registry).unwrap();
+        let text = warren_daemon::metrics::exposition(&registry).unwrap();
         for line in [
             "warren_policy_decisions_total{action=\"deny\",policy=\"shop/no-admin\"} 1",
             "warren_policy_decisions_total{action=\"allow\",policy=\"shop/from-sleep\"} 1",
@@ -305,11 +303,7 @@ mod tests {
                 vec![(Reason { reason: "spoofed" }, n as f64)]
             },
         )));
-        let scrape = || {
-            let mut text = String::new();
-            encode(&mut text, &registry).unwrap();
-            text
-        };
+        let scrape = || warren_daemon::metrics::exposition(&registry).unwrap();
         assert!(
             scrape().contains("warren_test_drops_total{reason=\"spoofed\"} 3"),
             "{}",

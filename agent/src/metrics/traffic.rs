@@ -651,7 +651,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
 
 #[cfg(test)]
 mod tests {
-    use prometheus_client::encoding::text::encode;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
@@ -679,12 +678,6 @@ mod tests {
             destination: Some(destination),
             service: None,
         }
-    }
-
-    fn text(registry: &Registry) -> String {
-        let mut text = String::new();
-        encode(&mut text, registry).unwrap();
-        text
     }
 
     #[test]
@@ -834,7 +827,7 @@ mod tests {
         denied.response_flags = ResponseFlag::Denied;
         assert_eq!(traffic.closed.get_or_create(&denied).get(), 1);
         assert_eq!(traffic.closed.get_or_create(&labels).get(), 0);
-        let exposed = text(&registry);
+        let exposed = warren_daemon::metrics::exposition(&registry).unwrap();
         assert!(exposed.contains("response_flags=\"DENY\""), "{exposed}");
         assert!(exposed.contains("tcp_received_bytes_total{"), "{exposed}");
 

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
 use futures::{StreamExt, TryStreamExt};
-use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use serde_json::json;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -116,7 +115,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // `keep` and `hold` hold a descriptor per connection, thousands of them, and a soft
     // limit is often 1024.
-    raise_open_files();
+    if let Err(err) = warren_daemon::limits::try_raise_open_files() {
+        eprintln!("labpod: {err}");
+    }
     let result = match cli {
         Cli::Serve { port, name } => serve(port, &name).map(|()| true),
         Cli::Greet { port, name } => greet(port, &name).map(|()| true),
@@ -516,18 +517,6 @@ async fn open_confirmed(addr: SocketAddr) -> Result<tokio::net::TcpStream> {
 }
 
 /// Lifts the soft limit on open files to the hard one (an unprivileged process may).
-fn raise_open_files() {
-    match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < hard => {
-            if let Err(err) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-                eprintln!("labpod: raising the open files limit from {soft} to {hard}: {err}");
-            }
-        }
-        Ok(_) => {}
-        Err(err) => eprintln!("labpod: reading the open files limit: {err}"),
-    }
-}
-
 /// What to bind a client socket to before connecting, if anything.
 #[derive(Default, Clone, Copy)]
 struct Bind {
