@@ -258,7 +258,6 @@ impl<L: EncodeLabelSet + Send + Sync + 'static> Collector for Scraped<L> {
 
 #[cfg(test)]
 mod tests {
-
     use super::*;
 
     #[test]

@@ -516,7 +516,6 @@ async fn open_confirmed(addr: SocketAddr) -> Result<tokio::net::TcpStream> {
     Ok(stream)
 }
 
-/// Lifts the soft limit on open files to the hard one (an unprivileged process may).
 /// What to bind a client socket to before connecting, if anything.
 #[derive(Default, Clone, Copy)]
 struct Bind {
