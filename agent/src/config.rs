@@ -89,6 +89,11 @@ pub struct Config {
     pub admin_listen: String,
     /// The cluster, as metrics name it.
     pub cluster: Cluster,
+    /// Let pods of this node that policy allows to talk connect straight to
+    /// each other, in the node's kernel, instead of through an HBONE tunnel
+    /// to ourselves (README "The same-node fast path"). On unless the file
+    /// says `fastPath: false`.
+    pub fast_path: bool,
 }
 
 /// The admin endpoint's address unless the config says otherwise
@@ -263,6 +268,8 @@ struct RawConfig {
     cluster_id: Option<String>,
     #[serde(default)]
     cluster_domain: Option<String>,
+    #[serde(default)]
+    fast_path: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -496,6 +503,7 @@ impl RawConfig {
             metrics_listen,
             admin_listen,
             cluster,
+            fast_path: self.fast_path.unwrap_or(true),
         })
     }
 }
@@ -822,6 +830,11 @@ workloads:
         assert_eq!(defaults.metrics_listen, None);
         assert_eq!(defaults.admin_listen, DEFAULT_ADMIN_LISTEN);
         assert_eq!(defaults.cluster, Cluster::default());
+        assert!(defaults.fast_path, "the fast path is on by default");
+        let off = parse(&format!("{GOOD}fastPath: false\n")).unwrap();
+        assert!(!off.fast_path);
+        let error = parse(&format!("{GOOD}fastPath: sometimes\n")).unwrap_err();
+        assert!(error.to_string().contains("fastPath"), "{error}");
 
         let text = format!(
             "{GOOD}metricsListen: 0.0.0.0:15020\nadminListen: 127.0.0.1:25000\n\

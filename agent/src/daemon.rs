@@ -46,6 +46,7 @@ use crate::{
     ca::CsrSource,
     cni::{self, Directory},
     config::{CaCredential, CaSettings, Config, ConfigError, Issuer},
+    fastpath::FastPath,
     hbone::pool::{self, Pool},
     kubernetes,
     mesh::{Policies, Snapshot, Store, Workloads},
@@ -196,6 +197,9 @@ pub struct Daemon {
     serving: Serving,
     /// The log filter, which the admin endpoint changes.
     logging: LogControl,
+    /// The same-node fast path, and its task (grants, lease, accounting).
+    fast_path: FastPath,
+    fast_path_task: JoinHandle<()>,
 }
 
 impl Daemon {
@@ -274,7 +278,30 @@ impl Daemon {
             }
             None => (None, None, None),
         };
-        let redirector = Redirector::load(&config.bpf_pin_dir)?;
+        let mut redirector = Redirector::load(&config.bpf_pin_dir)?;
+        let maps = redirector
+            .take_fast_path()
+            .expect("the fast path's maps are taken once, here");
+        let fast_path_on = config.fast_path
+            && match FastPath::kernel_can_cut() {
+                Ok(()) => true,
+                Err(error) => {
+                    warn!(
+                        error = %Chain(&error),
+                        "same-node fast path off: this kernel cannot cut the connections a \
+                         policy change would refuse"
+                    );
+                    false
+                }
+            };
+        info!(
+            fast_path = fast_path_on,
+            "same-node fast path {}",
+            if fast_path_on { "on" } else { "off" }
+        );
+        let (fast_path, shortcuts, fast_path_task) =
+            FastPath::new(maps, fast_path_on, store.subscribe(), metrics.clone());
+        let fast_path_task = tokio::spawn(fast_path_task.run());
         let pool = Arc::new(Pool::new(pool::Settings::default()).with_gauges(
             metrics.pool_connections.clone(),
             metrics.pool_streams.clone(),
@@ -297,6 +324,8 @@ impl Daemon {
             metrics: metrics.clone(),
             serving: serving.clone(),
             host,
+            fast_path: fast_path.clone(),
+            shortcuts,
         };
         Ok(Self {
             config_path: config_path.to_owned(),
@@ -312,6 +341,8 @@ impl Daemon {
             registry: Some(registry),
             serving,
             logging,
+            fast_path,
+            fast_path_task,
         })
     }
 
@@ -401,6 +432,7 @@ impl Daemon {
                 if !released {
                     released = true;
                     self.release_departed(&snapshot);
+                    self.fast_path.settle();
                     info!(
                         pods = self.reconciler.enrolled().count(),
                         "warren agent ready"
@@ -489,6 +521,13 @@ impl Daemon {
             "warren agent stopping; its pods stay captured and fail closed until an agent takes \
              over (`warren uninstall` releases them)"
         );
+        // No grant outlives the agent's service: new connections of its pods
+        // go to the agent (nowhere, now), not straight on a stale decision.
+        // Stopped first (and waited for), so that it cannot extend the
+        // lease after it was voided.
+        self.fast_path_task.abort();
+        let _ = (&mut self.fast_path_task).await;
+        self.fast_path.stop();
         // Dropping a pod's runtime stops its listeners, not its programs.
         drop(self.reconciler);
         Ok(())
@@ -611,6 +650,7 @@ impl Daemon {
                 states,
                 self.store.subscribe(),
                 nudge,
+                self.fast_path.clone(),
             )
             .await
             .map_err(DaemonError::Cni)?,
@@ -741,12 +781,13 @@ impl Daemon {
             || config.metrics_listen != running.metrics_listen
             || config.admin_listen != running.admin_listen
             || config.cluster != running.cluster
+            || config.fast_path != running.fast_path
         {
             warn!(
                 %why,
                 "devCaDir, ca, certificateTtl, healthListen, cni, metricsListen, adminListen, \
-                 clusterId and clusterDomain changes take effect when the agent restarts; until \
-                 then it keeps the ones it started with"
+                 clusterId, clusterDomain and fastPath changes take effect when the agent \
+                 restarts; until then it keeps the ones it started with"
             );
             config.issuer = running.issuer.clone();
             config.certificate_ttl = running.certificate_ttl;
@@ -755,6 +796,7 @@ impl Daemon {
             config.metrics_listen = running.metrics_listen.clone();
             config.admin_listen = running.admin_listen.clone();
             config.cluster = running.cluster.clone();
+            config.fast_path = running.fast_path;
         }
         if running.kubernetes.is_some()
             && (config.trust_domain != running.trust_domain

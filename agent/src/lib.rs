@@ -7,6 +7,7 @@ pub mod ca;
 pub mod cni;
 pub mod config;
 pub mod daemon;
+pub mod fastpath;
 pub mod hbone;
 pub mod kubernetes;
 pub mod mesh;

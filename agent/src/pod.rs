@@ -16,20 +16,24 @@ use std::{
     time::Duration,
 };
 
-use tokio::{sync::watch, task::JoinHandle};
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
 use tracing::{error, info, warn};
 
 use warren_daemon::logging::Chain;
 use warren_pki::tls::WorkloadCertificate;
 
 use crate::{
+    fastpath::FastPath,
     hbone::pool::Pool,
     mesh::{LocalPod, Policies, Snapshot, Workload, policy::MtlsMode},
     metrics::Metrics,
     netns::{NetNs, NetnsError},
     node_route::{self, RouteError},
     proxy::{
-        PodProxy,
+        PodProxy, Shortcut,
         inbound::{self, InboundError, PodInbound},
         outbound::{self, OutboundError},
     },
@@ -138,6 +142,10 @@ pub struct NodePods {
     pub serving: Serving,
     /// Where the host's `/proc` and cgroups are, for kubelet pods.
     pub host: HostRoots,
+    /// The same-node fast path, which learns of each pod served, and where
+    /// pods' proxies offer it pairs (none when it is off).
+    pub fast_path: FastPath,
+    pub shortcuts: Option<mpsc::Sender<Shortcut>>,
 }
 
 impl Enroller for NodePods {
@@ -175,6 +183,9 @@ impl Enroller for NodePods {
 
     async fn withdraw(&mut self, mut pod: PodRuntime) {
         let name = pod.workload.qualified_name();
+        // Its fast-path grants go first, both ways: from then on its
+        // connections (and those to it) are the agent's to decide.
+        self.fast_path.unregister(&pod.proxy);
         // Capture stops before the listeners close, so no new connection is
         // sent to a port nobody serves. Connections in flight finish.
         if let Some(attachment) = pod.attachment.take()
@@ -352,6 +363,7 @@ impl NodePods {
             self.state.clone(),
             self.pool.clone(),
             self.metrics.clone(),
+            self.shortcuts.clone(),
         ));
         let inbound = Arc::new(PodInbound::new(proxy.clone()).await?);
         self.serving.add(&proxy);
@@ -380,6 +392,7 @@ impl NodePods {
             &modes,
             &plaintext_listener,
         )?;
+        self.fast_path.register(&proxy, attachment.current_programs);
         let mut probe_ports = workload.probe_ports.clone();
         if let Err(error) =
             self.redirector

@@ -32,7 +32,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, Map, MapData, MapError, PerCpuArray, SockHash},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf, SockHash},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SchedClassifier, SockOps,
         TcAttachType,
@@ -43,7 +43,10 @@ use nix::sched::{CloneFlags, setns};
 use tokio::io::unix::AsyncFd;
 /// The reasons [`DropCounts`] are kept by, for its readers.
 pub use warren_common::DropReason;
-use warren_common::{FlowKey, InboundKey, Ipv4Dst, OUTBOUND_PORT, PodInfo, ProbeKey, names};
+use warren_common::{
+    FastEvent, FlowInfo, FlowKey, GrantKey, InboundKey, Ipv4Dst, OUTBOUND_PORT, PodInfo, ProbeKey,
+    Tuple, names,
+};
 
 /// The compiled programs, built from ebpf/ by build.rs.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/warren-ebpf"));
@@ -86,6 +89,10 @@ pub struct Attachment {
     pins: PathBuf,
     /// Whether the links were found pinned (a previous agent made them).
     pub taken_over: bool,
+    /// Whether the pod runs this agent's programs (attached now, or taken
+    /// over from an agent of the same build): only then does its ingress
+    /// program let in the fast path's connections.
+    pub current_programs: bool,
 }
 
 /// The programs attached to each pod: four on its cgroup and the ingress
@@ -99,7 +106,7 @@ const POD_LINKS: [&str; 5] = [
 ];
 
 /// The maps, pinned so that they outlive the agent.
-const PINNED_MAPS: [&str; 7] = [
+const PINNED_MAPS: [&str; 12] = [
     names::PODS,
     names::PENDING,
     names::ORIGINAL_DST,
@@ -107,6 +114,11 @@ const PINNED_MAPS: [&str; 7] = [
     names::INBOUND_LISTENERS,
     names::PROBES,
     names::DROPS,
+    names::FAST_GRANTS,
+    names::FAST_FLOWS,
+    names::FAST_PENDING,
+    names::FAST_LEASE,
+    names::FAST_EVENTS,
 ];
 
 /// A pod's mTLS modes as the ingress program reads them ([`warren_common::mode`]).
@@ -132,6 +144,11 @@ pub struct Redirector {
     /// What the programs refused, by [`DropReason`]; per CPU.
     drops: DropCounter,
     original_dst: OriginalDsts,
+    /// Until [`take_fast_path`](Self::take_fast_path) hands them out.
+    fast_path: Option<FastPathMaps>,
+    /// The kernel's hash of this build's ingress program: links taken over
+    /// run this one if theirs has the same.
+    ingress_tag: u64,
 }
 
 impl Redirector {
@@ -185,6 +202,13 @@ impl Redirector {
             name: names::POD_INGRESS,
             source,
         })?;
+        let ingress_tag = ingress
+            .info()
+            .map_err(|source| RedirectError::Program {
+                name: names::POD_INGRESS,
+                source,
+            })?
+            .tag();
         let map_error = |name| move |source| RedirectError::Map { name, source };
         let modes = HashMap::try_from(take_map(&mut ebpf, names::INBOUND_MODES)?)
             .map_err(map_error(names::INBOUND_MODES))?;
@@ -209,6 +233,20 @@ impl Redirector {
                     source,
                 }
             })?;
+        let mut fast_path = FastPathMaps {
+            grants: HashMap::try_from(take_map(&mut ebpf, names::FAST_GRANTS)?)
+                .map_err(map_error(names::FAST_GRANTS))?,
+            flows: HashMap::try_from(take_map(&mut ebpf, names::FAST_FLOWS)?)
+                .map_err(map_error(names::FAST_FLOWS))?,
+            lease: Array::try_from(take_map(&mut ebpf, names::FAST_LEASE)?)
+                .map_err(map_error(names::FAST_LEASE))?,
+            events: RingBuf::try_from(take_map(&mut ebpf, names::FAST_EVENTS)?)
+                .map_err(map_error(names::FAST_EVENTS))?,
+        };
+        // Grants are this agent's to make: none of a previous agent's holds
+        // (its lease may not have run out yet).
+        fast_path.set_lease(0)?;
+        fast_path.clear_grants()?;
         Ok(Self {
             ebpf,
             pin_dir: pin_dir.to_owned(),
@@ -219,7 +257,14 @@ impl Redirector {
             probes,
             drops,
             original_dst: OriginalDsts(Arc::new(Mutex::new(original_dst))),
+            fast_path: Some(fast_path),
+            ingress_tag,
         })
+    }
+
+    /// The fast path's maps, for its one owner (the first caller).
+    pub fn take_fast_path(&mut self) -> Option<FastPathMaps> {
+        self.fast_path.take()
     }
 
     /// Where captured connections' original destinations are looked up.
@@ -255,11 +300,16 @@ impl Redirector {
             .join("pods")
             .join(PinName::new(netns_cookie, pod).to_string());
         let taken_over = POD_LINKS.iter().all(|name| pins.join(name).exists());
+        // Links taken over run the programs they were made with: an earlier
+        // build's ingress program would refuse the fast path's connections.
+        let current_programs = !taken_over
+            || link_program_tag(&pins.join(names::POD_INGRESS)) == Some(self.ingress_tag);
         let attachment = Attachment {
             netns_cookie,
             pod_ip,
             pins,
             taken_over,
+            current_programs,
         };
         // The plaintext listener and the modes first: the ingress program
         // enforces from the moment it is attached.
@@ -760,10 +810,120 @@ fn unpin_all(dir: &Path) -> Result<(), RedirectError> {
     result
 }
 
+/// The tag (the kernel's hash of its instructions, the same for every load
+/// of one build) of the program the link pinned at `path` runs.
+fn link_program_tag(path: &Path) -> Option<u64> {
+    let link = FdLink::from(PinnedLink::from_pin(path).ok()?);
+    let id = link.info().ok()?.program_id();
+    aya::programs::loaded_programs()
+        .flatten()
+        .find(|program| program.id() == id)
+        .map(|program| program.tag())
+}
+
 /// Whether `path` is on a bpf filesystem (where pins can be made).
 fn on_bpffs(path: &Path) -> bool {
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
     nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
+}
+
+/// The fast path's maps (see the eBPF programs' documentation): the agent's
+/// grants and lease, the kernel's records of open connections, and its
+/// ring of open and close events.
+pub struct FastPathMaps {
+    grants: HashMap<MapData, GrantKey, u8>,
+    flows: HashMap<MapData, Tuple, FlowInfo>,
+    lease: Array<MapData, u64>,
+    events: RingBuf<MapData>,
+}
+
+impl FastPathMaps {
+    fn error(name: &'static str) -> impl FnOnce(MapError) -> RedirectError {
+        move |source| RedirectError::Map { name, source }
+    }
+
+    /// Lets the pod of `key.netns_cookie` connect straight to `key.ip:port`.
+    pub fn grant(&mut self, key: GrantKey) -> Result<(), RedirectError> {
+        self.grants
+            .insert(key, 1, 0)
+            .map_err(Self::error(names::FAST_GRANTS))
+    }
+
+    /// Takes a grant back: the next connect() goes through the agent.
+    pub fn revoke(&mut self, key: &GrantKey) -> Result<(), RedirectError> {
+        match self.grants.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(Self::error(names::FAST_GRANTS)(source)),
+        }
+    }
+
+    /// Takes back every grant.
+    pub fn clear_grants(&mut self) -> Result<(), RedirectError> {
+        let keys: Vec<GrantKey> = self.grants.keys().flatten().collect();
+        keys.iter().try_for_each(|key| self.revoke(key))
+    }
+
+    /// Grants hold until `until` (`CLOCK_MONOTONIC`, ns); 0 voids them.
+    pub fn set_lease(&mut self, until: u64) -> Result<(), RedirectError> {
+        self.lease
+            .set(0, until, 0)
+            .map_err(Self::error(names::FAST_LEASE))
+    }
+
+    /// The kernel's records of open fast-path connections.
+    pub fn flows(&self) -> Vec<(Tuple, FlowInfo)> {
+        self.flows.iter().flatten().collect()
+    }
+
+    /// Whether the kernel has a record of `tuple`.
+    pub fn has_flow(&self, tuple: &Tuple) -> bool {
+        self.flows.get(tuple, 0).is_ok()
+    }
+
+    /// Removes the record of `tuple`: its SYN is refused from now on.
+    pub fn forget_flow(&mut self, tuple: &Tuple) {
+        let _ = self.flows.remove(tuple);
+    }
+
+    /// The events queued since the last call, oldest first.
+    pub fn events(&mut self) -> Vec<FastEvent> {
+        let mut events = Vec::new();
+        while let Some(item) = self.events.next() {
+            if let Some(event) = parse_event(&item) {
+                events.push(event);
+            }
+        }
+        events
+    }
+}
+
+/// A [`FastEvent`] from its bytes (the layout `#[repr(C)]` gives it, in
+/// the host's byte order); None if there are too few.
+fn parse_event(bytes: &[u8]) -> Option<FastEvent> {
+    if bytes.len() < std::mem::size_of::<FastEvent>() {
+        return None;
+    }
+    let u16_at = |at: usize| u16::from_ne_bytes([bytes[at], bytes[at + 1]]);
+    let u32_at = |at: usize| u32::from_ne_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+    let u64_at = |at: usize| u64::from_ne_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+    Some(FastEvent {
+        kind: u32_at(0),
+        old_state: u32_at(4),
+        tuple: Tuple {
+            saddr: u32_at(8),
+            daddr: u32_at(12),
+            sport: u16_at(16),
+            dport: u16_at(18),
+        },
+        _pad: 0,
+        info: FlowInfo {
+            netns_cookie: u64_at(24),
+            opened_ns: u64_at(32),
+        },
+        closed_ns: u64_at(40),
+        bytes_acked: u64_at(48),
+        bytes_received: u64_at(56),
+    })
 }
 
 /// Original destinations of captured connections, recorded by the kernel
@@ -850,6 +1010,66 @@ mod tests {
             counts.0[reason.index() as usize] = n;
         }
         counts
+    }
+
+    /// The reader's offsets are the ones `#[repr(C)]` gives the programs.
+    #[test]
+    fn fast_events_are_read_at_their_layouts_offsets() {
+        use std::mem::offset_of;
+        let mut bytes = vec![0u8; std::mem::size_of::<FastEvent>()];
+        let mut put = |at: usize, value: &[u8]| bytes[at..at + value.len()].copy_from_slice(value);
+        put(offset_of!(FastEvent, kind), &2u32.to_ne_bytes());
+        put(offset_of!(FastEvent, old_state), &2u32.to_ne_bytes());
+        let tuple = offset_of!(FastEvent, tuple);
+        put(
+            tuple + offset_of!(Tuple, saddr),
+            &0x0a00_0001u32.to_ne_bytes(),
+        );
+        put(
+            tuple + offset_of!(Tuple, daddr),
+            &0x0a00_0002u32.to_ne_bytes(),
+        );
+        put(tuple + offset_of!(Tuple, sport), &40000u16.to_ne_bytes());
+        put(tuple + offset_of!(Tuple, dport), &8080u16.to_ne_bytes());
+        let info = offset_of!(FastEvent, info);
+        put(
+            info + offset_of!(FlowInfo, netns_cookie),
+            &77u64.to_ne_bytes(),
+        );
+        put(
+            info + offset_of!(FlowInfo, opened_ns),
+            &1_000u64.to_ne_bytes(),
+        );
+        put(offset_of!(FastEvent, closed_ns), &5_000u64.to_ne_bytes());
+        put(offset_of!(FastEvent, bytes_acked), &123u64.to_ne_bytes());
+        put(offset_of!(FastEvent, bytes_received), &456u64.to_ne_bytes());
+        let event = parse_event(&bytes).expect("a whole record");
+        assert_eq!(
+            event,
+            FastEvent {
+                kind: 2,
+                old_state: 2,
+                tuple: Tuple {
+                    saddr: 0x0a00_0001,
+                    daddr: 0x0a00_0002,
+                    sport: 40000,
+                    dport: 8080
+                },
+                _pad: 0,
+                info: FlowInfo {
+                    netns_cookie: 77,
+                    opened_ns: 1_000
+                },
+                closed_ns: 5_000,
+                bytes_acked: 123,
+                bytes_received: 456,
+            }
+        );
+        assert_eq!(
+            parse_event(&bytes[..63]),
+            None,
+            "a short record is not read"
+        );
     }
 
     #[test]

@@ -53,6 +53,23 @@ pub mod names {
     /// Per-CPU `u64` counters of what the programs refuse, indexed by
     /// [`super::DropReason`]; [`super::DROP_MAP_ENTRIES`] slots.
     pub const DROPS: &str = "DROPS";
+    /// The fast path's grants: [`super::GrantKey`] → `u8` (the value is
+    /// unused). A connect() whose key is here goes straight to the other pod.
+    pub const FAST_GRANTS: &str = "FAST_GRANTS";
+    /// The fast path's open connections: [`super::FlowInfo`] by
+    /// [`super::Tuple`], from connect() to close. Only a SYN whose tuple is
+    /// here reaches a pod over the fast path.
+    pub const FAST_FLOWS: &str = "FAST_FLOWS";
+    /// Sockets connect4 let go straight, by socket cookie, until sock_ops
+    /// records them in [`FAST_FLOWS`](FAST_FLOWS).
+    pub const FAST_PENDING: &str = "FAST_PENDING";
+    /// One `u64`: until when (`bpf_ktime_get_ns`) the grants hold. The agent
+    /// extends it while it runs; once it lapses, every connect goes to the
+    /// agent again (which, dead, refuses it).
+    pub const FAST_LEASE: &str = "FAST_LEASE";
+    /// A ring buffer of [`super::FastEvent`]s: fast-path connections opened
+    /// and closed, for the metrics and the access log.
+    pub const FAST_EVENTS: &str = "FAST_EVENTS";
     pub const POD_INGRESS: &str = "warren_pod_ingress";
     pub const EGRESS: &str = "warren_egress";
     pub const CONNECT4: &str = "warren_connect4";
@@ -75,6 +92,22 @@ pub const INBOUND_MODE_ENTRIES: u32 = 65_536;
 /// Capacity of [`names::PROBES`]: a few probe ports per pod, usually from a
 /// single node address.
 pub const PROBE_MAP_ENTRIES: u32 = POD_MAP_ENTRIES * 8;
+
+/// Capacity of [`names::FAST_GRANTS`]: (source pod, destination, port)
+/// triples. Full, new pairs take the agent's path (slower, never weaker).
+pub const FAST_GRANT_ENTRIES: u32 = 16_384;
+/// Capacity of [`names::FAST_FLOWS`]: open fast-path connections on a node.
+/// Not an LRU map: a record evicted would be a connection the agent could
+/// no longer find to cut. The agent keeps each pod, and the node, well
+/// below it (it takes grants back from a pod with too many open, and from
+/// all near the top); should it fill all the same, a connection's record is
+/// not kept and the destination refuses it as it refuses any unrecorded
+/// plaintext (counted as [`DropReason::FastPathFull`]).
+pub const FAST_FLOW_ENTRIES: u32 = 65_536;
+/// Bytes of [`names::FAST_EVENTS`]: at 64 bytes a record, two records a
+/// connection, room for 8 000 connections between two reads (the agent
+/// reads it every 50 ms).
+pub const FAST_EVENT_BYTES: u32 = 1 << 20;
 
 /// Slots of [`names::DROPS`]: more than [`DropReason::ALL`] has, so that
 /// programs of a later version, counting reasons added since, still find
@@ -124,11 +157,19 @@ pub enum DropReason {
     /// interface sends (they carry a hop-by-hop header), so this counter
     /// moves without anyone attacking.
     Ipv6Unchecked = 8,
+    /// `warren_sock_ops`: a connect() the fast path let go straight to the
+    /// other pod found [`names::FAST_FLOWS`] full: without a record the
+    /// destination refuses it, so the connection fails (closed, not open).
+    FastPathFull = 9,
+    /// `warren_sock_ops`: a fast-path connection's open or close record did
+    /// not fit in [`names::FAST_EVENTS`]: the agent's metrics and access log
+    /// miss it.
+    FastPathEventLost = 10,
 }
 
 impl DropReason {
     /// Every reason, in discriminant order (`ALL[i] as u32 == i`).
-    pub const ALL: [DropReason; 9] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::StrictPlaintext,
         DropReason::SpoofedSource,
         DropReason::Fragment,
@@ -138,6 +179,8 @@ impl DropReason {
         DropReason::AssignFailed,
         DropReason::NoAgent,
         DropReason::Ipv6Unchecked,
+        DropReason::FastPathFull,
+        DropReason::FastPathEventLost,
     ];
 
     /// Its slot in [`names::DROPS`].
@@ -167,6 +210,8 @@ impl DropReason {
             DropReason::AssignFailed => "assign_failed",
             DropReason::NoAgent => "no_agent",
             DropReason::Ipv6Unchecked => "ipv6_unchecked",
+            DropReason::FastPathFull => "fast_path_full",
+            DropReason::FastPathEventLost => "fast_path_event_lost",
         }
     }
 }
@@ -255,6 +300,80 @@ impl FlowKey {
     }
 }
 
+/// A fast-path grant: the pod whose network namespace has `netns_cookie`
+/// may connect straight to `ip:port` (host order), another pod of the node.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GrantKey {
+    pub netns_cookie: u64,
+    pub ip: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+impl GrantKey {
+    pub const fn new(netns_cookie: u64, ip: u32, port: u16) -> Self {
+        Self {
+            netns_cookie,
+            ip,
+            port,
+            _pad: 0,
+        }
+    }
+}
+
+/// A TCP connection's addresses, from its client's side, host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Tuple {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// What the kernel records of an open fast-path connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowInfo {
+    /// The client pod's network namespace.
+    pub netns_cookie: u64,
+    /// When its connect() was granted (`bpf_ktime_get_ns`).
+    pub opened_ns: u64,
+}
+
+/// [`FastEvent::kind`]s.
+pub mod fast_event {
+    /// A connect() went over the fast path (its SYN is about to leave).
+    pub const OPENED: u32 = 1;
+    /// Its client socket closed.
+    pub const CLOSED: u32 = 2;
+}
+
+/// A record in [`names::FAST_EVENTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FastEvent {
+    /// One of [`fast_event`].
+    pub kind: u32,
+    /// At close: the TCP state the client socket left (`SYN_SENT`: the
+    /// connection was never established).
+    pub old_state: u32,
+    pub tuple: Tuple,
+    pub _pad: u32,
+    pub info: FlowInfo,
+    /// At close: when (`bpf_ktime_get_ns`).
+    pub closed_ns: u64,
+    /// At close: the client's bytes the server acknowledged, and the
+    /// server's bytes the client received (SYN and FIN not counted).
+    pub bytes_acked: u64,
+    pub bytes_received: u64,
+}
+
+// No implicit padding, as the records are read as bytes on the other side.
+const _: () = assert!(core::mem::size_of::<FastEvent>() == 64);
+const _: () = assert!(core::mem::size_of::<Tuple>() == 12);
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY (for each impl): plain #[repr(C)] integers with explicit padding
@@ -269,6 +388,12 @@ mod user {
     unsafe impl aya::Pod for super::InboundKey {}
     #[allow(unsafe_code)]
     unsafe impl aya::Pod for super::ProbeKey {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::GrantKey {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::Tuple {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::FlowInfo {}
 }
 
 #[cfg(test)]
@@ -307,7 +432,7 @@ mod tests {
     /// The numbers index counters that outlive agents: they must not change.
     #[test]
     fn drop_reason_numbers_are_stable() {
-        let pinned: [(DropReason, u32, &str); 9] = [
+        let pinned: [(DropReason, u32, &str); 11] = [
             (DropReason::StrictPlaintext, 0, "strict_plaintext"),
             (DropReason::SpoofedSource, 1, "spoofed_source"),
             (DropReason::Fragment, 2, "fragment"),
@@ -317,6 +442,8 @@ mod tests {
             (DropReason::AssignFailed, 6, "assign_failed"),
             (DropReason::NoAgent, 7, "no_agent"),
             (DropReason::Ipv6Unchecked, 8, "ipv6_unchecked"),
+            (DropReason::FastPathFull, 9, "fast_path_full"),
+            (DropReason::FastPathEventLost, 10, "fast_path_event_lost"),
         ];
         for (reason, index, name) in pinned {
             assert_eq!((reason.index(), reason.name()), (index, name));

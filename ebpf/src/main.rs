@@ -12,6 +12,19 @@
 //!   to a key the agent can compute after accept(): the client's network
 //!   namespace and source port.
 //!
+//! The fast path: a connect() from an enrolled pod to another pod of the
+//! node that the agent has granted (`FAST_GRANTS`: this pod's namespace,
+//! that address and port; valid while the agent's `FAST_LEASE` runs) is left
+//! alone by connect4 (which marks the socket, `FAST_PENDING`) and goes
+//! straight to the other pod, in the node's kernel. `warren_sock_ops`
+//! records the connection's addresses in `FAST_FLOWS`, with the client pod's
+//! namespace; the destination's ingress program lets in a plaintext SYN only
+//! if its addresses are recorded there by the pod that has its source
+//! address. When
+//! the client socket closes, sock_ops removes the record. Both events go to
+//! the agent through the `FAST_EVENTS` ring buffer, for the metrics and the
+//! access log.
+//!
 //! The agent's own sockets are never seen: cgroup programs run for sockets
 //! created by processes in the pod's cgroup, and the agent is not in it.
 //!
@@ -40,21 +53,24 @@ use core::{ffi::c_void, mem::size_of};
 use aya_ebpf::{
     EbpfContext,
     bindings::{
+        BPF_RB_NO_WAKEUP, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_SOCK_OPS_TCP_CONNECT_CB, TC_ACT_OK, TC_ACT_SHOT, bpf_sock, bpf_sock_addr,
         bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
     },
     helpers::generated::{
-        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_map_lookup_elem, bpf_sk_assign,
-        bpf_sk_release, bpf_skc_lookup_tcp,
+        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_lookup_elem,
+        bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp,
     },
     macros::{cgroup_skb, cgroup_sock_addr, classifier, map, sock_ops},
-    maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
     programs::{SkBuffContext, SockAddrContext, SockOpsContext, TcContext},
 };
 use aya_log_ebpf::debug;
 use warren_common::{
-    DROP_MAP_ENTRIES, DropReason, FLOW_MAP_ENTRIES, FlowKey, HBONE_PORT, INBOUND_MODE_ENTRIES,
-    InboundKey, Ipv4Dst, POD_MAP_ENTRIES, PROBE_MAP_ENTRIES, PodInfo, ProbeKey, mode,
+    DROP_MAP_ENTRIES, DropReason, FAST_EVENT_BYTES, FAST_FLOW_ENTRIES, FAST_GRANT_ENTRIES,
+    FLOW_MAP_ENTRIES, FastEvent, FlowInfo, FlowKey, GrantKey, HBONE_PORT, INBOUND_MODE_ENTRIES,
+    InboundKey, Ipv4Dst, POD_MAP_ENTRIES, PROBE_MAP_ENTRIES, PodInfo, ProbeKey, Tuple, fast_event,
+    mode,
 };
 
 const AF_INET: u32 = 2;
@@ -103,7 +119,14 @@ pub fn warren_connect4(ctx: SockAddrContext) -> i32 {
     }
     let ip = u32::from_be(addr.user_ip4);
     let port = u16::from_be(addr.user_port as u16);
-    match capture(&ctx, ip, port) {
+    // The fast path only for a well-formed IPv4 connect (one given another
+    // family fails after this hook, and its socket may connect again).
+    let direct = if addr.user_family == AF_INET {
+        Direct::Allowed
+    } else {
+        Direct::Never
+    };
+    match capture(&ctx, ip, port, direct) {
         Verdict::Leave => ALLOW,
         Verdict::Deny => DENY,
         Verdict::Redirect(listener_port) => {
@@ -130,7 +153,9 @@ pub fn warren_connect6(ctx: SockAddrContext) -> i32 {
     }
     let ip = u32::from_be(ip6[3]);
     let port = u16::from_be(addr.user_port as u16);
-    match capture(&ctx, ip, port) {
+    // Its sock_ops reports IPv6 addresses, which the fast path's records do
+    // not take: always through the agent.
+    match capture(&ctx, ip, port, Direct::Never) {
         Verdict::Leave => ALLOW,
         Verdict::Deny => DENY,
         Verdict::Redirect(listener_port) => {
@@ -150,9 +175,16 @@ enum Verdict {
     Deny,
 }
 
+/// Whether a connect() may take the fast path, if granted.
+#[derive(PartialEq, Eq)]
+enum Direct {
+    Allowed,
+    Never,
+}
+
 /// Decides about a TCP connect() to `ip:port` (host order) and, when it is
 /// to be captured, records the original destination.
-fn capture(ctx: &SockAddrContext, ip: u32, port: u16) -> Verdict {
+fn capture(ctx: &SockAddrContext, ip: u32, port: u16, direct: Direct) -> Verdict {
     // SAFETY: plain helper calls on the program's own context.
     let (netns, cookie) = unsafe {
         (
@@ -169,8 +201,23 @@ fn capture(ctx: &SockAddrContext, ip: u32, port: u16) -> Verdict {
     if ip >> 24 == 127 || ip == 0 || ip == pod.ip {
         return Verdict::Leave;
     }
-    let original = Ipv4Dst { ip, port, _pad: 0 };
-    if PENDING.insert(cookie, original, 0).is_err() {
+    // Granted: straight to the other pod. sock_ops records the connection,
+    // without which the destination refuses it; the mark says it is to, and
+    // to where (a mark left by a connect() that failed after this hook must
+    // not record the socket's next connection).
+    if direct == Direct::Allowed
+        && granted(netns, ip, port)
+        && FAST_PENDING
+            .insert(cookie, original_dst(ip, port), 0)
+            .is_ok()
+    {
+        debug!(
+            ctx,
+            "connect: fast path to {:i}:{} (socket {})", ip, port, cookie
+        );
+        return Verdict::Leave;
+    }
+    if PENDING.insert(cookie, original_dst(ip, port), 0).is_err() {
         // Without a record the agent could not forward it, and letting it
         // through would send it in clear: fail closed.
         count(DropReason::FailClosedConnect);
@@ -183,12 +230,28 @@ fn capture(ctx: &SockAddrContext, ip: u32, port: u16) -> Verdict {
     Verdict::Redirect(pod.outbound_port)
 }
 
+#[inline(always)]
+fn original_dst(ip: u32, port: u16) -> Ipv4Dst {
+    Ipv4Dst { ip, port, _pad: 0 }
+}
+
 #[sock_ops]
 pub fn warren_sock_ops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB
-        || (ctx.family() != AF_INET && ctx.family() != AF_INET6)
-    {
-        return 0;
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => connecting(&ctx),
+        BPF_SOCK_OPS_STATE_CB => state_changed(&ctx),
+        _ => {}
+    }
+    0
+}
+
+/// The connect() is about to send its SYN: a captured connection's
+/// original destination is filed under the key the agent looks it up by; a
+/// granted one is recorded for the fast path.
+fn connecting(ctx: &SockOpsContext) {
+    let family = ctx.family();
+    if family != AF_INET && family != AF_INET6 {
+        return;
     }
     // SAFETY: plain helper calls on the program's own context.
     let (netns, cookie) = unsafe {
@@ -199,13 +262,20 @@ pub fn warren_sock_ops(ctx: SockOpsContext) -> u32 {
     };
     // SAFETY: the value is copied out before the entry is removed.
     let Some(original) = (unsafe { PENDING.get(cookie) }).copied() else {
-        return 0;
+        if family == AF_INET {
+            // SAFETY: as above.
+            if let Some(marked) = (unsafe { FAST_PENDING.get(cookie) }).copied() {
+                let _ = FAST_PENDING.remove(cookie);
+                record_fast_flow(ctx, netns, marked);
+            }
+        }
+        return;
     };
     // sock_ops reports local_port in host byte order.
     let key = FlowKey::new(netns, ctx.local_port() as u16);
     if ORIGINAL_DST.insert(key, original, 0).is_ok() {
         debug!(
-            &ctx,
+            ctx,
             "sock_ops: source port {} -> original destination {:i}:{}",
             key.port,
             original.ip,
@@ -213,7 +283,140 @@ pub fn warren_sock_ops(ctx: SockOpsContext) -> u32 {
         );
     }
     let _ = PENDING.remove(cookie);
-    0
+}
+
+/// Grants for the fast path, which the agent writes.
+#[map(name = "FAST_GRANTS")]
+static FAST_GRANTS: HashMap<GrantKey, u8> = HashMap::with_max_entries(FAST_GRANT_ENTRIES, 0);
+
+#[map(name = "FAST_LEASE")]
+static FAST_LEASE: Array<u64> = Array::with_max_entries(1, 0);
+
+#[map(name = "FAST_FLOWS")]
+static FAST_FLOWS: HashMap<Tuple, FlowInfo> = HashMap::with_max_entries(FAST_FLOW_ENTRIES, 0);
+
+/// Sockets connect4 let go straight, by cookie, with where to, until
+/// sock_ops records them. An entry evicted before then leaves a connection
+/// unrecorded: refused by its destination, as any plaintext.
+#[map(name = "FAST_PENDING")]
+static FAST_PENDING: LruHashMap<u64, Ipv4Dst> = LruHashMap::with_max_entries(FLOW_MAP_ENTRIES, 0);
+
+#[map(name = "FAST_EVENTS")]
+static FAST_EVENTS: RingBuf = RingBuf::with_byte_size(FAST_EVENT_BYTES, 0);
+
+/// Whether the pod of namespace `netns` may connect straight to `ip:port`:
+/// a grant, while the agent's lease runs. No lease (an agent that stopped,
+/// or one with the fast path off) leaves every grant void.
+#[inline(always)]
+fn granted(netns: u64, ip: u32, port: u16) -> bool {
+    // SAFETY: a plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    match FAST_LEASE.get(0) {
+        Some(&until) if now < until => {}
+        _ => return false,
+    }
+    // SAFETY: only whether the key is there is used.
+    unsafe { FAST_GRANTS.get(GrantKey::new(netns, ip, port)) }.is_some()
+}
+
+/// A connect() of the pod of `netns` that connect4 let go straight: records
+/// it so that its destination lets it in, asks to hear of its close, and
+/// tells the agent. Its grant is not checked again: one revoked since
+/// connect4 read it is the agent's to find (it searches the records again
+/// after each revocation) and cut, rather than a SYN left to be dropped.
+fn record_fast_flow(ctx: &SockOpsContext, netns: u64, marked: Ipv4Dst) {
+    let tuple = Tuple {
+        saddr: u32::from_be(ctx.local_ip4()),
+        daddr: u32::from_be(ctx.remote_ip4()),
+        sport: ctx.local_port() as u16,
+        // The port in network order, in the field's upper half.
+        dport: u16::from_be((ctx.remote_port() >> 16) as u16),
+    };
+    // The connection connect4 let go, from the pod's own address (a socket
+    // bound to another's, IP_TRANSPARENT, must not replace its record; the
+    // egress check drops what it sends anyway).
+    // SAFETY: the value is copied out at once; PodInfo is plain integers.
+    let own = unsafe { PODS.get(netns) }.is_some_and(|pod| pod.ip == tuple.saddr);
+    if !own || marked.ip != tuple.daddr || marked.port != tuple.dport {
+        return;
+    }
+    let info = FlowInfo {
+        netns_cookie: netns,
+        // SAFETY: a plain helper call.
+        opened_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    // A record already there is stale (no live socket has these addresses:
+    // the source address is the pod's own): replaced.
+    if FAST_FLOWS.insert(tuple, info, 0).is_err() {
+        count(DropReason::FastPathFull);
+        return;
+    }
+    // Without the close callback the record would outlive the connection.
+    if ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32).is_err() {
+        let _ = FAST_FLOWS.remove(tuple);
+        return;
+    }
+    report(FastEvent {
+        kind: fast_event::OPENED,
+        old_state: 0,
+        tuple,
+        _pad: 0,
+        info,
+        closed_ns: 0,
+        bytes_acked: 0,
+        bytes_received: 0,
+    });
+}
+
+/// `sk_state` a socket ends in.
+const TCP_CLOSE: u32 = 7;
+
+/// A fast-path client socket changed state: once closed, its record goes,
+/// and the agent hears what it carried.
+fn state_changed(ctx: &SockOpsContext) {
+    if ctx.arg(1) != TCP_CLOSE || ctx.family() != AF_INET {
+        return;
+    }
+    let tuple = Tuple {
+        saddr: u32::from_be(ctx.local_ip4()),
+        daddr: u32::from_be(ctx.remote_ip4()),
+        sport: ctx.local_port() as u16,
+        dport: u16::from_be((ctx.remote_port() >> 16) as u16),
+    };
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(info) = (unsafe { FAST_FLOWS.get(tuple) }).copied() else {
+        return; // the agent cut it, or it was never recorded
+    };
+    // SAFETY: a plain helper call on the program's own context.
+    if info.netns_cookie != unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } {
+        return; // another pod's record of these addresses: not this socket's
+    }
+    let _ = FAST_FLOWS.remove(tuple);
+    // SAFETY: the kernel hands sock_ops programs a valid bpf_sock_ops for
+    // the duration of the call; the verifier checks the field accesses.
+    let (acked, received) = unsafe { ((*ctx.ops).bytes_acked, (*ctx.ops).bytes_received) };
+    report(FastEvent {
+        kind: fast_event::CLOSED,
+        old_state: ctx.arg(0),
+        tuple,
+        _pad: 0,
+        info,
+        // SAFETY: a plain helper call.
+        closed_ns: unsafe { bpf_ktime_get_ns() },
+        bytes_acked: acked,
+        bytes_received: received,
+    });
+}
+
+/// Queues `event` for the agent, which reads the ring on a timer: no
+/// wake-up per record (one per connection halved the connection rate).
+fn report(event: FastEvent) {
+    if FAST_EVENTS
+        .output::<FastEvent>(&event, u64::from(BPF_RB_NO_WAKEUP))
+        .is_err()
+    {
+        count(DropReason::FastPathEventLost);
+    }
 }
 
 #[map(name = "INBOUND_MODES")]
@@ -339,8 +542,9 @@ fn ipv4_tcp(ctx: &TcContext, pod: u32, default: u32) -> Result<(), DropReason> {
                 return Ok(());
             }
             // Only a listener: the final ACK of a SYN-cookie handshake. A
-            // probe's is the application's, like its SYN (below).
-            if is_probe(pod, saddr, port) {
+            // probe's and a fast-path connection's are the application's,
+            // like their SYNs (below).
+            if is_probe(pod, saddr, port) || is_fast_flow(pod, saddr, sport, port) {
                 return Ok(());
             }
         }
@@ -370,6 +574,11 @@ fn ipv4_tcp(ctx: &TcContext, pod: u32, default: u32) -> Result<(), DropReason> {
         );
         return Ok(());
     }
+    // A fast-path connection: granted by the agent, made from the client
+    // pod's own cgroup, to the application itself whatever the mode.
+    if is_fast_flow(pod, saddr, sport, port) {
+        return Ok(());
+    }
     if strict {
         debug!(
             ctx,
@@ -394,6 +603,25 @@ fn is_probe(pod: u32, saddr: u32, port: u16) -> bool {
     let key = ProbeKey::new(pod, u32::from_be(saddr), port);
     // SAFETY: only whether the key is there is used; the value is not read.
     unsafe { PROBES.get(key) }.is_some()
+}
+
+/// Whether a packet from `saddr:sport` (network order) to `port` of `pod`
+/// belongs to a connection recorded for the fast path, by the pod that has
+/// that source address now (a record left behind by a pod that is gone
+/// admits nothing, whoever has its address since).
+fn is_fast_flow(pod: u32, saddr: u32, sport: u16, port: u16) -> bool {
+    let tuple = Tuple {
+        saddr: u32::from_be(saddr),
+        daddr: pod,
+        sport: u16::from_be(sport),
+        dport: port,
+    };
+    // SAFETY: the value is copied out at once; FlowInfo is plain integers.
+    let Some(info) = (unsafe { FAST_FLOWS.get(tuple) }).copied() else {
+        return false;
+    };
+    // SAFETY: as above, for PodInfo.
+    unsafe { PODS.get(info.netns_cookie) }.is_some_and(|client| client.ip == tuple.saddr)
 }
 
 enum Assigned {

@@ -147,11 +147,23 @@ pub fn start_agents_with_policies(
     policies: &Path,
     dir: &Path,
 ) -> Vec<Agent> {
+    start_agents_with(lab, workloads, policies, dir, "")
+}
+
+/// Like [`start_agents_with_policies`], with `extra` (YAML) added to each
+/// agent's config.
+pub fn start_agents_with(
+    lab: &Lab,
+    workloads: &[MeshWorkload],
+    policies: &Path,
+    dir: &Path,
+    extra: &str,
+) -> Vec<Agent> {
     lab.nodes()
         .iter()
         .map(|node| {
-            let config =
-                agent_config(node, workloads) + &format!("policyDir: {}\n", policies.display());
+            let config = agent_config(node, workloads)
+                + &format!("policyDir: {}\n{extra}", policies.display());
             Agent::start(node, &config, dir).expect("agent starts")
         })
         .collect()
@@ -265,8 +277,9 @@ fn config_yaml(
 /// made (what a test waits for); `WARREN_LOG_LEVEL` replaces it (the bench
 /// runs production's).
 pub fn log_level() -> String {
-    std::env::var("WARREN_LOG_LEVEL")
-        .unwrap_or_else(|_| "info,warren_ebpf=debug,warren_agent::proxy=debug".into())
+    std::env::var("WARREN_LOG_LEVEL").unwrap_or_else(|_| {
+        "info,warren_ebpf=debug,warren_agent::proxy=debug,warren_agent::fastpath=debug".into()
+    })
 }
 
 /// A `warren` agent or `warren-ca` process on a lab node, logging JSON to a

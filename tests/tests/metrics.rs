@@ -11,7 +11,7 @@ use std::{collections::BTreeMap, fs, net::SocketAddr, time::Instant};
 
 use warren_tests::{
     Lab, Node,
-    harness::{Agent, Call, LogLine, MeshWorkload, PATIENCE, Server, agent_config, test_lab},
+    harness::{Agent, Call, LogLine, MeshWorkload, PATIENCE, Server, start_agents_with, test_lab},
     lab::files_dir,
     telemetry::{self, ISTIO_TCP_LABELS, ISTIO_TCP_METRICS, Metrics, NO_ADMIN_PORT},
 };
@@ -46,19 +46,13 @@ impl Mesh {
         fs::create_dir_all(&policies).unwrap();
         fs::write(policies.join("deny.yaml"), NO_ADMIN_PORT).unwrap();
         let workloads = [sleep.clone(), web.clone()];
-        let agents = lab
-            .nodes()
-            .iter()
-            .map(|node| {
-                let config = agent_config(node, &workloads)
-                    + &format!(
-                        "policyDir: {}\nmetricsListen: {}:{METRICS_PORT}\n",
-                        policies.display(),
-                        node.ip
-                    );
-                Agent::start(node, &config, &dir.join("agents")).expect("agent starts")
-            })
-            .collect();
+        let agents = start_agents_with(
+            &lab,
+            &workloads,
+            &policies,
+            &dir.join("agents"),
+            &format!("metricsListen: 0.0.0.0:{METRICS_PORT}\n"),
+        );
         Self {
             lab,
             sleep,

@@ -30,6 +30,7 @@
 //! warren's figures, measured in one run.
 
 use std::{
+    collections::BTreeMap,
     fs,
     io::{BufRead, BufReader, Read},
     path::PathBuf,
@@ -77,7 +78,7 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
 /// For opening all HELD_CONNECTIONS.
 const HOLD_TIMEOUT: Duration = Duration::from_secs(120);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Config {
     Baseline,
     Warren,
@@ -310,6 +311,7 @@ pub fn run(args: &Args) -> Result<()> {
         current: None,
         against: against.as_ref().map(|(_, binary)| binary.clone()),
         scraper: None,
+        paths: Paths::new(),
     };
     let mut configs = vec![Config::Baseline, Config::Warren];
     if against.is_some() {
@@ -352,18 +354,30 @@ pub fn run(args: &Args) -> Result<()> {
         rounds,
         ticks_per_second,
     );
+    let mut json = to_json(
+        client,
+        &targets,
+        against.as_deref(),
+        rounds,
+        ticks_per_second,
+    );
+    // Which path the agents' connections took (the same-node fast path, or HBONE): what
+    // the warren figures measured.
+    println!("\nconnections by path, as the client's agent logged them:");
+    for (i, target) in targets.iter().enumerate() {
+        for (config, key) in [
+            (Config::Warren, "warren_paths"),
+            (Config::Against, "against_paths"),
+        ] {
+            if let Some(paths) = agents.paths.get(&(config, target.server.ip)) {
+                println!("  {} ({config:?}): {paths:?}", target.name);
+                json["targets"][i][key] = json!(paths);
+            }
+        }
+    }
     let path = crate::workspace_root().join("target/bench/results.json");
     fs::create_dir_all(path.parent().expect("a file path has a parent"))?;
-    fs::write(
-        &path,
-        serde_json::to_string_pretty(&to_json(
-            client,
-            &targets,
-            against.as_deref(),
-            rounds,
-            ticks_per_second,
-        ))?,
-    )?;
+    fs::write(&path, serde_json::to_string_pretty(&json)?)?;
     println!("\nresults: {}", path.display());
     let _ = fs::remove_dir_all(&agents.dir);
     Ok(())
@@ -430,7 +444,14 @@ struct Agents<'a> {
     /// Scrapes the running agents' metrics (this revision's only: an older one may have
     /// none), until dropped.
     scraper: Option<Scraper>,
+    /// The paths the client's agent says each configuration's connections took, by
+    /// server: how many went through HBONE, how many straight (the same-node fast path).
+    paths: Paths,
 }
+
+/// Connections by configuration, server address and path (`hbone`, `fast_path`...), from
+/// the client's agent's access lines.
+type Paths = BTreeMap<(Config, std::net::Ipv4Addr), BTreeMap<String, u64>>;
 
 impl Agents<'_> {
     fn set(&mut self, config: Config) -> Result<()> {
@@ -512,14 +533,17 @@ impl Agents<'_> {
     }
 
     /// The warren figures are only warren's if the agent really carried the connections.
-    fn check_captured(&self) -> Result<()> {
+    fn check_captured(&mut self) -> Result<()> {
         // The client's node, node-1, was started first.
         let agent = &self.running[0];
         // Each connection's access line, or (an older agent's) capture line.
-        let mut carried: Vec<String> = agent
+        let access: Vec<_> = agent
             .lines()
-            .iter()
+            .into_iter()
             .filter(|l| l.field("target") == "access" && l.field("direction") == "outbound")
+            .collect();
+        let mut carried: Vec<String> = access
+            .iter()
             .map(|l| l.field("dst.addr").to_owned())
             .collect();
         carried.extend(agent.captures().iter().map(|c| c.dst.to_string()));
@@ -532,6 +556,15 @@ impl Agents<'_> {
                 agent.node,
                 agent.log_path().display()
             );
+        }
+        if let Some(config) = self.current {
+            for line in &access {
+                let dst = line.field("dst.addr").parse::<std::net::SocketAddrV4>();
+                if let Ok(dst) = dst {
+                    let paths = self.paths.entry((config, *dst.ip())).or_default();
+                    *paths.entry(line.field("path").to_owned()).or_default() += 1;
+                }
+            }
         }
         Ok(())
     }
@@ -798,6 +831,14 @@ fn iperf(client: &Pod, server: &Pod, streams: u32) -> Result<Transfer> {
 
 /// Median and 99th percentile round trip, in microseconds.
 fn latency(client: &Pod, server: &Pod) -> Result<(f64, f64)> {
+    // The round trips share one connection. The first connection of a pair of pods of one
+    // node goes through the agent, which then lets the pair go straight (the same-node
+    // fast path): one call first, so that what is measured is what the pair gets from then
+    // on, as the other probes' thousands of connections do.
+    let mut warm = client.try_command(binary("labpod")?)?;
+    warm.args(["call", &format!("{}:{ECHO_PORT}", server.ip)]);
+    output_within(warm, COMMAND_TIMEOUT).context("the call before the round trips")?;
+    thread::sleep(Duration::from_millis(200));
     let mut cmd = client.try_command(binary("labpod")?)?;
     cmd.args(["rr", &format!("{}:{ECHO_PORT}", server.ip)])
         .args(["--count", &RR_COUNT.to_string()]);

@@ -18,6 +18,7 @@ use warren_cni::{MAX_MESSAGE, PodRef, Request, Response};
 
 use super::Decision;
 use crate::{
+    fastpath::FastPath,
     kubernetes::{self, Reported},
     mesh::{LocalPod, Snapshot, Workload},
     reconcile::{PodState, States},
@@ -78,6 +79,7 @@ pub async fn serve(
     states: watch::Receiver<Arc<States>>,
     mesh: watch::Receiver<Arc<Snapshot>>,
     nudge: Arc<Notify>,
+    fast_path: FastPath,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = bind(&socket)?;
     info!(socket = %socket.display(), "serving the CNI plugin");
@@ -96,13 +98,14 @@ pub async fn serve(
                 return;
             };
             let (directory, states, mesh) = (directory.clone(), states.clone(), mesh.clone());
-            let nudge = nudge.clone();
+            let (nudge, fast_path) = (nudge.clone(), fast_path.clone());
             tokio::spawn(async move {
                 let _permit = permit;
                 let context = Context {
                     directory: &directory,
                     mesh: &mesh,
                     nudge: &nudge,
+                    fast_path: &fast_path,
                 };
                 if let Err(error) = answer(stream, &context, states).await {
                     debug!(%error, "CNI plugin connection failed");
@@ -168,6 +171,9 @@ struct Context<'a> {
     /// Wakes the daemon to look again at once: a sandbox it waits for may be
     /// there now.
     nudge: &'a Notify,
+    /// Told when a sandbox goes, before the plugin answers: the pod's
+    /// address is free for another pod once it has.
+    fast_path: &'a FastPath,
 }
 
 async fn answer(
@@ -240,6 +246,11 @@ async fn handle(
             response
         }
         Request::Del { pod, container_id } => {
+            // The runtime frees the pod's address once this is answered: no
+            // pod may connect straight to it, or from it, after that.
+            if let Some(pod) = &pod {
+                context.fast_path.release(&pod.namespace, &pod.name);
+            }
             if let Directory::Kubernetes(source) = directory
                 && source.forget(&container_id)
             {

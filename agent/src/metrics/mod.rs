@@ -50,6 +50,18 @@ pub struct Metrics {
     /// time of the last one (Unix seconds).
     pub discovery_errors: Counter,
     pub discovery_last_error: Gauge,
+    /// The same-node fast path: pairs granted, connections open, and those
+    /// cut because their pair was no longer allowed.
+    pub fast_path_grants: Gauge,
+    pub fast_path_connections: Gauge,
+    pub fast_path_cuts: Family<CutReason, Counter>,
+}
+
+/// Why fast-path connections were cut: a closed set (see
+/// `fastpath::Refusal::reason`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct CutReason {
+    pub reason: &'static str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -82,6 +94,9 @@ impl Metrics {
             discovery_synced: Gauge::default(),
             discovery_errors: Counter::default(),
             discovery_last_error: Gauge::default(),
+            fast_path_grants: Gauge::default(),
+            fast_path_connections: Gauge::default(),
+            fast_path_cuts: Family::default(),
         };
         let own = registry.sub_registry_with_prefix("warren");
         own.register(
@@ -128,6 +143,21 @@ impl Metrics {
             "discovery_last_error_timestamp_seconds",
             "When the Kubernetes source last failed (Unix seconds; 0: never)",
             metrics.discovery_last_error.clone(),
+        );
+        own.register(
+            "fast_path_grants",
+            "Same-node pairs (source pod, destination, port) allowed to connect straight",
+            metrics.fast_path_grants.clone(),
+        );
+        own.register(
+            "fast_path_connections",
+            "Same-node fast-path connections open",
+            metrics.fast_path_connections.clone(),
+        );
+        own.register(
+            "fast_path_cuts",
+            "Fast-path connections cut because their pair was no longer allowed, by why",
+            metrics.fast_path_cuts.clone(),
         );
         Arc::new(metrics)
     }

@@ -190,6 +190,10 @@ pub enum Path {
     Passthrough,
     /// Plain TCP that arrived at a PERMISSIVE pod.
     PlaintextInbound,
+    /// Between two pods of this node, straight through its kernel: the
+    /// identities are the ones the kernel attributes (each pod's cgroup),
+    /// checked as HBONE's certificates are.
+    FastPath,
 }
 
 impl Path {
@@ -198,6 +202,7 @@ impl Path {
             Self::Hbone => "hbone",
             Self::Passthrough => "passthrough",
             Self::PlaintextInbound => "plaintext",
+            Self::FastPath => "fast_path",
         }
     }
 }
@@ -225,8 +230,11 @@ pub struct Connection<'a> {
 }
 
 impl Connection<'_> {
+    /// Whether both ends' identities are authenticated (and the
+    /// connection is as a STRICT peer requires): by mutual TLS, or for the
+    /// fast path by the kernel, which the dashboards need not tell apart.
     fn mtls(&self) -> bool {
-        self.path == Path::Hbone
+        matches!(self.path, Path::Hbone | Path::FastPath)
     }
 
     fn direction(&self) -> &'static str {
@@ -483,12 +491,36 @@ impl Tracked {
         )
     }
 
-    /// Counts the connection closed and writes its access log line.
-    pub fn close(mut self, outcome: Outcome) {
-        self.finish(outcome);
+    /// Forgets the connection without counting it closed or writing its
+    /// line: it lives on out of this agent's sight (a fast-path connection,
+    /// as the agent stops).
+    pub fn abandon(mut self) {
+        self.done = true;
     }
 
-    fn finish(&mut self, outcome: Outcome) {
+    /// Counts the connection closed and writes its access log line.
+    pub fn close(mut self, outcome: Outcome) {
+        let duration = self.started.elapsed();
+        self.finish(outcome, duration);
+    }
+
+    /// Closes a connection whose bytes were counted elsewhere (by the
+    /// kernel, for the fast path): `request` and `response` bytes, over
+    /// `duration`.
+    pub fn close_counted(
+        mut self,
+        request: u64,
+        response: u64,
+        duration: Duration,
+        outcome: Outcome,
+    ) {
+        // usize is 64 bits wherever eBPF runs.
+        self.request.add(request as usize);
+        self.response.add(response as usize);
+        self.finish(outcome, duration);
+    }
+
+    fn finish(&mut self, outcome: Outcome, duration: Duration) {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
@@ -499,7 +531,7 @@ impl Tracked {
             labels.response_flags = outcome.flag;
             self.closed.get_or_create(&labels).inc();
         }
-        self.log(&outcome, self.started.elapsed());
+        self.log(&outcome, duration);
     }
 
     fn log(&self, outcome: &Outcome, duration: Duration) {
@@ -547,11 +579,15 @@ impl Drop for Tracked {
     fn drop(&mut self) {
         // The task serving it was aborted (the pod was withdrawn, the agent
         // is stopping), or a path returned without closing it.
-        self.finish(Outcome::failed(
-            ResponseFlag::None,
-            None,
-            "cut short: the agent stopped serving it".into(),
-        ));
+        let duration = self.started.elapsed();
+        self.finish(
+            Outcome::failed(
+                ResponseFlag::None,
+                None,
+                "cut short: the agent stopped serving it".into(),
+            ),
+            duration,
+        );
     }
 }
 

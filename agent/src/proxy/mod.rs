@@ -10,7 +10,7 @@ pub mod outbound;
 pub mod transparent;
 
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, SocketAddr, SocketAddrV4},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -18,7 +18,7 @@ use std::{
     time::SystemTime,
 };
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::info;
 
 use warren_pki::{
@@ -39,9 +39,18 @@ use crate::{
 
 /// A new id for a connection, unique in this agent's life: its span and
 /// its access log line carry it.
-fn connection_id() -> u64 {
+pub(crate) fn connection_id() -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(1);
     NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// What the outbound side tells the same-node fast path: the pod of
+/// `netns_cookie` connected to `dst`, a pod of this node, through the agent.
+/// If policy allows the pair, its next connections may go straight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shortcut {
+    pub netns_cookie: u64,
+    pub dst: SocketAddrV4,
 }
 
 /// Everything the proxies of one enrolled pod need.
@@ -53,6 +62,8 @@ pub struct PodProxy {
     pub state: watch::Receiver<Arc<Snapshot>>,
     pub pool: Arc<Pool>,
     pub metrics: Arc<Metrics>,
+    /// Where to offer the fast path pairs it could take; none when it is off.
+    pub shortcuts: Option<mpsc::Sender<Shortcut>>,
     /// The pod's certificate, none until the CA has issued one; replaced when
     /// renewed, and watched by the inbound side to retire connections made
     /// with the old one.
@@ -69,6 +80,7 @@ impl PodProxy {
         state: watch::Receiver<Arc<Snapshot>>,
         pool: Arc<Pool>,
         metrics: Arc<Metrics>,
+        shortcuts: Option<mpsc::Sender<Shortcut>>,
     ) -> Self {
         Self {
             workload,
@@ -77,6 +89,7 @@ impl PodProxy {
             state,
             pool,
             metrics,
+            shortcuts,
             certificate: watch::Sender::new(None),
         }
     }
@@ -174,7 +187,7 @@ impl PodProxy {
 
     /// This pod as the mesh has it now: its labels, which the metrics
     /// report, may have changed since it was enrolled.
-    fn current(&self) -> Arc<Workload> {
+    pub(crate) fn current(&self) -> Arc<Workload> {
         self.state
             .borrow()
             .workload_by_ip(self.workload.ip)

@@ -323,13 +323,28 @@ impl PodProxy {
                 self.passthrough(plain(Some(dst_workload))).await
             }
             Some(dst_workload) => {
+                let on_this_node = dst_workload.local.is_some();
                 let target = Target {
                     addr: dst,
                     workload: Some(dst_workload),
                     service: None,
                     path: Path::Hbone,
                 };
-                self.tunnel(src, target, trace).await
+                let routed = self.tunnel(src, target, trace).await;
+                // A pod of this node took the stream: the pair may go
+                // straight from now on, if policy allows (the fast path
+                // decides). Only pairs that work are offered.
+                if on_this_node
+                    && routed.is_ok()
+                    && let Some(shortcuts) = &self.shortcuts
+                {
+                    // Full (a burst of them): the next connection asks again.
+                    let _ = shortcuts.try_send(super::Shortcut {
+                        netns_cookie: self.netns.cookie(),
+                        dst,
+                    });
+                }
+                routed
             }
         }
     }

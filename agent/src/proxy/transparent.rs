@@ -144,8 +144,47 @@ pub async fn connect(netns: &NetNs, src: Ipv4Addr, dst: SocketAddr) -> io::Resul
     socket.set_ip_transparent(true)?;
     socket.set_mark(MARK)?;
     socket.set_nodelay(true)?;
-    socket.bind(&SocketAddrV4::new(src, 0).into())?;
+    bind_source(&socket, src)?;
     tokio::net::TcpSocket::from_std_stream(socket.into())
         .connect(dst)
         .await
+}
+
+/// Source ports tried in turn for delivery sockets: above the usual
+/// ephemeral range (32768-60999), where a pod's own connect()s do not go.
+const SOURCE_PORTS: std::ops::RangeInclusive<u16> = 61_000..=65_535;
+/// Ports tried before the kernel is left to choose.
+const BIND_TRIES: usize = 16;
+
+/// Binds `socket` to `src`, the client pod's address, and a port.
+///
+/// Not port 0: the kernel would search its whole range for a port that no
+/// socket of this address holds, TIME_WAIT ones included, which cost the
+/// agent a millisecond and more per connection (`inet_csk_get_port`) once a
+/// few seconds of connections had left theirs. Not the port left to
+/// `connect()` either (`IP_BIND_ADDRESS_NO_PORT`): it picks from the range
+/// the client pod's own `connect()`s pick from, and a fast-path connection
+/// of the same pair from the same port would meet this one's socket in the
+/// server pod (its SYN answered as a stray, one connection or the other
+/// lost). Ports above that range in turn, each checked once, are neither;
+/// after a few taken in a row, `connect()` chooses.
+fn bind_source(socket: &socket2::Socket, src: Ipv4Addr) -> io::Result<()> {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let span = u32::from(SOURCE_PORTS.end() - SOURCE_PORTS.start()) + 1;
+    for _ in 0..BIND_TRIES {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % span;
+        let port = SOURCE_PORTS.start() + n as u16;
+        match socket.bind(&SocketAddrV4::new(src, port).into()) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    nix::sys::socket::setsockopt(
+        socket,
+        nix::sys::socket::sockopt::IpBindAddressNoPort,
+        &true,
+    )
+    .map_err(io::Error::from)?;
+    socket.bind(&SocketAddrV4::new(src, 0).into())
 }
