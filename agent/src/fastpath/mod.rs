@@ -5,8 +5,8 @@
 //! How a pair gets there:
 //!
 //! 1. The first connection goes through the agent as any other. The
-//!    outbound side, seeing a destination on this node, offers the pair
-//!    ([`Shortcut`]).
+//!    outbound side, once a destination on this node accepted the stream,
+//!    offers the pair ([`Shortcut`]).
 //! 2. [`FastPath`] decides as the destination's inbound side would for an
 //!    HBONE stream from the source's identity (both pods served here with
 //!    valid certificates, the destination's port not DISABLE, its policies
@@ -24,8 +24,10 @@
 //!    Istio's metrics from both reporters, an access line each.
 //!
 //! What takes a grant back: any change of the mesh (policies, workloads,
-//! trust), a certificate expiring, either pod leaving. Each grant is decided
-//! again; those no longer allowed are revoked, and the open connections they
+//! trust), a certificate expiring, either pod leaving (its sandbox going, at
+//! CNI DEL), the source over its limits ([`OPEN_PER_POD`], [`OPEN_PER_NODE`],
+//! [`GRANTS_PER_POD`]), five minutes unused. Each grant is decided again;
+//! those no longer allowed are revoked, and the open connections they
 //! allowed are cut (their sockets destroyed in both pods, so that both
 //! applications see it), with a log line naming why.
 

@@ -134,6 +134,15 @@ struct Recorded {
     by_pod: HashMap<u64, usize>,
 }
 
+impl Recorded {
+    fn forget(&mut self, pod: u64) {
+        self.total = self.total.saturating_sub(1);
+        if let Some(n) = self.by_pod.get_mut(&pod) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
 impl Task {
     pub(super) fn new(
         shared: Arc<Shared>,
@@ -699,6 +708,10 @@ impl Task {
         };
         let (request, response) = payload(event.old_state, event.bytes_acked, event.bytes_received);
         let (source_outcome, destination_outcome) = (outcome(), outcome());
+        // The kernel's record is gone with it: the count read at the last
+        // reconciliation is one fewer, so that a pod over its limit gets
+        // the fast path back as soon as it lets go, not at the next one.
+        self.recorded.forget(event.info.netns_cookie);
         self.cut.remove(&event.tuple);
         open.source
             .close_counted(request, response, duration, source_outcome);
