@@ -50,11 +50,12 @@ use crate::{
     hbone::pool::{self, Pool},
     kubernetes,
     mesh::{Policies, Snapshot, Store, Workloads},
-    metrics::{CountedSource, Metrics, Scraped},
+    metrics::{CountedSource, Metrics, Scraped, gauge},
     pod::{NodePods, Serving},
     reconcile::{Reconciler, States},
     redirect::{RedirectError, Redirector},
     sandbox::HostRoots,
+    time::sleep_until,
     tls::{CertificateSource, DevCa},
 };
 
@@ -108,10 +109,6 @@ pub enum DaemonError {
 }
 
 /// A count as a gauge's value.
-fn gauge(n: usize) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
-}
-
 /// A certificate's metric labels: which workload, under which identity.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
 struct CertificateLabels {
@@ -908,13 +905,6 @@ async fn stopped(source: &mut Option<JoinHandle<()>>) {
 }
 
 /// Sleeps until `deadline`, or forever without one.
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
-        None => std::future::pending().await,
-    }
-}
-
 /// The policies of the config's policy directory (none without one),
 /// logging the documents refused and the warnings; None if the directory or
 /// one of its files cannot be read or parsed (then what it holds is unknown).

@@ -20,4 +20,5 @@ pub mod reconcile;
 pub mod redirect;
 pub mod renewal;
 pub mod sandbox;
+pub mod time;
 pub mod tls;

@@ -858,7 +858,7 @@ impl FastPathMaps {
     }
 
     /// Takes back every grant.
-    pub fn clear_grants(&mut self) -> Result<(), RedirectError> {
+    fn clear_grants(&mut self) -> Result<(), RedirectError> {
         let keys: Vec<GrantKey> = self.grants.keys().flatten().collect();
         keys.iter().try_for_each(|key| self.revoke(key))
     }
@@ -873,11 +873,6 @@ impl FastPathMaps {
     /// The kernel's records of open fast-path connections.
     pub fn flows(&self) -> Vec<(Tuple, FlowInfo)> {
         self.flows.iter().flatten().collect()
-    }
-
-    /// Whether the kernel has a record of `tuple`.
-    pub fn has_flow(&self, tuple: &Tuple) -> bool {
-        self.flows.get(tuple, 0).is_ok()
     }
 
     /// Removes the record of `tuple`: its SYN is refused from now on.

@@ -25,10 +25,11 @@ use super::{
 use crate::{
     mesh::Snapshot,
     metrics::{
-        CutReason, Metrics,
+        CutReason, Metrics, gauge,
         traffic::{Connection, Outcome, Path, Reporter, ResponseFlag, Tracked},
     },
     proxy::{PodProxy, Shortcut},
+    time::sleep_until,
 };
 
 /// How often the kernel's events are read: they wake nobody (a wake-up per
@@ -763,16 +764,5 @@ fn track(
         policy,
         grant,
         since: Instant::now(),
-    }
-}
-
-fn gauge(n: usize) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
     }
 }

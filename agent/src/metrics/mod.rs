@@ -57,6 +57,11 @@ pub struct Metrics {
     pub fast_path_cuts: Family<CutReason, Counter>,
 }
 
+/// A count as a gauge's value.
+pub fn gauge(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
 /// Why fast-path connections were cut: a closed set (see
 /// `fastpath::Refusal::reason`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
