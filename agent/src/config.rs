@@ -94,6 +94,36 @@ pub struct Config {
     /// to ourselves (README "The same-node fast path"). On unless the file
     /// says `fastPath: false`.
     pub fast_path: bool,
+    /// What one pod, one peer and the node may hold in the agent (README
+    /// "Limits"); what is not set is derived from the open-files limit.
+    pub limits: LimitSettings,
+}
+
+/// `limits:` in the config; each `None` is left to the agent to derive.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LimitSettings {
+    /// File descriptors the agent may hold for one pod's connections.
+    pub connections_per_pod: Option<usize>,
+    /// Streams the identities of one namespace may have open to the node's pods.
+    pub streams_per_peer_namespace: Option<usize>,
+    /// File descriptors the agent may hold for connections, all pods.
+    pub connections_per_node: Option<usize>,
+    /// How long streams of a peer whose certificate expired, or whose root
+    /// was removed, may go on before they are cut.
+    pub drain_deadline: Option<Duration>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawLimits {
+    #[serde(default)]
+    connections_per_pod: Option<usize>,
+    #[serde(default)]
+    streams_per_peer_namespace: Option<usize>,
+    #[serde(default)]
+    connections_per_node: Option<usize>,
+    #[serde(default)]
+    drain_deadline: Option<String>,
 }
 
 /// The admin endpoint's address unless the config says otherwise
@@ -270,6 +300,8 @@ struct RawConfig {
     cluster_domain: Option<String>,
     #[serde(default)]
     fast_path: Option<bool>,
+    #[serde(default)]
+    limits: RawLimits,
 }
 
 #[derive(Deserialize)]
@@ -460,6 +492,31 @@ impl RawConfig {
             }
             workloads.push(workload);
         }
+        let raw = self.limits;
+        for (field, value) in [
+            ("connectionsPerPod", raw.connections_per_pod),
+            ("streamsPerPeerNamespace", raw.streams_per_peer_namespace),
+            ("connectionsPerNode", raw.connections_per_node),
+        ] {
+            if value == Some(0) {
+                return Err((format!("limits.{field}"), "must be at least 1".into()));
+            }
+        }
+        let drain_deadline = match &raw.drain_deadline {
+            None => None,
+            Some(text) => Some(humantime::parse_duration(text).map_err(|e| {
+                (
+                    "limits.drainDeadline".to_owned(),
+                    format!("{text:?} is not a duration like 10s: {e}"),
+                )
+            })?),
+        };
+        let limits = LimitSettings {
+            connections_per_pod: raw.connections_per_pod,
+            streams_per_peer_namespace: raw.streams_per_peer_namespace,
+            connections_per_node: raw.connections_per_node,
+            drain_deadline,
+        };
         let kubernetes = match self.kubernetes {
             None => None,
             Some(_) if !workloads.is_empty() => {
@@ -504,6 +561,7 @@ impl RawConfig {
             admin_listen,
             cluster,
             fast_path: self.fast_path.unwrap_or(true),
+            limits,
         })
     }
 }
@@ -835,6 +893,40 @@ workloads:
         assert!(!off.fast_path);
         let error = parse(&format!("{GOOD}fastPath: sometimes\n")).unwrap_err();
         assert!(error.to_string().contains("fastPath"), "{error}");
+
+        assert_eq!(
+            defaults.limits,
+            LimitSettings::default(),
+            "derived by the agent"
+        );
+        let limits = parse(&format!(
+            "{GOOD}limits:\n  connectionsPerPod: 100\n  connectionsPerNode: 5000\n"
+        ))
+        .unwrap()
+        .limits;
+        assert_eq!(
+            limits,
+            LimitSettings {
+                connections_per_pod: Some(100),
+                streams_per_peer_namespace: None,
+                connections_per_node: Some(5000),
+                drain_deadline: None,
+            }
+        );
+        let drain = parse(&format!("{GOOD}limits:\n  drainDeadline: 2s\n")).unwrap();
+        assert_eq!(drain.limits.drain_deadline, Some(Duration::from_secs(2)));
+        let error = parse(&format!("{GOOD}limits:\n  drainDeadline: soon\n")).unwrap_err();
+        assert!(
+            error.to_string().contains("limits.drainDeadline"),
+            "{error}"
+        );
+        let error = parse(&format!("{GOOD}limits:\n  streamsPerPeerNamespace: 0\n")).unwrap_err();
+        assert!(
+            error.to_string().contains("limits.streamsPerPeerNamespace"),
+            "{error}"
+        );
+        let error = parse(&format!("{GOOD}limits:\n  perPod: 5\n")).unwrap_err();
+        assert!(error.to_string().contains("perPod"), "{error}");
 
         let text = format!(
             "{GOOD}metricsListen: 0.0.0.0:15020\nadminListen: 127.0.0.1:25000\n\

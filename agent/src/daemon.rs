@@ -49,11 +49,12 @@ use crate::{
     fastpath::FastPath,
     hbone::pool::{self, Pool},
     kubernetes,
+    limits::{Limits, NodeBudget},
     mesh::{Policies, Snapshot, Store, Workloads},
     metrics::{CountedSource, Metrics, Scraped, gauge},
     pod::{NodePods, Serving},
     reconcile::{Reconciler, States},
-    redirect::{RedirectError, Redirector},
+    redirect::{OriginalDsts, RedirectError, Redirector},
     sandbox::HostRoots,
     time::sleep_until,
     tls::{CertificateSource, DevCa},
@@ -197,6 +198,24 @@ pub struct Daemon {
     /// The same-node fast path, and its task (grants, lease, accounting).
     fast_path: FastPath,
     fast_path_task: JoinHandle<()>,
+    /// Keeps the counts of original destinations awaiting the agent true.
+    records_task: JoinHandle<()>,
+}
+
+/// How often what the kernel's table of original destinations holds is
+/// counted again (`OriginalDsts::reconcile`).
+const RECORDS_RECONCILED: Duration = Duration::from_secs(10);
+
+/// Counts the table every [`RECORDS_RECONCILED`], from now: entries the
+/// agent never took stop counting against their pods.
+async fn keep_records(records: OriginalDsts) {
+    let mut every = tokio::time::interval(RECORDS_RECONCILED);
+    loop {
+        every.tick().await;
+        let records = records.clone();
+        // Up to a table's worth of syscalls: off the runtime's threads.
+        let _ = tokio::task::spawn_blocking(move || records.reconcile()).await;
+    }
 }
 
 impl Daemon {
@@ -276,6 +295,7 @@ impl Daemon {
             None => (None, None, None),
         };
         let mut redirector = Redirector::load(&config.bpf_pin_dir)?;
+        let records_task = tokio::spawn(keep_records(redirector.original_dsts()));
         let maps = redirector
             .take_fast_path()
             .expect("the fast path's maps are taken once, here");
@@ -304,6 +324,7 @@ impl Daemon {
             metrics.pool_streams.clone(),
         ));
         pool.spawn_reaper();
+        let budget = NodeBudget::new(node_limits(&config.limits));
         let host = config
             .kubernetes
             .as_ref()
@@ -323,6 +344,7 @@ impl Daemon {
             host,
             fast_path: fast_path.clone(),
             shortcuts,
+            budget,
         };
         Ok(Self {
             config_path: config_path.to_owned(),
@@ -340,6 +362,7 @@ impl Daemon {
             logging,
             fast_path,
             fast_path_task,
+            records_task,
         })
     }
 
@@ -525,6 +548,7 @@ impl Daemon {
         self.fast_path_task.abort();
         let _ = (&mut self.fast_path_task).await;
         self.fast_path.stop();
+        self.records_task.abort();
         // Dropping a pod's runtime stops its listeners, not its programs.
         drop(self.reconciler);
         Ok(())
@@ -890,6 +914,29 @@ impl Daemon {
 const REPORTS_FILE: &str = "sandboxes.json";
 
 /// Where the CNI plugin finds the membership: beside the socket.
+/// The limits in force: as configured, the rest derived from the open-files
+/// limit (raised to the hard one at start).
+fn node_limits(configured: &crate::config::LimitSettings) -> Limits {
+    let open_files = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(soft, _)| soft);
+    let limits = Limits::resolve(
+        configured.connections_per_pod,
+        configured.streams_per_peer_namespace,
+        configured.connections_per_node,
+        configured.drain_deadline,
+        open_files,
+    );
+    info!(
+        open_files,
+        per_pod = limits.per_pod,
+        per_peer = limits.per_peer,
+        per_node = limits.per_node,
+        drain_deadline = ?limits.drain,
+        "connection limits (file descriptors the agent may hold)"
+    );
+    limits
+}
+
 fn membership_file(socket: &Path) -> PathBuf {
     socket.with_file_name(MEMBERSHIP_FILE)
 }

@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod fastpath;
 pub mod hbone;
 pub mod kubernetes;
+pub mod limits;
 pub mod mesh;
 pub mod metrics;
 pub mod netns;

@@ -28,6 +28,7 @@ use warren_pki::tls::WorkloadCertificate;
 use crate::{
     fastpath::FastPath,
     hbone::pool::Pool,
+    limits::NodeBudget,
     mesh::{LocalPod, Policies, Snapshot, Workload, policy::MtlsMode},
     metrics::Metrics,
     netns::{NetNs, NetnsError},
@@ -146,6 +147,8 @@ pub struct NodePods {
     /// pods' proxies offer it pairs (none when it is off).
     pub fast_path: FastPath,
     pub shortcuts: Option<mpsc::Sender<Shortcut>>,
+    /// What all pods' connections may hold; each pod gets a share.
+    pub budget: Arc<NodeBudget>,
 }
 
 impl Enroller for NodePods {
@@ -364,6 +367,7 @@ impl NodePods {
             self.pool.clone(),
             self.metrics.clone(),
             self.shortcuts.clone(),
+            self.budget.pod(),
         ));
         let inbound = Arc::new(PodInbound::new(proxy.clone()).await?);
         self.serving.add(&proxy);

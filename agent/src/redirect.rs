@@ -42,7 +42,7 @@ use aya::{
 use nix::sched::{CloneFlags, setns};
 use tokio::io::unix::AsyncFd;
 /// The reasons [`DropCounts`] are kept by, for its readers.
-pub use warren_common::DropReason;
+pub use warren_common::{DropReason, PENDING_PER_NODE, PENDING_PER_POD};
 use warren_common::{
     FastEvent, FlowInfo, FlowKey, GrantKey, InboundKey, Ipv4Dst, OUTBOUND_PORT, PodInfo, ProbeKey,
     Tuple, names,
@@ -106,7 +106,7 @@ const POD_LINKS: [&str; 5] = [
 ];
 
 /// The maps, pinned so that they outlive the agent.
-const PINNED_MAPS: [&str; 12] = [
+const PINNED_MAPS: [&str; 15] = [
     names::PODS,
     names::PENDING,
     names::ORIGINAL_DST,
@@ -119,6 +119,9 @@ const PINNED_MAPS: [&str; 12] = [
     names::FAST_PENDING,
     names::FAST_LEASE,
     names::FAST_EVENTS,
+    names::RECORDED,
+    names::TAKEN,
+    names::RECORD_TOTALS,
 ];
 
 /// A pod's mTLS modes as the ingress program reads them ([`warren_common::mode`]).
@@ -226,6 +229,13 @@ impl Redirector {
                 source,
             }
         })?;
+        let recorded = HashMap::try_from(take_map(&mut ebpf, names::RECORDED)?)
+            .map_err(map_error(names::RECORDED))?;
+        let taken = HashMap::try_from(take_map(&mut ebpf, names::TAKEN)?)
+            .map_err(map_error(names::TAKEN))?;
+        let totals: Array<MapData, i64> =
+            Array::try_from(take_map(&mut ebpf, names::RECORD_TOTALS)?)
+                .map_err(map_error(names::RECORD_TOTALS))?;
         let original_dst =
             HashMap::try_from(take_map(&mut ebpf, names::ORIGINAL_DST)?).map_err(|source| {
                 RedirectError::Map {
@@ -256,7 +266,15 @@ impl Redirector {
             listeners,
             probes,
             drops,
-            original_dst: OriginalDsts(Arc::new(Mutex::new(original_dst))),
+            original_dst: OriginalDsts(Arc::new(Mutex::new(Records {
+                taken_total: totals.get(&1, 0).unwrap_or(0),
+                map: original_dst,
+                recorded,
+                taken,
+                totals,
+                taken_by_pod: std::collections::HashMap::new(),
+                ages: Ages::default(),
+            }))),
             fast_path: Some(fast_path),
             ingress_tag,
         })
@@ -539,6 +557,7 @@ impl Redirector {
                 source,
             }),
         };
+        self.original_dst.forget(attachment.netns_cookie);
         // Detach even if that failed: the links are what capture.
         let detached = unpin_all(&attachment.pins);
         self.forget_inbound(attachment.pod_ip);
@@ -595,6 +614,7 @@ impl Redirector {
                 }
             }
             let _ = self.pods.remove(&pin.netns_cookie);
+            self.original_dst.forget(pin.netns_cookie);
             let _ = unpin_all(&entry.path());
             released.push(format!("{} (netns cookie {})", pin.pod, pin.netns_cookie));
         }
@@ -922,25 +942,159 @@ fn parse_event(bytes: &[u8]) -> Option<FastEvent> {
 }
 
 /// Original destinations of captured connections, recorded by the kernel
-/// programs; shared by every outbound listener.
+/// programs; shared by every outbound listener. The kernel counts what it
+/// records, per pod and for the node; the agent counts what it takes, and
+/// connect() is refused to a pod (or all) with too many awaiting it
+/// (`PENDING_PER_POD`, `PENDING_PER_NODE`).
 #[derive(Clone)]
-pub struct OriginalDsts(Arc<Mutex<HashMap<MapData, FlowKey, Ipv4Dst>>>);
+pub struct OriginalDsts(Arc<Mutex<Records>>);
+
+struct Records {
+    map: HashMap<MapData, FlowKey, Ipv4Dst>,
+    /// Added to by the kernel only.
+    recorded: HashMap<MapData, u64, i64>,
+    /// Written by the agent only.
+    taken: HashMap<MapData, u64, i64>,
+    /// Slot 0: recorded, all pods (the kernel's); slot 1: taken (ours).
+    totals: Array<MapData, i64>,
+    /// What `taken` holds, so that a take writes without reading.
+    taken_by_pod: std::collections::HashMap<u64, i64>,
+    taken_total: i64,
+    /// Entries of the table, and for how many reconciliations in a row
+    /// each has been there unchanged.
+    ages: Ages,
+}
+
+/// Reconciliations an entry may stay in the table before it is taken for
+/// stale: 140 s, more than a connect() retries its SYN (127 s by default)
+/// while nothing accepts it. Its client has given up.
+const STALE_ROUNDS: u32 = 14;
+
+/// For how many reconciliations in a row each entry of the table has been
+/// there with the same destination.
+#[derive(Debug, Default)]
+struct Ages(std::collections::HashMap<FlowKey, (Ipv4Dst, u32)>);
+
+impl Ages {
+    /// Ages what is in the table now (`entries`), forgets what is not, and
+    /// returns the entries that have grown stale.
+    fn update(&mut self, entries: impl IntoIterator<Item = (FlowKey, Ipv4Dst)>) -> Vec<FlowKey> {
+        let mut next = std::collections::HashMap::new();
+        let mut stale = Vec::new();
+        for (key, dst) in entries {
+            let rounds = match self.0.get(&key) {
+                // The same connection still waiting (another one from the
+                // same port would most likely go elsewhere).
+                Some((seen, rounds)) if *seen == dst => rounds + 1,
+                _ => 1,
+            };
+            if rounds >= STALE_ROUNDS {
+                stale.push(key);
+            } else {
+                next.insert(key, (dst, rounds));
+            }
+        }
+        self.0 = next;
+        stale
+    }
+}
+
+impl Records {
+    fn set_taken(&mut self, netns_cookie: u64, taken: i64) {
+        self.taken_by_pod.insert(netns_cookie, taken);
+        let _ = self.taken.insert(netns_cookie, taken, 0);
+    }
+
+    fn set_taken_total(&mut self, taken: i64) {
+        self.taken_total = taken;
+        let _ = self.totals.set(1, taken, 0);
+    }
+}
 
 impl OriginalDsts {
     /// Takes (reads and deletes) the original destination of the connection
     /// that arrived from `port` in the namespace `netns_cookie`.
     pub fn take(&self, netns_cookie: u64, port: u16) -> Option<SocketAddrV4> {
         let key = FlowKey::new(netns_cookie, port);
-        let mut map = self
-            .0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let dst = map.get(&key, 0).ok()?;
+        let mut records = self.lock();
+        let dst = records.map.get(&key, 0).ok()?;
         // A leftover entry would only be overwritten by the next connection
         // from this port; removing it keeps the LRU for live flows.
-        let _ = map.remove(&key);
+        let _ = records.map.remove(&key);
+        let taken = match records.taken_by_pod.get(&netns_cookie) {
+            Some(taken) => *taken,
+            // An earlier agent's count, if any.
+            None => records.taken.get(&netns_cookie, 0).unwrap_or(0),
+        };
+        records.set_taken(netns_cookie, taken + 1);
+        let total = records.taken_total + 1;
+        records.set_taken_total(total);
         Some(SocketAddrV4::new(Ipv4Addr::from(dst.ip), dst.port))
     }
+
+    /// Sets what counts as taken to what the table no longer holds: an
+    /// entry the agent never took (its client gave up before it was
+    /// accepted, the LRU evicted it, no agent was running) would otherwise
+    /// count against its pod for good; an entry that has waited longer than
+    /// any connect() does ([`STALE_ROUNDS`]) is removed. Returns what awaits
+    /// the agent, all pods. The kernel's counts are read before the table, so that one
+    /// recorded meanwhile counts as awaiting until the next time.
+    pub fn reconcile(&self) -> i64 {
+        let mut records = self.lock();
+        let recorded_total = records.totals.get(&0, 0).unwrap_or(0);
+        let recorded: Vec<(u64, i64)> = records.recorded.iter().filter_map(Result::ok).collect();
+        let entries: Vec<(FlowKey, Ipv4Dst)> = records.map.iter().filter_map(Result::ok).collect();
+        let stale = records.ages.update(entries.iter().copied());
+        for key in &stale {
+            let _ = records.map.remove(key);
+        }
+        let mut waiting = std::collections::HashMap::<u64, i64>::new();
+        for (key, _) in &entries {
+            if !stale.contains(key) {
+                *waiting.entry(key.netns_cookie).or_default() += 1;
+            }
+        }
+        for (netns_cookie, recorded) in recorded {
+            let waiting = waiting.get(&netns_cookie).copied().unwrap_or(0);
+            records.set_taken(netns_cookie, recorded - waiting);
+        }
+        let waiting: i64 = waiting.values().sum();
+        records.set_taken_total(recorded_total - waiting);
+        waiting
+    }
+
+    /// Forgets the counts of a pod that left.
+    pub fn forget(&self, netns_cookie: u64) {
+        let mut records = self.lock();
+        records.taken_by_pod.remove(&netns_cookie);
+        let _ = records.recorded.remove(&netns_cookie);
+        let _ = records.taken.remove(&netns_cookie);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Records> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Captured connections whose original destination awaits the agent, all
+/// pods, from the maps pinned in `pin_dir` (for tests and tools).
+pub fn read_pending(pin_dir: &Path) -> Result<i64, RedirectError> {
+    let path = pin_dir.join(names::RECORD_TOTALS);
+    let data = MapData::from_pin(&path).map_err(|e| RedirectError::Pin {
+        path: path.clone(),
+        problem: format!("cannot open the pinned record counts: {e}"),
+    })?;
+    let totals: Array<MapData, i64> =
+        Map::from_map_data(data)
+            .and_then(Array::try_from)
+            .map_err(|source| RedirectError::Map {
+                name: names::RECORD_TOTALS,
+                source,
+            })?;
+    let count = |slot| totals.get(&slot, 0).unwrap_or(0);
+    Ok(count(0) - count(1))
 }
 
 fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, RedirectError>
@@ -998,6 +1152,37 @@ mod tests {
     use aya::maps::PerCpuValues;
 
     use super::*;
+
+    #[test]
+    fn an_entry_left_in_the_table_unchanged_for_too_long_is_stale() {
+        let dst = |port| Ipv4Dst {
+            ip: 0x0af4_0202,
+            port,
+            _pad: 0,
+        };
+        let (waiting, reused, gone) = (
+            FlowKey::new(1, 40_000),
+            FlowKey::new(1, 40_001),
+            FlowKey::new(2, 40_000),
+        );
+        let mut ages = Ages::default();
+        for round in 1..STALE_ROUNDS {
+            // `reused`'s port carries another connection every other round;
+            // `gone` is taken after the first.
+            let mut entries = vec![(waiting, dst(80)), (reused, dst(80 + (round % 2) as u16))];
+            if round == 1 {
+                entries.push((gone, dst(80)));
+            }
+            assert_eq!(ages.update(entries), [], "round {round}");
+        }
+        assert_eq!(
+            ages.update([(waiting, dst(80)), (reused, dst(99)), (gone, dst(80))]),
+            [waiting],
+            "only the one there all along"
+        );
+        assert!(!ages.0.contains_key(&waiting), "forgotten once removed");
+        assert_eq!(ages.0[&gone].1, 1, "back, counted from one again");
+    }
 
     fn counts(values: &[(DropReason, u64)]) -> DropCounts {
         let mut counts = DropCounts::default();

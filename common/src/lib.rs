@@ -16,6 +16,13 @@ pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
 /// The HBONE port, which the in-pod ingress program always lets through.
 pub const HBONE_PORT: u16 = 15008;
 
+/// `SO_MARK` of the agent's delivery sockets (the agent connecting to an
+/// application as the client pod), and, by `tcp_fwmark_accept`, of the
+/// application's side of those connections. Such a connection runs on the
+/// pod's loopback: a packet from the network that matches one is forged, and
+/// the ingress program drops it.
+pub const DELIVERY_MARK: u32 = 0x7772;
+
 /// mTLS modes, as [`names::INBOUND_MODES`] holds them: a mode in the low
 /// byte, and flags.
 pub mod mode {
@@ -70,6 +77,15 @@ pub mod names {
     /// A ring buffer of [`super::FastEvent`]s: fast-path connections opened
     /// and closed, for the metrics and the access log.
     pub const FAST_EVENTS: &str = "FAST_EVENTS";
+    /// Original destinations recorded, per pod: netns cookie → `i64`, added
+    /// to by sock_ops only. Less [`TAKEN`], what awaits the agent.
+    pub const RECORDED: &str = "RECORDED";
+    /// Original destinations the agent took (or found gone), per pod: netns
+    /// cookie → `i64`, written by the agent only.
+    pub const TAKEN: &str = "TAKEN";
+    /// Two `i64`s: recorded, all pods (sock_ops adds), and taken (the agent
+    /// writes).
+    pub const RECORD_TOTALS: &str = "RECORD_TOTALS";
     pub const POD_INGRESS: &str = "warren_pod_ingress";
     pub const EGRESS: &str = "warren_egress";
     pub const CONNECT4: &str = "warren_connect4";
@@ -83,6 +99,14 @@ pub mod names {
 pub const FLOW_MAP_ENTRIES: u32 = 65_536;
 /// Capacity of [`names::PODS`]: pods enrolled on one node.
 pub const POD_MAP_ENTRIES: u32 = 4_096;
+/// Captured connections whose original destination awaits the agent (it
+/// takes each as it accepts the connection), per pod and for the node: the
+/// table is an LRU of [`FLOW_MAP_ENTRIES`] that all pods share, so that
+/// under these a pod spraying connects meets its own limit instead of
+/// evicting its neighbours' entries (their connections would fail closed).
+pub const PENDING_PER_POD: i64 = 4_096;
+pub const PENDING_PER_NODE: i64 = 57_344;
+const _: () = assert!(PENDING_PER_NODE < FLOW_MAP_ENTRIES as i64);
 /// Capacity of [`names::INBOUND_MODES`]: a default and up to 64 per-port
 /// modes (the agent refuses PeerAuthentications with more) for each of
 /// about a thousand pods, far above what a node runs. Tenants' policies
@@ -165,11 +189,20 @@ pub enum DropReason {
     /// not fit in [`names::FAST_EVENTS`]: the agent's metrics and access log
     /// miss it.
     FastPathEventLost = 10,
+    /// `warren_pod_ingress`: a packet from the network for a connection the
+    /// agent delivered inside the pod (its socket carries
+    /// [`DELIVERY_MARK`]): those never cross the pod's interface, so it is
+    /// forged, an injection into a peer's stream.
+    ForgedDelivery = 11,
+    /// `warren_connect4`/`warren_connect6`: a connect() refused (EPERM)
+    /// because its pod, or the node, has [`PENDING_PER_POD`] (or
+    /// [`PENDING_PER_NODE`]) captured connections awaiting the agent.
+    CaptureQuota = 12,
 }
 
 impl DropReason {
     /// Every reason, in discriminant order (`ALL[i] as u32 == i`).
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 13] = [
         DropReason::StrictPlaintext,
         DropReason::SpoofedSource,
         DropReason::Fragment,
@@ -181,6 +214,8 @@ impl DropReason {
         DropReason::Ipv6Unchecked,
         DropReason::FastPathFull,
         DropReason::FastPathEventLost,
+        DropReason::ForgedDelivery,
+        DropReason::CaptureQuota,
     ];
 
     /// Its slot in [`names::DROPS`].
@@ -212,6 +247,8 @@ impl DropReason {
             DropReason::Ipv6Unchecked => "ipv6_unchecked",
             DropReason::FastPathFull => "fast_path_full",
             DropReason::FastPathEventLost => "fast_path_event_lost",
+            DropReason::ForgedDelivery => "forged_delivery",
+            DropReason::CaptureQuota => "capture_quota",
         }
     }
 }
@@ -282,7 +319,7 @@ impl ProbeKey {
 /// only one connection to the outbound listener can use a given source port,
 /// and the namespace tells apart pods that use the same port.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FlowKey {
     pub netns_cookie: u64,
     /// Client's local port, host byte order.
@@ -432,7 +469,7 @@ mod tests {
     /// The numbers index counters that outlive agents: they must not change.
     #[test]
     fn drop_reason_numbers_are_stable() {
-        let pinned: [(DropReason, u32, &str); 11] = [
+        let pinned: [(DropReason, u32, &str); 13] = [
             (DropReason::StrictPlaintext, 0, "strict_plaintext"),
             (DropReason::SpoofedSource, 1, "spoofed_source"),
             (DropReason::Fragment, 2, "fragment"),
@@ -444,6 +481,8 @@ mod tests {
             (DropReason::Ipv6Unchecked, 8, "ipv6_unchecked"),
             (DropReason::FastPathFull, 9, "fast_path_full"),
             (DropReason::FastPathEventLost, 10, "fast_path_event_lost"),
+            (DropReason::ForgedDelivery, 11, "forged_delivery"),
+            (DropReason::CaptureQuota, 12, "capture_quota"),
         ];
         for (reason, index, name) in pinned {
             assert_eq!((reason.index(), reason.name()), (index, name));

@@ -47,19 +47,27 @@
 //! (pinned with the other maps; the agent reads it).
 #![no_std]
 #![no_main]
+// The BPF target has atomic adds (BPF_ATOMIC) but no compare-and-swap, so
+// core's atomic types offer no fetch_add there; the intrinsic emits the add.
+#![feature(core_intrinsics)]
+#![allow(internal_features, reason = "core_intrinsics, above")]
 
-use core::{ffi::c_void, mem::size_of};
+use core::{
+    ffi::c_void,
+    intrinsics::{AtomicOrdering, atomic_xadd},
+    mem::size_of,
+};
 
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_RB_NO_WAKEUP, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_NOEXIST, BPF_RB_NO_WAKEUP, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_SOCK_OPS_TCP_CONNECT_CB, TC_ACT_OK, TC_ACT_SHOT, bpf_sock, bpf_sock_addr,
         bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
     },
     helpers::generated::{
         bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_lookup_elem,
-        bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp,
+        bpf_sk_assign, bpf_sk_fullsock, bpf_sk_release, bpf_skc_lookup_tcp,
     },
     macros::{cgroup_skb, cgroup_sock_addr, classifier, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
@@ -67,10 +75,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use warren_common::{
-    DROP_MAP_ENTRIES, DropReason, FAST_EVENT_BYTES, FAST_FLOW_ENTRIES, FAST_GRANT_ENTRIES,
-    FLOW_MAP_ENTRIES, FastEvent, FlowInfo, FlowKey, GrantKey, HBONE_PORT, INBOUND_MODE_ENTRIES,
-    InboundKey, Ipv4Dst, POD_MAP_ENTRIES, PROBE_MAP_ENTRIES, PodInfo, ProbeKey, Tuple, fast_event,
-    mode,
+    DELIVERY_MARK, DROP_MAP_ENTRIES, DropReason, FAST_EVENT_BYTES, FAST_FLOW_ENTRIES,
+    FAST_GRANT_ENTRIES, FLOW_MAP_ENTRIES, FastEvent, FlowInfo, FlowKey, GrantKey, HBONE_PORT,
+    INBOUND_MODE_ENTRIES, InboundKey, Ipv4Dst, OUTBOUND_PORT, PENDING_PER_NODE, PENDING_PER_POD,
+    POD_MAP_ENTRIES, PROBE_MAP_ENTRIES, PodInfo, ProbeKey, Tuple, fast_event, mode,
 };
 
 const AF_INET: u32 = 2;
@@ -108,6 +116,57 @@ static PENDING: LruHashMap<u64, Ipv4Dst> = LruHashMap::with_max_entries(FLOW_MAP
 #[map(name = "ORIGINAL_DST")]
 static ORIGINAL_DST: LruHashMap<FlowKey, Ipv4Dst> =
     LruHashMap::with_max_entries(FLOW_MAP_ENTRIES, 0);
+
+/// Original destinations recorded, per pod (by netns cookie) and for the
+/// node (slot 0 of RECORD_TOTALS), which only these programs add to; taken,
+/// which only the agent writes (TAKEN, and slot 1). The difference is what
+/// awaits the agent.
+#[map(name = "RECORDED")]
+static RECORDED: HashMap<u64, i64> = HashMap::with_max_entries(POD_MAP_ENTRIES, 0);
+#[map(name = "TAKEN")]
+static TAKEN: HashMap<u64, i64> = HashMap::with_max_entries(POD_MAP_ENTRIES, 0);
+#[map(name = "RECORD_TOTALS")]
+static RECORD_TOTALS: Array<i64> = Array::with_max_entries(2, 0);
+
+/// Whether the pod of `netns`, or the node, has as many captured
+/// connections awaiting the agent as it may. Read without a lock: connects
+/// racing on other CPUs may pass a few over, at most one a CPU.
+#[inline(always)]
+fn over_capture_quota(netns: u64) -> bool {
+    // SAFETY: the values are copied out at once; plain integers.
+    let (recorded, taken) = unsafe {
+        (
+            RECORDED.get(netns).copied().unwrap_or(0),
+            TAKEN.get(netns).copied().unwrap_or(0),
+        )
+    };
+    let node =
+        RECORD_TOTALS.get(0).copied().unwrap_or(0) - RECORD_TOTALS.get(1).copied().unwrap_or(0);
+    recorded - taken >= PENDING_PER_POD || node >= PENDING_PER_NODE
+}
+
+/// Counts one original destination recorded for the pod of `netns`.
+#[inline(always)]
+fn count_recorded(netns: u64) {
+    let pod = match RECORDED.get_ptr_mut(netns) {
+        Some(pod) => Some(pod),
+        // Its first: made here, unless another CPU made it meanwhile.
+        None => match RECORDED.insert(netns, 1, u64::from(BPF_NOEXIST)) {
+            Ok(()) => None,
+            Err(_) => RECORDED.get_ptr_mut(netns),
+        },
+    };
+    if let Some(pod) = pod {
+        // SAFETY: a valid, aligned i64 in a map value, which other CPUs
+        // change only with atomic adds too.
+        unsafe { atomic_xadd::<i64, i64, { AtomicOrdering::Relaxed }>(pod, 1) };
+    }
+    if let Some(node) = RECORD_TOTALS.get_ptr_mut(0) {
+        // SAFETY: as above, for the array's first slot (the agent writes
+        // only the second).
+        unsafe { atomic_xadd::<i64, i64, { AtomicOrdering::Relaxed }>(node, 1) };
+    }
+}
 
 #[cgroup_sock_addr(connect4)]
 pub fn warren_connect4(ctx: SockAddrContext) -> i32 {
@@ -217,6 +276,10 @@ fn capture(ctx: &SockAddrContext, ip: u32, port: u16, direct: Direct) -> Verdict
         );
         return Verdict::Leave;
     }
+    if over_capture_quota(netns) {
+        count(DropReason::CaptureQuota);
+        return Verdict::Deny;
+    }
     if PENDING.insert(cookie, original_dst(ip, port), 0).is_err() {
         // Without a record the agent could not forward it, and letting it
         // through would send it in clear: fail closed.
@@ -271,6 +334,13 @@ fn connecting(ctx: &SockOpsContext) {
         }
         return;
     };
+    let _ = PENDING.remove(cookie);
+    // Only a connect connect4 sent to the agent: one that failed after the
+    // hook (a bad address family, say) leaves its record behind, and the
+    // socket's next connect, left alone, must not take it.
+    if !is_captured(ctx) {
+        return;
+    }
     // sock_ops reports local_port in host byte order.
     let key = FlowKey::new(netns, ctx.local_port() as u16);
     if ORIGINAL_DST.insert(key, original, 0).is_ok() {
@@ -281,8 +351,8 @@ fn connecting(ctx: &SockOpsContext) {
             original.ip,
             original.port
         );
+        count_recorded(netns);
     }
-    let _ = PENDING.remove(cookie);
 }
 
 /// Grants for the fast path, which the agent writes.
@@ -408,6 +478,26 @@ fn state_changed(ctx: &SockOpsContext) {
     });
 }
 
+/// Whether the socket is connecting to the agent's outbound listener, as
+/// connect4 (or connect6, IPv4-mapped) sent it.
+#[inline(always)]
+fn is_captured(ctx: &SockOpsContext) -> bool {
+    if u16::from_be((ctx.remote_port() >> 16) as u16) != OUTBOUND_PORT {
+        return false;
+    }
+    match ctx.family() {
+        AF_INET => u32::from_be(ctx.remote_ip4()) == LOCALHOST,
+        AF_INET6 => {
+            let ip6 = ctx.remote_ip6();
+            ip6[0] == 0
+                && ip6[1] == 0
+                && u32::from_be(ip6[2]) == 0xffff
+                && u32::from_be(ip6[3]) == LOCALHOST
+        }
+        _ => false,
+    }
+}
+
 /// Queues `event` for the agent, which reads the ring on a timer: no
 /// wake-up per record (one per connection halved the connection rate).
 fn report(event: FastEvent) {
@@ -433,6 +523,11 @@ const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
+const TCP_FIN: u8 = 0x01;
+const TCP_RST: u8 = 0x04;
+/// A connection attempt has SYN and none of these: SYN|RST, say, is no
+/// attempt, and must meet the socket checks below like any other packet.
+const ATTEMPT_FLAGS: u8 = TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN;
 /// `sk_state` of a listening socket.
 const TCP_LISTEN: u32 = 10;
 /// bpf_skc_lookup_tcp: the namespace of the packet's device.
@@ -508,7 +603,7 @@ fn ipv4_tcp(ctx: &TcContext, pod: u32, default: u32) -> Result<(), DropReason> {
     let strict = value & mode::MASK == mode::STRICT;
     let skb = ctx.skb.skb.cast::<c_void>();
 
-    if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+    if flags & ATTEMPT_FLAGS != TCP_SYN {
         // Not a connection attempt. A packet of a connection that exists, or
         // of a handshake under way, reaches its socket by the normal lookup.
         let mut tuple = bpf_sock_tuple {
@@ -535,9 +630,24 @@ fn ipv4_tcp(ctx: &TcContext, pod: u32, default: u32) -> Result<(), DropReason> {
         if !sk.is_null() {
             // SAFETY: `sk` is a valid socket reference until released.
             let state = unsafe { (*sk).state };
+            // A full socket (not a TIME_WAIT or request one) has a mark.
+            // SAFETY: `sk` is a valid reference; the helper returns it as a
+            // full socket or null, valid as long as `sk` is.
+            let full = unsafe { bpf_sk_fullsock(sk) };
+            // SAFETY: `full`, when not null, is valid until `sk` is released.
+            let mark = if full.is_null() {
+                0
+            } else {
+                unsafe { (*full).mark }
+            };
             // SAFETY: `sk` is the non-null reference the lookup returned,
-            // released once, and not used after.
+            // released once, and neither it nor `full` is used after.
             unsafe { bpf_sk_release(sk.cast()) };
+            // A connection the agent delivered runs on the pod's loopback;
+            // a packet for it from the network is an injection.
+            if mark == DELIVERY_MARK {
+                return Err(DropReason::ForgedDelivery);
+            }
             if state != TCP_LISTEN {
                 return Ok(());
             }

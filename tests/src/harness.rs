@@ -887,7 +887,12 @@ impl Call {
     /// Calls `dst` from the node's own namespace, as the kubelet's probes
     /// do, and returns what the client saw.
     pub fn run_from_node(&self, node: &Node, dst: impl Into<SocketAddr>) -> Result<Called> {
-        finish(self.start(node.try_command(binary("labpod")?)?, dst.into())?)
+        finish(self.spawn_from_node(node, dst)?)
+    }
+
+    /// Starts the call from the node's own namespace without waiting for it.
+    pub fn spawn_from_node(&self, node: &Node, dst: impl Into<SocketAddr>) -> Result<Child> {
+        self.start(node.try_command(binary("labpod")?)?, dst.into())
     }
 
     /// Runs `labpod call` as `cmd` (placed in a pod or on a node).
@@ -943,7 +948,8 @@ pub fn finish(child: Child) -> Result<Called> {
     }
 }
 
-fn json_lines(stdout: ChildStdout) -> mpsc::Receiver<Value> {
+/// The JSON events a lab tool prints on `stdout`, one a line, as they come.
+pub fn json_lines(stdout: ChildStdout) -> mpsc::Receiver<Value> {
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -1022,4 +1028,94 @@ impl WireCapture {
 /// Whether `needle` occurs in `haystack` (e.g. a payload in a capture).
 pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A lab tool (`labpod`) running in a pod, with its JSON events.
+pub struct Tool {
+    child: Child,
+    events: mpsc::Receiver<Value>,
+}
+
+impl Tool {
+    /// Starts `labpod ARGS` in `pod`.
+    pub fn start(pod: &Pod, args: &[&str]) -> Self {
+        let mut child = pod
+            .command(binary("labpod").unwrap())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("labpod starts");
+        let events = json_lines(child.stdout.take().unwrap());
+        Self { child, events }
+    }
+
+    /// The next event named `name`, skipping others.
+    pub fn next(&self, name: &str, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let event = self
+                .events
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no {name:?} event within {within:?}"));
+            if event["event"] == name {
+                return event;
+            }
+        }
+    }
+
+    /// Events that have come so far, without waiting.
+    pub fn so_far(&self) -> Vec<Value> {
+        self.events.try_iter().collect()
+    }
+}
+
+impl Drop for Tool {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `labpod spray` from `pod`: COUNT connections at once, each sending a
+/// byte; how they ended.
+pub fn spray(pod: &Pod, addr: SocketAddr, count: usize, wait_ms: u64, hold_ms: u64) -> Tool {
+    spray_with(pod, addr, count, wait_ms, hold_ms, &[])
+}
+
+pub fn spray_with(
+    pod: &Pod,
+    addr: SocketAddr,
+    count: usize,
+    wait_ms: u64,
+    hold_ms: u64,
+    extra: &[&str],
+) -> Tool {
+    let (addr, count) = (addr.to_string(), count.to_string());
+    let (wait_ms, hold_ms) = (wait_ms.to_string(), hold_ms.to_string());
+    let mut args = vec![
+        "spray",
+        "--addr",
+        &addr,
+        "--count",
+        &count,
+        "--wait-ms",
+        &wait_ms,
+        "--hold-ms",
+        &hold_ms,
+    ];
+    args.extend_from_slice(extra);
+    Tool::start(pod, &args)
+}
+
+/// How many of a spray's connections ended as `how`.
+pub fn ended(report: &Value, how: &str) -> u64 {
+    report[how].as_u64().unwrap_or_else(|| panic!("{report}"))
+}
+
+/// How many the other end closed: with a close, or with a reset when the
+/// byte the client sent was still unread.
+pub fn closed(report: &Value) -> u64 {
+    ended(report, "closed") + ended(report, "reset")
 }

@@ -41,12 +41,12 @@ impl CaMesh {
     /// The CA (a lab root and intermediate) serving on node 1; both agents
     /// get their workloads' certificates from it, living `ttl`.
     fn start(ttl: &str) -> Self {
-        Self::start_with(ttl, true)
+        Self::start_with(ttl, true, "")
     }
 
     /// Like [`CaMesh::start`]; without `ca_running`, the CA is not started
-    /// (its files are made).
-    fn start_with(ttl: &str, ca_running: bool) -> Self {
+    /// (its files are made); `extra` is added to each agent's config.
+    fn start_with(ttl: &str, ca_running: bool, extra: &str) -> Self {
         let lab = test_lab(2, 2);
         let dir = files_dir(lab.prefix());
         let signing = LabCa::init(&dir.join("r1")).unwrap();
@@ -75,7 +75,8 @@ impl CaMesh {
                 .node_credential(node, &signing.root(), &mesh.credential(i), false)
                 .unwrap();
             let workloads = [mesh.client.clone(), mesh.server.clone()];
-            let config = mesh.agent_config(i, &workloads) + &format!("certificateTtl: {ttl}\n");
+            let config =
+                mesh.agent_config(i, &workloads) + &format!("certificateTtl: {ttl}\n{extra}");
             let agent = Agent::start(node, &config, &mesh.dir.join("agents")).unwrap();
             mesh.agents.push(agent);
         }
@@ -170,8 +171,11 @@ fn renewals(mesh: &CaMesh) -> Vec<usize> {
 
 #[test]
 fn a_long_transfer_outlives_repeated_renewals_by_the_ca() {
-    // Certificates of 4 s, renewed every 2 s or so, on both ends.
-    let mut mesh = CaMesh::start("4s");
+    // Certificates of 4 s, renewed every 2 s or so, on both ends. A renewal
+    // only winds the connection down; the certificates it was made with
+    // expiring cuts its streams after the drain deadline, here longer than
+    // the transfer (see the next test).
+    let mut mesh = CaMesh::start_with("4s", true, "limits:\n  drainDeadline: 60s\n");
     let mut server = Server::start(&mesh.server.pod, PORT).unwrap();
 
     // 8 MiB, sent over 10 s on one connection.
@@ -257,7 +261,7 @@ fn a_ca_outage_is_ridden_out_until_certificates_expire() {
 
 #[test]
 fn agents_started_while_the_ca_is_down_fail_closed_then_recover() {
-    let mut mesh = CaMesh::start_with("1h", false);
+    let mut mesh = CaMesh::start_with("1h", false, "");
     let mut server = Server::start(&mesh.server.pod, PORT).unwrap();
     // Pods are enrolled, so that their traffic cannot leave in clear...
     for (agent, workload) in mesh.agents.iter_mut().zip([&mesh.client, &mesh.server]) {
@@ -391,8 +395,41 @@ fn write_bundle(path: &Path, cas: &[&LabCa]) {
 }
 
 #[test]
+fn a_stream_does_not_outlive_its_peers_certificate_by_more_than_the_drain_deadline() {
+    let mut mesh = CaMesh::start_with("4s", true, "limits:\n  drainDeadline: 2s\n");
+    let _server = Server::start(&mesh.server.pod, PORT).unwrap();
+    // A transfer spread over 20 s: the client's certificate, 4 s long,
+    // expires under it (the client renews meanwhile, but the connection was
+    // authenticated with the old one).
+    let long = Call {
+        bytes: Some(4 << 20),
+        spread_ms: Some(20_000),
+        ..Call::default()
+    }
+    .spawn(&mesh.client.pod, (mesh.server.pod.ip, PORT))
+    .unwrap();
+    let cut = mesh.agents[1]
+        .wait_for(Duration::from_secs(20), |l| {
+            l.message() == "HBONE stream closed: no longer allowed"
+        })
+        .unwrap();
+    assert_eq!(cut.field("reason"), "the peer's certificate expired");
+    assert_eq!(cut.field("peer_identity"), mesh.client.identity());
+    // The client sees its connection end before its transfer did.
+    finish(long).expect_err("the transfer outlived its certificate");
+    // New connections, with the renewed certificates, go on.
+    Call::default()
+        .run(&mesh.client.pod, (mesh.server.pod.ip, PORT))
+        .unwrap();
+}
+
+#[test]
 fn the_ca_is_rotated_to_a_new_root_without_a_failed_connection() {
-    let mut mesh = CaMesh::start("4s");
+    // The long transfer below outlives the 4 s certificates it was opened
+    // with, and the root they chain to: what lets it finish is a drain
+    // deadline longer than it (the default, 10 s, would cut it: see
+    // a_stream_does_not_outlive_its_peers_certificate_by_more_than_the_drain_deadline).
+    let mut mesh = CaMesh::start_with("4s", true, "limits:\n  drainDeadline: 60s\n");
     let _server = Server::start(&mesh.server.pod, PORT).unwrap();
     let r1 = mesh.signing.clone();
     let r2 = LabCa::init(&mesh.dir.join("r2")).unwrap();

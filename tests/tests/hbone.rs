@@ -303,6 +303,74 @@ fn refused_clients_and_requests_are_refused_with_a_reason() {
             "{what}: logged {error:?}"
         );
     }
+
+    // A good certificate, but no ALPN at all: TLS would accept it (rustls
+    // refuses only offers without h2); HBONE is HTTP/2, so the agent does not.
+    let mut no_alpn = Arc::unwrap_or_clone(config.clone());
+    no_alpn.alpn_protocols.clear();
+    assert!(
+        rogue.connect(Arc::new(no_alpn), hbone, &app).is_err(),
+        "a client without ALPN was served"
+    );
+    mesh.agents[1]
+        .wait_for(PATIENCE, |l| {
+            l.message() == "HBONE connection refused: the client did not offer ALPN h2"
+        })
+        .unwrap();
+}
+
+#[test]
+fn one_address_gets_only_its_share_of_a_pods_hbone_connections() {
+    let mut mesh = Mesh::new();
+    let _server = Server::start(&mesh.server.pod, PORT).unwrap();
+    let ca = mesh.ca();
+    let server_id: SpiffeId = mesh.server.identity().parse().unwrap();
+    let config = |id: &str| {
+        let id: SpiffeId = id.parse().unwrap();
+        tls::client_config(
+            &ca.issue(&id).unwrap(),
+            &ca.trust_bundle(),
+            std::slice::from_ref(&server_id),
+        )
+        .unwrap()
+    };
+    let hbone = mesh.hbone_addr();
+    // Held open: before its handshake a client is only an address, and one
+    // address may hold 128 of a pod's connections.
+    let rogue = Rogue::new(&mesh.client.pod);
+    let sleep = config("spiffe://cluster.local/ns/default/sa/sleep");
+    let held: Vec<Connection> = (0..128)
+        .map(|n| {
+            rogue
+                .open(sleep.clone(), hbone)
+                .unwrap_or_else(|e| panic!("connection {n}: {e}"))
+        })
+        .collect();
+    assert!(
+        rogue.open(sleep.clone(), hbone).is_err(),
+        "a 129th was accepted"
+    );
+    mesh.agents[1]
+        .wait_for(PATIENCE, |l| {
+            l.message()
+                == "HBONE connection refused: too many connections to this pod, or from this address"
+        })
+        .unwrap();
+    // Another address is not affected...
+    let other = Rogue::new(&mesh.local_server.pod);
+    let web = config("spiffe://cluster.local/ns/default/sa/web");
+    let app = mesh.server_addr().to_string();
+    assert_eq!(other.connect(web, hbone, &app), Ok(200));
+    // ...and the address has its share back as its connections close.
+    drop(held);
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while rogue.connect(sleep.clone(), hbone, &app) != Ok(200) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the share never came back"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]

@@ -6,12 +6,12 @@
 //! (not enrolled). Node 2: n2p1 is shop/web (app=web), n2p2 is shop/db
 //! (app=db). Servers listen on 8080 (and db on 9090 too).
 
-use std::{fs, path::PathBuf};
+use std::{fs, net::SocketAddrV4, path::PathBuf, time::Duration};
 
 use warren_tests::{
     Lab, Pod,
     harness::{
-        Agent, Call, LogLine, MeshWorkload, PATIENCE, Server, replace_policies,
+        Agent, Call, LogLine, MeshWorkload, PATIENCE, Server, Tool, ended, replace_policies, spray,
         start_agents_with_policies, test_lab,
     },
     lab::files_dir,
@@ -502,6 +502,77 @@ fn mtls_modes_decide_what_plaintext_gets_in() {
             && l.field("reason").starts_with("denied by policy")
             && l.field("src").starts_with(&attacker.ip.to_string())
     }));
+}
+
+#[test]
+fn a_policy_change_cuts_the_open_connections_it_now_denies() {
+    let mut mesh = PolicyMesh::new();
+    let keep = Tool::start(&mesh.web.pod, &["keep", "--port", &PORT.to_string()]);
+    keep.next("listening", PATIENCE);
+    let web = SocketAddrV4::new(mesh.web.pod.ip, PORT).into();
+    // Three HBONE connections of sleep's, three of admin's, and two in
+    // plaintext from the attacker (web is PERMISSIVE): all open, for 15 s.
+    let sprays = [
+        spray(&mesh.sleep.pod, web, 3, 5_000, 15_000),
+        spray(&mesh.admin.pod, web, 3, 5_000, 15_000),
+        spray(&mesh.attacker(), web, 2, 5_000, 15_000),
+    ];
+    for (spray, n) in sprays.iter().zip([3, 3, 2]) {
+        assert_eq!(spray.next("connected", PATIENCE)["echoed"], n);
+    }
+
+    // Now sleep is denied, and web takes no plaintext.
+    mesh.set_policies(
+        &(ap(
+            "shop",
+            "not-sleep",
+            "{action: DENY, rules: [{from: [{source: {principals: [\"*/sa/sleep\"]}}]}]}",
+        ) + &pa(
+            "shop",
+            "web",
+            "{selector: {matchLabels: {app: web}}, mtls: {mode: STRICT}}",
+        )),
+    );
+    let cut = mesh.agents[1]
+        .wait_for_count(PATIENCE, 3, |l| {
+            l.message() == "HBONE stream closed: no longer allowed"
+        })
+        .unwrap();
+    for line in &cut {
+        assert_eq!(line.field("peer_identity"), mesh.sleep.identity());
+        assert_eq!(
+            line.field("reason"),
+            "denied by policy: DENY shop/not-sleep"
+        );
+    }
+    let plain = mesh.agents[1]
+        .wait_for_count(PATIENCE, 2, |l| {
+            l.message() == "plaintext connection closed: no longer allowed"
+        })
+        .unwrap();
+    assert!(
+        plain
+            .iter()
+            .all(|l| l.field("reason") == "the pod's mTLS mode is now STRICT")
+    );
+    // The access lines say so too.
+    let denied = mesh.agents[1]
+        .lines()
+        .into_iter()
+        .filter(|l| {
+            l.field("target") == "access"
+                && l.field("response_flags") == "DENY"
+                && l.field("error").starts_with("denied by policy")
+        })
+        .count();
+    assert_eq!(denied, 3);
+
+    // The clients saw theirs cut; admin's stayed open to the end.
+    let [sleep, admin, attacker] = sprays;
+    let wait = Duration::from_secs(20);
+    assert_eq!(ended(&sleep.next("sprayed", wait), "cut"), 3);
+    assert_eq!(ended(&admin.next("sprayed", wait), "echoed"), 3);
+    assert_eq!(ended(&attacker.next("sprayed", wait), "cut"), 2);
 }
 
 #[test]

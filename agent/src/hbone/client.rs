@@ -21,6 +21,7 @@ use super::{
     CLIENT_MAX_HEADER_LIST, CONNECTION_WINDOW, MAX_FRAME_SIZE, PING_INTERVAL, PING_TIMEOUT,
     SEND_BUFFER, STREAM_WINDOW,
 };
+use crate::limits::Permit;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Keepalive {
@@ -47,6 +48,8 @@ pub struct Connection {
     /// When the certificates it was made with (either end's) expire; it
     /// takes no new streams from then on.
     valid_until: Option<SystemTime>,
+    /// Its socket, counted against the pod that opened it, until dropped.
+    _charge: Option<Permit>,
 }
 
 impl Connection {
@@ -98,7 +101,15 @@ impl Connection {
             closed,
             driver,
             valid_until: None,
+            _charge: None,
         })
+    }
+
+    /// Holds `permit` (its socket, counted against a pod's budget) while it
+    /// lives.
+    pub fn charged(mut self, permit: Permit) -> Self {
+        self._charge = Some(permit);
+        self
     }
 
     /// Takes no new streams after `time` (when a certificate it was made with

@@ -20,7 +20,7 @@ use super::{
     client::{Connection, Keepalive},
     connect_request,
     copy::relay,
-    pool::{Pool, PoolKey, Settings},
+    pool::{CheckoutError, Pool, PoolKey, Settings},
     server,
 };
 use crate::tls::{self, testing};
@@ -219,7 +219,7 @@ async fn streams_share_connections_up_to_the_limit() {
         let ends = ends.clone();
         held.push(
             pool.checkout(&key, || async move {
-                Ok::<_, ()>(dial(&ends, Keepalive::default()).await)
+                Ok::<_, &str>(dial(&ends, Keepalive::default()).await)
             })
             .await
             .unwrap(),
@@ -263,7 +263,7 @@ async fn idle_connections_are_closed() {
     let key = ends.pool_key();
     let checkout = pool
         .checkout(&key, || async {
-            Ok::<_, ()>(dial(&ends, Keepalive::default()).await)
+            Ok::<_, &str>(dial(&ends, Keepalive::default()).await)
         })
         .await
         .unwrap();
@@ -289,7 +289,9 @@ async fn a_dead_connection_fails_its_streams_and_is_replaced() {
     });
     let key = hung.pool_key();
     let checkout = pool
-        .checkout(&key, || async { Ok::<_, ()>(dial(&hung, keepalive).await) })
+        .checkout(&key, || async {
+            Ok::<_, &str>(dial(&hung, keepalive).await)
+        })
         .await
         .unwrap();
     // The stream waits for an answer that never comes, until the unanswered
@@ -309,11 +311,57 @@ async fn a_dead_connection_fails_its_streams_and_is_replaced() {
     drop(checkout);
 
     let replacement = pool
-        .checkout(&key, || async { Ok::<_, ()>(dial(&hung, keepalive).await) })
+        .checkout(&key, || async {
+            Ok::<_, &str>(dial(&hung, keepalive).await)
+        })
         .await
         .unwrap();
     assert!(
         !replacement.reused(),
         "a dead connection was handed out again"
     );
+}
+
+#[tokio::test]
+async fn streams_waiting_for_a_connection_fail_with_it() {
+    let app = counting_app().await;
+    let ends = ends(app, false).await;
+    let pool = Arc::new(Pool::new(Settings::default()));
+    let key = ends.pool_key();
+    let attempts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut waiting = Vec::new();
+    for _ in 0..20 {
+        let (pool, key, attempts) = (pool.clone(), key.clone(), attempts.clone());
+        waiting.push(tokio::spawn(async move {
+            pool.checkout(&key, || async move {
+                attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                Err::<Connection, _>("Network is unreachable")
+            })
+            .await
+            .map(drop)
+        }));
+    }
+    let mut shared = 0;
+    for waiter in waiting {
+        match waiter.await.unwrap() {
+            Err(CheckoutError::Connect(error)) => assert_eq!(error, "Network is unreachable"),
+            Err(CheckoutError::Shared(error)) => {
+                assert_eq!(&*error, "Network is unreachable");
+                shared += 1;
+            }
+            Ok(()) => panic!("a checkout succeeded without a connection"),
+        }
+    }
+    // One attempt; everyone who waited for it failed with it, rather than
+    // each trying again in turn.
+    assert_eq!(attempts.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(shared, 19);
+    // A caller that comes later tries again.
+    let later = pool
+        .checkout(&key, || async {
+            Ok::<_, &str>(dial(&ends, Keepalive::default()).await)
+        })
+        .await;
+    assert!(later.is_ok_and(|c| !c.reused()));
 }

@@ -78,6 +78,9 @@ pub enum Refusal {
     Denied(String),
     #[error("connecting to the application at {dst} failed: {reason}")]
     Unreachable { dst: SocketAddr, reason: String },
+    /// The stream would take the pod, its peer or the node over a limit.
+    #[error("refused: {0}")]
+    OverLimit(#[from] crate::limits::OverLimit),
 }
 
 impl Refusal {
@@ -89,7 +92,7 @@ impl Refusal {
             | Self::WrongPod { .. }
             | Self::ProxyPort(_) => StatusCode::BAD_REQUEST,
             Self::Denied(_) => StatusCode::UNAUTHORIZED,
-            Self::Unreachable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unreachable { .. } | Self::OverLimit(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }

@@ -8,6 +8,11 @@
 //! [`Settings::max_streams`] streams at once; the next one opens another
 //! connection. Connections idle for [`Settings::idle_timeout`] are closed;
 //! dead ones (closed, failed, PING unanswered) are never handed out.
+//!
+//! While a connection is being opened, the streams that want it wait for
+//! it; when opening it fails, they all fail with its error (one failing
+//! attempt after another, each waiting its turn, once held thousands of
+//! captured connections for hours behind an unreachable destination).
 
 use std::{
     collections::HashMap,
@@ -58,7 +63,26 @@ impl Default for Settings {
 /// Connections of one key. Its lock is held while a new connection is being
 /// opened, so that a burst of streams waits for that one connection instead
 /// of each opening its own.
-type Slot = Arc<tokio::sync::Mutex<Vec<Arc<Pooled>>>>;
+type Slot = Arc<SlotState>;
+
+#[derive(Default)]
+struct SlotState {
+    connections: tokio::sync::Mutex<Vec<Arc<Pooled>>>,
+    /// Attempts to open a connection that failed, and the last attempt's
+    /// error if it failed: a stream that waited while an attempt failed
+    /// fails with it, unless a later one succeeded.
+    failures: AtomicU64,
+    last_failure: Mutex<Option<Arc<str>>>,
+}
+
+/// Why [`Pool::checkout`] gave no stream slot.
+#[derive(Debug)]
+pub enum CheckoutError<E> {
+    /// This caller's attempt to open a connection failed.
+    Connect(E),
+    /// Another caller's attempt, which this one waited for, failed.
+    Shared(Arc<str>),
+}
 
 pub struct Pool {
     settings: Settings,
@@ -145,14 +169,21 @@ impl Pool {
     }
 
     /// A stream slot on a live connection for `key`, opening a connection
-    /// with `connect` when none has room.
-    pub async fn checkout<F, Fut, E>(&self, key: &PoolKey, connect: F) -> Result<Checkout, E>
+    /// with `connect` when none has room. Fails without trying when an
+    /// attempt made while this one waited failed.
+    pub async fn checkout<F, Fut, E>(
+        &self,
+        key: &PoolKey,
+        connect: F,
+    ) -> Result<Checkout, CheckoutError<E>>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Connection, E>>,
+        E: std::fmt::Display,
     {
         let slot = lock(&self.slots).entry(key.clone()).or_default().clone();
-        let mut connections = slot.lock().await;
+        let failures = slot.failures.load(Ordering::Acquire);
+        let mut connections = slot.connections.lock().await;
         connections.retain(|c| !c.connection.is_closed());
         if let Some(pooled) = connections
             .iter()
@@ -164,9 +195,27 @@ impl Pool {
                 _alive: Live::new(&self.streams),
             });
         }
+        if slot.failures.load(Ordering::Acquire) != failures
+            && let Some(error) = lock(&slot.last_failure).clone()
+        {
+            return Err(CheckoutError::Shared(error));
+        }
+        let connection = match connect().await {
+            Ok(connection) => {
+                *lock(&slot.last_failure) = None;
+                connection
+            }
+            Err(error) => {
+                // Both under the connections' lock, which the waiters take
+                // before they look.
+                *lock(&slot.last_failure) = Some(error.to_string().into());
+                slot.failures.fetch_add(1, Ordering::AcqRel);
+                return Err(CheckoutError::Connect(error));
+            }
+        };
         let pooled = Arc::new(Pooled {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            connection: connect().await?,
+            connection,
             active: AtomicUsize::new(1),
             idle_since: Mutex::new(Instant::now()),
             _alive: Live::new(&self.connections),
@@ -190,7 +239,7 @@ impl Pool {
         for (key, slot) in slots {
             // A key whose lock is held is opening a connection: it is busy,
             // not idle, and waiting for it would stall the reaper.
-            let Ok(mut connections) = slot.try_lock() else {
+            let Ok(mut connections) = slot.connections.try_lock() else {
                 continue;
             };
             connections.retain(|c| {
@@ -220,7 +269,7 @@ impl Pool {
             .map(|(_, s)| s)
             .collect();
         for slot in retired {
-            slot.lock().await.clear();
+            slot.connections.lock().await.clear();
         }
     }
 
@@ -230,6 +279,7 @@ impl Pool {
         let mut n = 0;
         for slot in slots {
             n += slot
+                .connections
                 .lock()
                 .await
                 .iter()

@@ -36,6 +36,18 @@ impl Snapshot {
         }
     }
 
+    /// Whether a connection to the pod at `pod_ip` is decided alike in this
+    /// snapshot and in `other`: the same policies, the same pod. (Sources
+    /// replace only what changed, so the parts are compared as pointers.)
+    pub fn decides_alike(&self, other: &Snapshot, pod_ip: Ipv4Addr) -> bool {
+        let same_pod = match (self.workload_by_ip(pod_ip), other.workload_by_ip(pod_ip)) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        Arc::ptr_eq(&self.policies, &other.policies) && same_pod
+    }
+
     pub fn synced(&self) -> bool {
         self.synced
     }

@@ -5,6 +5,19 @@
 //! stream is checked (method, authority, that it is for this very pod, not
 //! for a proxy port) and then delivered to the application, which sees the
 //! client pod's address as its peer.
+//!
+//! Open connections answer to the policies in force, not only to those
+//! that let them in: on every change of the mesh (policies, workloads,
+//! roots) each open stream and plaintext connection is decided again, and
+//! cut if it is now denied (or, plaintext, if its port is now STRICT). A
+//! connection whose peer is no longer trusted (its certificate expired, its
+//! root was removed) is asked to go away at once and its streams are cut
+//! after the drain deadline (`limits.drainDeadline`, 10 s by default).
+//!
+//! Each accepted connection and each stream is charged to the pod's budget,
+//! streams to their peer identity's too (`limits`): a peer opening streams
+//! by the thousand gets 503s once over its share, and the pod's other peers
+//! and the node's other pods are not affected.
 
 use std::{
     io,
@@ -18,14 +31,14 @@ use h2::{RecvStream, server::SendResponse};
 use socket2::{SockRef, TcpKeepalive};
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::Semaphore,
-    time::timeout,
+    sync::{Semaphore, watch},
+    time::{Instant, timeout},
 };
 use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, debug, debug_span, info, warn};
 
 use super::{PodProxy, transparent};
-use warren_daemon::logging::Chain;
+use warren_daemon::{limits::PerAddress, logging::Chain};
 use warren_pki::{
     identity::SpiffeId,
     tls::{TlsError, TrustBundle, WorkloadCertificate, handshake_error},
@@ -33,8 +46,10 @@ use warren_pki::{
 
 use crate::{
     hbone::{self, Refusal, Trace, copy::relay, server},
-    mesh::policy::MtlsMode,
+    limits::{Direction, Peer, Permit},
+    mesh::{Snapshot, policy::MtlsMode},
     metrics::traffic::{Connection, Outcome, Path, Reporter, ResponseFlag},
+    time::sleep_until,
     tls,
 };
 use warren_common::INBOUND_PLAINTEXT_PORT;
@@ -42,6 +57,10 @@ use warren_common::INBOUND_PLAINTEXT_PORT;
 /// Concurrent HBONE connections one pod accepts (each carries up to 200
 /// streams, so this is far above what a healthy mesh needs).
 pub const MAX_CONNECTIONS_PER_POD: usize = 1024;
+/// Of those, from one address (a client pod: its agent pools its streams,
+/// 100 a connection): before the handshake the peer has no identity for
+/// the limits to count, only an address.
+pub const MAX_CONNECTIONS_PER_ADDRESS: usize = 128;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InboundError {
@@ -55,6 +74,35 @@ pub enum InboundError {
     Tls(#[from] TlsError),
     #[error(transparent)]
     Transparent(#[from] transparent::TransparentError),
+}
+
+/// How an HBONE connection is coming to its end, as its streams see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Ending {
+    Serving,
+    /// The client was asked to go away (our certificate was renewed, say):
+    /// streams in flight finish.
+    WindDown,
+    /// The peer is no longer trusted, for this reason: streams in flight
+    /// are cut after the drain deadline.
+    Revoked(Arc<str>),
+}
+
+/// Why an open connection is cut, for its log line and access line.
+struct Cut {
+    reason: String,
+    flag: ResponseFlag,
+    /// The policy that denies it, if one does.
+    policy: Option<String>,
+}
+
+/// A task aborted when its handle is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// A certificate valid for less than this from now is refused: it would be
@@ -156,17 +204,26 @@ impl PodInbound {
 /// (PERMISSIVE pods), until the task is aborted. They carry no identity:
 /// authorization sees only their source address.
 pub async fn serve_plaintext(listener: TcpListener, inbound: Arc<PodInbound>) {
-    accept_loop(listener, inbound, "plaintext", |inbound, tcp, peer| {
-        inbound.plaintext(tcp, peer)
-    })
+    accept_loop(
+        listener,
+        inbound,
+        "plaintext",
+        None,
+        |inbound, tcp, peer, permit| inbound.plaintext(tcp, peer, permit),
+    )
     .await
 }
 
 /// Accepts HBONE connections until the task is aborted.
 pub async fn serve(listener: TcpListener, inbound: Arc<PodInbound>) {
-    accept_loop(listener, inbound, "HBONE", |inbound, tcp, peer| {
-        inbound.connection(tcp, peer)
-    })
+    let per_address = Some(MAX_CONNECTIONS_PER_ADDRESS);
+    accept_loop(
+        listener,
+        inbound,
+        "HBONE",
+        per_address,
+        |inbound, tcp, peer, permit| inbound.connection(tcp, peer, permit),
+    )
     .await
 }
 
@@ -176,30 +233,51 @@ async fn accept_loop<F, Fut>(
     listener: TcpListener,
     inbound: Arc<PodInbound>,
     kind: &'static str,
+    per_address: Option<usize>,
     handle: F,
 ) where
-    F: Fn(Arc<PodInbound>, TcpStream, SocketAddr) -> Fut,
+    F: Fn(Arc<PodInbound>, TcpStream, SocketAddr, Permit) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     // One peer opening connection after connection must not use up the
     // agent's file descriptors, which every pod shares.
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS_PER_POD));
+    let addresses = per_address.map(PerAddress::new);
     loop {
         match listener.accept().await {
             Ok((tcp, peer)) => {
-                let Ok(slot) = slots.clone().try_acquire_owned() else {
-                    warn!(
-                        workload = %inbound.pod.workload.qualified_name(),
-                        %peer,
-                        limit = MAX_CONNECTIONS_PER_POD,
-                        "{kind} connection refused: too many connections to this pod"
-                    );
+                let address = addresses.as_ref().map(|a| a.take(peer.ip()));
+                let (Ok(slot), None | Some(Some(_))) =
+                    (slots.clone().try_acquire_owned(), &address)
+                else {
+                    let _ = SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+                    // An address's share, or the pod's: logged now and then.
+                    if let Some(unlogged) = inbound.pod.budget.refusals.tick() {
+                        warn!(
+                            workload = %inbound.pod.workload.qualified_name(),
+                            %peer,
+                            per_pod = MAX_CONNECTIONS_PER_POD,
+                            per_address = per_address.unwrap_or(MAX_CONNECTIONS_PER_POD),
+                            refused_since_last_line = unlogged,
+                            "{kind} connection refused: too many connections to this pod, or from this address"
+                        );
+                    }
                     continue;
                 };
-                let serving = handle(inbound.clone(), tcp, peer);
+                let permit = match inbound.pod.budget.admit(Direction::Inbound, 1) {
+                    Ok(permit) => permit,
+                    Err(over) => {
+                        let _ = SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+                        inbound
+                            .pod
+                            .refused_over_limit(&format!("{kind} connection"), over);
+                        continue;
+                    }
+                };
+                let serving = handle(inbound.clone(), tcp, peer, permit);
                 tokio::spawn(async move {
                     serving.await;
-                    drop(slot);
+                    drop((slot, address));
                 });
             }
             Err(error) => {
@@ -213,11 +291,11 @@ async fn accept_loop<F, Fut>(
 impl PodInbound {
     /// A plaintext connection handed over by the ingress program: its local
     /// address is where the client was going.
-    async fn plaintext(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
+    async fn plaintext(self: Arc<Self>, client: TcpStream, peer: SocketAddr, permit: Permit) {
         let Ok(dst) = client.local_addr() else { return };
         let id = super::connection_id();
         let span = debug_span!("inbound", connection = id);
-        self.plaintext_in_span(client, peer, dst, id)
+        self.plaintext_in_span(client, peer, dst, id, permit)
             .instrument(span)
             .await
     }
@@ -228,6 +306,7 @@ impl PodInbound {
         peer: SocketAddr,
         dst: SocketAddr,
         id: u64,
+        mut permit: Permit,
     ) {
         let workload = self.pod.workload.qualified_name();
         let refuse = |reason: &str| {
@@ -276,6 +355,15 @@ impl PodInbound {
                 reason,
             ));
         }
+        if let Err(over) = permit.grow() {
+            let reason = over.to_string();
+            refuse(&reason);
+            return tracked.close(Outcome::failed(
+                ResponseFlag::ConnectFailed,
+                Some(decision.reason),
+                reason,
+            ));
+        }
         // The delivery socket takes an ephemeral port of the client's
         // address; should it be the client's own port, the tuple is this very
         // connection's and the connect fails: a second try takes another.
@@ -301,17 +389,116 @@ impl PodInbound {
         );
         let mut client = client;
         let mut app = tracked.server_side(app);
-        match tokio::io::copy_bidirectional(&mut client, &mut app).await {
-            Ok(_) => tracked.close(Outcome::completed(Some(decision.reason))),
-            Err(error) => tracked.close(Outcome::failed(
-                ResponseFlag::None,
-                Some(decision.reason),
-                Chain(&error).to_string(),
-            )),
+        let outcome = tokio::select! {
+            relayed = tokio::io::copy_bidirectional(&mut client, &mut app) => match relayed {
+                Ok(_) => Outcome::completed(Some(decision.reason)),
+                Err(error) => Outcome::failed(
+                    ResponseFlag::None,
+                    Some(decision.reason),
+                    Chain(&error).to_string(),
+                ),
+            },
+            cut = self.revoked(None, peer, dst, None) => {
+                warn!(%workload, src = %peer, %dst, reason = %cut.reason, connection = id, "plaintext connection closed: no longer allowed");
+                Outcome::failed(cut.flag, cut.policy.or(Some(decision.reason)), cut.reason)
+            }
+        };
+        tracked.close(outcome);
+    }
+
+    /// Resolves once an open connection from `source` (an identity, or none
+    /// for plaintext) at `peer` to `dst` must be cut, saying why: the
+    /// policies in force deny it now, its port turned STRICT (plaintext),
+    /// or `ending` says its peer is no longer trusted and the drain deadline
+    /// has passed.
+    async fn revoked(
+        &self,
+        source: Option<&SpiffeId>,
+        peer: SocketAddr,
+        dst: SocketAddr,
+        mut ending: Option<watch::Receiver<Ending>>,
+    ) -> Cut {
+        let mut state = self.pod.state.clone();
+        let mut seen = state.borrow_and_update().clone();
+        // A change may have come since the connection was let in.
+        if let Some(cut) = self.no_longer_allowed(source, peer, dst) {
+            return cut;
+        }
+        let pod_ip = self.pod.workload.ip;
+        let mut revoked: Option<(Instant, Arc<str>)> = None;
+        loop {
+            tokio::select! {
+                changed = state.changed() => {
+                    if changed.is_err() {
+                        // The agent is stopping; nothing will change now.
+                        std::future::pending::<()>().await;
+                    }
+                    // Most changes (workloads elsewhere, services) decide
+                    // nothing here: the decision is made again only when
+                    // the policies or this pod changed.
+                    let now = state.borrow_and_update().clone();
+                    if now.decides_alike(&seen, pod_ip) {
+                        continue;
+                    }
+                    seen = now;
+                    if let Some(cut) = self.no_longer_allowed(source, peer, dst) {
+                        return cut;
+                    }
+                }
+                changed = changed(&mut ending), if revoked.is_none() => match changed {
+                    Some(Ending::Revoked(reason)) => {
+                        let deadline = Instant::now() + self.pod.budget.limits().drain;
+                        revoked = Some((deadline, reason));
+                    }
+                    Some(_) => {}
+                    // The connection is over; its streams are on their own.
+                    None => ending = None,
+                },
+                () = sleep_until(revoked.as_ref().map(|(at, _)| *at)) => {
+                    let reason = revoked.map(|(_, reason)| reason).unwrap_or_default();
+                    return Cut {
+                        reason: reason.to_string(),
+                        flag: ResponseFlag::ConnectFailed,
+                        policy: None,
+                    };
+                }
+            }
         }
     }
 
-    async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
+    /// Decides an open connection again: why it is no longer allowed, if it
+    /// is not.
+    fn no_longer_allowed(
+        &self,
+        source: Option<&SpiffeId>,
+        peer: SocketAddr,
+        dst: SocketAddr,
+    ) -> Option<Cut> {
+        if source.is_none()
+            && self
+                .pod
+                .with_policies(|policies, workload| policies.mtls_mode(workload, dst.port()))
+                == MtlsMode::Strict
+        {
+            return Some(Cut {
+                reason: "the pod's mTLS mode is now STRICT".into(),
+                flag: ResponseFlag::Denied,
+                policy: None,
+            });
+        }
+        let decision = self.pod.decide(source, peer.ip(), dst);
+        if decision.allowed {
+            return None;
+        }
+        self.pod.metrics.decided(&decision);
+        Some(Cut {
+            reason: format!("denied by policy: {}", decision.reason),
+            flag: ResponseFlag::Denied,
+            policy: Some(decision.reason),
+        })
+    }
+
+    async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, mut permit: Permit) {
         let workload = self.pod.workload.qualified_name();
         // Subscribed before reading, so that a renewal or a root removal
         // from now on ends this connection.
@@ -358,44 +545,49 @@ impl PodInbound {
             }
         };
         hbone::tune_tls(tls.get_mut().1);
+        if !tls::negotiated_h2(tls.get_ref().1) {
+            warn!(%workload, %peer, "HBONE connection refused: the client did not offer ALPN h2");
+            return;
+        }
         let Some(peer_identity) = tls::peer_identity(tls.get_ref().1) else {
             // The verifier demands one; this is a belt to those braces.
             warn!(%workload, %peer, "HBONE connection refused: no peer identity");
             return;
         };
+        // Its socket counts for its peer from now on, too.
+        if let Err(over) = permit.charge_peer(&Peer::of(&peer_identity)) {
+            self.pod.refused_over_limit("HBONE connection", over);
+            return;
+        }
         info!(%workload, %peer, %peer_identity, "HBONE connection accepted");
         let this = self.clone();
         let identity = peer_identity.clone();
-        // No connection takes new streams after the certificates it was made
-        // with, or the roots it was checked against: when either end's
-        // certificate expires, ours is renewed, or a root is no longer
-        // trusted, the client is asked to go away (its streams finish) and
-        // reconnect.
-        let not_after = tls::peer_not_after(tls.get_ref().1)
-            .map_or(certificate.not_after(), |peer| {
-                peer.min(certificate.not_after())
-            });
-        let expires_in = not_after
-            .duration_since(SystemTime::now())
-            .unwrap_or_default();
-        let wind_down = async move {
-            let root_removed = async {
-                while state.changed().await.is_ok() {
-                    if !state.borrow().trust().includes(&trust) {
-                        return;
-                    }
-                }
-                std::future::pending::<()>().await;
-            };
-            tokio::select! {
-                _ = renewed.changed() => {}
-                () = tokio::time::sleep(expires_in) => {}
-                () = root_removed => {}
+        let now = SystemTime::now();
+        let until = |t: SystemTime| t.duration_since(now).unwrap_or_default();
+        let watched = Watched {
+            renewed,
+            state,
+            trust,
+            peer_chain: tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .map(<[_]>::to_vec)
+                .unwrap_or_default(),
+            peer_expires_in: tls::peer_not_after(tls.get_ref().1).map_or(Duration::ZERO, until),
+            ours_expires_in: until(certificate.not_after()),
+        };
+        let (ending_tx, ending) = watch::channel(Ending::Serving);
+        let _watcher = AbortOnDrop(tokio::spawn(watch_ending(ending_tx, watched)));
+        let wind_down = {
+            let mut ending = ending.clone();
+            async move {
+                let _ = ending.wait_for(|e| *e != Ending::Serving).await;
             }
         };
         let result = server::serve(tls, wind_down, move |request, respond| {
             this.clone()
-                .stream(identity.clone(), peer, request, respond)
+                .stream(identity.clone(), peer, ending.clone(), request, respond)
         })
         .await;
         if let Err(error) = result {
@@ -410,6 +602,7 @@ impl PodInbound {
         self: Arc<Self>,
         peer_identity: SpiffeId,
         peer: SocketAddr,
+        ending: watch::Receiver<Ending>,
         request: http::Request<RecvStream>,
         respond: SendResponse<Bytes>,
     ) {
@@ -420,15 +613,20 @@ impl PodInbound {
             connection = id,
             trace_id = %trace,
         );
-        self.stream_in_span(peer_identity, peer, request, respond, id, trace)
+        self.stream_in_span(peer_identity, peer, ending, request, respond, id, trace)
             .instrument(span)
             .await
     }
 
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the stream, who sent it, and the ids its lines carry"
+    )]
     async fn stream_in_span(
         &self,
         peer_identity: SpiffeId,
         peer: SocketAddr,
+        ending: watch::Receiver<Ending>,
         request: http::Request<RecvStream>,
         mut respond: SendResponse<Bytes>,
         id: u64,
@@ -494,6 +692,22 @@ impl PodInbound {
             let refusal = Refusal::Denied(decision.reason.clone());
             return tracked.close(refused(&mut respond, refusal, Some(decision.reason)));
         }
+        // Held until the stream ends: its socket to the application.
+        let _permit = match self.pod.budget.admit_from(&Peer::of(&peer_identity), 1) {
+            Ok(permit) => permit,
+            Err(over) => {
+                // Logged now and then, not once a stream: a peer over its
+                // limit is opening them by the thousand.
+                self.pod.refused_over_limit("HBONE stream", over);
+                let refusal = Refusal::OverLimit(over);
+                server::refuse(&mut respond, &refusal);
+                return tracked.close(Outcome::failed(
+                    ResponseFlag::ConnectFailed,
+                    Some(decision.reason),
+                    refusal.to_string(),
+                ));
+            }
+        };
         // The application sees the address the tunnel came from: the client
         // pod's own (its agent dials from inside the client pod).
         let IpAddr::V4(src_ip) = peer.ip() else {
@@ -538,13 +752,122 @@ impl PodInbound {
             "accepted HBONE stream"
         );
         let app = tracked.server_side(app);
-        match relay(app, send, request.into_body()).await {
-            Ok(_) => tracked.close(Outcome::completed(Some(decision.reason))),
-            Err(error) => tracked.close(Outcome::failed(
-                ResponseFlag::None,
-                Some(decision.reason),
-                Chain(&error).to_string(),
-            )),
+        let outcome = tokio::select! {
+            relayed = relay(app, send, request.into_body()) => match relayed {
+                Ok(_) => Outcome::completed(Some(decision.reason)),
+                Err(error) => Outcome::failed(
+                    ResponseFlag::None,
+                    Some(decision.reason),
+                    Chain(&error).to_string(),
+                ),
+            },
+            // Dropping the relay resets the stream and closes the
+            // application's socket.
+            cut = self.revoked(Some(&peer_identity), peer, dst, Some(ending)) => {
+                warn!(
+                    %workload, %peer_identity, src = %peer, %dst,
+                    reason = %cut.reason,
+                    connection = id,
+                    trace_id = %trace,
+                    "HBONE stream closed: no longer allowed"
+                );
+                Outcome::failed(cut.flag, cut.policy.or(Some(decision.reason)), cut.reason)
+            }
+        };
+        tracked.close(outcome);
+    }
+}
+
+/// The next value `ending` takes; `None` once its sender is gone (or
+/// without a receiver at all: then it never resolves).
+async fn changed(ending: &mut Option<watch::Receiver<Ending>>) -> Option<Ending> {
+    match ending {
+        Some(ending) => match ending.changed().await {
+            Ok(()) => Some(ending.borrow_and_update().clone()),
+            Err(_) => None,
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// What may end an established HBONE connection.
+struct Watched {
+    /// Our certificate's replacements.
+    renewed: watch::Receiver<Option<Arc<WorkloadCertificate>>>,
+    /// The mesh, for the roots.
+    state: watch::Receiver<Arc<Snapshot>>,
+    /// The roots the peer was checked against.
+    trust: Arc<TrustBundle>,
+    /// The chain the peer presented, leaf first.
+    peer_chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    peer_expires_in: Duration,
+    ours_expires_in: Duration,
+}
+
+/// Follows what ends an established HBONE connection, and says it in
+/// `ending`: our certificate renewed or expired, or a root removed that the
+/// peer does not chain to, wind it down (the client reconnects; streams in
+/// flight finish); the peer's certificate expired, or no longer chaining to
+/// a trusted root, revoke it (its streams are cut after the drain deadline).
+async fn watch_ending(ending: watch::Sender<Ending>, watched: Watched) {
+    let Watched {
+        mut renewed,
+        mut state,
+        mut trust,
+        peer_chain,
+        peer_expires_in,
+        ours_expires_in,
+    } = watched;
+    let wind_down = || {
+        ending.send_if_modified(|e| {
+            let serving = *e == Ending::Serving;
+            if serving {
+                *e = Ending::WindDown;
+            }
+            serving
+        });
+    };
+    let peer_expired = tokio::time::sleep(peer_expires_in);
+    let ours_expired = tokio::time::sleep(ours_expires_in);
+    tokio::pin!(peer_expired, ours_expired);
+    let (mut renewals, mut ours_live) = (true, true);
+    loop {
+        tokio::select! {
+            changed = renewed.changed(), if renewals => {
+                renewals = changed.is_ok();
+                wind_down();
+            }
+            () = &mut ours_expired, if ours_live => {
+                ours_live = false;
+                wind_down();
+            }
+            () = &mut peer_expired => {
+                ending.send_replace(Ending::Revoked("the peer's certificate expired".into()));
+                return;
+            }
+            changed = state.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let now = state.borrow_and_update().trust().clone();
+                if Arc::ptr_eq(&now, &trust) || now.includes(&trust) {
+                    continue;
+                }
+                if !tls::client_still_trusted(&peer_chain, &now) {
+                    ending.send_replace(Ending::Revoked(
+                        "the peer's certificate no longer chains to a trusted root".into(),
+                    ));
+                    return;
+                }
+                // Another root went: new connections are checked against
+                // the roots left.
+                trust = now;
+                wind_down();
+            }
         }
     }
 }
+
+#[cfg(test)]
+#[path = "inbound_tests.rs"]
+mod tests;

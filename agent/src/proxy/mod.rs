@@ -28,6 +28,7 @@ use warren_pki::{
 
 use crate::{
     hbone::pool::Pool,
+    limits::PodBudget,
     mesh::{
         Policies, Snapshot, Workload,
         policy::{Connection, Decision},
@@ -64,6 +65,8 @@ pub struct PodProxy {
     pub metrics: Arc<Metrics>,
     /// Where to offer the fast path pairs it could take; none when it is off.
     pub shortcuts: Option<mpsc::Sender<Shortcut>>,
+    /// What the pod's connections may hold in the agent.
+    pub budget: Arc<PodBudget>,
     /// The pod's certificate, none until the CA has issued one; replaced when
     /// renewed, and watched by the inbound side to retire connections made
     /// with the old one.
@@ -73,6 +76,10 @@ pub struct PodProxy {
 impl PodProxy {
     /// A pod without a certificate yet: it gets no tunnels until
     /// [`renew`](Self::renew) gives it one.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "each is one thing of the node's that the pod's proxies use"
+    )]
     pub fn new(
         workload: Workload,
         netns: Arc<NetNs>,
@@ -81,6 +88,7 @@ impl PodProxy {
         pool: Arc<Pool>,
         metrics: Arc<Metrics>,
         shortcuts: Option<mpsc::Sender<Shortcut>>,
+        budget: Arc<PodBudget>,
     ) -> Self {
         Self {
             workload,
@@ -90,6 +98,7 @@ impl PodProxy {
             pool,
             metrics,
             shortcuts,
+            budget,
             certificate: watch::Sender::new(None),
         }
     }
@@ -151,17 +160,7 @@ impl PodProxy {
         source_ip: IpAddr,
         dst: SocketAddr,
     ) -> Decision {
-        let decision = self.with_policies(|policies, workload| {
-            policies.authorize(
-                workload,
-                &Connection {
-                    source,
-                    source_ip,
-                    destination_ip: self.workload.ip,
-                    destination_port: dst.port(),
-                },
-            )
-        });
+        let decision = self.decide(source, source_ip, dst);
         let workload = self.workload.qualified_name();
         let source = source.map_or_else(|| "-".to_owned(), ToString::to_string);
         for policy in &decision.audited {
@@ -172,6 +171,27 @@ impl PodProxy {
         }
         self.metrics.decided(&decision);
         decision
+    }
+
+    /// What the policies in force say of a connection, with nothing logged
+    /// or counted: for connections decided before, asked again.
+    pub fn decide(
+        &self,
+        source: Option<&SpiffeId>,
+        source_ip: IpAddr,
+        dst: SocketAddr,
+    ) -> Decision {
+        self.with_policies(|policies, workload| {
+            policies.authorize(
+                workload,
+                &Connection {
+                    source,
+                    source_ip,
+                    destination_ip: self.workload.ip,
+                    destination_port: dst.port(),
+                },
+            )
+        })
     }
 
     /// Runs `f` with the policies in force and this pod as the config has it

@@ -22,6 +22,11 @@
 //! Either way the agent's socket is made in the pod's namespace, so traffic
 //! leaves from the pod's own address. The agent is not in the pod's cgroup,
 //! so its sockets are not captured again.
+//!
+//! Each captured connection is charged to the pod's budget (`limits`) from
+//! accept to close: over it, the connection is reset at once. A client that
+//! goes away while its connection is being routed (a tunnel being opened) is
+//! noticed, and its connection given up.
 
 use std::{
     io,
@@ -33,6 +38,7 @@ use std::{
 use rand::seq::SliceRandom;
 use rustls::pki_types::ServerName;
 use tokio::{
+    io::Interest,
     net::{TcpListener, TcpStream},
     time::timeout,
 };
@@ -47,8 +53,9 @@ use crate::{
     hbone::{
         self, Trace,
         copy::relay,
-        pool::{Checkout, PoolKey},
+        pool::{Checkout, CheckoutError, PoolKey},
     },
+    limits::{Direction, OverLimit, Permit},
     mesh::{ServicePort, Workload, policy::MtlsMode},
     metrics::traffic::{Connection, Outcome, Path, Reporter, ResponseFlag},
     tls,
@@ -76,6 +83,12 @@ pub enum OutboundError {
     Refused(http::StatusCode),
     #[error("timed out {0}")]
     Timeout(&'static str),
+    /// Opening the tunnel connection this one waited for failed.
+    #[error("the tunnel connection to {dst} failed: {reason}")]
+    TunnelFailed { dst: SocketAddr, reason: Arc<str> },
+    /// The pod (or the node) has no room for the socket it would take.
+    #[error("refused: {0}")]
+    OverLimit(#[from] OverLimit),
     #[error("{0} is claimed by several pods; refused until only one does")]
     Conflicted(Ipv4Addr),
     #[error("service {service}: no ready endpoint")]
@@ -179,9 +192,18 @@ pub async fn bind(pod: &PodProxy) -> Result<TcpListener, OutboundError> {
 pub async fn serve(listener: TcpListener, pod: Arc<PodProxy>) {
     loop {
         match listener.accept().await {
-            Ok((stream, peer)) => {
-                tokio::spawn(pod.clone().forward(stream, peer.port()));
-            }
+            Ok((stream, peer)) => match pod.budget.admit(Direction::Outbound, 1) {
+                Ok(permit) => {
+                    tokio::spawn(pod.clone().forward(stream, peer.port(), permit));
+                }
+                Err(over) => {
+                    // Its original destination is not needed: out of the
+                    // kernel's table at once.
+                    let _ = pod.original_dsts.take(pod.netns.cookie(), peer.port());
+                    reset(&stream);
+                    pod.refused_over_limit("outbound connection", over);
+                }
+            },
             Err(error) => {
                 // Out of file descriptors and the like: back off, keep serving.
                 warn!(workload = %pod.workload.qualified_name(), error = %Chain(&error), "accept failed");
@@ -191,13 +213,40 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodProxy>) {
     }
 }
 
+/// Resolves once the client has gone away: it reset its connection, or
+/// closed it having sent nothing. A client that sent its request and then
+/// closed its side is waiting for the answer: that one has not gone.
+async fn client_gone(client: &TcpStream) {
+    loop {
+        let Ok(ready) = client.ready(Interest::READABLE | Interest::ERROR).await else {
+            return;
+        };
+        if ready.is_error() {
+            return;
+        }
+        if ready.is_read_closed() {
+            let mut byte = [0; 1];
+            match client.peek(&mut byte).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => std::future::pending().await,
+            }
+        }
+        // Bytes for the destination are waiting (readiness stays set until
+        // they are read): look again in a while, for a close behind them.
+        tokio::time::sleep(CLIENT_CHECK).await;
+    }
+}
+
+/// How often [`client_gone`] looks at a client that has sent bytes.
+const CLIENT_CHECK: Duration = Duration::from_millis(250);
+
 impl PodProxy {
     /// Serves one captured connection. Every log line about it carries its
     /// id and its trace (the one sent to the destination): the warnings and
     /// the access line name them, and the debug lines are in a span that
     /// does (a span of its own at info level would cost every connection
     /// for lines that are not written).
-    async fn forward(self: Arc<Self>, client: TcpStream, src_port: u16) {
+    async fn forward(self: Arc<Self>, client: TcpStream, src_port: u16, permit: Permit) {
         let id = super::connection_id();
         let trace = Trace::start();
         let span = debug_span!(
@@ -205,12 +254,33 @@ impl PodProxy {
             connection = id,
             trace_id = %trace,
         );
-        self.forward_in_span(client, src_port, id, trace)
+        self.forward_in_span(client, src_port, id, trace, permit)
             .instrument(span)
             .await
     }
 
-    async fn forward_in_span(&self, client: TcpStream, src_port: u16, id: u64, trace: Trace) {
+    /// Logs a connection refused for being over a limit (a line now and
+    /// then, with how many more were refused since).
+    pub(super) fn refused_over_limit(&self, what: &str, over: OverLimit) {
+        if let Some(unlogged) = self.budget.refusals.tick() {
+            warn!(
+                workload = %self.workload.qualified_name(),
+                limit = over.scope(),
+                reason = %over,
+                refused_since_last_line = unlogged,
+                "{what} refused: over the limit"
+            );
+        }
+    }
+
+    async fn forward_in_span(
+        &self,
+        client: TcpStream,
+        src_port: u16,
+        id: u64,
+        trace: Trace,
+        mut permit: Permit,
+    ) {
         let workload = self.workload.qualified_name();
         let src = SocketAddrV4::new(self.workload.ip, src_port);
         let Some(dst) = self.original_dsts.take(self.netns.cookie(), src_port) else {
@@ -220,7 +290,14 @@ impl PodProxy {
             return;
         };
         let _ = client.set_nodelay(true);
-        let routed = self.route(src, dst, trace).await;
+        let routed = tokio::select! {
+            biased;
+            routed = self.route(src, dst, trace, &mut permit) => routed,
+            () = client_gone(&client) => {
+                debug!(%workload, %src, %dst, connection = id, "outbound connection given up: the client went away before it was routed");
+                return;
+            }
+        };
         let target = match &routed {
             Ok(routed) => &routed.target,
             Err(unrouted) => &unrouted.target,
@@ -280,6 +357,7 @@ impl PodProxy {
         src: SocketAddrV4,
         dst: SocketAddrV4,
         trace: Trace,
+        permit: &mut Permit,
     ) -> Result<Routed, Unrouted> {
         let workload = self.workload.qualified_name();
         let (dst_workload, mode, service, conflicted) = {
@@ -305,10 +383,10 @@ impl PodProxy {
                 Err(Unrouted::new(OutboundError::Conflicted(*dst.ip()), plain(None)).with_reset())
             }
             None => match service {
-                Some(service) => self.to_service(src, dst, service, trace).await,
+                Some(service) => self.to_service(src, dst, service, trace, permit).await,
                 None => {
                     debug!(%workload, %src, %dst, dst_workload = "-", path = "passthrough", "captured outbound connection");
-                    self.passthrough(plain(None)).await
+                    self.passthrough(plain(None), permit).await
                 }
             },
             // The destination takes plaintext only: as Istio, send it so.
@@ -320,7 +398,7 @@ impl PodProxy {
                     mtls = "DISABLE",
                     "captured outbound connection"
                 );
-                self.passthrough(plain(Some(dst_workload))).await
+                self.passthrough(plain(Some(dst_workload)), permit).await
             }
             Some(dst_workload) => {
                 let on_this_node = dst_workload.local.is_some();
@@ -349,7 +427,13 @@ impl PodProxy {
         }
     }
 
-    async fn passthrough(&self, target: Target) -> Result<Routed, Unrouted> {
+    /// Plain TCP to `target`: a second socket, charged to `permit` first
+    /// (once, however many endpoints are tried).
+    async fn passthrough(&self, target: Target, permit: &mut Permit) -> Result<Routed, Unrouted> {
+        if let Err(over) = permit.hold(2) {
+            self.refused_over_limit("outbound connection", over);
+            return Err(Unrouted::new(over.into(), target).with_reset());
+        }
         match self.netns.connect(target.addr.into()).await {
             Ok(upstream) => Ok(Routed {
                 upstream: Upstream::Plain(upstream),
@@ -423,7 +507,14 @@ impl PodProxy {
             let checkout = self
                 .pool
                 .checkout(&key, || Box::pin(self.open_connection(&key)))
-                .await?;
+                .await
+                .map_err(|error| match error {
+                    CheckoutError::Connect(error) => error,
+                    CheckoutError::Shared(reason) => OutboundError::TunnelFailed {
+                        dst: key.dst_addr,
+                        reason,
+                    },
+                })?;
             let request = hbone::connect_request(dst.into(), src.into(), trace);
             match timeout(hbone::CONNECT_TIMEOUT, checkout.connection().send(request)).await {
                 Ok(Ok((response, send))) => break (checkout, response, send),
@@ -462,6 +553,7 @@ impl PodProxy {
         vip: SocketAddrV4,
         service: Arc<ServicePort>,
         trace: Trace,
+        permit: &mut Permit,
     ) -> Result<Routed, Unrouted> {
         let workload = self.workload.qualified_name();
         let name = service.qualified_name();
@@ -511,7 +603,9 @@ impl PodProxy {
         // too: only with none contested is the virtual address left to it.
         if contested.is_empty() && endpoints.iter().all(|(_, mesh)| mesh.is_none()) {
             debug!(%workload, %src, dst = %vip, service = %name, dst_workload = "-", path = "passthrough", "captured outbound connection");
-            return self.passthrough(at(vip, None, Path::Passthrough)).await;
+            return self
+                .passthrough(at(vip, None, Path::Passthrough), permit)
+                .await;
         }
         let mut order = endpoints;
         order.shuffle(&mut rand::rng());
@@ -531,7 +625,12 @@ impl PodProxy {
                     let target = at(endpoint, None, Path::Passthrough);
                     // Bounded: a black-holed endpoint must not hold the
                     // client for the kernel's minutes of SYN retries.
-                    match timeout(hbone::CONNECT_TIMEOUT, self.passthrough(target.clone())).await {
+                    match timeout(
+                        hbone::CONNECT_TIMEOUT,
+                        self.passthrough(target.clone(), permit),
+                    )
+                    .await
+                    {
                         Ok(connected) => connected,
                         Err(_) => Err(Unrouted::new(
                             OutboundError::Timeout("connecting to the endpoint"),
@@ -544,13 +643,14 @@ impl PodProxy {
                 Ok(routed) => return Ok(routed),
                 // A policy refusal is an answer, not an unreachable endpoint:
                 // another endpoint of the same service would say the same.
-                // And without a certificate of its own, this pod reaches no
-                // endpoint over HBONE.
+                // Without a certificate of its own, this pod reaches no
+                // endpoint over HBONE; over its limit, none at all.
                 Err(
                     unrouted @ Unrouted {
                         error:
                             OutboundError::Refused(http::StatusCode::UNAUTHORIZED)
-                            | OutboundError::NoCertificate,
+                            | OutboundError::NoCertificate
+                            | OutboundError::OverLimit(_),
                         ..
                     },
                 ) => return Err(unrouted.with_reset()),
@@ -590,6 +690,9 @@ impl PodProxy {
         let certificate = self
             .valid_certificate()
             .ok_or(OutboundError::NoCertificate)?;
+        // The tunnel's socket, charged to the pod that opens it for as long
+        // as the pool keeps it.
+        let permit = self.budget.admit(Direction::Outbound, 1)?;
         let config =
             tls::client_config(&certificate, &self.trust(), std::slice::from_ref(&key.dst))?;
         let tcp =
@@ -619,7 +722,8 @@ impl PodProxy {
         Ok(
             hbone::client::Connection::handshake(tls, self.pool.settings().keepalive)
                 .await?
-                .valid_until(valid_until),
+                .valid_until(valid_until)
+                .charged(permit),
         )
     }
 }

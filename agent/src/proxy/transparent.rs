@@ -42,8 +42,9 @@ use tokio::net::TcpStream;
 use crate::netns::{NetNs, NetnsError};
 
 /// Mark on the agent's delivery sockets and, through tcp_fwmark_accept, on
-/// the application's side of those connections.
-pub const MARK: u32 = 0x7772;
+/// the application's side of those connections (which the ingress program
+/// keeps packets from the network away from).
+pub const MARK: u32 = warren_common::DELIVERY_MARK;
 /// Routing table (and rule priority) for marked packets.
 pub const TABLE: u32 = 15008;
 

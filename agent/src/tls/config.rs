@@ -66,6 +66,34 @@ pub fn client_config(
     Ok(Arc::new(config))
 }
 
+/// Whether the connection's peer chose HTTP/2 by ALPN, as HBONE requires: a
+/// client that offers no ALPN at all would otherwise be accepted (rustls
+/// refuses only offers that do not include h2).
+pub fn negotiated_h2(conn: &CommonState) -> bool {
+    conn.alpn_protocol() == Some(ALPN_H2)
+}
+
+/// Whether the certificate chain a client presented (`chain`, leaf first)
+/// still chains to one of `trust`'s roots, and is valid now: what an
+/// established connection's peer must still satisfy after the trust bundle
+/// changed.
+pub fn client_still_trusted(
+    chain: &[rustls::pki_types::CertificateDer<'static>],
+    trust: &TrustBundle,
+) -> bool {
+    let Some((leaf, intermediates)) = chain.split_first() else {
+        return false;
+    };
+    let Ok(verifier) =
+        WebPkiClientVerifier::builder_with_provider(trust.store(), provider()).build()
+    else {
+        return false;
+    };
+    verifier
+        .verify_client_cert(leaf, intermediates, rustls::pki_types::UnixTime::now())
+        .is_ok()
+}
+
 /// The SPIFFE ID of the peer of an established connection.
 pub fn peer_identity(conn: &CommonState) -> Option<SpiffeId> {
     let leaf = conn.peer_certificates()?.first()?;

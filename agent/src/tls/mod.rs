@@ -23,7 +23,10 @@ mod tests;
 
 use std::{future::Future, pin::Pin};
 
-pub use config::{client_config, peer_identity, peer_not_after, server_config};
+pub use config::{
+    client_config, client_still_trusted, negotiated_h2, peer_identity, peer_not_after,
+    server_config,
+};
 pub use dev_ca::DevCa;
 use warren_pki::{
     identity::SpiffeId,

@@ -109,6 +109,49 @@ enum Cli {
         #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
         concurrency: u16,
     },
+    /// Open COUNT connections at once, as an attacker would, each sending a byte (unless
+    /// SILENT) and waiting up to WAIT_MS for its echo (or, silent, for the other end to close);
+    /// then say how many were echoed (`connected`), keep those open until HOLD_MS from the
+    /// start, close them all, and report how each ended (`sprayed`): echoed and held, cut (by
+    /// the other end after its echo), reset, closed (by the other end), still waiting, or not
+    /// connected.
+    Spray {
+        /// Server address, ADDR:PORT.
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long, default_value_t = 5000)]
+        wait_ms: u64,
+        #[arg(long, default_value_t = 0)]
+        hold_ms: u64,
+        #[arg(long)]
+        silent: bool,
+    },
+    /// Accept connections and read what they send without ever answering (a peer that
+    /// stalls a TLS handshake); say when each comes and goes.
+    Mute {
+        #[arg(long)]
+        port: u16,
+    },
+    /// Send one forged TCP segment (raw socket): from SRC to DST with SEQ, ACK and the
+    /// timestamps option, carrying PAYLOAD, flags PSH|ACK.
+    Forge {
+        #[arg(long)]
+        src: std::net::SocketAddrV4,
+        #[arg(long)]
+        dst: std::net::SocketAddrV4,
+        #[arg(long)]
+        seq: u32,
+        #[arg(long)]
+        ack: u32,
+        #[arg(long)]
+        tsval: u32,
+        #[arg(long)]
+        tsecr: u32,
+        #[arg(long)]
+        payload: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -159,6 +202,30 @@ fn main() -> ExitCode {
             count,
             concurrency,
         } => hold(addr, count, concurrency.into()).map(|()| true),
+        Cli::Spray {
+            addr,
+            count,
+            wait_ms,
+            hold_ms,
+            silent,
+        } => spray(
+            addr,
+            count,
+            Duration::from_millis(wait_ms),
+            Duration::from_millis(hold_ms),
+            silent,
+        )
+        .map(|()| true),
+        Cli::Mute { port } => mute(port).map(|()| true),
+        Cli::Forge {
+            src,
+            dst,
+            seq,
+            ack,
+            tsval,
+            tsecr,
+            payload,
+        } => forge(src, dst, [seq, ack, tsval, tsecr], payload.as_bytes()).map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -514,6 +581,190 @@ async fn open_confirmed(addr: SocketAddr) -> Result<tokio::net::TcpStream> {
         bail!("the echo is {echoed:?}, not what was sent");
     }
     Ok(stream)
+}
+
+/// How a sprayed connection ended.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum Ended {
+    Echoed,
+    Cut,
+    Reset,
+    Closed,
+    Waiting,
+    NotConnected,
+}
+
+impl Ended {
+    fn name(self) -> &'static str {
+        match self {
+            Ended::Echoed => "echoed",
+            Ended::Cut => "cut",
+            Ended::Reset => "reset",
+            Ended::Closed => "closed",
+            Ended::Waiting => "waiting",
+            Ended::NotConnected => "not_connected",
+        }
+    }
+}
+
+fn spray(
+    addr: SocketAddr,
+    count: usize,
+    wait: Duration,
+    hold: Duration,
+    silent: bool,
+) -> Result<()> {
+    let runtime = one_thread_runtime()?;
+    let start = tokio::time::Instant::now();
+    let waited = AtomicUsize::new(0);
+    let echoed = AtomicUsize::new(0);
+    let outcomes = runtime.block_on(async {
+        let (waited, echoed) = (&waited, &echoed);
+        let tries = (0..count).map(|_| async move {
+            let Ok(Ok(mut stream)) =
+                tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr)).await
+            else {
+                if waited.fetch_add(1, Ordering::SeqCst) + 1 == count {
+                    emit(json!({"event": "connected", "echoed": echoed.load(Ordering::SeqCst)}));
+                }
+                return Ended::NotConnected;
+            };
+            let mut byte = [0];
+            let ended = match tokio::time::timeout(wait, async {
+                if !silent {
+                    stream.write_all(b"w").await?;
+                }
+                stream.read(&mut byte).await
+            })
+            .await
+            {
+                Ok(Ok(1)) => Ended::Echoed,
+                Ok(Ok(_)) => Ended::Closed,
+                Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionReset => Ended::Reset,
+                Ok(Err(_)) => Ended::Closed,
+                Err(_) => Ended::Waiting,
+            };
+            if ended == Ended::Echoed {
+                echoed.fetch_add(1, Ordering::SeqCst);
+            }
+            if waited.fetch_add(1, Ordering::SeqCst) + 1 == count {
+                emit(json!({"event": "connected", "echoed": echoed.load(Ordering::SeqCst)}));
+            }
+            match ended {
+                // Held open; cut if the other end closes it meanwhile.
+                Ended::Echoed => {
+                    match tokio::time::timeout_at(start + hold, stream.read(&mut byte)).await {
+                        Err(_) => Ended::Echoed,
+                        Ok(_) => Ended::Cut,
+                    }
+                }
+                Ended::Waiting => {
+                    tokio::time::sleep_until(start + hold).await;
+                    Ended::Waiting
+                }
+                ended => ended,
+            }
+        });
+        futures::future::join_all(tries).await
+    });
+    let mut counts = serde_json::Map::new();
+    for ended in [
+        Ended::Echoed,
+        Ended::Cut,
+        Ended::Reset,
+        Ended::Closed,
+        Ended::Waiting,
+        Ended::NotConnected,
+    ] {
+        let n = outcomes.iter().filter(|e| **e == ended).count();
+        counts.insert(ended.name().into(), n.into());
+    }
+    counts.insert("event".into(), "sprayed".into());
+    emit(serde_json::Value::Object(counts));
+    Ok(())
+}
+
+fn mute(port: u16) -> Result<()> {
+    let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
+        .with_context(|| format!("listening on port {port}"))?;
+    emit(json!({"event": "listening", "port": port}));
+    for stream in listener.incoming() {
+        let mut stream = stream.context("accepting")?;
+        let peer = stream.peer_addr()?;
+        emit(json!({"event": "accepted", "peer": peer.to_string()}));
+        thread::spawn(move || {
+            let _ = io::copy(&mut stream, &mut io::sink());
+            emit(json!({"event": "closed", "peer": peer.to_string()}));
+        });
+    }
+    Ok(())
+}
+
+/// Sends one IPv4 TCP segment built by hand: `numbers` are the sequence and
+/// acknowledgement numbers and the timestamps option's value and echo.
+fn forge(
+    src: std::net::SocketAddrV4,
+    dst: std::net::SocketAddrV4,
+    numbers: [u32; 4],
+    payload: &[u8],
+) -> Result<()> {
+    let [seq, ack, tsval, tsecr] = numbers;
+    // TCP: 20 bytes, then NOP NOP TIMESTAMP(10) = 12 bytes of options.
+    let mut tcp = Vec::with_capacity(32 + payload.len());
+    tcp.extend_from_slice(&src.port().to_be_bytes());
+    tcp.extend_from_slice(&dst.port().to_be_bytes());
+    tcp.extend_from_slice(&seq.to_be_bytes());
+    tcp.extend_from_slice(&ack.to_be_bytes());
+    tcp.push(8 << 4); // data offset: 8 words
+    tcp.push(0x18); // PSH | ACK
+    tcp.extend_from_slice(&65535u16.to_be_bytes()); // window
+    tcp.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
+    tcp.extend_from_slice(&[1, 1, 8, 10]);
+    tcp.extend_from_slice(&tsval.to_be_bytes());
+    tcp.extend_from_slice(&tsecr.to_be_bytes());
+    tcp.extend_from_slice(payload);
+    let mut pseudo = Vec::with_capacity(12 + tcp.len());
+    pseudo.extend_from_slice(&src.ip().octets());
+    pseudo.extend_from_slice(&dst.ip().octets());
+    pseudo.extend_from_slice(&[0, 6]);
+    pseudo.extend_from_slice(&u16::try_from(tcp.len())?.to_be_bytes());
+    pseudo.extend_from_slice(&tcp);
+    let checksum = internet_checksum(&pseudo);
+    tcp[16..18].copy_from_slice(&checksum.to_be_bytes());
+
+    let total = u16::try_from(20 + tcp.len())?;
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&total.to_be_bytes());
+    ip.extend_from_slice(&[0, 0, 0x40, 0, 64, 6, 0, 0]); // id, DF, TTL, TCP, checksum
+    ip.extend_from_slice(&src.ip().octets());
+    ip.extend_from_slice(&dst.ip().octets());
+    let checksum = internet_checksum(&ip);
+    ip[10..12].copy_from_slice(&checksum.to_be_bytes());
+    ip.extend_from_slice(&tcp);
+
+    // IPPROTO_RAW: the header is ours (IP_HDRINCL).
+    let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(IPPROTO_RAW)))
+        .context("a raw socket (needs CAP_NET_RAW)")?;
+    let sent = socket
+        .send_to(&ip, &SocketAddr::from(dst).into())
+        .context("sending the forged segment")?;
+    emit(json!({"event": "forged", "bytes": sent}));
+    Ok(())
+}
+
+/// A raw socket whose packets carry their own IP header.
+const IPPROTO_RAW: i32 = 255;
+
+/// RFC 1071's one's-complement sum.
+fn internet_checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
 }
 
 /// What to bind a client socket to before connecting, if anything.
