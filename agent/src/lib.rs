@@ -8,6 +8,8 @@ pub mod cni;
 pub mod config;
 pub mod daemon;
 pub mod fastpath;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod hbone;
 pub mod kubernetes;
 pub mod limits;

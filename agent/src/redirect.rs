@@ -12,6 +12,11 @@
 //! the pinned links without detaching anything. Links go only when a pod is
 //! withdrawn (or `warren uninstall` removes them all).
 //!
+//! Before Linux 6.6 (no TCX) the ingress program is a netlink tc filter
+//! instead of a link: its program is pinned where the link would be, and
+//! withdrawing a pod removes the filter by name in the pod's namespace
+//! (`warren uninstall` cannot: it knows no namespaces). See docs/kernels.md.
+//!
 //! The programs count what they refuse, by [`DropReason`], in the pinned
 //! `DROPS` map ([`Redirector::drop_counter`], [`read_drops`]). Being pinned, the
 //! counters survive agent restarts: they are cumulative since the map was
@@ -37,8 +42,15 @@ use aya::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SchedClassifier, SockOps,
         TcAttachType,
         links::{FdLink, LinkError, PinnedLink},
+        tc::{
+            NlOptions, TcAttachOptions, TcError, TcHandle, qdisc_add_clsact, qdisc_detach_program,
+        },
     },
+    util::KernelVersion,
 };
+// Deprecated for CGRP_STORAGE, which needs Linux 6.2 (see EGRESS_POD).
+#[allow(deprecated)]
+use aya::maps::{CgroupStorage, CgroupStorageKey};
 use nix::sched::{CloneFlags, setns};
 use tokio::io::unix::AsyncFd;
 /// The reasons [`DropCounts`] are kept by, for its readers.
@@ -85,6 +97,9 @@ pub enum RedirectError {
 pub struct Attachment {
     netns_cookie: u64,
     pod_ip: Ipv4Addr,
+    /// The pod's namespace file: where its ingress filter is detached from
+    /// on kernels without TCX.
+    netns: PathBuf,
     /// The directory of the pod's pinned links.
     pins: PathBuf,
     /// Whether the links were found pinned (a previous agent made them).
@@ -105,9 +120,16 @@ const POD_LINKS: [&str; 5] = [
     names::POD_INGRESS,
 ];
 
+/// `enum bpf_attach_type`'s value for cgroup_skb egress (uapi, fixed), half
+/// of a [`names::EGRESS_POD`] key.
+const BPF_CGROUP_INET_EGRESS: u32 = 1;
+
 /// The maps, pinned so that they outlive the agent.
-const PINNED_MAPS: [&str; 15] = [
+const PINNED_MAPS: [&str; 16] = [
     names::PODS,
+    // Pinned like the others so that a next agent's egress program uses the
+    // same storage as the links it takes over.
+    names::EGRESS_POD,
     names::PENDING,
     names::ORIGINAL_DST,
     names::INBOUND_MODES,
@@ -140,6 +162,10 @@ pub struct Redirector {
     /// Held while the agent runs: one agent per pin directory.
     _lock: nix::fcntl::Flock<File>,
     pods: HashMap<MapData, u64, PodInfo>,
+    /// The egress program's [`PodInfo`], one per pod cgroup it is attached to
+    /// ([`names::EGRESS_POD`]).
+    #[allow(deprecated)] // its successor (CGRP_STORAGE) needs Linux 6.2
+    egress_pods: CgroupStorage<MapData, PodInfo>,
     modes: HashMap<MapData, InboundKey, u32>,
     listeners: SockHash<MapData, u32>,
     /// The kubelet's probes; the values are unused.
@@ -229,6 +255,9 @@ impl Redirector {
                 source,
             }
         })?;
+        #[allow(deprecated)]
+        let egress_pods = CgroupStorage::try_from(take_map(&mut ebpf, names::EGRESS_POD)?)
+            .map_err(map_error(names::EGRESS_POD))?;
         let recorded = HashMap::try_from(take_map(&mut ebpf, names::RECORDED)?)
             .map_err(map_error(names::RECORDED))?;
         let taken = HashMap::try_from(take_map(&mut ebpf, names::TAKEN)?)
@@ -262,6 +291,7 @@ impl Redirector {
             pin_dir: pin_dir.to_owned(),
             _lock: lock,
             pods,
+            egress_pods,
             modes,
             listeners,
             probes,
@@ -325,6 +355,7 @@ impl Redirector {
         let attachment = Attachment {
             netns_cookie,
             pod_ip,
+            netns: netns.to_owned(),
             pins,
             taken_over,
             current_programs,
@@ -341,6 +372,13 @@ impl Redirector {
             .and_then(|()| self.set_modes(pod_ip, modes))
             .and_then(|()| {
                 if taken_over {
+                    // The previous agent wrote the egress program's storage
+                    // (it is pinned, and stays while the link does); this
+                    // writes it again. It fails only when the link runs an
+                    // earlier build's program, which does not read it.
+                    if let Err(e) = self.set_egress_pod(cgroup, pod_ip) {
+                        tracing::debug!(pod, error = %e, "egress storage not rewritten");
+                    }
                     Ok(())
                 } else {
                     // Pins of an incomplete set (an agent that died while
@@ -382,6 +420,7 @@ impl Redirector {
         pod_ip: Ipv4Addr,
         pins: &Path,
     ) -> Result<(), RedirectError> {
+        let cgroup_path = cgroup;
         let cgroup = File::open(cgroup).map_err(|source| RedirectError::Cgroup {
             path: cgroup.to_owned(),
             source,
@@ -413,7 +452,37 @@ impl Redirector {
             .map_err(error(name))?;
         let link = egress.take_link(id).map_err(error(name))?;
         pin(link, &pins.join(name))?;
+        // Attaching made the storage (zero: let everything through); the
+        // program checks sources from this write on.
+        self.set_egress_pod(cgroup_path, pod_ip)?;
         self.attach_ingress(netns, pod_ip, pins)
+    }
+
+    /// Tells the egress program attached to the cgroup at `cgroup` which pod
+    /// it runs for ([`names::EGRESS_POD`]).
+    fn set_egress_pod(&mut self, cgroup: &Path, pod_ip: Ipv4Addr) -> Result<(), RedirectError> {
+        use std::os::unix::fs::MetadataExt as _;
+        // A cgroup v2 id, which the storage is keyed by, is its directory's
+        // inode number.
+        let inode = std::fs::metadata(cgroup)
+            .map_err(|source| RedirectError::Cgroup {
+                path: cgroup.to_owned(),
+                source,
+            })?
+            .ino();
+        #[allow(deprecated)]
+        let key = CgroupStorageKey::new(inode, BPF_CGROUP_INET_EGRESS);
+        let info = PodInfo {
+            ip: u32::from(pod_ip),
+            outbound_port: OUTBOUND_PORT,
+            _pad: 0,
+        };
+        self.egress_pods
+            .insert(key, info, 0)
+            .map_err(|source| RedirectError::Map {
+                name: names::EGRESS_POD,
+                source,
+            })
     }
 
     /// Applies `modes` to connections arriving at the pod `pod_ip`.
@@ -513,7 +582,9 @@ impl Redirector {
 
     /// Attaches the ingress program to the pod's interface (the one holding
     /// `pod_ip`), from a thread inside the pod's namespace: interface names
-    /// and indexes are per namespace.
+    /// and indexes are per namespace. From Linux 6.6 as a TCX link, pinned;
+    /// before, as a netlink filter (see [`attach_filter`]), with the program
+    /// pinned in the link's place.
     fn attach_ingress(
         &mut self,
         netns: &Path,
@@ -522,28 +593,29 @@ impl Redirector {
     ) -> Result<(), RedirectError> {
         let name = names::POD_INGRESS;
         let program: &mut SchedClassifier = program(&mut self.ebpf, name)?;
-        let interface_error = |problem: String| RedirectError::Interface {
-            path: netns.to_owned(),
-            problem,
-        };
-        let link = std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    let file = File::open(netns).map_err(|e| interface_error(e.to_string()))?;
-                    setns(file.as_fd(), CloneFlags::CLONE_NEWNET)
-                        .map_err(|e| interface_error(format!("cannot enter it: {e}")))?;
-                    let interface = interface_with(pod_ip).ok_or_else(|| {
-                        interface_error(format!("no interface has the pod's address {pod_ip}"))
-                    })?;
-                    program
-                        .attach(&interface, TcAttachType::Ingress)
-                        .and_then(|id| program.take_link(id))
-                        .map_err(|source| RedirectError::Program { name, source })
-                })
-                .join()
-                .unwrap_or_else(|_| Err(interface_error("attaching panicked".into())))
+        let tcx = has_tcx();
+        let link = in_netns(netns, pod_ip, |interface| {
+            if tcx {
+                program
+                    .attach(interface, TcAttachType::Ingress)
+                    .and_then(|id| program.take_link(id))
+                    .map(Some)
+                    .map_err(|source| RedirectError::Program { name, source })
+            } else {
+                attach_filter(program, interface).map(|()| None)
+            }
         })?;
-        pin(link, &pins.join(name))
+        match link {
+            Some(link) => pin(link, &pins.join(name)),
+            // The filter holds the program; the pin marks the pod as
+            // enrolled for a next agent and gives it the program's tag.
+            None => program
+                .pin(pins.join(name))
+                .map_err(|e| RedirectError::Pin {
+                    path: pins.join(name),
+                    problem: e.to_string(),
+                }),
+        }
     }
 
     /// Stops capture for a pod and removes its pins. Connections already
@@ -558,8 +630,14 @@ impl Redirector {
             }),
         };
         self.original_dst.forget(attachment.netns_cookie);
-        // Detach even if that failed: the links are what capture.
-        let detached = unpin_all(&attachment.pins);
+        // Detach even if that failed: the links are what capture. A netlink
+        // filter (before Linux 6.6) has no link: it goes by its name.
+        let filter = if has_tcx() {
+            Ok(())
+        } else {
+            detach_filter(&attachment.netns, attachment.pod_ip)
+        };
+        let detached = unpin_all(&attachment.pins).and(filter);
         self.forget_inbound(attachment.pod_ip);
         removed.and(detached)
     }
@@ -831,14 +909,118 @@ fn unpin_all(dir: &Path) -> Result<(), RedirectError> {
 }
 
 /// The tag (the kernel's hash of its instructions, the same for every load
-/// of one build) of the program the link pinned at `path` runs.
+/// of one build) of the program the link pinned at `path` runs, or of the
+/// program pinned there (an ingress filter's, before Linux 6.6).
 fn link_program_tag(path: &Path) -> Option<u64> {
+    // Which of the two the pin is follows from the kernel (pins do not
+    // outlive a reboot): asking a program for link info, or the reverse,
+    // "succeeds" with the other's fields.
+    if !has_tcx() {
+        return SchedClassifier::from_pin(path)
+            .ok()?
+            .info()
+            .ok()
+            .map(|info| info.tag());
+    }
     let link = FdLink::from(PinnedLink::from_pin(path).ok()?);
     let id = link.info().ok()?.program_id();
     aya::programs::loaded_programs()
         .flatten()
         .find(|program| program.id() == id)
         .map(|program| program.tag())
+}
+
+/// Whether tc programs attach as TCX links (Linux 6.6), as aya decides.
+fn has_tcx() -> bool {
+    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+}
+
+/// Where the ingress filter goes on kernels without TCX: a fixed priority
+/// (first, as a TCX program runs before every tc filter) and handle, so that
+/// it is the same filter whichever agent looks.
+const FILTER_PRIORITY: u16 = 1;
+const FILTER_HANDLE: TcHandle = TcHandle::new(0, 0x7761);
+
+/// Attaches the ingress program as a netlink tc filter (direct action) on
+/// `interface`'s clsact qdisc, replacing a filter of a previous agent's (an
+/// incomplete enrolment). The filter stays when the agent goes: the pod
+/// keeps failing closed.
+fn attach_filter(program: &mut SchedClassifier, interface: &str) -> Result<(), RedirectError> {
+    let name = names::POD_INGRESS;
+    // Ignored: it fails when the qdisc is there already (a CNI's, or ours
+    // from an earlier enrolment); when it is missing, attaching says so.
+    let _ = qdisc_add_clsact(interface);
+    let _ = qdisc_detach_program(interface, TcAttachType::Ingress, name);
+    let options = NlOptions {
+        priority: FILTER_PRIORITY,
+        handle: FILTER_HANDLE,
+        classid: None,
+    };
+    let id = program
+        .attach_with_options(
+            interface,
+            TcAttachType::Ingress,
+            TcAttachOptions::Netlink(options),
+        )
+        .map_err(|source| RedirectError::Program { name, source })?;
+    let link = program
+        .take_link(id)
+        .map_err(|source| RedirectError::Program { name, source })?;
+    // Dropping it would remove the filter; it is to outlive the agent.
+    std::mem::forget(link);
+    Ok(())
+}
+
+/// Removes the ingress filter from the pod's interface. A namespace or
+/// interface that is gone took the filter with it.
+fn detach_filter(netns: &Path, pod_ip: Ipv4Addr) -> Result<(), RedirectError> {
+    if !netns.exists() {
+        return Ok(());
+    }
+    in_netns(netns, pod_ip, |interface| {
+        match qdisc_detach_program(interface, TcAttachType::Ingress, names::POD_INGRESS) {
+            Ok(()) => Ok(()),
+            Err(TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(RedirectError::Interface {
+                path: netns.to_owned(),
+                problem: format!("cannot detach the ingress filter from {interface}: {e}"),
+            }),
+        }
+    })
+    .or_else(|e| match e {
+        // No interface has the address any more: nothing to detach.
+        RedirectError::Interface { ref problem, .. } if problem.starts_with(NO_INTERFACE) => Ok(()),
+        e => Err(e),
+    })
+}
+
+const NO_INTERFACE: &str = "no interface has the pod's address";
+
+/// Runs `f` with the name of the interface holding `pod_ip`, on a thread
+/// inside the namespace `netns` (interface names and indexes are per
+/// namespace; the agent's own threads stay where they are).
+fn in_netns<T: Send>(
+    netns: &Path,
+    pod_ip: Ipv4Addr,
+    f: impl FnOnce(&str) -> Result<T, RedirectError> + Send,
+) -> Result<T, RedirectError> {
+    let interface_error = |problem: String| RedirectError::Interface {
+        path: netns.to_owned(),
+        problem,
+    };
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let file = File::open(netns).map_err(|e| interface_error(e.to_string()))?;
+                setns(file.as_fd(), CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| interface_error(format!("cannot enter it: {e}")))?;
+                let interface = interface_with(pod_ip)
+                    .ok_or_else(|| interface_error(format!("{NO_INTERFACE} {pod_ip}")))?;
+                f(&interface)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(interface_error("the namespace's thread panicked".into())))
+    })
 }
 
 /// Whether `path` is on a bpf filesystem (where pins can be made).

@@ -86,6 +86,12 @@ pub mod names {
     /// Two `i64`s: recorded, all pods (sock_ops adds), and taken (the agent
     /// writes).
     pub const RECORD_TOTALS: &str = "RECORD_TOTALS";
+    /// Cgroup storage: the [`super::PodInfo`] of the pod whose cgroup the
+    /// egress program is attached to (key: that cgroup's inode and
+    /// `BPF_CGROUP_INET_EGRESS`), written by the agent after attaching. The
+    /// egress program's way to know its pod without the netns cookie, which
+    /// cgroup_skb programs get only from Linux 6.15. All zero: not enrolled.
+    pub const EGRESS_POD: &str = "EGRESS_POD";
     pub const POD_INGRESS: &str = "warren_pod_ingress";
     pub const EGRESS: &str = "warren_egress";
     pub const CONNECT4: &str = "warren_connect4";

@@ -73,6 +73,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
     programs::{SkBuffContext, SockAddrContext, SockOpsContext, TcContext},
 };
+// Deprecated for CGRP_STORAGE, which needs Linux 6.2 (see EGRESS_POD).
+#[allow(deprecated)]
+use aya_ebpf::maps::CgroupStorage;
 use aya_log_ebpf::debug;
 use warren_common::{
     DELIVERY_MARK, DROP_MAP_ENTRIES, DropReason, FAST_EVENT_BYTES, FAST_FLOW_ENTRIES,
@@ -771,18 +774,29 @@ fn assign_to_agent(skb: *mut c_void, pod: u32) -> Assigned {
 const PASS: i32 = 1;
 const DROP: i32 = 0;
 
+/// The pod the egress program runs for: one value per cgroup it is attached
+/// to, which the agent writes after attaching. Not the netns cookie and
+/// `PODS`: cgroup_skb programs may call `bpf_get_netns_cookie` only from
+/// Linux 6.15, while cgroup storage is there for them on every kernel warren
+/// runs on. (Deprecated in aya for `BPF_MAP_TYPE_CGRP_STORAGE`, which needs
+/// 6.2 and is keyed by the socket's cgroup, not the attachment's.)
+#[allow(deprecated)]
+#[map(name = "EGRESS_POD")]
+static EGRESS_POD: CgroupStorage<PodInfo> = CgroupStorage::new();
+
 #[cgroup_skb(egress)]
 pub fn warren_egress(ctx: SkBuffContext) -> i32 {
     // __sk_buff.protocol holds the big-endian ethertype in its low 16 bits.
     if u16::from_be(ctx.skb.protocol() as u16) != ETH_P_IP {
         return PASS;
     }
-    // SAFETY: a plain helper call on the program's own context.
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    // SAFETY: the value is only read, and PODS entries are plain integers.
-    let Some(pod) = (unsafe { PODS.get(netns) }).copied() else {
-        return PASS; // not (or no longer) enrolled
-    };
+    // SAFETY: bpf_get_local_storage never returns null for a program that
+    // uses the map; the value is plain integers, read once.
+    #[allow(deprecated)]
+    let pod = unsafe { *EGRESS_POD.get_ptr_mut() };
+    if pod.ip == 0 {
+        return PASS; // not (yet) enrolled: the agent has not written it
+    }
     // cgroup_skb sees the packet from its IP header on.
     let Ok(saddr) = ctx.load::<u32>(12) else {
         count(DropReason::Unparsable);

@@ -588,6 +588,13 @@ fn with_its_agent_killed_a_strict_pod_still_takes_no_plaintext() {
         "{selector: {matchLabels: {app: web}}, mtls: {mode: STRICT}}",
     ));
     let quick = Call::quick();
+    // The policies are loaded before the pods' modes reach the kernel: the
+    // agent dies after that (on a slow machine the two are far apart).
+    mesh.agents[1]
+        .wait_for(PATIENCE, |l| {
+            l.message() == "mTLS modes changed" && l.field("workload") == mesh.web.qualified_name()
+        })
+        .unwrap();
 
     // Node 2's agent dies.
     drop(mesh.agents.pop());

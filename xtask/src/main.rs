@@ -5,14 +5,20 @@
 //! - `demo`: a two-node lab with real eBPF capture, narrated, then torn down.
 //! - `lab up|down|status|exec`: a lab that stays up for poking at by hand.
 //! - `image`: OCI images of the agent and the CA under target/images/, each run once to check it.
+//! - `fuzz`: every fuzz target (cargo-fuzz, libFuzzer) for a while, with executions and coverage.
+//! - `vm`: the capture and ingress smoke tests on Debian 12's own kernel (6.1), under qemu.
+//! - `soak`: mixed traffic and churn for a while, the agents' memory sampled.
 
 mod bench;
 mod bench_discovery;
 mod demo;
+mod fuzz;
 mod image;
 mod lab;
 mod procfs;
 mod setup;
+mod soak;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
@@ -57,6 +63,13 @@ enum Task {
     /// Build OCI images of the agent and the CA as archives under target/images/, and run
     /// each with podman to check it (needs root).
     Image(image::Args),
+    /// Run every fuzz target (cargo-fuzz) for a while; report executions and coverage.
+    Fuzz(fuzz::Args),
+    /// Boot Debian 12's own kernel under qemu and run the capture and ingress smoke tests in it.
+    Vm(vm::Args),
+    /// Mixed traffic, policy, config and certificate churn and an agent restart for a while,
+    /// with the agents' memory sampled (needs root).
+    Soak(soak::Args),
 }
 
 fn main() -> Result<()> {
@@ -68,6 +81,9 @@ fn main() -> Result<()> {
         Task::Bench(args) => bench::run(&args),
         Task::BenchDiscovery(args) => bench_discovery::run(&args),
         Task::Image(args) => image::run(&args),
+        Task::Fuzz(args) => fuzz::run(&args),
+        Task::Vm(args) => vm::run(&args),
+        Task::Soak(args) => soak::run(&args),
     }
 }
 

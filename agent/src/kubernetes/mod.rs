@@ -13,12 +13,12 @@
 //! each watch retries with backoff (kube-rs's default: from 0.8 s, doubling,
 //! up to 30 s), saying so in the log.
 
-mod build;
-mod facts;
+pub(crate) mod build;
+pub(crate) mod facts;
 pub mod taint;
 #[cfg(test)]
 mod tests;
-mod watch;
+pub(crate) mod watch;
 
 use std::{sync::Arc, time::Duration};
 
