@@ -221,9 +221,10 @@ impl Redirector {
             name: names::SOCK_OPS,
             source,
         })?;
-        let egress: &mut CgroupSkb = program(&mut ebpf, names::EGRESS)?;
+        let egress_program = egress_program();
+        let egress: &mut CgroupSkb = program(&mut ebpf, egress_program)?;
         egress.load().map_err(|source| RedirectError::Program {
-            name: names::EGRESS,
+            name: egress_program,
             source,
         })?;
         let ingress: &mut SchedClassifier = program(&mut ebpf, names::POD_INGRESS)?;
@@ -376,7 +377,9 @@ impl Redirector {
                     // (it is pinned, and stays while the link does); this
                     // writes it again. It fails only when the link runs an
                     // earlier build's program, which does not read it.
-                    if let Err(e) = self.set_egress_pod(cgroup, pod_ip) {
+                    if egress_program() == names::EGRESS
+                        && let Err(e) = self.set_egress_pod(cgroup, pod_ip)
+                    {
                         tracing::debug!(pod, error = %e, "egress storage not rewritten");
                     }
                     Ok(())
@@ -445,16 +448,19 @@ impl Redirector {
             let link = connect.take_link(id).map_err(error(name))?;
             pin(link, &pins.join(name))?;
         }
-        let name = names::EGRESS;
+        let name = egress_program();
         let egress: &mut CgroupSkb = program(&mut self.ebpf, name)?;
         let id = egress
             .attach(&cgroup, CgroupSkbAttachType::Egress, mode)
             .map_err(error(name))?;
         let link = egress.take_link(id).map_err(error(name))?;
-        pin(link, &pins.join(name))?;
-        // Attaching made the storage (zero: let everything through); the
-        // program checks sources from this write on.
-        self.set_egress_pod(cgroup_path, pod_ip)?;
+        // Under one name whichever program it is: a next agent finds it so.
+        pin(link, &pins.join(names::EGRESS))?;
+        if name == names::EGRESS {
+            // Attaching made the storage (zero: let everything through); the
+            // program checks sources from this write on.
+            self.set_egress_pod(cgroup_path, pod_ip)?;
+        }
         self.attach_ingress(netns, pod_ip, pins)
     }
 
@@ -931,6 +937,17 @@ fn link_program_tag(path: &Path) -> Option<u64> {
 }
 
 /// Whether tc programs attach as TCX links (Linux 6.6), as aya decides.
+/// The egress check this kernel takes: keyed by the socket's network
+/// namespace where cgroup_skb may ask for it (6.15 on; a namespace of its own
+/// inside a pod is then let be, as before), by cgroup storage before.
+fn egress_program() -> &'static str {
+    if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 15, 0)) {
+        names::EGRESS_NETNS
+    } else {
+        names::EGRESS
+    }
+}
+
 fn has_tcx() -> bool {
     KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
 }

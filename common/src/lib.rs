@@ -94,6 +94,10 @@ pub mod names {
     pub const EGRESS_POD: &str = "EGRESS_POD";
     pub const POD_INGRESS: &str = "warren_pod_ingress";
     pub const EGRESS: &str = "warren_egress";
+    /// The egress check keyed by the socket's network namespace: for
+    /// kernels whose cgroup_skb programs may ask for it (6.15 on). Its link
+    /// is pinned under [`EGRESS`]'s name.
+    pub const EGRESS_NETNS: &str = "warren_egress_netns";
     pub const CONNECT4: &str = "warren_connect4";
     pub const CONNECT6: &str = "warren_connect6";
     pub const SOCK_OPS: &str = "warren_sock_ops";

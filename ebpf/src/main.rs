@@ -784,6 +784,9 @@ const DROP: i32 = 0;
 #[map(name = "EGRESS_POD")]
 static EGRESS_POD: CgroupStorage<PodInfo> = CgroupStorage::new();
 
+/// The egress check for kernels before 6.15, whose cgroup_skb programs
+/// cannot ask for the socket's network namespace: the pod is the one the
+/// agent wrote for this cgroup (its sub-cgroups, the containers, included).
 #[cgroup_skb(egress)]
 pub fn warren_egress(ctx: SkBuffContext) -> i32 {
     // __sk_buff.protocol holds the big-endian ethertype in its low 16 bits.
@@ -797,6 +800,29 @@ pub fn warren_egress(ctx: SkBuffContext) -> i32 {
     if pod.ip == 0 {
         return PASS; // not (yet) enrolled: the agent has not written it
     }
+    check_source(&ctx, pod)
+}
+
+/// The egress check from 6.15 on: the pod is the one whose network
+/// namespace the socket is in. A namespace of its own inside the pod (a
+/// container runtime run in the pod, say) is not the pod's, and is let be.
+#[cgroup_skb(egress)]
+pub fn warren_egress_netns(ctx: SkBuffContext) -> i32 {
+    if u16::from_be(ctx.skb.protocol() as u16) != ETH_P_IP {
+        return PASS;
+    }
+    // SAFETY: a plain helper call on the program's own context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is only read, and PODS entries are plain integers.
+    let Some(pod) = (unsafe { PODS.get(netns) }).copied() else {
+        return PASS; // not (or no longer) enrolled
+    };
+    check_source(&ctx, pod)
+}
+
+/// Lets out an IPv4 packet from `pod`'s own address (or loopback) only.
+#[inline(always)]
+fn check_source(ctx: &SkBuffContext, pod: PodInfo) -> i32 {
     // cgroup_skb sees the packet from its IP header on.
     let Ok(saddr) = ctx.load::<u32>(12) else {
         count(DropReason::Unparsable);
@@ -807,7 +833,7 @@ pub fn warren_egress(ctx: SkBuffContext) -> i32 {
         return PASS;
     }
     debug!(
-        &ctx,
+        ctx,
         "egress: dropped a packet from {:i}, which is not the pod's address {:i}", saddr, pod.ip
     );
     count(DropReason::SpoofedSource);
