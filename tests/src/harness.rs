@@ -1119,3 +1119,46 @@ pub fn ended(report: &Value, how: &str) -> u64 {
 pub fn closed(report: &Value) -> u64 {
     ended(report, "closed") + ended(report, "reset")
 }
+
+/// Calls made one after the other from a pod, on a thread, until stopped:
+/// traffic that runs across whatever a test does meanwhile.
+pub struct CallLoop {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: thread::JoinHandle<Vec<CallEnd>>,
+}
+
+/// How one call of a [`CallLoop`] ended: when, and why it failed if it did.
+#[derive(Debug, Clone)]
+pub struct CallEnd {
+    pub at: Instant,
+    pub error: Option<String>,
+}
+
+impl CallLoop {
+    /// Starts calling `dst` from `pod` with `call`, `pause` between calls.
+    pub fn start(pod: &Pod, dst: impl Into<SocketAddr>, call: Call, pause: Duration) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (pod, dst, flag) = (pod.clone(), dst.into(), stop.clone());
+        let thread = thread::spawn(move || {
+            let mut ends = Vec::new();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let error = call.run(&pod, dst).err().map(|e| format!("{e:#}"));
+                ends.push(CallEnd {
+                    at: Instant::now(),
+                    error,
+                });
+                thread::sleep(pause);
+            }
+            ends
+        });
+        Self { stop, thread }
+    }
+
+    /// Stops it and returns how each call ended, in order.
+    pub fn finish(self) -> Vec<CallEnd> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .join()
+            .expect("the calling thread does not panic")
+    }
+}

@@ -8,10 +8,6 @@
 use std::{
     fs,
     path::{Path, PathBuf},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
     thread,
     time::Duration,
 };
@@ -19,8 +15,8 @@ use std::{
 use warren_tests::{
     Lab,
     harness::{
-        Agent, CaService, Call, LabCa, LogLine, MeshWorkload, PATIENCE, Server, ca_agent_config,
-        ca_workloads, finish, test_lab,
+        Agent, CaService, Call, CallLoop, LabCa, LogLine, MeshWorkload, PATIENCE, Server,
+        ca_agent_config, ca_workloads, finish, test_lab,
     },
     lab::files_dir,
 };
@@ -345,41 +341,16 @@ fn a_node_cannot_get_the_identity_of_another_nodes_workload() {
     assert_eq!(server.next_served().unwrap().peer.ip(), mesh.client.pod.ip);
 }
 
-/// Calls client -> server over and over on a thread until stopped; returns
-/// how many calls there were and every failure.
-struct Traffic {
-    stop: Arc<AtomicBool>,
-    thread: thread::JoinHandle<(usize, Vec<String>)>,
-}
-
-impl Traffic {
-    fn start(mesh: &CaMesh) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (pod, dst) = (
-            mesh.client.pod.clone(),
-            std::net::SocketAddrV4::new(mesh.server.pod.ip, PORT),
-        );
-        let flag = stop.clone();
-        let thread = thread::spawn(move || {
-            let (mut calls, mut failures) = (0, Vec::new());
-            while !flag.load(Ordering::Relaxed) {
-                calls += 1;
-                if let Err(e) = Call::default().run(&pod, dst) {
-                    failures.push(format!("{e:#}"));
-                }
-                thread::sleep(Duration::from_millis(100));
-            }
-            (calls, failures)
-        });
-        Self { stop, thread }
+/// 4 MiB from the client to the server, spread over 20 s: longer than the
+/// short certificates some tests use.
+fn long_transfer(mesh: &CaMesh) -> std::process::Child {
+    Call {
+        bytes: Some(4 << 20),
+        spread_ms: Some(20_000),
+        ..Call::default()
     }
-
-    fn finish(self) -> (usize, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread
-            .join()
-            .expect("the traffic thread does not panic")
-    }
+    .spawn(&mesh.client.pod, (mesh.server.pod.ip, PORT))
+    .unwrap()
 }
 
 /// Writes the PEM roots of `cas` as one bundle at `path`, replacing it in
@@ -401,13 +372,7 @@ fn a_stream_does_not_outlive_its_peers_certificate_by_more_than_the_drain_deadli
     // A transfer spread over 20 s: the client's certificate, 4 s long,
     // expires under it (the client renews meanwhile, but the connection was
     // authenticated with the old one).
-    let long = Call {
-        bytes: Some(4 << 20),
-        spread_ms: Some(20_000),
-        ..Call::default()
-    }
-    .spawn(&mesh.client.pod, (mesh.server.pod.ip, PORT))
-    .unwrap();
+    let long = long_transfer(&mesh);
     let cut = mesh.agents[1]
         .wait_for(Duration::from_secs(20), |l| {
             l.message() == "HBONE stream closed: no longer allowed"
@@ -433,15 +398,14 @@ fn the_ca_is_rotated_to_a_new_root_without_a_failed_connection() {
     let _server = Server::start(&mesh.server.pod, PORT).unwrap();
     let r1 = mesh.signing.clone();
     let r2 = LabCa::init(&mesh.dir.join("r2")).unwrap();
-    let traffic = Traffic::start(&mesh);
+    let traffic = CallLoop::start(
+        &mesh.client.pod,
+        (mesh.server.pod.ip, PORT),
+        Call::default(),
+        Duration::from_millis(100),
+    );
     // One long transfer across the whole rotation, too.
-    let long = Call {
-        bytes: Some(4 << 20),
-        spread_ms: Some(20_000),
-        ..Call::default()
-    }
-    .spawn(&mesh.client.pod, (mesh.server.pod.ip, PORT))
-    .unwrap();
+    let long = long_transfer(&mesh);
     let reloaded = |added: u64, removed: u64| {
         move |l: &LogLine| {
             l.message() == "trust bundle reloaded"
@@ -493,7 +457,9 @@ fn the_ca_is_rotated_to_a_new_root_without_a_failed_connection() {
     }
     thread::sleep(Duration::from_secs(1));
 
-    let (calls, failures) = traffic.finish();
+    let ends = traffic.finish();
+    let calls = ends.len();
+    let failures: Vec<String> = ends.into_iter().filter_map(|e| e.error).collect();
     assert!(
         failures.is_empty(),
         "{} of {calls} calls failed: {failures:?}",

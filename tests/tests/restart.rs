@@ -11,18 +11,13 @@
 use std::{
     fs,
     net::SocketAddrV4,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
     thread,
     time::{Duration, Instant},
 };
 
 use warren_tests::{
-    Pod,
     harness::{
-        Agent, Call, MeshWorkload, PATIENCE, Server, WireCapture, contains, finish,
+        Agent, Call, CallLoop, MeshWorkload, PATIENCE, Server, WireCapture, contains, finish,
         start_agents_with_policies, test_lab,
     },
     lab::files_dir,
@@ -32,41 +27,6 @@ const PORT: u16 = 8080;
 
 const STRICT_EVERYWHERE: &str = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
     metadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n";
-
-/// Calls from `pod` to `dst`, one after the other, until stopped: when each
-/// ended, and whether it went through.
-struct Traffic {
-    stop: Arc<AtomicBool>,
-    calls: Arc<Mutex<Vec<(Instant, bool)>>>,
-    thread: thread::JoinHandle<()>,
-}
-
-impl Traffic {
-    fn start(pod: &Pod, dst: SocketAddrV4) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let calls = Arc::new(Mutex::new(Vec::new()));
-        let (pod, flag, log) = (pod.clone(), stop.clone(), calls.clone());
-        let thread = thread::spawn(move || {
-            while !flag.load(Ordering::Relaxed) {
-                // Dropped SYNs are not refused: give up connecting quickly.
-                let ok = Call::quick().run(&pod, dst).is_ok();
-                log.lock().unwrap().push((Instant::now(), ok));
-                thread::sleep(Duration::from_millis(50));
-            }
-        });
-        Self {
-            stop,
-            calls,
-            thread,
-        }
-    }
-
-    fn finish(self) -> Vec<(Instant, bool)> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().unwrap();
-        Arc::try_unwrap(self.calls).unwrap().into_inner().unwrap()
-    }
-}
 
 #[test]
 fn an_agent_killed_under_load_leaks_nothing_and_serves_again_at_once() {
@@ -92,7 +52,13 @@ fn an_agent_killed_under_load_leaks_nothing_and_serves_again_at_once() {
     .spawn(&web.pod, SocketAddrV4::new(db.pod.ip, PORT))
     .unwrap();
     let capture = WireCapture::start(&lab).unwrap();
-    let traffic = Traffic::start(&client.pod, web_server.addr);
+    // Dropped SYNs are not refused: each call gives up connecting quickly.
+    let traffic = CallLoop::start(
+        &client.pod,
+        web_server.addr,
+        Call::quick(),
+        Duration::from_millis(50),
+    );
     thread::sleep(Duration::from_secs(2));
 
     // Killed: no clean stop, no chance to tidy up.
@@ -103,7 +69,11 @@ fn an_agent_killed_under_load_leaks_nothing_and_serves_again_at_once() {
     let agent = Agent::start(lab.node(0), &config, &dir.join("agents")).unwrap();
     thread::sleep(Duration::from_secs(3));
 
-    let calls = traffic.finish();
+    let calls: Vec<(Instant, bool)> = traffic
+        .finish()
+        .into_iter()
+        .map(|end| (end.at, end.error.is_none()))
+        .collect();
     let packets = capture.finish().unwrap();
     // labpod's payload repeats this marker: never on the wire in clear.
     assert!(

@@ -16,10 +16,6 @@
 use std::{
     fs,
     path::PathBuf,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
     thread,
     time::{Duration, Instant},
 };
@@ -27,8 +23,8 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::json;
 use warren_tests::{
-    Lab, LabSpec, Pod,
-    harness::{Agent, Call, MeshWorkload, Server, agent_config},
+    Lab, LabSpec,
+    harness::{Agent, Call, CallEnd, CallLoop, MeshWorkload, Server, agent_config},
 };
 
 use crate::procfs;
@@ -55,51 +51,6 @@ const POLICIES: [&str; 2] = [
     "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
      metadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n",
 ];
-
-/// One call's end: when, whether it went through, and why not.
-#[derive(Clone)]
-struct Outcome {
-    at: Instant,
-    error: Option<String>,
-}
-
-/// Calls made one after the other on a thread until stopped.
-struct Load {
-    name: &'static str,
-    stop: Arc<AtomicBool>,
-    outcomes: Arc<Mutex<Vec<Outcome>>>,
-    thread: thread::JoinHandle<()>,
-}
-
-impl Load {
-    fn start(name: &'static str, pod: &Pod, dst: (std::net::Ipv4Addr, u16), call: Call) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let outcomes = Arc::new(Mutex::new(Vec::new()));
-        let (pod, flag, log) = (pod.clone(), stop.clone(), outcomes.clone());
-        let thread = thread::spawn(move || {
-            while !flag.load(Ordering::Relaxed) {
-                let error = call.run(&pod, dst).err().map(|e| format!("{e:#}"));
-                log.lock().unwrap().push(Outcome {
-                    at: Instant::now(),
-                    error,
-                });
-            }
-        });
-        Self {
-            name,
-            stop,
-            outcomes,
-            thread,
-        }
-    }
-
-    fn finish(self) -> (&'static str, Vec<Outcome>) {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = self.thread.join();
-        let outcomes = self.outcomes.lock().unwrap().clone();
-        (self.name, outcomes)
-    }
-}
 
 /// One RSS sample of each agent, in KiB, and when.
 struct Sample {
@@ -159,21 +110,27 @@ pub fn run(args: &Args) -> Result<()> {
     );
     let start = Instant::now();
     let loads = [
-        Load::start(
+        (
             "short connections",
-            lab.pod(0, 0),
-            (lab.pod(1, 0).ip, PORT),
-            Call::default(),
+            CallLoop::start(
+                lab.pod(0, 0),
+                (lab.pod(1, 0).ip, PORT),
+                Call::default(),
+                Duration::ZERO,
+            ),
         ),
-        Load::start(
+        (
             "long transfers",
-            lab.pod(0, 1),
-            (lab.pod(1, 1).ip, PORT),
-            Call {
-                bytes: Some(16 << 20),
-                spread_ms: Some(20_000),
-                ..Call::default()
-            },
+            CallLoop::start(
+                lab.pod(0, 1),
+                (lab.pod(1, 1).ip, PORT),
+                Call {
+                    bytes: Some(16 << 20),
+                    spread_ms: Some(20_000),
+                    ..Call::default()
+                },
+                Duration::ZERO,
+            ),
         ),
     ];
     let mut samples = Vec::new();
@@ -219,7 +176,10 @@ pub fn run(args: &Args) -> Result<()> {
         }
         thread::sleep(Duration::from_millis(200));
     }
-    let results: Vec<(&str, Vec<Outcome>)> = loads.into_iter().map(Load::finish).collect();
+    let results: Vec<(&str, Vec<CallEnd>)> = loads
+        .into_iter()
+        .map(|(name, calls)| (name, calls.finish()))
+        .collect();
     report(&dir, duration, &samples, restart, start, &results, &agents)
 }
 
@@ -245,7 +205,7 @@ fn report(
     samples: &[Sample],
     restart: Option<(Instant, Instant)>,
     start: Instant,
-    results: &[(&str, Vec<Outcome>)],
+    results: &[(&str, Vec<CallEnd>)],
     agents: &[Agent],
 ) -> Result<()> {
     // Connections in flight through the restarted agent may fail: those
@@ -260,8 +220,8 @@ fn report(
     let mut unexpected = 0;
     println!("\nsoak report ({:.1} min)", duration.as_secs_f64() / 60.0);
     for (name, outcomes) in results {
-        let failed: Vec<&Outcome> = outcomes.iter().filter(|o| o.error.is_some()).collect();
-        let (near, far): (Vec<&Outcome>, Vec<&Outcome>) =
+        let failed: Vec<&CallEnd> = outcomes.iter().filter(|o| o.error.is_some()).collect();
+        let (near, far): (Vec<&CallEnd>, Vec<&CallEnd>) =
             failed.iter().partition(|o| around_restart(o.at));
         unexpected += far.len();
         println!(
