@@ -341,6 +341,46 @@ fn a_node_cannot_get_the_identity_of_another_nodes_workload() {
     assert_eq!(server.next_served().unwrap().peer.ip(), mesh.client.pod.ip);
 }
 
+#[test]
+fn renewals_wind_idle_tunnels_down_without_a_warning() {
+    // Certificates of 4 s: each renewal tells the client to go away on the
+    // tunnels made with the old one (a GOAWAY, then a PING). Calls a few
+    // tenths of a second apart leave the pooled tunnel idle most of the
+    // time, and an idle client leaves as soon as it reads the GOAWAY,
+    // resetting the PING under the server's write: that is how it should
+    // leave, and no failure (it was one warning a renewal).
+    let mut mesh = CaMesh::start("4s");
+    let _server = Server::start(&mesh.server.pod, PORT).unwrap();
+    let before = renewals(&mesh);
+    let calls = CallLoop::start(
+        &mesh.client.pod,
+        (mesh.server.pod.ip, PORT),
+        Call::default(),
+        Duration::from_millis(300),
+    );
+    for (agent, before) in mesh.agents.iter_mut().zip(before) {
+        agent.wait_for_count(PATIENCE, before + 4, renewed).unwrap();
+    }
+    let calls = calls.finish();
+    assert!(calls.len() > 10, "{} calls", calls.len());
+    let failed: Vec<_> = calls.iter().filter_map(|c| c.error.as_ref()).collect();
+    assert!(failed.is_empty(), "{failed:?}");
+    let ended_badly: Vec<_> = mesh.agents[1]
+        .lines()
+        .into_iter()
+        .filter(|l| l.message() == "HBONE connection ended with an error")
+        .map(|l| l.0)
+        .collect();
+    assert!(ended_badly.is_empty(), "{ended_badly:?}");
+    // The tunnels were made again after each renewal.
+    let accepted = mesh.agents[1]
+        .lines()
+        .iter()
+        .filter(|l| l.message() == "HBONE connection accepted")
+        .count();
+    assert!(accepted >= 4, "{accepted} tunnels accepted");
+}
+
 /// 4 MiB from the client to the server, spread over 20 s: longer than the
 /// short certificates some tests use.
 fn long_transfer(mesh: &CaMesh) -> std::process::Child {

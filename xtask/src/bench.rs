@@ -32,15 +32,14 @@
 use std::{
     collections::BTreeMap,
     fs,
-    io::{BufRead, BufReader, Read},
     path::PathBuf,
-    process::{Child, Command, ExitStatus, Stdio},
+    process::{Command, Stdio},
     sync::mpsc,
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
 use warren_tests::{
     Lab, LabSpec, Pod,
@@ -48,7 +47,10 @@ use warren_tests::{
     telemetry,
 };
 
-use crate::procfs;
+use crate::{
+    child::{Background, last_json_line, output_within, wait_within},
+    procfs,
+};
 
 /// `labpod serve`, for round trips.
 const ECHO_PORT: u16 = 8080;
@@ -495,9 +497,20 @@ impl Agents<'_> {
         match config {
             Config::Baseline => {}
             Config::Warren => {
+                // One pair of pods holds HELD_CONNECTIONS between them: more
+                // than a pod's default share of an agent allowed 20 000 open
+                // files (a quarter of the node's, and one peer at most half
+                // of that), so the limits are raised as a node running such
+                // a pair would raise them (README, Limits). The agent of
+                // --against may predate them, and then has none.
+                let per_pod = 2 * (HELD_CONNECTIONS + HELD_CONNECTIONS / 50);
                 for node in self.lab.nodes() {
                     let agent_config = agent_config(node, &self.mesh)
-                        + &format!("metricsListen: {}:{METRICS_PORT}\n", node.ip);
+                        + &format!("metricsListen: {}:{METRICS_PORT}\n", node.ip)
+                        + &format!(
+                            "limits:\n  connectionsPerPod: {per_pod}\n  \
+                             streamsPerPeerNamespace: {per_pod}\n"
+                        );
                     self.running
                         .push(Agent::start(node, &agent_config, &self.dir.join("warren"))?);
                 }
@@ -754,21 +767,8 @@ impl AgentProcesses {
         for (node, pid) in &self.running {
             let ends = u32::from(client.node == *node) + u32::from(server.node == *node);
             let needed = ends * (HELD_CONNECTIONS + HELD_CONNECTIONS / 50);
-            let fd_dir = format!("/proc/{pid}/fd");
-            let open = fs::read_dir(&fd_dir)
-                .with_context(|| format!("reading {fd_dir}"))?
-                .count();
-            let limits_path = format!("/proc/{pid}/limits");
-            let limits = fs::read_to_string(&limits_path)
-                .with_context(|| format!("reading {limits_path}"))?;
-            // "Max open files            20000                20000                files"
-            let soft = limits
-                .lines()
-                .find_map(|l| l.strip_prefix("Max open files"))
-                .and_then(|rest| rest.split_whitespace().next())
-                .with_context(|| format!("{limits_path}: no Max open files"))?;
-            let Ok(soft) = soft.parse::<usize>() else {
-                // "unlimited"
+            let open = procfs::open_fds(*pid)?;
+            let Some(soft) = procfs::open_files_limit(*pid)? else {
                 continue;
             };
             ensure!(
@@ -909,122 +909,9 @@ fn held_memory(client: &Pod, server: &Pod, agents: &AgentProcesses) -> Result<(f
     Ok((idle, held))
 }
 
-/// A server process in a pod; dropping it kills it.
-struct Background {
-    child: Child,
-    /// Its stdout, read by a thread as long as this is kept.
-    stdout: mpsc::Receiver<String>,
-}
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Starts `cmd` and waits until a line of its stdout contains `ready`.
 fn start_server(cmd: Command, ready: &str) -> Result<Background> {
     Background::start(cmd, Stdio::null(), ready, COMMAND_TIMEOUT)
-}
-
-impl Background {
-    /// Starts `cmd` with `stdin` and waits, up to `timeout`, until a line of its stdout
-    /// contains `ready`.
-    fn start(mut cmd: Command, stdin: Stdio, ready: &str, timeout: Duration) -> Result<Self> {
-        let shown = format!("{cmd:?}");
-        let mut child = cmd
-            .stdin(stdin)
-            .stdout(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {shown}"))?;
-        let stdout = line_channel(child.stdout.take().context("no stdout")?);
-        let mut process = Self { child, stdout };
-        let deadline = Instant::now() + timeout;
-        loop {
-            match process
-                .stdout
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
-                Ok(line) if line.contains(ready) => return Ok(process),
-                Ok(_) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let status = wait_within(&mut process.child, COMMAND_TIMEOUT)?;
-                    bail!("{shown} exited ({status}) before saying {ready:?} (its stderr is above)")
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    bail!("{shown} did not say {ready:?} within {timeout:?}")
-                }
-            }
-        }
-    }
-}
-
-/// Runs `cmd` to completion and returns its stdout; kills it after `timeout`.
-fn output_within(mut cmd: Command, timeout: Duration) -> Result<String> {
-    let shown = format!("{cmd:?}");
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {shown}"))?;
-    // Read while it runs, so that a full pipe cannot stall it.
-    let stdout = read_all(child.stdout.take().context("no stdout")?);
-    let stderr = read_all(child.stderr.take().context("no stderr")?);
-    let status = wait_within(&mut child, timeout).with_context(|| shown.clone())?;
-    let stdout = stdout.join().expect("the reader does not panic");
-    let stderr = stderr.join().expect("the reader does not panic");
-    ensure!(
-        status.success(),
-        "{shown} failed ({status}): {}{}",
-        stdout.trim(),
-        stderr.trim()
-    );
-    Ok(stdout)
-}
-
-fn wait_within(child: &mut Child, timeout: Duration) -> Result<ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(status);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("still running after {timeout:?}, killed");
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn read_all(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<String> {
-    thread::spawn(move || {
-        let mut text = String::new();
-        let _ = pipe.read_to_string(&mut text);
-        text
-    })
-}
-
-fn line_channel(pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    rx
-}
-
-fn last_json_line(stdout: &str) -> Result<Value> {
-    stdout
-        .lines()
-        .rev()
-        .find_map(|line| serde_json::from_str(line).ok())
-        .with_context(|| format!("no JSON report in {stdout:?}"))
 }
 
 fn print_table(

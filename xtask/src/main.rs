@@ -8,14 +8,18 @@
 //! - `fuzz`: every fuzz target (cargo-fuzz, libFuzzer) for a while, with executions and coverage.
 //! - `vm`: the capture and ingress smoke tests on Debian 12's own kernel (6.1), under qemu.
 //! - `soak`: mixed traffic and churn for a while, the agents' memory sampled.
+//! - `scale`: 10 000 tunnelled connections held with traffic, 100 000 made one after the
+//!   other, the agents' memory per connection and after the churn.
 
 mod bench;
 mod bench_discovery;
+mod child;
 mod demo;
 mod fuzz;
 mod image;
 mod lab;
 mod procfs;
+mod scale;
 mod setup;
 mod soak;
 mod vm;
@@ -70,6 +74,9 @@ enum Task {
     /// Mixed traffic, policy, config and certificate churn and an agent restart for a while,
     /// with the agents' memory sampled (needs root).
     Soak(soak::Args),
+    /// Many tunnelled connections held at once and many made one after the other across the
+    /// lab, with the agents' memory per connection and after the churn (needs root).
+    Scale(scale::Args),
 }
 
 fn main() -> Result<()> {
@@ -84,6 +91,7 @@ fn main() -> Result<()> {
         Task::Fuzz(args) => fuzz::run(&args),
         Task::Vm(args) => vm::run(&args),
         Task::Soak(args) => soak::run(&args),
+        Task::Scale(args) => scale::run(&args),
     }
 }
 

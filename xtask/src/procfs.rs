@@ -1,4 +1,4 @@
-//! What the benches read of a process in /proc: its CPU time and its memory.
+//! What the benches read of a process in /proc: its CPU time, its memory, its descriptors.
 
 use std::{fs, process::Command};
 
@@ -48,6 +48,32 @@ pub fn status_kib(pid: u32, name: &str) -> Result<u64> {
         .with_context(|| format!("{path}: no {name} in kB"))
 }
 
+/// How many descriptors process `pid` has open.
+pub fn open_fds(pid: u32) -> Result<usize> {
+    let dir = format!("/proc/{pid}/fd");
+    Ok(fs::read_dir(&dir)
+        .with_context(|| format!("reading {dir}"))?
+        .count())
+}
+
+/// The soft limit on open files of process `pid`; `None` when unlimited.
+pub fn open_files_limit(pid: u32) -> Result<Option<usize>> {
+    let path = format!("/proc/{pid}/limits");
+    let limits = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    // "Max open files            20000                20000                files"
+    let soft = limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .with_context(|| format!("{path}: no Max open files"))?;
+    if soft == "unlimited" {
+        return Ok(None);
+    }
+    soft.parse()
+        .map(Some)
+        .with_context(|| format!("{path}: Max open files is {soft:?}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -63,5 +89,12 @@ mod tests {
         let rss = status_kib(pid, "VmRSS").unwrap();
         assert!(rss > 0 && rss <= status_kib(pid, "VmHWM").unwrap());
         assert!(status_kib(pid, "VmNothing").is_err());
+        let open = open_fds(pid).unwrap();
+        assert!(open >= 3, "stdin, stdout and stderr at least: {open}");
+        assert!(
+            open_files_limit(pid)
+                .unwrap()
+                .is_none_or(|limit| limit >= open)
+        );
     }
 }

@@ -98,7 +98,8 @@ enum Cli {
     },
     /// Open COUNT connections to `keep` and confirm each end to end (one byte sent, the same
     /// byte read back), say so once all are up, then keep them all open until stdin gives a
-    /// line or closes.
+    /// line or closes; with ECHO_EVERY_MS, each sends a byte and reads it back that often
+    /// meanwhile. Says how many round trips were made and how many connections failed.
     Hold {
         /// Server address, ADDR:PORT.
         #[arg(long)]
@@ -108,6 +109,10 @@ enum Cli {
         /// Connections being opened at any one time.
         #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
         concurrency: u16,
+        /// Traffic on the held connections: a round trip on each this often, the
+        /// connections' turns spread evenly over the period.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        echo_every_ms: Option<u64>,
     },
     /// Open COUNT connections at once, as an attacker would, each sending a byte (unless
     /// SILENT) and waiting up to WAIT_MS for its echo (or, silent, for the other end to close);
@@ -201,7 +206,14 @@ fn main() -> ExitCode {
             addr,
             count,
             concurrency,
-        } => hold(addr, count, concurrency.into()).map(|()| true),
+            echo_every_ms,
+        } => hold(
+            addr,
+            count,
+            concurrency.into(),
+            echo_every_ms.map(Duration::from_millis),
+        )
+        .map(|()| true),
         Cli::Spray {
             addr,
             count,
@@ -537,7 +549,12 @@ async fn echo_until_closed(mut stream: tokio::net::TcpStream) -> io::Result<()> 
     }
 }
 
-fn hold(addr: SocketAddr, count: usize, concurrency: usize) -> Result<()> {
+fn hold(
+    addr: SocketAddr,
+    count: usize,
+    concurrency: usize,
+    echo_every: Option<Duration>,
+) -> Result<()> {
     let runtime = one_thread_runtime()?;
     let start = Instant::now();
     let held = runtime.block_on(
@@ -555,12 +572,87 @@ fn hold(addr: SocketAddr, count: usize, concurrency: usize) -> Result<()> {
         "connections": held.len(),
         "seconds": start.elapsed().as_secs_f64(),
     }));
-    // Whatever stdin brings, a line or its end, means let go.
-    let _ = io::stdin().lock().read_line(&mut String::new());
-    // Closed within the runtime, whose reactor they are registered with.
-    runtime.block_on(async move { drop(held) });
-    emit(json!({"event": "released", "connections": count}));
+    // Whatever stdin brings, a line or its end, means let go. Read on a thread of its
+    // own: the runtime's one thread is busy with the connections' round trips meanwhile.
+    let (let_go, released) = tokio::sync::watch::channel(false);
+    thread::spawn(move || {
+        let _ = io::stdin().lock().read_line(&mut String::new());
+        let _ = let_go.send(true);
+    });
+    let (echoes, errors) = runtime.block_on(async move {
+        let mut talking = tokio::task::JoinSet::new();
+        for (n, stream) in held.into_iter().enumerate() {
+            // Each connection's turn comes at its own offset in the period, so that the
+            // round trips are spread over it rather than all at once.
+            let turns = echo_every.map(|every| (every, every * n as u32 / count as u32));
+            let released = released.clone();
+            talking.spawn(async move {
+                keep_talking(stream, turns, released)
+                    .await
+                    .with_context(|| format!("held connection {n} to {addr}"))
+            });
+        }
+        let (mut echoes, mut errors) = (0, Vec::new());
+        while let Some(ended) = talking.join_next().await {
+            match ended.context("a held connection's task") {
+                Ok(Ok(made)) => echoes += made,
+                Ok(Err(err)) | Err(err) => errors.push(format!("{err:#}")),
+            }
+        }
+        (echoes, errors)
+    });
+    emit(json!({
+        "event": "released",
+        "connections": count,
+        "echoes": echoes,
+        "failed": errors.len(),
+        "errors": errors.iter().take(5).collect::<Vec<_>>(),
+    }));
+    ensure!(
+        errors.is_empty(),
+        "{} of {count} held connections failed; the first: {}",
+        errors.len(),
+        errors[0]
+    );
     Ok(())
+}
+
+/// Keeps `stream` until `released`, with `turns` (every, offset) a round trip of a byte
+/// every `every`, the first after `offset`; how many were made. The stream is closed when
+/// this returns.
+async fn keep_talking(
+    mut stream: tokio::net::TcpStream,
+    turns: Option<(Duration, Duration)>,
+    mut released: tokio::sync::watch::Receiver<bool>,
+) -> Result<u64> {
+    let Some((every, offset)) = turns else {
+        let _ = released.wait_for(|go| *go).await;
+        return Ok(0);
+    };
+    let mut turns = tokio::time::interval_at(tokio::time::Instant::now() + offset, every);
+    // A turn missed (the machine was busy) is not made up for in a burst.
+    turns.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut made = 0;
+    loop {
+        tokio::select! {
+            _ = released.wait_for(|go| *go) => return Ok(made),
+            _ = turns.tick() => {}
+        }
+        let mut echoed = [0];
+        tokio::time::timeout(IO_TIMEOUT, async {
+            stream.write_all(b"w").await?;
+            stream.read_exact(&mut echoed).await
+        })
+        .await
+        .with_context(|| format!("round trip {}: timed out", made + 1))?
+        .with_context(|| format!("round trip {}", made + 1))?;
+        ensure!(
+            echoed == *b"w",
+            "round trip {}: {echoed:?} came back",
+            made + 1
+        );
+        made += 1;
+    }
 }
 
 /// A connection that has carried a byte there and back.
