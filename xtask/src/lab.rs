@@ -45,6 +45,10 @@ pub enum Action {
     },
 }
 
+/// Where each node's agent serves its Prometheus metrics, on the node's
+/// address.
+const METRICS_PORT: u16 = 15020;
+
 pub fn run(action: Action) -> Result<()> {
     match action {
         Action::Up {
@@ -119,11 +123,15 @@ fn up(name: &str, profile: crate::Profile, spec: LabSpec) -> Result<()> {
         .map(|pod| MeshWorkload::new(pod, "default", &pod.name))
         .collect();
     let dir = files_dir(name);
-    fs::create_dir_all(&dir)?;
+    // The logs apart from the configs: an agent watches its config's
+    // directory, and each line it wrote there would wake it.
+    let logs = dir.join("logs");
+    fs::create_dir_all(&logs)?;
     for node in lab.nodes() {
         let config = dir.join(format!("{}.yaml", node.name));
-        let log = dir.join(format!("{}.log", node.name));
-        fs::write(&config, agent_config(node, &workloads))?;
+        let log = logs.join(format!("{}.log", node.name));
+        let metrics = format!("metricsListen: {}:{METRICS_PORT}\n", node.ip);
+        fs::write(&config, agent_config(node, &workloads) + &metrics)?;
         // Left running in the node's cgroup; `lab down` kills it with the lab.
         node.try_command(binary("warren")?)?
             .arg("agent")
@@ -140,11 +148,14 @@ fn up(name: &str, profile: crate::Profile, spec: LabSpec) -> Result<()> {
         "\nAn agent runs on each node with every pod enrolled; configs and logs in {dir}.\n\
          Try:\n  cargo xtask lab exec n1p2 -- {labpod} serve --port 8080 --name n1p2 &\n  \
          cargo xtask lab exec n1p1 -- {labpod} call 10.244.1.3:8080\n  \
-         tail {dir}/node-1.log\n  \
+         tail {dir}/logs/node-1.log\n  \
+         ip netns exec {netns} curl -s {ip}:{METRICS_PORT}/metrics\n  \
          edit {dir}/node-1.yaml (the agent reloads it)\n\
          Take it down with: cargo xtask lab down",
         dir = dir.display(),
         labpod = binary("labpod")?.display(),
+        netns = lab.node(0).netns,
+        ip = lab.node(0).ip,
     );
     lab.persist();
     Ok(())
