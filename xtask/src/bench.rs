@@ -767,19 +767,13 @@ impl AgentProcesses {
         for (node, pid) in &self.running {
             let ends = u32::from(client.node == *node) + u32::from(server.node == *node);
             let needed = ends * (HELD_CONNECTIONS + HELD_CONNECTIONS / 50);
-            let open = procfs::open_fds(*pid)?;
-            let Some(soft) = procfs::open_files_limit(*pid)? else {
-                continue;
-            };
-            ensure!(
-                open + needed as usize <= soft,
-                "the agent on {node} may open {soft} files and has {open} open; relaying \
-                 {HELD_CONNECTIONS} connections {} -> {} would take about {needed} more: raise \
-                 the hard limit on open files the bench runs with (the agents inherit it), or \
-                 lower HELD_CONNECTIONS",
-                client.name,
-                server.name
-            );
+            procfs::ensure_room(*pid, needed as usize).with_context(|| {
+                format!(
+                    "the agent on {node}, relaying {HELD_CONNECTIONS} connections {} -> {} \
+                     (or lower HELD_CONNECTIONS)",
+                    client.name, server.name
+                )
+            })?;
         }
         Ok(())
     }

@@ -74,6 +74,20 @@ pub fn open_files_limit(pid: u32) -> Result<Option<usize>> {
         .with_context(|| format!("{path}: Max open files is {soft:?}"))
 }
 
+/// Fails unless process `pid` may open `more` descriptors besides those it
+/// has open.
+pub fn ensure_room(pid: u32, more: usize) -> Result<()> {
+    let open = open_fds(pid)?;
+    if let Some(limit) = open_files_limit(pid)? {
+        anyhow::ensure!(
+            open + more <= limit,
+            "it may open {limit} files and has {open} open, and about {more} more are needed: \
+             raise the hard limit on open files this runs with (the agents inherit it)"
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,5 +110,8 @@ mod tests {
                 .unwrap()
                 .is_none_or(|limit| limit >= open)
         );
+        assert!(ensure_room(pid, 1).is_ok());
+        let limited = open_files_limit(pid).unwrap().is_some();
+        assert_eq!(ensure_room(pid, usize::MAX / 2).is_err(), limited);
     }
 }

@@ -288,16 +288,13 @@ pub fn run(args: &Args) -> Result<()> {
 fn check_room(agents: &[Agent], connections: usize) -> Result<()> {
     for agent in agents {
         let pid = agent.pid().context("an agent is gone")?;
-        let needed = connections + connections / 50 + procfs::open_fds(pid)?;
-        if let Some(limit) = procfs::open_files_limit(pid)? {
-            ensure!(
-                needed <= limit,
-                "the agent on {} may open {limit} files; holding {connections} connections \
-                 takes about {needed}: raise the hard limit on open files this runs with (the \
-                 agents inherit it), or hold fewer (--connections)",
+        procfs::ensure_room(pid, connections + connections / 50).with_context(|| {
+            format!(
+                "the agent on {}, holding {connections} connections (or hold fewer: \
+                 --connections)",
                 agent.node
-            );
-        }
+            )
+        })?;
     }
     Ok(())
 }
