@@ -108,6 +108,9 @@ pub struct LimitSettings {
     pub streams_per_peer_namespace: Option<usize>,
     /// File descriptors the agent may hold for connections, all pods.
     pub connections_per_node: Option<usize>,
+    /// File descriptors each pod keeps for itself each way, out of the
+    /// node's budget, whatever the other pods hold.
+    pub reserved_per_pod: Option<usize>,
     /// How long streams of a peer whose certificate expired, or whose root
     /// was removed, may go on before they are cut.
     pub drain_deadline: Option<Duration>,
@@ -122,6 +125,8 @@ struct RawLimits {
     streams_per_peer_namespace: Option<usize>,
     #[serde(default)]
     connections_per_node: Option<usize>,
+    #[serde(default)]
+    reserved_per_pod: Option<usize>,
     #[serde(default)]
     drain_deadline: Option<String>,
 }
@@ -515,6 +520,7 @@ impl RawConfig {
             connections_per_pod: raw.connections_per_pod,
             streams_per_peer_namespace: raw.streams_per_peer_namespace,
             connections_per_node: raw.connections_per_node,
+            reserved_per_pod: raw.reserved_per_pod,
             drain_deadline,
         };
         let kubernetes = match self.kubernetes {
@@ -910,8 +916,15 @@ workloads:
                 connections_per_pod: Some(100),
                 streams_per_peer_namespace: None,
                 connections_per_node: Some(5000),
+                reserved_per_pod: None,
                 drain_deadline: None,
             }
+        );
+        let reserve = parse(&format!("{GOOD}limits:\n  reservedPerPod: 0\n")).unwrap();
+        assert_eq!(
+            reserve.limits.reserved_per_pod,
+            Some(0),
+            "no reserve at all is a choice"
         );
         let drain = parse(&format!("{GOOD}limits:\n  drainDeadline: 2s\n")).unwrap();
         assert_eq!(drain.limits.drain_deadline, Some(Duration::from_secs(2)));

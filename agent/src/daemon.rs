@@ -919,18 +919,13 @@ const REPORTS_FILE: &str = "sandboxes.json";
 fn node_limits(configured: &crate::config::LimitSettings) -> Limits {
     let open_files = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
         .map_or(1024, |(soft, _)| soft);
-    let limits = Limits::resolve(
-        configured.connections_per_pod,
-        configured.streams_per_peer_namespace,
-        configured.connections_per_node,
-        configured.drain_deadline,
-        open_files,
-    );
+    let limits = Limits::resolve(configured, open_files);
     info!(
         open_files,
         per_pod = limits.per_pod,
         per_peer = limits.per_peer,
         per_node = limits.per_node,
+        reserve_per_pod = limits.reserve,
         drain_deadline = ?limits.drain,
         "connection limits (file descriptors the agent may hold)"
     );

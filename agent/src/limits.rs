@@ -12,8 +12,19 @@
 //! across the node; and given back when it ends. Over any limit the
 //! connection is refused at once (a reset, or a 503 for a stream): a pod
 //! that sprays connections, or a peer that opens streams by the thousand,
-//! meets its own limit while every other pod, and the pod's other peers,
-//! keep their share.
+//! meets its own limit.
+//!
+//! Several of them together could still take the whole node's budget, and
+//! then every pod would be refused. So each pod has a reserve each way that
+//! no other pod can take: set aside in the node's budget when the pod's is
+//! made, and given back when the pod is withdrawn. Nothing is held beyond a
+//! reserve while that would leave less than the reserves free, so however
+//! busy its neighbours, a pod can always hold its reserve. A pod that comes
+//! while the others hold all the rest is owed its reserve, and what they
+//! let go pays it before they may take more. Reserves together take at
+//! most half of the node's budget (a node with more pods than that allows
+//! gives its last ones less). Within a pod, its reserve is its peers' as
+//! the rest of its inbound budget is (one peer namespace at most half).
 //!
 //! The node's limit leaves room under the process's open-files limit for
 //! what is not a connection (listeners, tunnels, the API server's watches,
@@ -30,6 +41,8 @@ use std::{
 
 use warren_pki::identity::SpiffeId;
 
+use crate::config::LimitSettings;
+
 /// Descriptors per pod unless the config says otherwise, and at most a
 /// quarter of the node's.
 pub const DEFAULT_PER_POD: usize = 16_384;
@@ -37,6 +50,10 @@ pub const DEFAULT_PER_POD: usize = 16_384;
 pub const DEFAULT_PER_PEER: usize = 16_384;
 /// Descriptors kept out of the node's budget, for what is not a connection.
 pub const RESERVED: usize = 1_024;
+/// Descriptors each pod keeps for itself each way unless the config says
+/// otherwise: room for a pod's ordinary traffic (its HTTP clients' pools,
+/// its database connections) whatever its neighbours do.
+pub const DEFAULT_RESERVE: usize = 256;
 /// How long the streams of a peer that is no longer trusted (its
 /// certificate expired, its root removed) may go on before they are cut.
 pub const DEFAULT_DRAIN: Duration = Duration::from_secs(10);
@@ -47,6 +64,8 @@ pub struct Limits {
     pub per_pod: usize,
     pub per_peer: usize,
     pub per_node: usize,
+    /// What each pod keeps for itself each way (at most `per_pod`).
+    pub reserve: usize,
     pub drain: Duration,
 }
 
@@ -54,22 +73,26 @@ impl Limits {
     /// Fills in what the config leaves out (`None`): the node's budget from
     /// `open_files` (the process's limit, raised to its hard limit at start),
     /// the pod's and the peer's from the node's.
-    pub fn resolve(
-        per_pod: Option<usize>,
-        per_peer: Option<usize>,
-        per_node: Option<usize>,
-        drain: Option<Duration>,
-        open_files: u64,
-    ) -> Self {
+    pub fn resolve(configured: &LimitSettings, open_files: u64) -> Self {
         let open_files = usize::try_from(open_files).unwrap_or(usize::MAX);
-        let per_node =
-            per_node.unwrap_or_else(|| open_files.saturating_sub(RESERVED).max(open_files / 2));
+        let per_node = configured
+            .connections_per_node
+            .unwrap_or_else(|| open_files.saturating_sub(RESERVED).max(open_files / 2));
         let share = (per_node / 4).max(1);
+        let per_pod = configured
+            .connections_per_pod
+            .unwrap_or(DEFAULT_PER_POD.min(share));
         Self {
-            per_pod: per_pod.unwrap_or(DEFAULT_PER_POD.min(share)),
-            per_peer: per_peer.unwrap_or(DEFAULT_PER_PEER.min(share)),
+            per_pod,
+            per_peer: configured
+                .streams_per_peer_namespace
+                .unwrap_or(DEFAULT_PER_PEER.min(share)),
             per_node,
-            drain: drain.unwrap_or(DEFAULT_DRAIN),
+            reserve: configured
+                .reserved_per_pod
+                .unwrap_or(DEFAULT_RESERVE)
+                .min(per_pod),
+            drain: configured.drain_deadline.unwrap_or(DEFAULT_DRAIN),
         }
     }
 }
@@ -161,8 +184,30 @@ impl PerPeer {
 /// The node's budget, shared by its pods' budgets.
 pub struct NodeBudget {
     limits: Limits,
+    /// Descriptors held for connections, all pods (`within + beyond`, read
+    /// without the lock for reports).
     used: AtomicUsize,
+    shared: Mutex<Shared>,
     peers: PerPeer,
+}
+
+/// The node's limit, as its pods take it. `paid + beyond <= per_node`
+/// always, and pods hold at most their reserves within them (`within <=
+/// paid`): so every pod can take what is paid of its reserve, and the node
+/// never holds more than `per_node`. Nothing more is taken beyond a reserve
+/// while `paid + owed + beyond` would pass `per_node`: what pods let go
+/// pays the reserves still owed first.
+#[derive(Debug, Default)]
+struct Shared {
+    /// The reserves set aside, both ways, of all pods.
+    paid: usize,
+    /// The reserves promised but not set aside yet (a pod that came while
+    /// the others held all the rest).
+    owed: usize,
+    /// What pods hold within their reserves.
+    within: usize,
+    /// What pods hold beyond their reserves.
+    beyond: usize,
 }
 
 impl NodeBudget {
@@ -170,8 +215,39 @@ impl NodeBudget {
         Arc::new(Self {
             limits,
             used: AtomicUsize::new(0),
+            shared: Mutex::new(Shared::default()),
             peers: PerPeer::default(),
         })
+    }
+
+    fn shared(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes `within` descriptors of a pod's (paid) reserve and `beyond`
+    /// more.
+    fn take(&self, within: usize, beyond: usize) -> Result<(), OverLimit> {
+        let per_node = self.limits.per_node;
+        let mut shared = self.shared();
+        let committed = shared.paid + shared.owed + shared.beyond;
+        // The second test never fails while the invariants hold: kept, as
+        // the one that must never be passed.
+        if (beyond > 0 && committed + beyond > per_node)
+            || shared.within + shared.beyond + within + beyond > per_node
+        {
+            return Err(OverLimit::Node { limit: per_node });
+        }
+        shared.within += within;
+        shared.beyond += beyond;
+        self.used.fetch_add(within + beyond, Ordering::AcqRel);
+        Ok(())
+    }
+
+    fn give(&self, within: usize, beyond: usize) {
+        let mut shared = self.shared();
+        shared.within -= within;
+        shared.beyond -= beyond;
+        self.used.fetch_sub(within + beyond, Ordering::AcqRel);
     }
 
     pub fn limits(&self) -> Limits {
@@ -183,12 +259,51 @@ impl NodeBudget {
         self.used.load(Ordering::Acquire)
     }
 
-    /// A budget for one pod, out of this node's.
+    /// Pays what it can of `held`'s owed reserve out of what is free of
+    /// the reserves and of what pods hold beyond them; what the pod holds
+    /// beyond its reserve then partly counts within it.
+    fn pay(&self, held: &mut Held) {
+        let mut shared = self.shared();
+        let free = self.limits.per_node - shared.paid - shared.beyond;
+        let pay = held.owed.min(free / 2);
+        if pay == 0 {
+            return;
+        }
+        for direction in [Direction::Outbound, Direction::Inbound] {
+            let count = *held.get(direction);
+            let now_within = count.min(held.reserve + pay) - count.min(held.reserve);
+            shared.beyond -= now_within;
+            shared.within += now_within;
+        }
+        shared.paid += 2 * pay;
+        shared.owed -= 2 * pay;
+        held.reserve += pay;
+        held.owed -= pay;
+    }
+
+    /// A budget for one pod, out of this node's, with its reserve: the
+    /// configured one, or less once the reserves take half of the node's
+    /// limit; set aside now as far as the node has it free, owed the rest.
     pub fn pod(self: &Arc<Self>) -> Arc<PodBudget> {
+        let (reserve, owed) = {
+            let mut shared = self.shared();
+            let per_node = self.limits.per_node;
+            let room = (per_node / 2).saturating_sub(shared.paid + shared.owed);
+            let promised = self.limits.reserve.min(room / 2);
+            // What is free is for the pods owed already, first.
+            let spare = (per_node - shared.paid - shared.beyond).saturating_sub(shared.owed);
+            let paid = promised.min(spare / 2);
+            shared.paid += 2 * paid;
+            shared.owed += 2 * (promised - paid);
+            (paid, promised - paid)
+        };
         Arc::new(PodBudget {
             node: self.clone(),
-            outbound: AtomicUsize::new(0),
-            inbound: AtomicUsize::new(0),
+            held: Mutex::new(Held {
+                reserve,
+                owed,
+                ..Held::default()
+            }),
             peers: PerPeer::default(),
             refusals: Throttle::default(),
         })
@@ -198,9 +313,8 @@ impl NodeBudget {
 /// One pod's budget.
 pub struct PodBudget {
     node: Arc<NodeBudget>,
-    outbound: AtomicUsize,
-    inbound: AtomicUsize,
-    /// What each peer holds of `inbound`.
+    held: Mutex<Held>,
+    /// What each peer holds of its inbound budget.
     peers: PerPeer,
     /// Refusals are logged once in a while, not one line each: a pod over
     /// its limit is usually a pod trying thousands of connections.
@@ -214,7 +328,23 @@ impl PodBudget {
 
     /// Descriptors held for this pod's connections one way.
     pub fn used(&self, direction: Direction) -> usize {
-        self.counter(direction).load(Ordering::Acquire)
+        *self.held().get(direction)
+    }
+
+    /// What this pod keeps for itself each way, set aside or owed.
+    pub fn reserve(&self) -> usize {
+        let held = self.held();
+        held.reserve + held.owed
+    }
+
+    /// What is set aside of its reserve.
+    #[cfg(test)]
+    fn paid(&self) -> usize {
+        self.held().reserve
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The most one peer may hold of the pod's inbound budget: half, so
@@ -244,31 +374,50 @@ impl PodBudget {
         Ok(permit)
     }
 
-    fn counter(&self, direction: Direction) -> &AtomicUsize {
-        match direction {
-            Direction::Outbound => &self.outbound,
-            Direction::Inbound => &self.inbound,
+    /// The pod is withdrawn: its reserve goes back to the node now, not
+    /// when its last connection ends (one left open would keep it set aside
+    /// for good, and a pod made again and again would use up the reserves
+    /// of those to come). What it still holds counts as beyond.
+    pub fn retire(&self) {
+        let mut held = self.held();
+        let mut shared = self.node.shared();
+        for direction in [Direction::Outbound, Direction::Inbound] {
+            let within = (*held.get(direction)).min(held.reserve);
+            shared.within -= within;
+            shared.beyond += within;
         }
+        shared.paid -= 2 * held.reserve;
+        shared.owed -= 2 * held.owed;
+        held.reserve = 0;
+        held.owed = 0;
     }
 
     fn take(&self, direction: Direction, n: usize) -> Result<(), OverLimit> {
-        let limits = self.node.limits;
-        let counter = self.counter(direction);
-        take(counter, n, limits.per_pod).map_err(|()| OverLimit::Pod {
-            direction,
-            limit: limits.per_pod,
-        })?;
-        take(&self.node.used, n, limits.per_node).map_err(|()| {
-            counter.fetch_sub(n, Ordering::AcqRel);
-            OverLimit::Node {
-                limit: limits.per_node,
-            }
-        })
+        let per_pod = self.node.limits.per_pod;
+        let mut held = self.held();
+        let was = *held.get(direction);
+        if was + n > per_pod {
+            return Err(OverLimit::Pod {
+                direction,
+                limit: per_pod,
+            });
+        }
+        if held.owed > 0 {
+            self.node.pay(&mut held);
+        }
+        let within = (was + n).min(held.reserve) - was.min(held.reserve);
+        self.node.take(within, n - within)?;
+        *held.get_mut(direction) = was + n;
+        Ok(())
     }
 
+    /// Gives back `n` of what one permit holds (never more than it took).
     fn give(&self, direction: Direction, n: usize) {
-        self.counter(direction).fetch_sub(n, Ordering::AcqRel);
-        self.node.used.fetch_sub(n, Ordering::AcqRel);
+        let mut held = self.held();
+        let was = *held.get(direction);
+        let within = was.min(held.reserve) - (was - n).min(held.reserve);
+        self.node.give(within, n - within);
+        *held.get_mut(direction) = was - n;
     }
 
     fn take_peer(&self, peer: &Peer, n: usize) -> Result<(), OverLimit> {
@@ -290,14 +439,43 @@ impl PodBudget {
     }
 }
 
-/// Adds `n` to `counter` unless that would take it over `limit`.
-fn take(counter: &AtomicUsize, n: usize, limit: usize) -> Result<(), ()> {
-    counter
-        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-            (used + n <= limit).then_some(used + n)
-        })
-        .map(drop)
-        .map_err(drop)
+impl Drop for PodBudget {
+    /// Its connections are gone (each permit holds its budget): its
+    /// reserve, unless retired already, goes back to the node.
+    fn drop(&mut self) {
+        let held = self.held();
+        let mut shared = self.node.shared();
+        shared.paid -= 2 * held.reserve;
+        shared.owed -= 2 * held.owed;
+    }
+}
+
+/// Descriptors a pod holds each way, and its reserve.
+#[derive(Debug, Default)]
+struct Held {
+    outbound: usize,
+    inbound: usize,
+    /// What it keeps for itself each way, set aside in the node's budget
+    /// (zero once retired).
+    reserve: usize,
+    /// What it is promised besides, set aside as others let go.
+    owed: usize,
+}
+
+impl Held {
+    fn get(&self, direction: Direction) -> &usize {
+        match direction {
+            Direction::Outbound => &self.outbound,
+            Direction::Inbound => &self.inbound,
+        }
+    }
+
+    fn get_mut(&mut self, direction: Direction) -> &mut usize {
+        match direction {
+            Direction::Outbound => &mut self.outbound,
+            Direction::Inbound => &mut self.inbound,
+        }
+    }
 }
 
 /// Descriptors held for one connection; given back when dropped. A permit
@@ -391,11 +569,22 @@ impl Throttle {
 mod tests {
     use super::*;
 
+    /// A node whose pods have no reserve.
     fn node(per_pod: usize, per_peer: usize, per_node: usize) -> Arc<NodeBudget> {
+        node_with_reserve(per_pod, per_peer, per_node, 0)
+    }
+
+    fn node_with_reserve(
+        per_pod: usize,
+        per_peer: usize,
+        per_node: usize,
+        reserve: usize,
+    ) -> Arc<NodeBudget> {
         NodeBudget::new(Limits {
             per_pod,
             per_peer,
             per_node,
+            reserve,
             drain: DEFAULT_DRAIN,
         })
     }
@@ -448,6 +637,134 @@ mod tests {
             Some(OverLimit::Node { limit: 6 })
         );
         assert_eq!(b.used(Inbound), 0, "a refusal takes nothing");
+    }
+
+    #[test]
+    fn greedy_pods_together_cannot_take_a_neighbours_reserve() {
+        // Three pods reserve 2 each way: 12 of the node's 30 set aside.
+        let node = node_with_reserve(20, 100, 30, 2);
+        let (a, b, quiet) = (node.pod(), node.pod(), node.pod());
+        let a_out = a.admit(Outbound, 14).unwrap();
+        let _b = b.admit(Outbound, 8).unwrap();
+        let _b_in = b.admit(Inbound, 2).unwrap();
+        // a and b hold 12 and 6 beyond their reserves: with the 12 reserved,
+        // the node's 30 are all spoken for.
+        assert_eq!(
+            a.admit(Inbound, 3).err(),
+            Some(OverLimit::Node { limit: 30 }),
+            "beyond its inbound reserve"
+        );
+        let _a_in = a.admit(Inbound, 2).expect("its own inbound reserve");
+        let (_out, _in) = (
+            quiet.admit(Outbound, 2).expect("the quiet pod's reserve"),
+            quiet.admit(Inbound, 2).expect("both ways"),
+        );
+        assert_eq!(
+            quiet.admit(Outbound, 1).err(),
+            Some(OverLimit::Node { limit: 30 })
+        );
+        assert_eq!(node.used(), 30);
+        drop(a_out);
+        assert!(quiet.admit(Outbound, 5).is_ok(), "a let go: room again");
+    }
+
+    #[test]
+    fn reserves_take_at_most_half_the_node_and_go_back_with_their_pod() {
+        let node = node_with_reserve(10, 100, 20, 3);
+        let first = node.pod();
+        assert_eq!(first.reserve(), 3, "6 of the node's 20");
+        let second = node.pod();
+        assert_eq!(second.reserve(), 2, "what is left of half the node, 4");
+        assert_eq!(node.pod().reserve(), 0, "half the node is reserved");
+        drop(first);
+        assert_eq!(node.pod().reserve(), 3, "the first pod's reserve came back");
+    }
+
+    #[test]
+    fn a_pod_that_comes_to_a_full_node_is_paid_first_and_takes_no_ones_reserve() {
+        let node = node_with_reserve(40, 100, 40, 3);
+        let (quiet, greedy) = (node.pod(), node.pod());
+        // Its outbound reserve and all not reserved: 3 + (40 - 12).
+        let mut held: Vec<Permit> = (0..31)
+            .map(|_| greedy.admit(Outbound, 1).unwrap())
+            .collect();
+        assert!(greedy.admit(Outbound, 1).is_err());
+        // Another pod comes: promised its reserve, owed it for now.
+        let late = node.pod();
+        assert_eq!((late.reserve(), late.paid()), (3, 0));
+        assert_eq!(
+            late.admit(Outbound, 1).err(),
+            Some(OverLimit::Node { limit: 40 })
+        );
+        // The 3 free are the quiet pod's inbound reserve, and stay its own.
+        let _quiet = (
+            quiet.admit(Outbound, 3).unwrap(),
+            quiet
+                .admit(Inbound, 3)
+                .expect("the quiet pod's reserve, whoever came"),
+        );
+        // The greedy pod lets go of 6: they pay the late pod's reserve, and
+        // do not go back to the greedy pod, nor to a pod that came after.
+        held.truncate(25);
+        assert_eq!(
+            greedy.admit(Outbound, 1).err(),
+            Some(OverLimit::Node { limit: 40 })
+        );
+        let later = node.pod();
+        assert_eq!(
+            (later.reserve(), later.paid()),
+            (1, 0),
+            "the reserves' last 2, owed behind the late pod's"
+        );
+        let _late = (
+            late.admit(Outbound, 3).expect("its reserve, paid"),
+            late.admit(Inbound, 3).expect("both ways"),
+        );
+        assert_eq!(late.paid(), 3);
+        assert_eq!(node.used(), 6 + 25 + 6);
+        assert!(
+            greedy.admit(Outbound, 1).is_err(),
+            "the node's all committed"
+        );
+        // Withdrawn while owed: what it was owed is no one's any more.
+        later.retire();
+        assert_eq!(later.reserve(), 0);
+        drop(held);
+        let _again = greedy
+            .admit(Outbound, 4)
+            .expect("its reserve and one beyond it, now free");
+    }
+
+    #[test]
+    fn a_withdrawn_pod_gives_its_reserve_back_though_a_connection_lingers() {
+        let node = node_with_reserve(20, 100, 20, 3);
+        let gone = node.pod();
+        let lingering = gone.admit(Outbound, 5).unwrap();
+        let _second = node.pod();
+        assert_eq!(node.pod().reserve(), 0, "half of the node reserved");
+        gone.retire();
+        assert_eq!(gone.reserve(), 0);
+        let next = node.pod();
+        assert_eq!(next.reserve(), 3, "the withdrawn pod's reserve, at once");
+        // What lingers still counts, and goes back when it ends.
+        assert_eq!(node.used(), 5);
+        drop(lingering);
+        assert_eq!(node.used(), 0);
+        drop(gone);
+        let everything: Vec<Permit> = (0..13).map(|_| next.admit(Outbound, 1).unwrap()).collect();
+        assert_eq!(node.used(), 13, "3 of its reserve and the 10 not reserved");
+        assert!(next.admit(Outbound, 1).is_err());
+        drop(everything);
+    }
+
+    #[test]
+    fn a_refusal_takes_nothing_from_pod_or_node() {
+        let node = node_with_reserve(10, 100, 16, 2);
+        let (a, b) = (node.pod(), node.pod());
+        let _a = a.admit(Outbound, 10).unwrap();
+        assert!(b.admit(Outbound, 3).is_err());
+        assert_eq!((b.used(Outbound), node.used()), (0, 10));
+        assert!(b.admit(Outbound, 2).is_ok(), "its reserve is still whole");
     }
 
     #[test]
@@ -505,19 +822,28 @@ mod tests {
 
     #[test]
     fn limits_follow_the_open_files_limit_unless_configured() {
-        let derived = Limits::resolve(None, None, None, None, 20_000);
+        let derived = Limits::resolve(&LimitSettings::default(), 20_000);
         assert_eq!(derived.per_node, 18_976);
         assert_eq!(derived.per_pod, 18_976 / 4, "a quarter of the node's");
-        let big = Limits::resolve(None, None, None, None, 1 << 20);
+        assert_eq!(derived.reserve, DEFAULT_RESERVE);
+        let big = Limits::resolve(&LimitSettings::default(), 1 << 20);
         assert_eq!(big.per_pod, DEFAULT_PER_POD);
+        let configured = LimitSettings {
+            connections_per_pod: Some(100),
+            streams_per_peer_namespace: Some(50),
+            connections_per_node: Some(1000),
+            ..LimitSettings::default()
+        };
         assert_eq!(
-            Limits::resolve(Some(100), Some(50), Some(1000), None, 20_000),
+            Limits::resolve(&configured, 20_000),
             Limits {
                 per_pod: 100,
                 per_peer: 50,
                 per_node: 1000,
+                reserve: 100,
                 drain: DEFAULT_DRAIN,
-            }
+            },
+            "a reserve no larger than what a pod may hold"
         );
     }
 

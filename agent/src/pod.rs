@@ -205,6 +205,9 @@ impl Enroller for NodePods {
             let _ = task.await;
         }
         pod.proxy.withdraw().await;
+        // Its connections in flight stay counted; its reserve is for the
+        // pods to come.
+        pod.proxy.budget.retire();
         info!(workload = %name, "withdrew from pod: its traffic is no longer captured");
     }
 
@@ -359,6 +362,16 @@ impl NodePods {
         // The kubelet (and anything else on the node) reaches the pod from
         // this address: its probes are let through from it alone.
         let node_address = node_route::source_address_for(workload.ip).await?;
+        let budget = self.budget.pod();
+        if budget.reserve() < self.budget.limits().reserve {
+            warn!(
+                workload = %name,
+                reserve = budget.reserve(),
+                configured = self.budget.limits().reserve,
+                "the pod's reserve of descriptors is smaller than configured: the reserves of \
+                 this node's pods take half of its limit already (README, Limits)"
+            );
+        }
         let proxy = Arc::new(PodProxy::new(
             (**workload).clone(),
             netns.clone(),
@@ -367,7 +380,7 @@ impl NodePods {
             self.pool.clone(),
             self.metrics.clone(),
             self.shortcuts.clone(),
-            self.budget.pod(),
+            budget,
         ));
         let inbound = Arc::new(PodInbound::new(proxy.clone()).await?);
         self.serving.add(&proxy);

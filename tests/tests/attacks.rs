@@ -223,6 +223,74 @@ fn a_pod_over_its_limit_is_refused_and_its_neighbours_are_not() {
     );
     // Its share comes back when its connections end.
     Call::default().run(&mesh.client, other).unwrap();
+    assert_refusals_throttled(&mesh.agents[0]);
+}
+
+/// Refusals over a limit are logged a line now and then, whichever way the
+/// connection met the limit (its own socket, or the tunnel it waited for),
+/// never a warning each: a pod over its limit tries by the thousand.
+fn assert_refusals_throttled(agent: &Agent) {
+    let each: Vec<_> = agent
+        .lines()
+        .into_iter()
+        .filter(|l| {
+            l.message() == "outbound connection failed" && l.field("error").contains("limit")
+        })
+        .collect();
+    assert!(
+        each.is_empty(),
+        "{} lines, the first: {:?}",
+        each.len(),
+        each[0].0
+    );
+}
+
+#[test]
+fn a_pod_that_fills_the_node_leaves_its_neighbours_their_reserve() {
+    // Node 1's pods may each hold all the node's budget (their own limit is
+    // above it) but the 20 each way the other keeps for itself: two pods,
+    // 80 reserved of 200.
+    let mut mesh = Mesh::new([
+        "limits:\n  connectionsPerPod: 1000\n  connectionsPerNode: 200\n  reservedPerPod: 20\n",
+        "",
+    ]);
+    let keep = Tool::start(&mesh.server, &["keep", "--port", &PORT.to_string()]);
+    keep.next("listening", PATIENCE);
+    let _server = Server::start(&mesh.server, PORT + 1).unwrap();
+
+    // Held 10 s: the node stays full while the neighbour calls.
+    let sprayed = spray(&mesh.client, mesh.server_addr(), 200, 5_000, 10_000);
+    let refused = mesh.agents[0]
+        .wait_for(PATIENCE, |l| {
+            l.message() == "outbound connection refused: over the limit"
+        })
+        .unwrap();
+    assert_eq!(refused.field("limit"), "node", "{:?}", refused.0);
+    assert!(
+        refused.field("reason").contains("limit of 200"),
+        "{:?}",
+        refused.0
+    );
+    // The node is full, but not of the neighbour's reserve.
+    let other: SocketAddr = SocketAddrV4::new(mesh.server.ip, PORT + 1).into();
+    Call::default().run(&mesh.neighbour, other).unwrap();
+
+    assert!(
+        sprayed.so_far().iter().all(|e| e["event"] != "sprayed"),
+        "the spray let go before the neighbour's call: it proved nothing"
+    );
+    let report = sprayed.next("sprayed", Duration::from_secs(30));
+    // Its reserve and the 120 not reserved: 140 descriptors, two of them
+    // its tunnels (100 streams each), or only 100 carried if the second
+    // tunnel found the node full (its accepts outran its handshake).
+    let echoed = ended(&report, "echoed");
+    assert!((100..=138).contains(&echoed), "{report}");
+    assert_eq!(
+        closed(&report) + ended(&report, "not_connected"),
+        200 - echoed,
+        "{report}"
+    );
+    assert_refusals_throttled(&mesh.agents[0]);
 }
 
 #[test]

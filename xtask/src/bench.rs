@@ -56,7 +56,13 @@ use crate::{
 const ECHO_PORT: u16 = 8080;
 /// `labpod greet`, for new connections.
 const GREET_PORT: u16 = 8081;
-/// `labpod keep`, for connections held open.
+/// `labpod keep`, for the warren agents' [`HELD_CONNECTIONS`]; the `--against` agents'
+/// are held on the next port. Not one port for both: the two take turns a few seconds
+/// apart, and the first one's connections, closed by the client, leave it as many sockets
+/// in TIME_WAIT to that address and port for a minute; the second one's connect()s to the
+/// same address and port then search the ephemeral ports for a pair not in use (measured
+/// by hand, with no agent at all: 6.6 s of system time for 9 000 connections, against
+/// 0.3 s). Rounds of one configuration are minutes apart.
 const KEEP_PORT: u16 = 8082;
 const IPERF_PORT: u16 = 5201;
 const IPERF_SECONDS: u32 = 2;
@@ -336,7 +342,7 @@ pub fn run(args: &Args) -> Result<()> {
                         agents.refresh()?;
                     }
                     let processes = agents.processes(ticks_per_second);
-                    let figures = measure(probe, client, target.server, &processes)
+                    let figures = measure(probe, config, client, target.server, &processes)
                         .with_context(|| format!("{probe:?}, {config:?}, {}", target.name))?;
                     if !agents.running.is_empty() {
                         agents.carried.push(target.server.ip);
@@ -692,8 +698,15 @@ fn build_against(rev: &str) -> Result<PathBuf> {
     Ok(binary)
 }
 
-/// Runs `probe` from `client` to `server`, with `agents` carrying the connections (or none).
-fn measure(probe: Probe, client: &Pod, server: &Pod, agents: &AgentProcesses) -> Result<Vec<f64>> {
+/// Runs `probe` from `client` to `server`, with `agents` (of `config`) carrying the
+/// connections, or none.
+fn measure(
+    probe: Probe,
+    config: Config,
+    client: &Pod,
+    server: &Pod,
+    agents: &AgentProcesses,
+) -> Result<Vec<f64>> {
     // The probe's figure, then (where agents run) their CPU seconds per unit of `work`, in
     // the metric's unit: `cpu_s / work * scale`.
     let with_cpu = |figure: f64, cpu_s: Option<f64>, work: f64, scale: f64| {
@@ -722,7 +735,8 @@ fn measure(probe: Probe, client: &Pod, server: &Pod, agents: &AgentProcesses) ->
             with_cpu(rate.per_second, cpu_s, rate.connections / 1000.0, 1000.0)
         }
         Probe::HeldConnections => {
-            let (idle, held) = held_memory(client, server, agents)?;
+            let port = KEEP_PORT + u16::from(config == Config::Against);
+            let (idle, held) = held_memory(client, server, port, agents)?;
             vec![idle, held, (held - idle) / f64::from(HELD_CONNECTIONS)]
         }
     })
@@ -875,7 +889,12 @@ fn connection_rate(client: &Pod, server: &Pod, parallel: u32) -> Result<Rate> {
 /// The agents' memory (VmRSS summed, KiB) before `client` opens [`HELD_CONNECTIONS`]
 /// connections to `server`, and while it holds them all. All are closed, and the server
 /// gone, when this returns.
-fn held_memory(client: &Pod, server: &Pod, agents: &AgentProcesses) -> Result<(f64, f64)> {
+fn held_memory(
+    client: &Pod,
+    server: &Pod,
+    port: u16,
+    agents: &AgentProcesses,
+) -> Result<(f64, f64)> {
     ensure!(
         !agents.running.is_empty(),
         "no agent runs, no memory of its own to read"
@@ -883,12 +902,12 @@ fn held_memory(client: &Pod, server: &Pod, agents: &AgentProcesses) -> Result<(f
     agents.check_room_to_hold(client, server)?;
     let count = HELD_CONNECTIONS.to_string();
     let mut keeper = server.try_command(binary("labpod")?)?;
-    keeper.args(["keep", "--port", &KEEP_PORT.to_string(), "--count", &count]);
+    keeper.args(["keep", "--port", &port.to_string(), "--count", &count]);
     let mut keeper = Background::start(keeper, Stdio::null(), "listening", COMMAND_TIMEOUT)?;
     let idle = agents.rss_kib()?;
     let mut holder = client.try_command(binary("labpod")?)?;
     holder
-        .args(["hold", "--addr", &format!("{}:{KEEP_PORT}", server.ip)])
+        .args(["hold", "--addr", &format!("{}:{port}", server.ip)])
         .args(["--count", &count]);
     let mut holder = Background::start(holder, Stdio::piped(), "\"held\"", HOLD_TIMEOUT)?;
     let held = agents.rss_kib()?;

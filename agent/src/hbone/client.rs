@@ -3,7 +3,7 @@
 
 use std::{
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, SystemTime},
@@ -48,8 +48,17 @@ pub struct Connection {
     /// When the certificates it was made with (either end's) expire; it
     /// takes no new streams from then on.
     valid_until: Option<SystemTime>,
-    /// Its socket, counted against the pod that opened it, until dropped.
-    _charge: Option<Permit>,
+    /// Its socket, counted against the pod that opened it until the socket
+    /// is closed: by the driver when the connection ends, or on drop.
+    charge: Arc<Mutex<Charge>>,
+}
+
+#[derive(Debug)]
+enum Charge {
+    None,
+    Held(#[expect(dead_code, reason = "held for its drop, which gives the charge back")] Permit),
+    /// The socket is closed: nothing to charge any more.
+    Ended,
 }
 
 impl Connection {
@@ -73,7 +82,20 @@ impl Connection {
             .expect("ping_pong is taken once, here");
         let closed = Arc::new(AtomicBool::new(false));
         let flag = closed.clone();
+        let charge = Arc::new(Mutex::new(Charge::None));
+        // One value, so that whichever way the task ends (done, aborted,
+        // panicked, or dropped before it ever ran) the socket is closed
+        // first, then its charge given back: now, rather than when the pool
+        // next looks at this key (a dead tunnel would hold its pod's budget
+        // for minutes).
+        let driven = Driven {
+            connection,
+            _release: EndCharge(charge.clone()),
+        };
         let driver = tokio::spawn(async move {
+            // The whole of it moves in (a use of one field alone would take
+            // only that field, and leave the guard behind, dropped at once).
+            let mut driven = driven;
             let alive = async {
                 loop {
                     tokio::time::sleep(keepalive.interval).await;
@@ -87,7 +109,7 @@ impl Connection {
                 }
             };
             let why = tokio::select! {
-                result = &mut connection => match result {
+                result = &mut driven.connection => match result {
                     Ok(()) => "closed by peer".to_owned(),
                     Err(e) => e.to_string(),
                 },
@@ -101,14 +123,19 @@ impl Connection {
             closed,
             driver,
             valid_until: None,
-            _charge: None,
+            charge,
         })
     }
 
-    /// Holds `permit` (its socket, counted against a pod's budget) while it
-    /// lives.
-    pub fn charged(mut self, permit: Permit) -> Self {
-        self._charge = Some(permit);
+    /// Holds `permit` (its socket, counted against a pod's budget) while the
+    /// connection lives.
+    pub fn charged(self, permit: Permit) -> Self {
+        let mut charge = lock(&self.charge);
+        // Already ended, the permit is dropped at once.
+        if !matches!(*charge, Charge::Ended) {
+            *charge = Charge::Held(permit);
+        }
+        drop(charge);
         self
     }
 
@@ -154,6 +181,37 @@ impl Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
+        // The driver, dropped, gives the charge back.
         self.driver.abort();
+    }
+}
+
+fn lock(charge: &Mutex<Charge>) -> std::sync::MutexGuard<'_, Charge> {
+    charge.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The connection its driver task drives, and what its end gives back.
+/// Fields drop in order: the connection (its socket) first.
+struct Driven<IO> {
+    connection: h2::client::Connection<IO, Bytes>,
+    _release: EndCharge,
+}
+
+/// Dropped once the socket is closed: its charge, if it held one, is given
+/// back.
+struct EndCharge(Arc<Mutex<Charge>>);
+
+impl Drop for EndCharge {
+    fn drop(&mut self) {
+        let ended = std::mem::replace(&mut *lock(&self.0), Charge::Ended);
+        drop(ended);
+    }
+}
+
+#[cfg(test)]
+impl Connection {
+    /// Whether the connection still holds a charge.
+    pub(crate) fn is_charged(&self) -> bool {
+        matches!(*lock(&self.charge), Charge::Held(_))
     }
 }

@@ -20,10 +20,13 @@ use super::{
     client::{Connection, Keepalive},
     connect_request,
     copy::relay,
-    pool::{CheckoutError, Pool, PoolKey, Settings},
+    pool::{AttemptError, CheckoutError, Pool, PoolKey, Settings, SharedFailure},
     server,
 };
 use crate::tls::{self, testing};
+
+/// The tests' attempts fail with a text.
+impl AttemptError for &str {}
 
 struct Ends {
     _ca: testing::TempCa,
@@ -323,6 +326,42 @@ async fn a_dead_connection_fails_its_streams_and_is_replaced() {
 }
 
 #[tokio::test]
+async fn a_dead_connection_gives_back_its_socket_s_charge_at_once() {
+    use crate::limits::{DEFAULT_DRAIN, Direction::Outbound, Limits, NodeBudget};
+    let app = counting_app().await;
+    let hung = ends(app, true).await;
+    let keepalive = Keepalive {
+        interval: Duration::from_millis(100),
+        timeout: Duration::from_millis(200),
+    };
+    let node = NodeBudget::new(Limits {
+        per_pod: 10,
+        per_peer: 10,
+        per_node: 10,
+        reserve: 0,
+        drain: DEFAULT_DRAIN,
+    });
+    let pod = node.pod();
+    let connection = dial(&hung, keepalive)
+        .await
+        .charged(pod.admit(Outbound, 1).unwrap());
+    assert!(connection.is_charged());
+    assert_eq!(pod.used(Outbound), 1);
+    // Its PING goes unanswered: the connection ends, its socket is closed,
+    // and the pod has its descriptor back while the pool (here, this test)
+    // still holds the connection.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pod.used(Outbound) != 0 {
+        assert!(Instant::now() < deadline, "still charged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(connection.is_closed() && !connection.is_charged());
+    // A permit handed to a connection that has ended is given back at once.
+    let late = connection.charged(pod.admit(Outbound, 1).unwrap());
+    assert_eq!((pod.used(Outbound), late.is_charged()), (0, false));
+}
+
+#[tokio::test]
 async fn streams_waiting_for_a_connection_fail_with_it() {
     let app = counting_app().await;
     let ends = ends(app, false).await;
@@ -347,7 +386,10 @@ async fn streams_waiting_for_a_connection_fail_with_it() {
         match waiter.await.unwrap() {
             Err(CheckoutError::Connect(error)) => assert_eq!(error, "Network is unreachable"),
             Err(CheckoutError::Shared(error)) => {
-                assert_eq!(&*error, "Network is unreachable");
+                assert_eq!(
+                    error,
+                    SharedFailure::Failed("Network is unreachable".into())
+                );
                 shared += 1;
             }
             Ok(()) => panic!("a checkout succeeded without a connection"),

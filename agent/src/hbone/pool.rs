@@ -30,6 +30,7 @@ use warren_daemon::metrics::Live;
 use warren_pki::identity::SpiffeId;
 
 use super::client::{Connection, Keepalive};
+use crate::limits::OverLimit;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
@@ -72,7 +73,7 @@ struct SlotState {
     /// error if it failed: a stream that waited while an attempt failed
     /// fails with it, unless a later one succeeded.
     failures: AtomicU64,
-    last_failure: Mutex<Option<Arc<str>>>,
+    last_failure: Mutex<Option<SharedFailure>>,
 }
 
 /// Why [`Pool::checkout`] gave no stream slot.
@@ -81,7 +82,24 @@ pub enum CheckoutError<E> {
     /// This caller's attempt to open a connection failed.
     Connect(E),
     /// Another caller's attempt, which this one waited for, failed.
-    Shared(Arc<str>),
+    Shared(SharedFailure),
+}
+
+/// Why an attempt that others waited for failed, as they are told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SharedFailure {
+    /// The pod had no room for the connection's socket: the streams that
+    /// waited are refused as over that limit too, not as a broken tunnel.
+    OverLimit(OverLimit),
+    Failed(Arc<str>),
+}
+
+/// The error of an attempt to open a connection.
+pub trait AttemptError: std::fmt::Display {
+    /// What the streams that waited for the attempt are told.
+    fn shared(&self) -> SharedFailure {
+        SharedFailure::Failed(self.to_string().into())
+    }
 }
 
 pub struct Pool {
@@ -179,7 +197,7 @@ impl Pool {
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Connection, E>>,
-        E: std::fmt::Display,
+        E: AttemptError,
     {
         let slot = lock(&self.slots).entry(key.clone()).or_default().clone();
         let failures = slot.failures.load(Ordering::Acquire);
@@ -208,7 +226,7 @@ impl Pool {
             Err(error) => {
                 // Both under the connections' lock, which the waiters take
                 // before they look.
-                *lock(&slot.last_failure) = Some(error.to_string().into());
+                *lock(&slot.last_failure) = Some(error.shared());
                 slot.failures.fetch_add(1, Ordering::AcqRel);
                 return Err(CheckoutError::Connect(error));
             }

@@ -53,7 +53,7 @@ use crate::{
     hbone::{
         self, Trace,
         copy::relay,
-        pool::{Checkout, CheckoutError, PoolKey},
+        pool::{AttemptError, Checkout, CheckoutError, PoolKey, SharedFailure},
     },
     limits::{Direction, OverLimit, Permit},
     mesh::{ServicePort, Workload, policy::MtlsMode},
@@ -99,6 +99,15 @@ pub enum OutboundError {
         tried: usize,
         last: Box<OutboundError>,
     },
+}
+
+impl AttemptError for OutboundError {
+    fn shared(&self) -> SharedFailure {
+        match self {
+            Self::OverLimit(over) => SharedFailure::OverLimit(*over),
+            other => SharedFailure::Failed(other.to_string().into()),
+        }
+    }
 }
 
 /// How many of a Service's endpoints one connection tries.
@@ -322,7 +331,16 @@ impl PodProxy {
                     reset(&client);
                 }
                 let error = Chain(&unrouted.error).to_string();
-                warn!(%workload, %src, %dst, %error, connection = id, trace_id = %trace, "outbound connection failed");
+                match unrouted.error {
+                    // A pod over its limit tries by the thousand: a line now
+                    // and then, not one each (the access log has each).
+                    OutboundError::OverLimit(over) => {
+                        self.refused_over_limit("outbound connection", over);
+                    }
+                    _ => {
+                        warn!(%workload, %src, %dst, %error, connection = id, trace_id = %trace, "outbound connection failed");
+                    }
+                }
                 tracked.close(Outcome::failed(unrouted.flag(), None, error));
                 return;
             }
@@ -431,7 +449,7 @@ impl PodProxy {
     /// (once, however many endpoints are tried).
     async fn passthrough(&self, target: Target, permit: &mut Permit) -> Result<Routed, Unrouted> {
         if let Err(over) = permit.hold(2) {
-            self.refused_over_limit("outbound connection", over);
+            // Logged, through the pod's throttle, with the connection's end.
             return Err(Unrouted::new(over.into(), target).with_reset());
         }
         match self.netns.connect(target.addr.into()).await {
@@ -510,10 +528,13 @@ impl PodProxy {
                 .await
                 .map_err(|error| match error {
                     CheckoutError::Connect(error) => error,
-                    CheckoutError::Shared(reason) => OutboundError::TunnelFailed {
-                        dst: key.dst_addr,
-                        reason,
-                    },
+                    CheckoutError::Shared(SharedFailure::OverLimit(over)) => over.into(),
+                    CheckoutError::Shared(SharedFailure::Failed(reason)) => {
+                        OutboundError::TunnelFailed {
+                            dst: key.dst_addr,
+                            reason,
+                        }
+                    }
                 })?;
             let request = hbone::connect_request(dst.into(), src.into(), trace);
             match timeout(hbone::CONNECT_TIMEOUT, checkout.connection().send(request)).await {
