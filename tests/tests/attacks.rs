@@ -188,25 +188,9 @@ fn connections_waiting_for_a_stalled_tunnel_fail_with_it_or_go_with_their_client
 fn a_pod_over_its_limit_is_refused_and_its_neighbours_are_not() {
     // The limit on node 1 only: the server's pod, on node 2, takes all.
     let mut mesh = Mesh::new(["limits:\n  connectionsPerPod: 100\n", ""]);
-    let keep = Tool::start(&mesh.server, &["keep", "--port", &PORT.to_string()]);
-    keep.next("listening", PATIENCE);
-    let _server = Server::start(&mesh.server, PORT + 1).unwrap();
-
     // 200 at once, held 4 s: the first 100 are carried, the rest reset.
-    let sprayed = spray(&mesh.client, mesh.server_addr(), 200, 5_000, 4_000);
-    let refused = mesh.agents[0]
-        .wait_for(PATIENCE, |l| {
-            l.message() == "outbound connection refused: over the limit"
-        })
-        .unwrap();
-    assert_eq!(refused.field("limit"), "pod");
-    assert!(
-        refused.field("reason").contains("limit of 100"),
-        "{:?}",
-        refused.0
-    );
+    let (sprayed, other, _servers) = spray_over_a_limit(&mut mesh, 4_000, "pod", "limit of 100");
     // While the pod is at its limit, its neighbour is served.
-    let other: SocketAddr = SocketAddrV4::new(mesh.server.ip, PORT + 1).into();
     Call::default().run(&mesh.neighbour, other).unwrap();
 
     let report = sprayed.next("sprayed", Duration::from_secs(20));
@@ -224,6 +208,31 @@ fn a_pod_over_its_limit_is_refused_and_its_neighbours_are_not() {
     // Its share comes back when its connections end.
     Call::default().run(&mesh.client, other).unwrap();
     assert_refusals_throttled(&mesh.agents[0]);
+}
+
+/// Has the client pod spray 200 connections at the server's `keep`, held
+/// `hold_ms`, and waits for the agent's refusal line, which must name
+/// `limit` and say `reason`. Returns the spray, the address of another
+/// server on the server's pod, and the servers (they stop when dropped).
+fn spray_over_a_limit(
+    mesh: &mut Mesh,
+    hold_ms: u64,
+    limit: &str,
+    reason: &str,
+) -> (Tool, SocketAddr, (Tool, Server)) {
+    let keep = Tool::start(&mesh.server, &["keep", "--port", &PORT.to_string()]);
+    keep.next("listening", PATIENCE);
+    let server = Server::start(&mesh.server, PORT + 1).unwrap();
+    let sprayed = spray(&mesh.client, mesh.server_addr(), 200, 5_000, hold_ms);
+    let refused = mesh.agents[0]
+        .wait_for(PATIENCE, |l| {
+            l.message() == "outbound connection refused: over the limit"
+        })
+        .unwrap();
+    assert_eq!(refused.field("limit"), limit, "{:?}", refused.0);
+    assert!(refused.field("reason").contains(reason), "{:?}", refused.0);
+    let other = SocketAddrV4::new(mesh.server.ip, PORT + 1).into();
+    (sprayed, other, (keep, server))
 }
 
 /// Refusals over a limit are logged a line now and then, whichever way the
@@ -254,25 +263,9 @@ fn a_pod_that_fills_the_node_leaves_its_neighbours_their_reserve() {
         "limits:\n  connectionsPerPod: 1000\n  connectionsPerNode: 200\n  reservedPerPod: 20\n",
         "",
     ]);
-    let keep = Tool::start(&mesh.server, &["keep", "--port", &PORT.to_string()]);
-    keep.next("listening", PATIENCE);
-    let _server = Server::start(&mesh.server, PORT + 1).unwrap();
-
     // Held 10 s: the node stays full while the neighbour calls.
-    let sprayed = spray(&mesh.client, mesh.server_addr(), 200, 5_000, 10_000);
-    let refused = mesh.agents[0]
-        .wait_for(PATIENCE, |l| {
-            l.message() == "outbound connection refused: over the limit"
-        })
-        .unwrap();
-    assert_eq!(refused.field("limit"), "node", "{:?}", refused.0);
-    assert!(
-        refused.field("reason").contains("limit of 200"),
-        "{:?}",
-        refused.0
-    );
+    let (sprayed, other, _servers) = spray_over_a_limit(&mut mesh, 10_000, "node", "limit of 200");
     // The node is full, but not of the neighbour's reserve.
-    let other: SocketAddr = SocketAddrV4::new(mesh.server.ip, PORT + 1).into();
     Call::default().run(&mesh.neighbour, other).unwrap();
 
     assert!(
