@@ -154,8 +154,14 @@ pub async fn connect(netns: &NetNs, src: Ipv4Addr, dst: SocketAddr) -> io::Resul
 /// Source ports tried in turn for delivery sockets: above the usual
 /// ephemeral range (32768-60999), where a pod's own connect()s do not go.
 const SOURCE_PORTS: std::ops::RangeInclusive<u16> = 61_000..=65_535;
-/// Ports tried before the kernel is left to choose.
-const BIND_TRIES: usize = 16;
+/// Ports tried for one delivery socket before the kernel chooses.
+const BIND_TRIES: u32 = 256;
+/// Where the next search starts, in [`SOURCE_PORTS`] (modulo its length).
+static NEXT: std::sync::LazyLock<std::sync::atomic::AtomicU32> = std::sync::LazyLock::new(|| {
+    use std::hash::{BuildHasher, Hasher};
+    let random = std::hash::RandomState::new().build_hasher().finish();
+    std::sync::atomic::AtomicU32::new(random as u32)
+});
 
 /// Binds `socket` to `src`, the client pod's address, and a port.
 ///
@@ -164,21 +170,66 @@ const BIND_TRIES: usize = 16;
 /// agent a millisecond and more per connection (`inet_csk_get_port`) once a
 /// few seconds of connections had left theirs. Not the port left to
 /// `connect()` either (`IP_BIND_ADDRESS_NO_PORT`): it picks from the range
-/// the client pod's own `connect()`s pick from, and a fast-path connection
-/// of the same pair from the same port would meet this one's socket in the
-/// server pod (its SYN answered as a stray, one connection or the other
-/// lost). Ports above that range in turn, each checked once, are neither;
-/// after a few taken in a row, `connect()` chooses.
+/// the client pod's own `connect()`s pick from, starting where the client's
+/// connect() to the same address and port starts (the offset is a hash of
+/// the addresses, with a secret the namespaces share), so that a fast-path
+/// connection of the same pair would meet this one's socket in the server
+/// pod: its SYN dropped as one for an established connection
+/// (`TCP_INVALID_SYN`), retried, and timed out.
+///
+/// So the ports above that range, in turn from where the last one was
+/// found, up to [`BIND_TRIES`] of them. From a random start, so that an
+/// agent restarted does not begin with the ports the last one's
+/// connections left in TIME_WAIT (a restarted agent once found the first 16
+/// taken, left the choice to `connect()`, and the pair's next fast-path
+/// connections timed out). The range runs out only with thousands of this
+/// client's connections delivered in the last minute (TIME_WAIT holds a
+/// port that long): then `connect()` chooses, that is logged, and for a
+/// second this client's deliveries do not search again (each search would
+/// cost a few hundred failed binds).
 fn bind_source(socket: &socket2::Socket, src: Ipv4Addr) -> io::Result<()> {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let span = u32::from(SOURCE_PORTS.end() - SOURCE_PORTS.start()) + 1;
-    for _ in 0..BIND_TRIES {
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % span;
-        let port = SOURCE_PORTS.start() + n as u16;
-        match socket.bind(&SocketAddrV4::new(src, port).into()) {
-            Ok(()) => return Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => continue,
-            Err(e) => return Err(e),
+    use std::{
+        collections::HashMap,
+        sync::{LazyLock, Mutex, atomic::Ordering::Relaxed},
+        time::{Duration, Instant},
+    };
+    /// Client addresses whose ports ran out, until when they are not searched.
+    static RAN_OUT: LazyLock<Mutex<HashMap<Ipv4Addr, Instant>>> = LazyLock::new(Default::default);
+    static LOGGED: LazyLock<crate::limits::Throttle> = LazyLock::new(Default::default);
+    let now = Instant::now();
+    let search = {
+        let mut ran_out = RAN_OUT.lock().unwrap_or_else(|p| p.into_inner());
+        ran_out.retain(|_, until| *until > now);
+        !ran_out.contains_key(&src)
+    };
+    if search {
+        let span = u32::from(SOURCE_PORTS.end() - SOURCE_PORTS.start()) + 1;
+        let start = NEXT.load(Relaxed);
+        for n in 0..BIND_TRIES {
+            let n = start.wrapping_add(n) % span;
+            let port = SOURCE_PORTS.start() + n as u16;
+            match socket.bind(&SocketAddrV4::new(src, port).into()) {
+                Ok(()) => {
+                    NEXT.store(n + 1, Relaxed);
+                    return Ok(());
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        RAN_OUT
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(src, now + Duration::from_secs(1));
+        if let Some(unlogged) = LOGGED.tick() {
+            tracing::warn!(
+                %src,
+                ports = ?SOURCE_PORTS,
+                tried = BIND_TRIES,
+                since_last_line = unlogged,
+                "delivery source ports of this client address in use or in TIME_WAIT: the \
+                 kernel chooses, from the range the client pod's own connections use"
+            );
         }
     }
     nix::sys::socket::setsockopt(
@@ -188,4 +239,42 @@ fn bind_source(socket: &socket2::Socket, src: Ipv4Addr) -> io::Result<()> {
     )
     .map_err(io::Error::from)?;
     socket.bind(&SocketAddrV4::new(src, 0).into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn socket() -> socket2::Socket {
+        socket2::Socket::new(Domain::IPV4, socket2::Type::STREAM, None).unwrap()
+    }
+
+    #[test]
+    fn a_delivery_socket_skips_a_run_of_taken_ports_and_stays_above_the_clients_range() {
+        // The ports where the search starts taken, 200 in a row (as a
+        // restarted agent could find them, in TIME_WAIT after the last
+        // one's connections): the socket still gets one of the range, not
+        // one of those a client pod's connect()s choose from.
+        let src = Ipv4Addr::LOCALHOST;
+        let span = u32::from(SOURCE_PORTS.end() - SOURCE_PORTS.start()) + 1;
+        let start = NEXT.load(std::sync::atomic::Ordering::Relaxed);
+        let run: Vec<u16> = (0..200)
+            .map(|n| SOURCE_PORTS.start() + (start.wrapping_add(n) % span) as u16)
+            .collect();
+        let taken: Vec<socket2::Socket> = run
+            .iter()
+            .filter_map(|&port| {
+                let taker = socket();
+                // A port another socket holds already stays taken: as well.
+                taker.bind(&SocketAddrV4::new(src, port).into()).ok()?;
+                Some(taker)
+            })
+            .collect();
+        assert!(taken.len() > 150, "{} ports taken", taken.len());
+        let delivery = socket();
+        bind_source(&delivery, src).unwrap();
+        let port = delivery.local_addr().unwrap().as_socket().unwrap().port();
+        assert!(SOURCE_PORTS.contains(&port), "port {port}");
+        assert!(!run.contains(&port), "port {port} was taken");
+    }
 }
