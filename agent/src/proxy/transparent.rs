@@ -145,7 +145,7 @@ pub async fn connect(netns: &NetNs, src: Ipv4Addr, dst: SocketAddr) -> io::Resul
     socket.set_ip_transparent(true)?;
     socket.set_mark(MARK)?;
     socket.set_nodelay(true)?;
-    bind_source(&socket, src)?;
+    bind_source(&socket, netns.cookie(), src)?;
     tokio::net::TcpSocket::from_std_stream(socket.into())
         .connect(dst)
         .await
@@ -186,21 +186,28 @@ static NEXT: std::sync::LazyLock<std::sync::atomic::AtomicU32> = std::sync::Lazy
 /// client's connections delivered in the last minute (TIME_WAIT holds a
 /// port that long): then `connect()` chooses, that is logged, and for a
 /// second this client's deliveries do not search again (each search would
-/// cost a few hundred failed binds).
-fn bind_source(socket: &socket2::Socket, src: Ipv4Addr) -> io::Result<()> {
+/// cost a few hundred failed binds). Per destination pod (`netns`): the
+/// ports are taken in its namespace, and a pod that holds them all itself
+/// (bound to any address) must not make the client's deliveries to other
+/// pods take the client's ports.
+fn bind_source(socket: &socket2::Socket, netns: u64, src: Ipv4Addr) -> io::Result<()> {
     use std::{
         collections::HashMap,
         sync::{LazyLock, Mutex, atomic::Ordering::Relaxed},
         time::{Duration, Instant},
     };
-    /// Client addresses whose ports ran out, until when they are not searched.
-    static RAN_OUT: LazyLock<Mutex<HashMap<Ipv4Addr, Instant>>> = LazyLock::new(Default::default);
+    /// Destination pods and client addresses whose ports ran out, until
+    /// when they are not searched.
+    static RAN_OUT: LazyLock<Mutex<HashMap<(u64, Ipv4Addr), Instant>>> =
+        LazyLock::new(Default::default);
     static LOGGED: LazyLock<crate::limits::Throttle> = LazyLock::new(Default::default);
     let now = Instant::now();
     let search = {
         let mut ran_out = RAN_OUT.lock().unwrap_or_else(|p| p.into_inner());
-        ran_out.retain(|_, until| *until > now);
-        !ran_out.contains_key(&src)
+        if !ran_out.is_empty() {
+            ran_out.retain(|_, until| *until > now);
+        }
+        !ran_out.contains_key(&(netns, src))
     };
     if search {
         let span = u32::from(SOURCE_PORTS.end() - SOURCE_PORTS.start()) + 1;
@@ -220,17 +227,20 @@ fn bind_source(socket: &socket2::Socket, src: Ipv4Addr) -> io::Result<()> {
         RAN_OUT
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(src, now + Duration::from_secs(1));
-        if let Some(unlogged) = LOGGED.tick() {
-            tracing::warn!(
-                %src,
-                ports = ?SOURCE_PORTS,
-                tried = BIND_TRIES,
-                since_last_line = unlogged,
-                "delivery source ports of this client address in use or in TIME_WAIT: the \
-                 kernel chooses, from the range the client pod's own connections use"
-            );
-        }
+            .insert((netns, src), now + Duration::from_secs(1));
+    }
+    // Every delivery that falls back is counted (the line says how many
+    // since the last one), searched or not.
+    if let Some(unlogged) = LOGGED.tick() {
+        tracing::warn!(
+            %src,
+            ports = ?SOURCE_PORTS,
+            tried = BIND_TRIES,
+            since_last_line = unlogged,
+            "delivery source ports of this client address in use or in TIME_WAIT in the \
+             destination pod: the kernel chooses, from the range the client pod's own \
+             connections use"
+        );
     }
     nix::sys::socket::setsockopt(
         socket,
@@ -272,7 +282,7 @@ mod tests {
             .collect();
         assert!(taken.len() > 150, "{} ports taken", taken.len());
         let delivery = socket();
-        bind_source(&delivery, src).unwrap();
+        bind_source(&delivery, 1, src).unwrap();
         let port = delivery.local_addr().unwrap().as_socket().unwrap().port();
         assert!(SOURCE_PORTS.contains(&port), "port {port}");
         assert!(!run.contains(&port), "port {port} was taken");
