@@ -154,8 +154,13 @@ pub async fn connect(netns: &NetNs, src: Ipv4Addr, dst: SocketAddr) -> io::Resul
 /// Source ports tried in turn for delivery sockets: above the usual
 /// ephemeral range (32768-60999), where a pod's own connect()s do not go.
 const SOURCE_PORTS: std::ops::RangeInclusive<u16> = 61_000..=65_535;
-/// Ports tried for one delivery socket before the kernel chooses.
-const BIND_TRIES: u32 = 256;
+/// Ports tried for one delivery socket before the kernel chooses: a quarter
+/// of the range, so that a run of ports another agent's deliveries left in
+/// TIME_WAIT is crossed (the bench met 256 taken in a row: the agent before
+/// this one had delivered hundreds of connections to the pod a few seconds
+/// earlier, those past the fast path's per-pod limit). A failed bind costs
+/// a microsecond or so.
+const BIND_TRIES: u32 = 1_024;
 /// Where the next search starts, in [`SOURCE_PORTS`] (modulo its length).
 static NEXT: std::sync::LazyLock<std::sync::atomic::AtomicU32> = std::sync::LazyLock::new(|| {
     use std::hash::{BuildHasher, Hasher};
@@ -186,7 +191,7 @@ static NEXT: std::sync::LazyLock<std::sync::atomic::AtomicU32> = std::sync::Lazy
 /// client's connections delivered in the last minute (TIME_WAIT holds a
 /// port that long): then `connect()` chooses, that is logged, and for a
 /// second this client's deliveries do not search again (each search would
-/// cost a few hundred failed binds). Per destination pod (`netns`): the
+/// cost a thousand failed binds). Per destination pod (`netns`): the
 /// ports are taken in its namespace, and a pod that holds them all itself
 /// (bound to any address) must not make the client's deliveries to other
 /// pods take the client's ports.
