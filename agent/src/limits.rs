@@ -270,7 +270,7 @@ impl NodeBudget {
             return;
         }
         for direction in [Direction::Outbound, Direction::Inbound] {
-            let count = *held.get(direction);
+            let count = held.get(direction);
             let now_within = count.min(held.reserve + pay) - count.min(held.reserve);
             shared.beyond -= now_within;
             shared.within += now_within;
@@ -328,7 +328,7 @@ impl PodBudget {
 
     /// Descriptors held for this pod's connections one way.
     pub fn used(&self, direction: Direction) -> usize {
-        *self.held().get(direction)
+        self.held().get(direction)
     }
 
     /// What this pod keeps for itself each way, set aside or owed.
@@ -382,7 +382,7 @@ impl PodBudget {
         let mut held = self.held();
         let mut shared = self.node.shared();
         for direction in [Direction::Outbound, Direction::Inbound] {
-            let within = (*held.get(direction)).min(held.reserve);
+            let within = held.get(direction).min(held.reserve);
             shared.within -= within;
             shared.beyond += within;
         }
@@ -395,7 +395,7 @@ impl PodBudget {
     fn take(&self, direction: Direction, n: usize) -> Result<(), OverLimit> {
         let per_pod = self.node.limits.per_pod;
         let mut held = self.held();
-        let was = *held.get(direction);
+        let was = held.get(direction);
         if was + n > per_pod {
             return Err(OverLimit::Pod {
                 direction,
@@ -414,7 +414,7 @@ impl PodBudget {
     /// Gives back `n` of what one permit holds (never more than it took).
     fn give(&self, direction: Direction, n: usize) {
         let mut held = self.held();
-        let was = *held.get(direction);
+        let was = held.get(direction);
         let within = was.min(held.reserve) - (was - n).min(held.reserve);
         self.node.give(within, n - within);
         *held.get_mut(direction) = was - n;
@@ -441,12 +441,10 @@ impl PodBudget {
 
 impl Drop for PodBudget {
     /// Its connections are gone (each permit holds its budget): its
-    /// reserve, unless retired already, goes back to the node.
+    /// reserve, unless retired already, goes back to the node, as on
+    /// withdrawal (with nothing held, there is nothing to move beyond).
     fn drop(&mut self) {
-        let held = self.held();
-        let mut shared = self.node.shared();
-        shared.paid -= 2 * held.reserve;
-        shared.owed -= 2 * held.owed;
+        self.retire();
     }
 }
 
@@ -463,10 +461,10 @@ struct Held {
 }
 
 impl Held {
-    fn get(&self, direction: Direction) -> &usize {
+    fn get(&self, direction: Direction) -> usize {
         match direction {
-            Direction::Outbound => &self.outbound,
-            Direction::Inbound => &self.inbound,
+            Direction::Outbound => self.outbound,
+            Direction::Inbound => self.inbound,
         }
     }
 

@@ -154,6 +154,8 @@ pub async fn connect(netns: &NetNs, src: Ipv4Addr, dst: SocketAddr) -> io::Resul
 /// Source ports tried in turn for delivery sockets: above the usual
 /// ephemeral range (32768-60999), where a pod's own connect()s do not go.
 const SOURCE_PORTS: std::ops::RangeInclusive<u16> = 61_000..=65_535;
+/// How many ports [`SOURCE_PORTS`] holds.
+const SPAN: u32 = (*SOURCE_PORTS.end() - *SOURCE_PORTS.start()) as u32 + 1;
 /// Ports tried for one delivery socket before the kernel chooses: a quarter
 /// of the range, so that a run of ports another agent's deliveries left in
 /// TIME_WAIT is crossed (the bench met 256 taken in a row: the agent before
@@ -161,7 +163,7 @@ const SOURCE_PORTS: std::ops::RangeInclusive<u16> = 61_000..=65_535;
 /// earlier, those past the fast path's per-pod limit). A failed bind costs
 /// a microsecond or so.
 const BIND_TRIES: u32 = 1_024;
-/// Where the next search starts, in [`SOURCE_PORTS`] (modulo its length).
+/// Where the next search starts, in [`SOURCE_PORTS`] (see [`source_port`]).
 static NEXT: std::sync::LazyLock<std::sync::atomic::AtomicU32> = std::sync::LazyLock::new(|| {
     use std::hash::{BuildHasher, Hasher};
     let random = std::hash::RandomState::new().build_hasher().finish();
@@ -215,14 +217,13 @@ fn bind_source(socket: &socket2::Socket, netns: u64, src: Ipv4Addr) -> io::Resul
         !ran_out.contains_key(&(netns, src))
     };
     if search {
-        let span = u32::from(SOURCE_PORTS.end() - SOURCE_PORTS.start()) + 1;
         let start = NEXT.load(Relaxed);
         for n in 0..BIND_TRIES {
-            let n = start.wrapping_add(n) % span;
-            let port = SOURCE_PORTS.start() + n as u16;
+            let n = start.wrapping_add(n);
+            let port = source_port(n);
             match socket.bind(&SocketAddrV4::new(src, port).into()) {
                 Ok(()) => {
-                    NEXT.store(n + 1, Relaxed);
+                    NEXT.store(n % SPAN + 1, Relaxed);
                     return Ok(());
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => continue,
@@ -256,6 +257,12 @@ fn bind_source(socket: &socket2::Socket, netns: u64, src: Ipv4Addr) -> io::Resul
     socket.bind(&SocketAddrV4::new(src, 0).into())
 }
 
+/// The port `n` places into [`SOURCE_PORTS`], round and round.
+fn source_port(n: u32) -> u16 {
+    // Below SPAN, so within the range's u16 ports.
+    SOURCE_PORTS.start() + (n % SPAN) as u16
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -271,10 +278,9 @@ mod tests {
         // one's connections): the socket still gets one of the range, not
         // one of those a client pod's connect()s choose from.
         let src = Ipv4Addr::LOCALHOST;
-        let span = u32::from(SOURCE_PORTS.end() - SOURCE_PORTS.start()) + 1;
         let start = NEXT.load(std::sync::atomic::Ordering::Relaxed);
         let run: Vec<u16> = (0..200)
-            .map(|n| SOURCE_PORTS.start() + (start.wrapping_add(n) % span) as u16)
+            .map(|n| source_port(start.wrapping_add(n)))
             .collect();
         let taken: Vec<socket2::Socket> = run
             .iter()
