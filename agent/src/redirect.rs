@@ -54,7 +54,7 @@ use aya::maps::{CgroupStorage, CgroupStorageKey};
 use nix::sched::{CloneFlags, setns};
 use tokio::io::unix::AsyncFd;
 /// The reasons [`DropCounts`] are kept by, for its readers.
-pub use warren_common::{DropReason, PENDING_PER_NODE, PENDING_PER_POD};
+pub use warren_common::{DropReason, FAST_OPEN_PER_POD, PENDING_PER_NODE, PENDING_PER_POD};
 use warren_common::{
     FastEvent, FlowInfo, FlowKey, GrantKey, InboundKey, Ipv4Dst, OUTBOUND_PORT, PodInfo, ProbeKey,
     Tuple, names,
@@ -125,7 +125,7 @@ const POD_LINKS: [&str; 5] = [
 const BPF_CGROUP_INET_EGRESS: u32 = 1;
 
 /// The maps, pinned so that they outlive the agent.
-const PINNED_MAPS: [&str; 16] = [
+const PINNED_MAPS: [&str; 19] = [
     names::PODS,
     // Pinned like the others so that a next agent's egress program uses the
     // same storage as the links it takes over.
@@ -144,6 +144,9 @@ const PINNED_MAPS: [&str; 16] = [
     names::RECORDED,
     names::TAKEN,
     names::RECORD_TOTALS,
+    names::FAST_OPEN,
+    names::FAST_FORGOTTEN,
+    names::FAST_TOTALS,
 ];
 
 /// A pod's mTLS modes as the ingress program reads them ([`warren_common::mode`]).
@@ -282,6 +285,12 @@ impl Redirector {
                 .map_err(map_error(names::FAST_LEASE))?,
             events: RingBuf::try_from(take_map(&mut ebpf, names::FAST_EVENTS)?)
                 .map_err(map_error(names::FAST_EVENTS))?,
+            open: HashMap::try_from(take_map(&mut ebpf, names::FAST_OPEN)?)
+                .map_err(map_error(names::FAST_OPEN))?,
+            forgotten: HashMap::try_from(take_map(&mut ebpf, names::FAST_FORGOTTEN)?)
+                .map_err(map_error(names::FAST_FORGOTTEN))?,
+            totals: Array::try_from(take_map(&mut ebpf, names::FAST_TOTALS)?)
+                .map_err(map_error(names::FAST_TOTALS))?,
         };
         // Grants are this agent's to make: none of a previous agent's holds
         // (its lease may not have run out yet).
@@ -1047,14 +1056,33 @@ fn on_bpffs(path: &Path) -> bool {
 }
 
 /// The fast path's maps (see the eBPF programs' documentation): the agent's
-/// grants and lease, the kernel's records of open connections, and its
-/// ring of open and close events.
+/// grants and lease, the kernel's records of open connections and their
+/// counts, and its ring of open and close events.
 pub struct FastPathMaps {
     grants: HashMap<MapData, GrantKey, u8>,
     flows: HashMap<MapData, Tuple, FlowInfo>,
     lease: Array<MapData, u64>,
     events: RingBuf<MapData>,
+    /// Per pod, what sock_ops counted ([`names::FAST_OPEN`]) and what this
+    /// agent (or an earlier one) removed ([`names::FAST_FORGOTTEN`]);
+    /// for the node, both sums.
+    open: HashMap<MapData, u64, i64>,
+    forgotten: HashMap<MapData, u64, i64>,
+    totals: Array<MapData, i64>,
 }
+
+/// Fast-path connections open, as the kernel counts them.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct FastOpen {
+    pub node: i64,
+    /// By netns cookie, the pods the fast path serves.
+    pub by_pod: std::collections::HashMap<u64, i64>,
+}
+
+/// `BPF_EXIST`: an update only of an entry already there.
+const BPF_EXIST: u64 = 2;
+/// `BPF_NOEXIST`: an update only if the entry is not there yet.
+const BPF_NOEXIST: u64 = 1;
 
 impl FastPathMaps {
     fn error(name: &'static str) -> impl FnOnce(MapError) -> RedirectError {
@@ -1094,9 +1122,101 @@ impl FastPathMaps {
         self.flows.iter().flatten().collect()
     }
 
-    /// Removes the record of `tuple`: its SYN is refused from now on.
+    /// Removes the record of `tuple`: its SYN is refused from now on. Counted
+    /// as forgotten for its pod if the kernel had not removed it meanwhile.
     pub fn forget_flow(&mut self, tuple: &Tuple) {
-        let _ = self.flows.remove(tuple);
+        let Ok(info) = self.flows.get(tuple, 0) else {
+            return;
+        };
+        if self.flows.remove(tuple).is_ok() {
+            self.add_forgotten(info.netns_cookie, 1);
+        }
+    }
+
+    /// Adds `count` to what this agent removed of the pod of `netns`'s (if
+    /// the fast path still serves it) and of the node's. The agent is their
+    /// only writer, and holds `self` mutably.
+    fn add_forgotten(&mut self, netns: u64, count: i64) {
+        if let Ok(forgotten) = self.forgotten.get(&netns, 0) {
+            let _ = self.forgotten.insert(netns, forgotten + count, BPF_EXIST);
+        }
+        let node = self.totals.get(&1, 0).unwrap_or(0);
+        let _ = self.totals.set(1, node + count, 0);
+    }
+
+    /// The pod of `netns` is served: its connections are counted from now
+    /// on, and it may take the fast path within its share. An earlier
+    /// agent's counts are kept (its connections are still open).
+    pub fn count_pod(&mut self, netns: u64) -> Result<(), RedirectError> {
+        for (map, name) in [
+            (&mut self.forgotten, names::FAST_FORGOTTEN),
+            (&mut self.open, names::FAST_OPEN),
+        ] {
+            match map.insert(netns, 0, BPF_NOEXIST) {
+                Ok(()) => {}
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(source) => return Err(Self::error(name)(source)),
+            }
+        }
+        Ok(())
+    }
+
+    /// The pod of `netns` left: no count, so no fast path. (Its records are
+    /// forgotten first, by the caller.)
+    pub fn uncount_pod(&mut self, netns: u64) {
+        let _ = self.open.remove(&netns);
+        let _ = self.forgotten.remove(&netns);
+    }
+
+    /// Drops the counts of every pod `served` does not name: pods that left
+    /// while no agent ran, whose entries would otherwise fill the map.
+    pub fn uncount_all_but(&mut self, served: impl Fn(u64) -> bool) {
+        let gone: Vec<u64> = self.open.keys().flatten().filter(|n| !served(*n)).collect();
+        for netns in gone {
+            self.uncount_pod(netns);
+        }
+    }
+
+    /// Fast-path connections open, for the node and each pod served.
+    pub fn open(&self) -> FastOpen {
+        let node = self.totals.get(&0, 0).unwrap_or(0) - self.totals.get(&1, 0).unwrap_or(0);
+        let by_pod = self
+            .open
+            .iter()
+            .flatten()
+            .map(|(netns, counted)| (netns, counted - self.forgotten.get(&netns, 0).unwrap_or(0)))
+            .collect();
+        FastOpen { node, by_pod }
+    }
+
+    /// The kernel's records of open fast-path connections; where a count
+    /// did not move while they were read, it is set to what they hold. So
+    /// counts drift from the records for a while at most: records made
+    /// without a count (by an agent from before the counts, or for a pod
+    /// whose entry was being made), or removed with none.
+    pub fn flows_recounted(&mut self) -> Vec<(Tuple, FlowInfo)> {
+        let counted = |maps: &Self| -> (i64, std::collections::HashMap<u64, i64>) {
+            let node = maps.totals.get(&0, 0).unwrap_or(0);
+            (node, maps.open.iter().flatten().collect())
+        };
+        let before = counted(self);
+        let flows = self.flows();
+        let after = counted(self);
+        let mut records = std::collections::HashMap::<u64, i64>::new();
+        for (_, info) in &flows {
+            *records.entry(info.netns_cookie).or_default() += 1;
+        }
+        for (netns, open) in &after.1 {
+            if before.1.get(netns) == Some(open) {
+                let held = records.get(netns).copied().unwrap_or(0);
+                let _ = self.forgotten.insert(*netns, open - held, BPF_EXIST);
+            }
+        }
+        if before.0 == after.0 {
+            let _ = self.totals.set(1, after.0 - flows.len() as i64, 0);
+        }
+        flows
     }
 
     /// The events queued since the last call, oldest first.
@@ -1275,6 +1395,42 @@ impl OriginalDsts {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+/// Fast-path connections open, as the kernel counts them, and its records
+/// of them by client pod, from the maps pinned in `pin_dir` (for tests and
+/// tools).
+pub fn read_fast_open(
+    pin_dir: &Path,
+) -> Result<(FastOpen, std::collections::HashMap<u64, i64>), RedirectError> {
+    fn pinned<T>(
+        pin_dir: &Path,
+        name: &'static str,
+        convert: impl FnOnce(Map) -> Result<T, MapError>,
+    ) -> Result<T, RedirectError> {
+        let path = pin_dir.join(name);
+        let data = MapData::from_pin(&path).map_err(|e| RedirectError::Pin {
+            path: path.clone(),
+            problem: format!("cannot open the pinned map: {e}"),
+        })?;
+        Map::from_map_data(data)
+            .and_then(convert)
+            .map_err(|source| RedirectError::Map { name, source })
+    }
+    let maps = FastPathMaps {
+        grants: pinned(pin_dir, names::FAST_GRANTS, HashMap::try_from)?,
+        flows: pinned(pin_dir, names::FAST_FLOWS, HashMap::try_from)?,
+        lease: pinned(pin_dir, names::FAST_LEASE, Array::try_from)?,
+        events: pinned(pin_dir, names::FAST_EVENTS, RingBuf::try_from)?,
+        open: pinned(pin_dir, names::FAST_OPEN, HashMap::try_from)?,
+        forgotten: pinned(pin_dir, names::FAST_FORGOTTEN, HashMap::try_from)?,
+        totals: pinned(pin_dir, names::FAST_TOTALS, Array::try_from)?,
+    };
+    let mut records = std::collections::HashMap::new();
+    for (_, info) in maps.flows() {
+        *records.entry(info.netns_cookie).or_default() += 1;
+    }
+    Ok((maps.open(), records))
 }
 
 /// Captured connections whose original destination awaits the agent, all

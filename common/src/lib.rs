@@ -86,6 +86,19 @@ pub mod names {
     /// Two `i64`s: recorded, all pods (sock_ops adds), and taken (the agent
     /// writes).
     pub const RECORD_TOTALS: &str = "RECORD_TOTALS";
+    /// Fast-path connections recorded, less those whose record the kernel
+    /// removed, per pod: netns cookie → `i64`, changed by sock_ops only
+    /// (atomic adds). The agent makes a pod's entry (0) when the fast path
+    /// serves it and removes it when the pod goes; a pod without one never
+    /// takes the fast path. Less [`FAST_FORGOTTEN`], its open connections.
+    pub const FAST_OPEN: &str = "FAST_OPEN";
+    /// Fast-path records the agent removed (a connection it cut, a pod that
+    /// left), per pod: netns cookie → `i64`, written by the agent only.
+    pub const FAST_FORGOTTEN: &str = "FAST_FORGOTTEN";
+    /// Two `i64`s, for the node: [`FAST_OPEN`]'s sum (sock_ops adds, also
+    /// for pods without an entry) and [`FAST_FORGOTTEN`]'s (the agent
+    /// writes).
+    pub const FAST_TOTALS: &str = "FAST_TOTALS";
     /// Cgroup storage: the [`super::PodInfo`] of the pod whose cgroup the
     /// egress program is attached to (key: that cgroup's inode and
     /// `BPF_CGROUP_INET_EGRESS`), written by the agent after attaching. The
@@ -132,12 +145,23 @@ pub const PROBE_MAP_ENTRIES: u32 = POD_MAP_ENTRIES * 8;
 pub const FAST_GRANT_ENTRIES: u32 = 16_384;
 /// Capacity of [`names::FAST_FLOWS`]: open fast-path connections on a node.
 /// Not an LRU map: a record evicted would be a connection the agent could
-/// no longer find to cut. The agent keeps each pod, and the node, well
-/// below it (it takes grants back from a pod with too many open, and from
-/// all near the top); should it fill all the same, a connection's record is
-/// not kept and the destination refuses it as it refuses any unrecorded
-/// plaintext (counted as [`DropReason::FastPathFull`]).
+/// no longer find to cut. connect4 keeps each pod, and the node, below it
+/// ([`FAST_OPEN_PER_POD`], [`FAST_OPEN_PER_NODE`]); should it fill all the
+/// same, a connection's record is not kept and the destination refuses it
+/// as it refuses any unrecorded plaintext (counted as
+/// [`DropReason::FastPathFull`]).
 pub const FAST_FLOW_ENTRIES: u32 = 65_536;
+/// Fast-path connections one pod may have open at once: past it, connect4
+/// sends its new connections to the agent (with the agent's own limits)
+/// instead, so that one pod cannot fill the node's table of records. Counted
+/// in the kernel ([`names::FAST_OPEN`]) as connections are recorded and
+/// closed, so a burst meets it however fast it comes; connects racing on
+/// other CPUs between connect4 and their record may pass a few over.
+pub const FAST_OPEN_PER_POD: i64 = 8_192;
+/// Fast-path connections the node may have open at once: the table less
+/// room for connects that race past the count.
+pub const FAST_OPEN_PER_NODE: i64 = FAST_FLOW_ENTRIES as i64 - 8_192;
+const _: () = assert!(FAST_OPEN_PER_POD < FAST_OPEN_PER_NODE);
 /// Bytes of [`names::FAST_EVENTS`]: at 64 bytes a record, two records a
 /// connection, room for 8 000 connections between two reads (the agent
 /// reads it every 50 ms).

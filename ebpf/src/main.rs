@@ -18,7 +18,9 @@
 //! alone by connect4 (which marks the socket, `FAST_PENDING`) and goes
 //! straight to the other pod, in the node's kernel. `warren_sock_ops`
 //! records the connection's addresses in `FAST_FLOWS`, with the client pod's
-//! namespace; the destination's ingress program lets in a plaintext SYN only
+//! namespace, and counts it in `FAST_OPEN` (past `FAST_OPEN_PER_POD` open,
+//! or the node's share, connect4 sends the pod's connections to the agent
+//! instead); the destination's ingress program lets in a plaintext SYN only
 //! if its addresses are recorded there by the pod that has its source
 //! address. When
 //! the client socket closes, sock_ops removes the record. Both events go to
@@ -79,9 +81,10 @@ use aya_ebpf::maps::CgroupStorage;
 use aya_log_ebpf::debug;
 use warren_common::{
     DELIVERY_MARK, DROP_MAP_ENTRIES, DropReason, FAST_EVENT_BYTES, FAST_FLOW_ENTRIES,
-    FAST_GRANT_ENTRIES, FLOW_MAP_ENTRIES, FastEvent, FlowInfo, FlowKey, GrantKey, HBONE_PORT,
-    INBOUND_MODE_ENTRIES, InboundKey, Ipv4Dst, OUTBOUND_PORT, PENDING_PER_NODE, PENDING_PER_POD,
-    POD_MAP_ENTRIES, PROBE_MAP_ENTRIES, PodInfo, ProbeKey, Tuple, fast_event, mode,
+    FAST_GRANT_ENTRIES, FAST_OPEN_PER_NODE, FAST_OPEN_PER_POD, FLOW_MAP_ENTRIES, FastEvent,
+    FlowInfo, FlowKey, GrantKey, HBONE_PORT, INBOUND_MODE_ENTRIES, InboundKey, Ipv4Dst,
+    OUTBOUND_PORT, PENDING_PER_NODE, PENDING_PER_POD, POD_MAP_ENTRIES, PROBE_MAP_ENTRIES, PodInfo,
+    ProbeKey, Tuple, fast_event, mode,
 };
 
 const AF_INET: u32 = 2;
@@ -269,6 +272,7 @@ fn capture(ctx: &SockAddrContext, ip: u32, port: u16, direct: Direct) -> Verdict
     // not record the socket's next connection).
     if direct == Direct::Allowed
         && granted(netns, ip, port)
+        && fast_share_left(netns)
         && FAST_PENDING
             .insert(cookie, original_dst(ip, port), 0)
             .is_ok()
@@ -377,6 +381,83 @@ static FAST_PENDING: LruHashMap<u64, Ipv4Dst> = LruHashMap::with_max_entries(FLO
 #[map(name = "FAST_EVENTS")]
 static FAST_EVENTS: RingBuf = RingBuf::with_byte_size(FAST_EVENT_BYTES, 0);
 
+/// Fast-path connections open, per pod (by netns cookie) and for the node
+/// (slot 0 of FAST_TOTALS): what sock_ops recorded less what it removed;
+/// less what the agent removed (FAST_FORGOTTEN, and slot 1), which only it
+/// writes. The agent makes and removes a pod's entries.
+#[map(name = "FAST_OPEN")]
+static FAST_OPEN: HashMap<u64, i64> = HashMap::with_max_entries(POD_MAP_ENTRIES, 0);
+#[map(name = "FAST_FORGOTTEN")]
+static FAST_FORGOTTEN: HashMap<u64, i64> = HashMap::with_max_entries(POD_MAP_ENTRIES, 0);
+#[map(name = "FAST_TOTALS")]
+static FAST_TOTALS: Array<i64> = Array::with_max_entries(2, 0);
+
+/// Whether the pod of `netns` may open one more fast-path connection: the
+/// agent counts it (it has an entry), and neither it nor the node has as
+/// many open as it may. Read without a lock, as the capture quota: connects
+/// racing on other CPUs may pass a few over.
+#[inline(always)]
+fn fast_share_left(netns: u64) -> bool {
+    // SAFETY: the values are copied out at once; plain integers.
+    let Some(open) = (unsafe { FAST_OPEN.get(netns) }).copied() else {
+        return false;
+    };
+    // SAFETY: as above.
+    let forgotten = (unsafe { FAST_FORGOTTEN.get(netns) }).copied().unwrap_or(0);
+    let node = FAST_TOTALS.get(0).copied().unwrap_or(0) - FAST_TOTALS.get(1).copied().unwrap_or(0);
+    open - forgotten < FAST_OPEN_PER_POD && node < FAST_OPEN_PER_NODE
+}
+
+/// Adds `delta` to the fast-path connections open of the pod of `netns`
+/// (if it still has an entry: one that left has none) and of the node.
+#[inline(always)]
+fn count_fast(netns: u64, delta: i64) {
+    if let Some(pod) = FAST_OPEN.get_ptr_mut(netns) {
+        // SAFETY: a valid, aligned i64 in a map value, which other CPUs
+        // change only with atomic adds too (the agent only makes and
+        // removes the entry; a removed entry's memory lives until this
+        // program ends, RCU).
+        unsafe { atomic_xadd::<i64, i64, { AtomicOrdering::Relaxed }>(pod, delta) };
+    }
+    if let Some(node) = FAST_TOTALS.get_ptr_mut(0) {
+        // SAFETY: as above, for the array's first slot (the agent writes
+        // only the second).
+        unsafe { atomic_xadd::<i64, i64, { AtomicOrdering::Relaxed }>(node, delta) };
+    }
+}
+
+/// Records `tuple`, counted for the pod of `info`. A record already there
+/// is stale (no live socket has these addresses: the source address is the
+/// pod's own): replaced, and no longer counted for its pod. False if the
+/// table is full.
+#[inline(always)]
+fn insert_flow(tuple: Tuple, info: FlowInfo) -> bool {
+    let noexist = u64::from(BPF_NOEXIST);
+    if FAST_FLOWS.insert(tuple, info, noexist).is_err() {
+        // SAFETY: the value is copied out before the entry is removed.
+        let Some(stale) = (unsafe { FAST_FLOWS.get(tuple) }).copied() else {
+            return false; // full
+        };
+        if FAST_FLOWS.remove(tuple).is_ok() {
+            count_fast(stale.netns_cookie, -1);
+        }
+        if FAST_FLOWS.insert(tuple, info, noexist).is_err() {
+            return false;
+        }
+    }
+    count_fast(info.netns_cookie, 1);
+    true
+}
+
+/// Removes the record of `tuple`, counted for the pod of `netns`, unless
+/// it went meanwhile (the agent removed it, and counted that).
+#[inline(always)]
+fn remove_flow(tuple: Tuple, netns: u64) {
+    if FAST_FLOWS.remove(tuple).is_ok() {
+        count_fast(netns, -1);
+    }
+}
+
 /// Whether the pod of namespace `netns` may connect straight to `ip:port`:
 /// a grant, while the agent's lease runs. No lease (an agent that stopped,
 /// or one with the fast path off) leaves every grant void.
@@ -418,15 +499,13 @@ fn record_fast_flow(ctx: &SockOpsContext, netns: u64, marked: Ipv4Dst) {
         // SAFETY: a plain helper call.
         opened_ns: unsafe { bpf_ktime_get_ns() },
     };
-    // A record already there is stale (no live socket has these addresses:
-    // the source address is the pod's own): replaced.
-    if FAST_FLOWS.insert(tuple, info, 0).is_err() {
+    if !insert_flow(tuple, info) {
         count(DropReason::FastPathFull);
         return;
     }
     // Without the close callback the record would outlive the connection.
     if ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32).is_err() {
-        let _ = FAST_FLOWS.remove(tuple);
+        remove_flow(tuple, netns);
         return;
     }
     report(FastEvent {
@@ -464,7 +543,7 @@ fn state_changed(ctx: &SockOpsContext) {
     if info.netns_cookie != unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } {
         return; // another pod's record of these addresses: not this socket's
     }
-    let _ = FAST_FLOWS.remove(tuple);
+    remove_flow(tuple, info.netns_cookie);
     // SAFETY: the kernel hands sock_ops programs a valid bpf_sock_ops for
     // the duration of the call; the verifier checks the field accesses.
     let (acked, received) = unsafe { ((*ctx.ops).bytes_acked, (*ctx.ops).bytes_received) };

@@ -25,8 +25,12 @@
 //!
 //! What takes a grant back: any change of the mesh (policies, workloads,
 //! trust), a certificate expiring, either pod leaving (its sandbox going, at
-//! CNI DEL), the source over its limits ([`OPEN_PER_POD`], [`OPEN_PER_NODE`],
-//! [`GRANTS_PER_POD`]), five minutes unused. Each grant is decided again;
+//! CNI DEL), five minutes unused. A pod holds at most [`GRANTS_PER_POD`];
+//! and with [`FAST_OPEN_PER_POD`](warren_common::FAST_OPEN_PER_POD)
+//! fast-path connections open (or the node with
+//! [`FAST_OPEN_PER_NODE`](warren_common::FAST_OPEN_PER_NODE)), connect4 sends its next ones to the agent
+//! whatever its grants: the kernel counts them, so a burst faster than the
+//! agent reads its events meets the limit all the same. Each grant is decided again;
 //! those no longer allowed are revoked, and the open connections they
 //! allowed are cut (their sockets destroyed in both pods, so that both
 //! applications see it), with a log line naming why.
@@ -71,17 +75,6 @@ pub const SHORTCUT_QUEUE: usize = 1024;
 pub const GRANTS_PER_POD: usize = 1024;
 /// How long a grant with no open connection lasts.
 pub const GRANT_IDLE: Duration = Duration::from_secs(300);
-/// Fast-path connections one pod may have open at once. Past it, its grants
-/// are taken back (its new connections take the agent's path, with the
-/// agent's limits) until it has fewer than three quarters of it: one pod
-/// cannot fill the node's table of records.
-pub const OPEN_PER_POD: usize = 8_192;
-/// Fast-path connections the node may have open at once: the records'
-/// table less room for what opens between two reads of the kernel's events
-/// (it fills at most at the node's connection rate times 50 ms). Past it,
-/// every grant is taken back until three quarters of it.
-pub const OPEN_PER_NODE: usize = warren_common::FAST_FLOW_ENTRIES as usize - 8_192;
-
 /// The kernel's TCP states (`tcp_states.h`) a client socket can close from.
 pub(crate) mod tcp_state {
     pub const SYN_SENT: u32 = 2;
@@ -197,8 +190,9 @@ struct Local {
     current_programs: bool,
     /// Its sandbox is going (CNI DEL): no new grant to or from it.
     leaving: bool,
-    /// Too many fast-path connections open: no new grant from it.
-    throttled: bool,
+    /// Said to have as many fast-path connections open as it may (and not
+    /// yet said to be well under).
+    at_limit: bool,
 }
 
 /// A grant in force.
@@ -222,8 +216,8 @@ struct Registry {
     /// Pairs refused since the mesh last changed (or the last second): not
     /// decided again per connection.
     refused: BTreeSet<GrantKey>,
-    /// The node has too many fast-path connections open: no new grant.
-    throttled: bool,
+    /// Said to have as many fast-path connections open as it may.
+    at_limit: bool,
     /// Set once the agent has tried to enroll every pod of the node: only
     /// then is a recorded connection whose pods are not served known to be
     /// stale (before, its pods may just not be enrolled yet).
@@ -271,18 +265,15 @@ impl Registry {
         )
     }
 
-    /// Whether a grant for `key` may be made: its source is not over its
-    /// limits (nor the node), and holds fewer than [`GRANTS_PER_POD`].
+    /// Whether a grant for `key` may be made: its source is served and holds
+    /// fewer than [`GRANTS_PER_POD`].
     fn may_grant(&self, key: &GrantKey) -> bool {
-        let Some(src) = self.pods.get(&key.netns_cookie) else {
-            return false;
-        };
         let cookie = key.netns_cookie;
         let held = self
             .grants
             .range(GrantKey::new(cookie, 0, 0)..=GrantKey::new(cookie, u32::MAX, u16::MAX))
             .count();
-        !self.throttled && !src.throttled && held < GRANTS_PER_POD
+        self.pods.contains_key(&cookie) && held < GRANTS_PER_POD
     }
 
     /// Takes back the grants `which` picks, in the kernel first.
@@ -344,10 +335,17 @@ impl FastPath {
         Destroyer::new()?.probe()
     }
 
-    /// `proxy`'s pod is served from now on.
+    /// `proxy`'s pod is served from now on: the kernel counts its fast-path
+    /// connections, without which it never takes the fast path.
     pub fn register(&self, proxy: &Arc<PodProxy>, current_programs: bool) {
         let mut registry = lock(&self.0.registry);
         let cookie = proxy.netns.cookie();
+        if let Err(error) = lock(&self.0.kernel).count_pod(cookie) {
+            warn!(
+                workload = %proxy.workload.qualified_name(), error = %Chain(&error),
+                "fast path: cannot count the pod's connections; they all go through the agent"
+            );
+        }
         registry.by_ip.insert(proxy.workload.ip, cookie);
         registry.pods.insert(
             cookie,
@@ -355,7 +353,7 @@ impl FastPath {
                 proxy: proxy.clone(),
                 current_programs,
                 leaving: false,
-                throttled: false,
+                at_limit: false,
             },
         );
         registry.refused.clear();
@@ -404,6 +402,7 @@ impl FastPath {
             registry.by_ip.remove(&ip);
         }
         self.forget(&mut registry, cookie, ip);
+        lock(&self.0.kernel).uncount_pod(cookie);
         drop(registry);
         self.0.changed.notify_one();
     }

@@ -14,11 +14,13 @@ use tokio::{
     time::{Instant, MissedTickBehavior},
 };
 use tracing::{debug, info, warn};
-use warren_common::{FastEvent, FlowInfo, GrantKey, Tuple, fast_event};
+use warren_common::{
+    FAST_OPEN_PER_NODE, FAST_OPEN_PER_POD, FastEvent, FlowInfo, GrantKey, Tuple, fast_event,
+};
 use warren_daemon::logging::Chain;
 
 use super::{
-    GRANT_IDLE, Grant, OPEN_PER_NODE, OPEN_PER_POD, Refusal, Shared,
+    GRANT_IDLE, Grant, Refusal, Shared,
     destroy::{self, DestroyError, Destroyer},
     endpoints, lock, monotonic_ns, payload, tcp_state,
 };
@@ -124,24 +126,6 @@ pub struct Task {
     rescan_at: Option<Instant>,
     ticks: u32,
     metrics: Arc<Metrics>,
-    /// The kernel's records, counted at the last reconciliation.
-    recorded: Recorded,
-}
-
-/// Records in the kernel, by client pod.
-#[derive(Default)]
-struct Recorded {
-    total: usize,
-    by_pod: HashMap<u64, usize>,
-}
-
-impl Recorded {
-    fn forget(&mut self, pod: u64) {
-        self.total = self.total.saturating_sub(1);
-        if let Some(n) = self.by_pod.get_mut(&pod) {
-            *n = n.saturating_sub(1);
-        }
-    }
 }
 
 impl Task {
@@ -160,7 +144,6 @@ impl Task {
             rescan_at: None,
             ticks: 0,
             metrics,
-            recorded: Recorded::default(),
         }
     }
 
@@ -348,21 +331,21 @@ impl Task {
 
     /// Connections accounted for that the kernel no longer records, for a
     /// while: their close was lost (the ring was full when it came). Closed
-    /// now, with what is known.
+    /// now, with what is known. The kernel's counts are set to its records
+    /// on the way, and those of pods no longer served dropped.
     async fn reconcile_open(&mut self) {
-        let flows = lock(&self.shared.kernel).flows();
+        let flows = {
+            let registry = lock(&self.shared.registry);
+            let mut kernel = lock(&self.shared.kernel);
+            if registry.settled {
+                kernel.uncount_all_but(|netns| registry.pods.contains_key(&netns));
+            }
+            kernel.flows_recounted()
+        };
         // Closes reported since the records were read are taken first, so
         // that a connection just closed is not taken for one whose close
         // was lost.
         self.read_events().await;
-        let mut counted = Recorded {
-            total: flows.len(),
-            by_pod: HashMap::new(),
-        };
-        for (_, info) in &flows {
-            *counted.by_pod.entry(info.netns_cookie).or_default() += 1;
-        }
-        self.recorded = counted;
         let recorded: HashSet<Tuple> = flows.into_iter().map(|(tuple, _)| tuple).collect();
         let now = Instant::now();
         let lost: Vec<Tuple> = self
@@ -561,74 +544,55 @@ impl Task {
                 _ => {}
             }
         }
-        self.enforce_limits();
+        self.report_limits();
         self.metrics
             .fast_path_connections
             .set(gauge(self.open.by_tuple.len()));
         self.cut(doomed).await;
     }
 
-    /// Takes the grants back from a pod with [`OPEN_PER_POD`] connections
-    /// open, and from every pod when the node has [`OPEN_PER_NODE`]; gives
-    /// them leave again below three quarters of it.
-    fn enforce_limits(&mut self) {
+    /// Says when a pod, or the node, has as many fast-path connections open
+    /// as it may ([`FAST_OPEN_PER_POD`], [`FAST_OPEN_PER_NODE`]), as the
+    /// kernel counts them (connect4 sends the next ones to the agent
+    /// meanwhile), and when it is well under again (three quarters): a line
+    /// each way, not one per connection.
+    fn report_limits(&mut self) {
+        let open = lock(&self.shared.kernel).open();
         let mut registry = lock(&self.shared.registry);
-        // What this agent counted, or what the kernel records (connections
-        // whose open it did not read: from before it started, or lost when
-        // the ring was full), whichever is more.
-        let total = self.open.by_tuple.len().max(self.recorded.total);
-        let node_over = total >= OPEN_PER_NODE;
-        if node_over != registry.throttled && (node_over || total < OPEN_PER_NODE * 3 / 4) {
-            registry.throttled = node_over;
-            if node_over {
+        let full = open.node >= FAST_OPEN_PER_NODE;
+        if full != registry.at_limit && (full || open.node < FAST_OPEN_PER_NODE * 3 / 4) {
+            registry.at_limit = full;
+            if full {
                 warn!(
-                    open = total,
-                    limit = OPEN_PER_NODE,
-                    "fast path: too many connections open on the node; new ones go through the \
-                     agent until fewer than three quarters of the limit"
+                    open = open.node,
+                    limit = FAST_OPEN_PER_NODE,
+                    "fast path: the node has as many connections open as it may; new ones go \
+                     through the agent until some close"
                 );
             } else {
                 info!(
-                    open = total,
+                    open = open.node,
                     "fast path: open connections back under the node's limit"
                 );
             }
         }
         for (cookie, pod) in registry.pods.iter_mut() {
-            let open = self
-                .open
-                .by_pod
-                .get(cookie)
-                .copied()
-                .unwrap_or(0)
-                .max(self.recorded.by_pod.get(cookie).copied().unwrap_or(0));
-            let now_over = open >= OPEN_PER_POD;
-            if now_over == pod.throttled || (!now_over && open >= OPEN_PER_POD * 3 / 4) {
+            let open = open.by_pod.get(cookie).copied().unwrap_or(0);
+            let full = open >= FAST_OPEN_PER_POD;
+            if full == pod.at_limit || (!full && open >= FAST_OPEN_PER_POD * 3 / 4) {
                 continue;
             }
-            pod.throttled = now_over;
+            pod.at_limit = full;
             let workload = pod.proxy.workload.qualified_name();
-            if now_over {
+            if full {
                 warn!(
-                    %workload, open, limit = OPEN_PER_POD,
-                    "fast path: the pod has too many connections open; its new ones go through \
-                     the agent until it has fewer than three quarters of the limit"
+                    %workload, open, limit = FAST_OPEN_PER_POD,
+                    "fast path: the pod has as many connections open as it may; its new ones go \
+                     through the agent until some close"
                 );
             } else {
                 info!(%workload, open, "fast path: the pod's open connections back under its limit");
             }
-        }
-        // Whatever granted them since (a search restores the grants of
-        // recorded connections), throttled pods hold none.
-        let throttled: HashSet<u64> = registry
-            .pods
-            .iter()
-            .filter(|(_, pod)| registry.throttled || pod.throttled)
-            .map(|(cookie, _)| *cookie)
-            .collect();
-        if !throttled.is_empty() {
-            let mut kernel = lock(&self.shared.kernel);
-            registry.revoke(&mut kernel, |key| throttled.contains(&key.netns_cookie));
         }
     }
 
@@ -709,10 +673,6 @@ impl Task {
         };
         let (request, response) = payload(event.old_state, event.bytes_acked, event.bytes_received);
         let (source_outcome, destination_outcome) = (outcome(), outcome());
-        // The kernel's record is gone with it: the count read at the last
-        // reconciliation is one fewer, so that a pod over its limit gets
-        // the fast path back as soon as it lets go, not at the next one.
-        self.recorded.forget(event.info.netns_cookie);
         self.cut.remove(&event.tuple);
         open.source
             .close_counted(request, response, duration, source_outcome);
