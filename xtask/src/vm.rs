@@ -250,7 +250,7 @@ pub fn run(args: &Args) -> Result<()> {
         let boot = match boot(&image.root, kernel, &share, accel, timeout) {
             Err(BootError::KvmStuck) => {
                 let why = format!(
-                    "KVM did not bring the kernel to its init within {} s",
+                    "KVM did not bring the kernel to its init (within {} s, or qemu failed)",
                     KVM_PROBE.as_secs()
                 );
                 println!("vm: {why}; using software emulation (TCG) from now on");
@@ -700,8 +700,9 @@ fn choose_accel(wanted: Accel, dir: &Path) -> Chosen {
 /// Why a boot gave no results.
 #[derive(Debug)]
 enum BootError {
-    /// Under KVM the kernel did not reach its init in time: worth a try
-    /// under TCG.
+    /// Under KVM the kernel did not reach its init in time, or qemu failed
+    /// before it did (this machine's KVM once refused an MSR qemu sets, and
+    /// qemu aborted): worth a try under TCG.
     KvmStuck,
     Other(anyhow::Error),
 }
@@ -843,6 +844,10 @@ fn boot(
         Ended::PoweredOff => {}
     }
     if !status.success() {
+        if accel == Chosen::KvmOrTcg && to_init.is_none() {
+            println!("vm: qemu failed under KVM before the kernel's init ({status})");
+            return Err(BootError::KvmStuck);
+        }
         return Err(anyhow::anyhow!(
             "qemu failed ({status}); console in {}",
             console_path.display()

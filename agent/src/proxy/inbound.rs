@@ -364,12 +364,15 @@ impl PodInbound {
                 reason,
             ));
         }
-        // The delivery socket takes an ephemeral port of the client's
-        // address; should it be the client's own port, the tuple is this very
-        // connection's and the connect fails: a second try takes another.
+        // The delivery socket takes a port of the client's address; should
+        // it be the client's own port, the tuple is this very connection's
+        // and the connect fails (EADDRNOTAVAIL): a second try takes another.
+        // Only then: a refusal is not worth a second port search.
         let connected = match transparent::connect(&self.pod.netns, src_ip, dst).await {
-            Err(_) => transparent::connect(&self.pod.netns, src_ip, dst).await,
-            ok => ok,
+            Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
+                transparent::connect(&self.pod.netns, src_ip, dst).await
+            }
+            other => other,
         };
         let app = match connected {
             Ok(app) => app,

@@ -163,6 +163,19 @@ const SPAN: u32 = (*SOURCE_PORTS.end() - *SOURCE_PORTS.start()) as u32 + 1;
 /// earlier, those past the fast path's per-pod limit). A failed bind costs
 /// a microsecond or so.
 const BIND_TRIES: u32 = 1_024;
+/// Failed binds the searches into one pod may cost in a second; past them,
+/// the kernel chooses until the second is over. Bounds the agent's CPU
+/// (a microsecond a failed bind) for a pod that holds nearly every port of
+/// the range itself, leaving a few far apart: every delivery into it would
+/// otherwise walk hundreds of taken ports without ever running out. Four
+/// searches that find nothing; a client delivering to a pod more than the
+/// range holds (about 75 connections a second) meets it too.
+const FAILED_BINDS_PER_SECOND: u32 = 4 * BIND_TRIES;
+/// Failed binds into each destination pod (by netns cookie) this second:
+/// since when, and how many.
+static FAILED: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<u64, (std::time::Instant, u32)>>,
+> = std::sync::LazyLock::new(Default::default);
 /// Where the next search starts, in [`SOURCE_PORTS`] (see [`source_port`]).
 static NEXT: std::sync::LazyLock<std::sync::atomic::AtomicU32> = std::sync::LazyLock::new(|| {
     use std::hash::{BuildHasher, Hasher};
@@ -191,49 +204,51 @@ static NEXT: std::sync::LazyLock<std::sync::atomic::AtomicU32> = std::sync::Lazy
 /// taken, left the choice to `connect()`, and the pair's next fast-path
 /// connections timed out). The range runs out only with thousands of this
 /// client's connections delivered in the last minute (TIME_WAIT holds a
-/// port that long): then `connect()` chooses, that is logged, and for a
-/// second this client's deliveries do not search again (each search would
-/// cost a thousand failed binds). Per destination pod (`netns`): the
-/// ports are taken in its namespace, and a pod that holds them all itself
-/// (bound to any address) must not make the client's deliveries to other
-/// pods take the client's ports.
+/// port that long): then `connect()` chooses, and that is logged. The
+/// searches into one destination pod (`netns`) cost at most
+/// [`FAILED_BINDS_PER_SECOND`]: the ports are taken in its namespace, so a
+/// pod that holds them itself makes only its own deliveries fall back.
 fn bind_source(socket: &socket2::Socket, netns: u64, src: Ipv4Addr) -> io::Result<()> {
     use std::{
-        collections::HashMap,
-        sync::{LazyLock, Mutex, atomic::Ordering::Relaxed},
+        sync::{LazyLock, atomic::Ordering::Relaxed},
         time::{Duration, Instant},
     };
-    /// Destination pods and client addresses whose ports ran out, until
-    /// when they are not searched.
-    static RAN_OUT: LazyLock<Mutex<HashMap<(u64, Ipv4Addr), Instant>>> =
-        LazyLock::new(Default::default);
     static LOGGED: LazyLock<crate::limits::Throttle> = LazyLock::new(Default::default);
+    let failed = || FAILED.lock().unwrap_or_else(|p| p.into_inner());
     let now = Instant::now();
-    let search = {
-        let mut ran_out = RAN_OUT.lock().unwrap_or_else(|p| p.into_inner());
-        if !ran_out.is_empty() {
-            ran_out.retain(|_, until| *until > now);
+    let second = Duration::from_secs(1);
+    let budget = {
+        let mut failed = failed();
+        if !failed.is_empty() {
+            failed.retain(|_, (since, _)| now.duration_since(*since) < second);
         }
-        !ran_out.contains_key(&(netns, src))
+        let spent = failed.get(&netns).map_or(0, |(_, count)| *count);
+        FAILED_BINDS_PER_SECOND
+            .saturating_sub(spent)
+            .min(BIND_TRIES)
     };
-    if search {
+    let mut tries = 0;
+    let found = (|| {
         let start = NEXT.load(Relaxed);
-        for n in 0..BIND_TRIES {
-            let n = start.wrapping_add(n);
+        while tries < budget {
+            let n = start.wrapping_add(tries);
             let port = source_port(n);
             match socket.bind(&SocketAddrV4::new(src, port).into()) {
                 Ok(()) => {
                     NEXT.store(n % SPAN + 1, Relaxed);
-                    return Ok(());
+                    return Ok(true);
                 }
-                Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => tries += 1,
                 Err(e) => return Err(e),
             }
         }
-        RAN_OUT
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert((netns, src), now + Duration::from_secs(1));
+        Ok(false)
+    })();
+    if tries > 0 {
+        failed().entry(netns).or_insert((now, 0)).1 += tries;
+    }
+    if found? {
+        return Ok(());
     }
     // Every delivery that falls back is counted (the line says how many
     // since the last one), searched or not.
@@ -242,10 +257,11 @@ fn bind_source(socket: &socket2::Socket, netns: u64, src: Ipv4Addr) -> io::Resul
             %src,
             ports = ?SOURCE_PORTS,
             tried = BIND_TRIES,
+            failed_per_second = FAILED_BINDS_PER_SECOND,
             since_last_line = unlogged,
             "delivery source ports of this client address in use or in TIME_WAIT in the \
-             destination pod: the kernel chooses, from the range the client pod's own \
-             connections use"
+             destination pod (or too many found so this second): the kernel chooses, from \
+             the range the client pod's own connections use"
         );
     }
     nix::sys::socket::setsockopt(
@@ -255,6 +271,13 @@ fn bind_source(socket: &socket2::Socket, netns: u64, src: Ipv4Addr) -> io::Resul
     )
     .map_err(io::Error::from)?;
     socket.bind(&SocketAddrV4::new(src, 0).into())
+}
+
+/// Failed binds into the pod of `netns` this second.
+#[cfg(test)]
+fn failed_binds(netns: u64) -> u32 {
+    let failed = FAILED.lock().unwrap_or_else(|p| p.into_inner());
+    failed.get(&netns).map_or(0, |(_, count)| *count)
 }
 
 /// The port `n` places into [`SOURCE_PORTS`], round and round.
@@ -297,5 +320,35 @@ mod tests {
         let port = delivery.local_addr().unwrap().as_socket().unwrap().port();
         assert!(SOURCE_PORTS.contains(&port), "port {port}");
         assert!(!run.contains(&port), "port {port} was taken");
+    }
+
+    #[test]
+    fn searches_into_a_pod_whose_ports_are_taken_stop_at_their_budget() {
+        // Every port of the range taken (what a pod squatting them, bar a
+        // few far apart, costs each search): four searches walk their
+        // tries, the fifth tries none, and another pod is searched as ever.
+        let src = Ipv4Addr::new(127, 0, 0, 2);
+        let taken: Vec<socket2::Socket> = SOURCE_PORTS
+            .filter_map(|port| {
+                let taker = socket();
+                taker.bind(&SocketAddrV4::new(src, port).into()).ok()?;
+                Some(taker)
+            })
+            .collect();
+        assert!(taken.len() > 4_000, "{} ports taken", taken.len());
+        let (squatted, other) = (7, 8);
+        let deliver = |netns| {
+            let delivery = socket();
+            bind_source(&delivery, netns, src).unwrap();
+            // Port 0: left to connect() (IP_BIND_ADDRESS_NO_PORT).
+            let port = delivery.local_addr().unwrap().as_socket().unwrap().port();
+            assert_eq!(port, 0, "a port of the range was free");
+        };
+        for searches in 1..=5 {
+            deliver(squatted);
+            assert_eq!(failed_binds(squatted), BIND_TRIES * searches.min(4));
+        }
+        deliver(other);
+        assert_eq!(failed_binds(other), BIND_TRIES);
     }
 }
