@@ -243,13 +243,6 @@ impl NodeBudget {
         Ok(())
     }
 
-    /// Whether `n` more beyond the pods' reserves would pass the node's
-    /// limit.
-    fn full_beyond_reserves(&self, n: usize) -> bool {
-        let shared = self.shared();
-        shared.paid + shared.owed + shared.beyond + n > self.limits.per_node
-    }
-
     fn give(&self, within: usize, beyond: usize) {
         let mut shared = self.shared();
         shared.within -= within;
@@ -433,13 +426,7 @@ impl PodBudget {
             .peers
             .take(peer, n, per_peer)
             .map_err(|()| OverLimit::Peer { limit: per_peer })?;
-        // While the node has nothing left beyond the reserves, what the pod
-        // is let in comes out of its reserve: one peer at most half of
-        // that, so that its other peers keep the rest.
-        let mut at_pod = self.per_peer_at_pod();
-        if self.node.full_beyond_reserves(n) {
-            at_pod = at_pod.min((self.reserve() / 2).max(1));
-        }
+        let at_pod = self.per_peer_at_pod();
         self.peers.take(peer, n, at_pod).map_err(|()| {
             self.node.peers.give(peer, n);
             OverLimit::PeerAtPod { limit: at_pod }
@@ -626,42 +613,6 @@ mod tests {
             greedy.admit(Outbound, 3).is_ok(),
             "given back when the connections end"
         );
-    }
-
-    #[test]
-    fn with_the_node_full_one_peer_takes_at_most_half_a_pods_reserve() {
-        // Reserves of 10 each way; the greedy pod holds all the rest.
-        let node = node_with_reserve(100, 1000, 100, 10);
-        let (greedy, victim) = (node.pod(), node.pod());
-        let _rest: Vec<Permit> = (0..70)
-            .map(|_| greedy.admit(Outbound, 1).unwrap())
-            .collect();
-        assert!(greedy.admit(Outbound, 1).is_err(), "the node is full");
-        let (noisy, quiet) = (
-            peer("spiffe://cluster.local/ns/a/sa/x"),
-            peer("spiffe://cluster.local/ns/b/sa/y"),
-        );
-        let noisy_held: Vec<Permit> = (0..5)
-            .map(|_| victim.admit_from(&noisy, 1).unwrap())
-            .collect();
-        assert_eq!(
-            victim.admit_from(&noisy, 1).err(),
-            Some(OverLimit::PeerAtPod { limit: 5 })
-        );
-        let _quiet_held: Vec<Permit> = (0..5)
-            .map(|_| {
-                victim
-                    .admit_from(&quiet, 1)
-                    .expect("the rest of the reserve")
-            })
-            .collect();
-        // With room on the node again, a peer may hold half of the pod's
-        // budget, as before.
-        drop(_rest);
-        let more: Vec<Permit> = (0..40)
-            .map(|_| victim.admit_from(&noisy, 1).unwrap())
-            .collect();
-        assert_eq!(noisy_held.len() + more.len(), 45);
     }
 
     #[test]

@@ -54,7 +54,9 @@ use aya::maps::{CgroupStorage, CgroupStorageKey};
 use nix::sched::{CloneFlags, setns};
 use tokio::io::unix::AsyncFd;
 /// The reasons [`DropCounts`] are kept by, for its readers.
-pub use warren_common::{DropReason, FAST_OPEN_PER_POD, PENDING_PER_NODE, PENDING_PER_POD};
+pub use warren_common::{
+    DropReason, FAST_OPEN_PER_POD, FAST_OPEN_SLACK, PENDING_PER_NODE, PENDING_PER_POD,
+};
 use warren_common::{
     FastEvent, FlowInfo, FlowKey, GrantKey, InboundKey, Ipv4Dst, OUTBOUND_PORT, PodInfo, ProbeKey,
     Tuple, names,
@@ -178,9 +180,10 @@ pub struct Redirector {
     original_dst: OriginalDsts,
     /// Until [`take_fast_path`](Self::take_fast_path) hands them out.
     fast_path: Option<FastPathMaps>,
-    /// The kernel's hash of this build's ingress program: links taken over
-    /// run this one if theirs has the same.
-    ingress_tag: u64,
+    /// The kernel's hash of this build's programs, by the name their pod
+    /// links are pinned under: links taken over run these if theirs have the
+    /// same.
+    tags: [(&'static str, u64); 3],
 }
 
 impl Redirector {
@@ -219,11 +222,25 @@ impl Redirector {
                 .load()
                 .map_err(|source| RedirectError::Program { name, source })?;
         }
+        let connect4_tag = program::<CgroupSockAddr>(&mut ebpf, names::CONNECT4)?
+            .info()
+            .map_err(|source| RedirectError::Program {
+                name: names::CONNECT4,
+                source,
+            })?
+            .tag();
         let sock_ops: &mut SockOps = program(&mut ebpf, names::SOCK_OPS)?;
         sock_ops.load().map_err(|source| RedirectError::Program {
             name: names::SOCK_OPS,
             source,
         })?;
+        let sock_ops_tag = sock_ops
+            .info()
+            .map_err(|source| RedirectError::Program {
+                name: names::SOCK_OPS,
+                source,
+            })?
+            .tag();
         let egress_program = egress_program();
         let egress: &mut CgroupSkb = program(&mut ebpf, egress_program)?;
         egress.load().map_err(|source| RedirectError::Program {
@@ -316,7 +333,11 @@ impl Redirector {
                 ages: Ages::default(),
             }))),
             fast_path: Some(fast_path),
-            ingress_tag,
+            tags: [
+                (names::POD_INGRESS, ingress_tag),
+                (names::CONNECT4, connect4_tag),
+                (names::SOCK_OPS, sock_ops_tag),
+            ],
         })
     }
 
@@ -359,9 +380,13 @@ impl Redirector {
             .join(PinName::new(netns_cookie, pod).to_string());
         let taken_over = POD_LINKS.iter().all(|name| pins.join(name).exists());
         // Links taken over run the programs they were made with: an earlier
-        // build's ingress program would refuse the fast path's connections.
+        // build's ingress program would refuse the fast path's connections,
+        // its connect4 and sock_ops would not count them.
         let current_programs = !taken_over
-            || link_program_tag(&pins.join(names::POD_INGRESS)) == Some(self.ingress_tag);
+            || self
+                .tags
+                .iter()
+                .all(|&(name, tag)| link_program_tag(&pins.join(name), name) == Some(tag));
         let attachment = Attachment {
             netns_cookie,
             pod_ip,
@@ -926,11 +951,12 @@ fn unpin_all(dir: &Path) -> Result<(), RedirectError> {
 /// The tag (the kernel's hash of its instructions, the same for every load
 /// of one build) of the program the link pinned at `path` runs, or of the
 /// program pinned there (an ingress filter's, before Linux 6.6).
-fn link_program_tag(path: &Path) -> Option<u64> {
-    // Which of the two the pin is follows from the kernel (pins do not
-    // outlive a reboot): asking a program for link info, or the reverse,
-    // "succeeds" with the other's fields.
-    if !has_tcx() {
+fn link_program_tag(path: &Path, name: &str) -> Option<u64> {
+    // Which of the two an ingress pin is follows from the kernel (pins do
+    // not outlive a reboot): asking a program for link info, or the
+    // reverse, "succeeds" with the other's fields. The cgroup programs' are
+    // always links.
+    if name == names::POD_INGRESS && !has_tcx() {
         return SchedClassifier::from_pin(path)
             .ok()?
             .info()
@@ -1071,6 +1097,18 @@ pub struct FastPathMaps {
     totals: Array<MapData, i64>,
 }
 
+/// What [`FastPathMaps::recount`] read and set.
+pub struct Recount {
+    pub flows: Vec<(Tuple, FlowInfo)>,
+    /// Counts that had drifted from the records (the pod's netns cookie,
+    /// none for the node): by how much they were over.
+    pub corrected: Vec<(Option<u64>, i64)>,
+}
+
+/// How far the node's count may move while the records are read for it to
+/// be set to them: the error that leaves (of 8 192 to spare).
+const NODE_RECOUNT_SLACK: i64 = 64;
+
 /// Fast-path connections open, as the kernel counts them.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct FastOpen {
@@ -1169,15 +1207,6 @@ impl FastPathMaps {
         let _ = self.forgotten.remove(&netns);
     }
 
-    /// Drops the counts of every pod `served` does not name: pods that left
-    /// while no agent ran, whose entries would otherwise fill the map.
-    pub fn uncount_all_but(&mut self, served: impl Fn(u64) -> bool) {
-        let gone: Vec<u64> = self.open.keys().flatten().filter(|n| !served(*n)).collect();
-        for netns in gone {
-            self.uncount_pod(netns);
-        }
-    }
-
     /// Fast-path connections open, for the node and each pod served.
     pub fn open(&self) -> FastOpen {
         let node = self.totals.get(&0, 0).unwrap_or(0) - self.totals.get(&1, 0).unwrap_or(0);
@@ -1190,33 +1219,60 @@ impl FastPathMaps {
         FastOpen { node, by_pod }
     }
 
-    /// The kernel's records of open fast-path connections; where a count
-    /// did not move while they were read, it is set to what they hold. So
-    /// counts drift from the records for a while at most: records made
-    /// without a count (by an agent from before the counts, or for a pod
-    /// whose entry was being made), or removed with none.
-    pub fn flows_recounted(&mut self) -> Vec<(Tuple, FlowInfo)> {
+    /// The kernel's records of open fast-path connections, each once, with
+    /// the counts set to them where they had drifted: a pod's where its
+    /// count did not move while they were read, the node's where it moved
+    /// by at most [`NODE_RECOUNT_SLACK`] (it moves with every pod's; the
+    /// error is at most that). Drift comes from records made without a
+    /// count (by an agent from before the counts), an add landing on a
+    /// reused entry, an agent stopped between a removal and its count. The
+    /// entries of pods `departed` names go once they have no records.
+    pub fn recount(&mut self, departed: impl Fn(u64) -> bool) -> Recount {
         let counted = |maps: &Self| -> (i64, std::collections::HashMap<u64, i64>) {
             let node = maps.totals.get(&0, 0).unwrap_or(0);
             (node, maps.open.iter().flatten().collect())
         };
         let before = counted(self);
-        let flows = self.flows();
+        // The kernel's next-key walk starts again from the first bucket when
+        // the key it is given went meanwhile: a record can be read twice.
+        let flows: std::collections::HashMap<Tuple, FlowInfo> =
+            self.flows.iter().flatten().collect();
         let after = counted(self);
         let mut records = std::collections::HashMap::<u64, i64>::new();
-        for (_, info) in &flows {
+        for info in flows.values() {
             *records.entry(info.netns_cookie).or_default() += 1;
         }
-        for (netns, open) in &after.1 {
-            if before.1.get(netns) == Some(open) {
-                let held = records.get(netns).copied().unwrap_or(0);
-                let _ = self.forgotten.insert(*netns, open - held, BPF_EXIST);
+        let mut corrected = Vec::new();
+        for (&netns, &open) in &after.1 {
+            let held = records.get(&netns).copied().unwrap_or(0);
+            if departed(netns) && held == 0 {
+                self.uncount_pod(netns);
+                continue;
+            }
+            if before.1.get(&netns) != Some(&open) {
+                continue;
+            }
+            let forgotten = self.forgotten.get(&netns, 0).unwrap_or(0);
+            if open - forgotten != held {
+                let _ = self.forgotten.insert(netns, open - held, BPF_EXIST);
+                corrected.push((Some(netns), open - forgotten - held));
             }
         }
-        if before.0 == after.0 {
-            let _ = self.totals.set(1, after.0 - flows.len() as i64, 0);
+        let (node, held) = (after.0, flows.len() as i64);
+        if (node - before.0).abs() <= NODE_RECOUNT_SLACK {
+            let forgotten = self.totals.get(&1, 0).unwrap_or(0);
+            let drift = node - forgotten - held;
+            if drift != 0 {
+                let _ = self.totals.set(1, node - held, 0);
+            }
+            if drift.abs() > NODE_RECOUNT_SLACK {
+                corrected.push((None, drift));
+            }
         }
-        flows
+        Recount {
+            flows: flows.into_iter().collect(),
+            corrected,
+        }
     }
 
     /// The events queued since the last call, oldest first.

@@ -161,7 +161,13 @@ pub const FAST_OPEN_PER_POD: i64 = 8_192;
 /// Fast-path connections the node may have open at once: the table less
 /// room for connects that race past the count.
 pub const FAST_OPEN_PER_NODE: i64 = FAST_FLOW_ENTRIES as i64 - 8_192;
+/// How far past those limits sock_ops still records a connection: one that
+/// passed connect4 under them (racing on another CPU, or with
+/// `TCP_FASTOPEN_CONNECT`, whose SYN waits for the first write). Beyond it,
+/// the connection is not recorded ([`DropReason::FastPathFull`]).
+pub const FAST_OPEN_SLACK: i64 = 1_024;
 const _: () = assert!(FAST_OPEN_PER_POD < FAST_OPEN_PER_NODE);
+const _: () = assert!(FAST_OPEN_PER_NODE + FAST_OPEN_SLACK < FAST_FLOW_ENTRIES as i64);
 /// Bytes of [`names::FAST_EVENTS`]: at 64 bytes a record, two records a
 /// connection, room for 8 000 connections between two reads (the agent
 /// reads it every 50 ms).
@@ -216,7 +222,8 @@ pub enum DropReason {
     /// moves without anyone attacking.
     Ipv6Unchecked = 8,
     /// `warren_sock_ops`: a connect() the fast path let go straight to the
-    /// other pod found [`names::FAST_FLOWS`] full: without a record the
+    /// other pod found [`names::FAST_FLOWS`] full, or its pod (or the node)
+    /// past its limit by [`FAST_OPEN_SLACK`]: without a record the
     /// destination refuses it, so the connection fails (closed, not open).
     FastPathFull = 9,
     /// `warren_sock_ops`: a fast-path connection's open or close record did

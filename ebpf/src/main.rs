@@ -81,8 +81,8 @@ use aya_ebpf::maps::CgroupStorage;
 use aya_log_ebpf::debug;
 use warren_common::{
     DELIVERY_MARK, DROP_MAP_ENTRIES, DropReason, FAST_EVENT_BYTES, FAST_FLOW_ENTRIES,
-    FAST_GRANT_ENTRIES, FAST_OPEN_PER_NODE, FAST_OPEN_PER_POD, FLOW_MAP_ENTRIES, FastEvent,
-    FlowInfo, FlowKey, GrantKey, HBONE_PORT, INBOUND_MODE_ENTRIES, InboundKey, Ipv4Dst,
+    FAST_GRANT_ENTRIES, FAST_OPEN_PER_NODE, FAST_OPEN_PER_POD, FAST_OPEN_SLACK, FLOW_MAP_ENTRIES,
+    FastEvent, FlowInfo, FlowKey, GrantKey, HBONE_PORT, INBOUND_MODE_ENTRIES, InboundKey, Ipv4Dst,
     OUTBOUND_PORT, PENDING_PER_NODE, PENDING_PER_POD, POD_MAP_ENTRIES, PROBE_MAP_ENTRIES, PodInfo,
     ProbeKey, Tuple, fast_event, mode,
 };
@@ -408,6 +408,22 @@ fn fast_share_left(netns: u64) -> bool {
     open - forgotten < FAST_OPEN_PER_POD && node < FAST_OPEN_PER_NODE
 }
 
+/// Whether the pod of `netns`, which the agent counts, and the node are
+/// under their limits plus [`FAST_OPEN_SLACK`]: the last check before a
+/// record, against connects that passed connect4 long before their SYN.
+#[inline(always)]
+fn under_hard_limit(netns: u64) -> bool {
+    // SAFETY: the values are copied out at once; plain integers.
+    let Some(open) = (unsafe { FAST_OPEN.get(netns) }).copied() else {
+        return false;
+    };
+    // SAFETY: as above.
+    let forgotten = (unsafe { FAST_FORGOTTEN.get(netns) }).copied().unwrap_or(0);
+    let node = FAST_TOTALS.get(0).copied().unwrap_or(0) - FAST_TOTALS.get(1).copied().unwrap_or(0);
+    open - forgotten < FAST_OPEN_PER_POD + FAST_OPEN_SLACK
+        && node < FAST_OPEN_PER_NODE + FAST_OPEN_SLACK
+}
+
 /// Adds `delta` to the fast-path connections open of the pod of `netns`
 /// (if it still has an entry: one that left has none) and of the node.
 #[inline(always)]
@@ -415,8 +431,10 @@ fn count_fast(netns: u64, delta: i64) {
     if let Some(pod) = FAST_OPEN.get_ptr_mut(netns) {
         // SAFETY: a valid, aligned i64 in a map value, which other CPUs
         // change only with atomic adds too (the agent only makes and
-        // removes the entry; a removed entry's memory lives until this
-        // program ends, RCU).
+        // removes entries). An entry removed meanwhile may have had its
+        // element reused for another pod's (a preallocated hash map): the
+        // add then lands there, a count one off until the agent's next
+        // recount; memory stays valid either way.
         unsafe { atomic_xadd::<i64, i64, { AtomicOrdering::Relaxed }>(pod, delta) };
     }
     if let Some(node) = FAST_TOTALS.get_ptr_mut(0) {
@@ -499,7 +517,11 @@ fn record_fast_flow(ctx: &SockOpsContext, netns: u64, marked: Ipv4Dst) {
         // SAFETY: a plain helper call.
         opened_ns: unsafe { bpf_ktime_get_ns() },
     };
-    if !insert_flow(tuple, info) {
+    // connect4 checked the count, but a connect() with TCP_FASTOPEN_CONNECT
+    // returns before its SYN, which comes with the first write: a pod could
+    // pass connect4 with thousands before any is recorded. Past its limit
+    // and some slack (and the node's), not recorded: its SYN is refused.
+    if !under_hard_limit(netns) || !insert_flow(tuple, info) {
         count(DropReason::FastPathFull);
         return;
     }

@@ -93,14 +93,43 @@ impl Mesh {
     }
 
     /// The kernel counts each pod's fast-path connections, and the node's,
-    /// as it records them (to be called when none is opening or closing).
-    fn assert_counted_as_recorded(&self) {
+    /// as it records them (to be called when none is opening or closing),
+    /// and the agent never had to set a count to the records (it checks
+    /// every 10 s, and would hide a count gone wrong since).
+    fn assert_counted_as_recorded(&mut self) {
         let (open, records) = warren_agent::redirect::read_fast_open(&self.pins()).unwrap();
         for (cookie, counted) in &open.by_pod {
             let recorded = records.get(cookie).copied().unwrap_or(0);
             assert_eq!(*counted, recorded, "pod {cookie}: {open:?} {records:?}");
         }
         assert_eq!(open.node, records.values().sum::<i64>(), "{open:?}");
+        let drifted: Vec<String> = self
+            .agents
+            .iter_mut()
+            .flat_map(|agent| agent.lines())
+            .filter(|l| {
+                l.message()
+                    .contains("had drifted from the kernel's records")
+            })
+            .map(|l| format!("{l:?}"))
+            .collect();
+        assert!(drifted.is_empty(), "{drifted:?}");
+    }
+
+    /// Connects `client` to `server` (through the agent) until the agent
+    /// grants the pair the fast path.
+    fn grant(&mut self, client: &Pod, server: std::net::SocketAddrV4) {
+        drop(Held::start(client, server, 8));
+        let deadline = Instant::now() + PATIENCE;
+        while !self
+            .agent()
+            .lines()
+            .iter()
+            .any(|l| l.message() == "fast path granted" && l.field("dst") == server.to_string())
+        {
+            assert!(Instant::now() < deadline, "no grant for {server}");
+            thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Node 1's agent's metrics.
@@ -570,17 +599,7 @@ fn a_pod_with_too_many_fast_path_connections_open_loses_the_fast_path_alone() {
     mesh.call_until_direct(&admin.pod, &mut server, &Call::default());
     // The pair (sleep, keep's port) granted first, then more connections
     // open at once than a pod may have on the fast path (8192).
-    drop(Held::start(&sleep.pod, keep, 8));
-    let deadline = Instant::now() + PATIENCE;
-    while !mesh
-        .agent()
-        .lines()
-        .iter()
-        .any(|l| l.message() == "fast path granted" && l.field("dst") == keep.to_string())
-    {
-        assert!(Instant::now() < deadline, "no grant for {keep}");
-        thread::sleep(Duration::from_millis(50));
-    }
+    mesh.grant(&sleep.pod, keep);
     // All at once, faster than the agent reads the kernel's events: the
     // kernel's count stops them at the limit, not the agent's.
     let held = Held::start(&sleep.pod, keep, 8_500);
@@ -625,6 +644,82 @@ fn a_pod_with_too_many_fast_path_connections_open_loses_the_fast_path_alone() {
         .unwrap();
     mesh.call_until_direct(&sleep.pod, &mut server, &Call::default());
     mesh.assert_counted_as_recorded();
+}
+
+#[test]
+fn connects_whose_syn_waits_for_the_first_write_still_meet_the_pods_share() {
+    use warren_agent::redirect::{DropReason, FAST_OPEN_PER_POD, FAST_OPEN_SLACK, read_drops};
+    const KEEP_PORT: u16 = 7100;
+    let mut mesh = Mesh::new();
+    let (sleep, web, admin) = (mesh.sleep.clone(), mesh.web.clone(), mesh.admin.clone());
+    let mut server = Server::start(&web.pod, PORT).unwrap();
+    let _keeper = KeepServer::start(&web.pod, KEEP_PORT);
+    let keep = std::net::SocketAddrV4::new(web.pod.ip, KEEP_PORT);
+    mesh.call_until_direct(&admin.pod, &mut server, &Call::default());
+    mesh.grant(&sleep.pod, keep);
+    let full = || {
+        read_drops(&mesh.pins())
+            .unwrap()
+            .get(DropReason::FastPathFull)
+    };
+    let before = full();
+    // TCP_FASTOPEN_CONNECT: every connect() passes connect4 with none
+    // recorded yet, and the SYNs leave with the writes, all after.
+    let count = 10_000;
+    let deferred = Deferred::start(&sleep.pod, keep, count);
+    assert_eq!(deferred.written, count);
+    let cap = FAST_OPEN_PER_POD + FAST_OPEN_SLACK;
+    let (_, records) = warren_agent::redirect::read_fast_open(&mesh.pins()).unwrap();
+    let recorded = records.values().copied().max().unwrap();
+    assert_eq!(recorded, cap, "sleep's records");
+    assert_eq!(full() - before, count as u64 - cap as u64, "not recorded");
+    // Its neighbour keeps the fast path.
+    let called = Call::default().run(&admin.pod, server.addr).unwrap();
+    server.next_served().unwrap();
+    assert_eq!(called.local.ip(), IpAddr::V4(admin.pod.ip));
+}
+
+/// `labpod deferred`: connections whose SYN leaves with their first write,
+/// all connected before any is written to; open until dropped.
+struct Deferred {
+    child: std::process::Child,
+    written: i64,
+}
+
+impl Deferred {
+    fn start(pod: &Pod, server: std::net::SocketAddrV4, count: i64) -> Self {
+        use std::io::BufRead;
+        let mut child = pod
+            .command(binary("labpod").unwrap())
+            .args([
+                "deferred",
+                "--addr",
+                &server.to_string(),
+                "--count",
+                &count.to_string(),
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let line = std::io::BufReader::new(stdout)
+            .lines()
+            .next()
+            .expect("labpod deferred says when it has written")
+            .unwrap();
+        let said: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(said["event"], "written", "{line}");
+        let written = said["connections"].as_i64().unwrap();
+        Self { child, written }
+    }
+}
+
+impl Drop for Deferred {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
 }
 
 /// `labpod keep`: accepts and keeps connections until their clients close.

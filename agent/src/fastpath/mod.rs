@@ -111,7 +111,9 @@ pub enum Refusal {
     SourceGone,
     #[error("{0} is no longer a pod served here")]
     DestinationGone(Ipv4Addr),
-    #[error("{0} runs programs an earlier agent attached, without the fast path's admission")]
+    #[error(
+        "{0} runs programs an earlier agent attached, without the fast path's admission or counts"
+    )]
     OldPrograms(String),
     #[error("{0} has no valid certificate")]
     NoCertificate(String),
@@ -142,6 +144,11 @@ pub struct End<'a> {
     pub workload: &'a Workload,
     /// Whether it holds a certificate valid now.
     pub certified: bool,
+    /// Whether its programs are this build's. Links an earlier agent made
+    /// run the programs it loaded until the pod is enrolled anew: an old
+    /// ingress program refuses the fast path's connections, an old connect4
+    /// and sock_ops do not count them.
+    pub current_programs: bool,
 }
 
 /// Decides whether `src` may connect straight to `port` of `dst`, exactly
@@ -153,16 +160,20 @@ pub fn decide(
     policies: &Policies,
     src: End<'_>,
     dst: End<'_>,
-    dst_current_programs: bool,
     port: u16,
 ) -> Result<String, Refusal> {
-    for end in [src, dst] {
+    for end in [&src, &dst] {
         if !end.certified {
             return Err(Refusal::NoCertificate(end.workload.qualified_name()));
         }
     }
-    if !dst_current_programs {
-        return Err(Refusal::OldPrograms(dst.workload.qualified_name()));
+    // A destination's old ingress program would refuse the connection; a
+    // source's old connect4 and sock_ops would not count it (nothing would
+    // hold the pod to its share of the kernel's table).
+    for end in [&src, &dst] {
+        if !end.current_programs {
+            return Err(Refusal::OldPrograms(end.workload.qualified_name()));
+        }
     }
     if policies.mtls_mode(dst.workload, port) == MtlsMode::Disable {
         return Err(Refusal::Disabled(dst.workload.qualified_name()));
@@ -186,7 +197,7 @@ pub fn decide(
 /// A pod this agent serves, as the fast path knows it.
 struct Local {
     proxy: Arc<PodProxy>,
-    /// Whether its ingress program knows the fast path.
+    /// Whether its programs are this build's (see [`End::current_programs`]).
     current_programs: bool,
     /// Its sandbox is going (CNI DEL): no new grant to or from it.
     leaving: bool,
@@ -255,12 +266,13 @@ impl Registry {
             End {
                 workload: &src_workload,
                 certified: src.proxy.valid_certificate().is_some(),
+                current_programs: src.current_programs,
             },
             End {
                 workload: &dst_workload,
                 certified: dst.proxy.valid_certificate().is_some(),
+                current_programs: dst.current_programs,
             },
-            dst.current_programs,
             key.port,
         )
     }
@@ -504,47 +516,58 @@ mod tests {
         let end = |workload| End {
             workload,
             certified: true,
+            current_programs: true,
         };
         let none = Policies::default();
         assert_eq!(
-            decide(&none, end(&sleep), end(&web), true, 8080),
+            decide(&none, end(&sleep), end(&web), 8080),
             Ok("no policy".into())
         );
 
         // The destination's policies, by the source's identity and the port.
         let deny = policies(DENY_SLEEP);
         assert_eq!(
-            decide(&deny, end(&sleep), end(&web), true, 8080),
+            decide(&deny, end(&sleep), end(&web), 8080),
             Err(Refusal::Denied("DENY shop/no-sleep".into()))
         );
-        assert!(decide(&deny, end(&admin), end(&web), true, 8080).is_ok());
-        assert!(decide(&deny, end(&sleep), end(&web), true, 9090).is_ok());
+        assert!(decide(&deny, end(&admin), end(&web), 8080).is_ok());
+        assert!(decide(&deny, end(&sleep), end(&web), 9090).is_ok());
 
         // A DISABLE port takes no tunnel, so no fast path either.
         let modes = policies(WEB_DISABLE_ON_9090);
         assert_eq!(
-            decide(&modes, end(&sleep), end(&web), true, 9090),
+            decide(&modes, end(&sleep), end(&web), 9090),
             Err(Refusal::Disabled("shop/web".into()))
         );
-        assert!(decide(&modes, end(&sleep), end(&web), true, 8080).is_ok());
+        assert!(decide(&modes, end(&sleep), end(&web), 8080).is_ok());
 
         // No tunnel without both certificates; no admission without the
         // destination's current ingress program.
         let expired = |workload| End {
             workload,
             certified: false,
+            current_programs: true,
+        };
+        let old = |workload| End {
+            workload,
+            certified: true,
+            current_programs: false,
         };
         assert_eq!(
-            decide(&none, expired(&sleep), end(&web), true, 8080),
+            decide(&none, expired(&sleep), end(&web), 8080),
             Err(Refusal::NoCertificate("default/sleep".into()))
         );
         assert_eq!(
-            decide(&none, end(&sleep), expired(&web), true, 8080),
+            decide(&none, end(&sleep), expired(&web), 8080),
             Err(Refusal::NoCertificate("shop/web".into()))
         );
         assert_eq!(
-            decide(&none, end(&sleep), end(&web), false, 8080),
+            decide(&none, end(&sleep), old(&web), 8080),
             Err(Refusal::OldPrograms("shop/web".into()))
+        );
+        assert_eq!(
+            decide(&none, old(&sleep), end(&web), 8080),
+            Err(Refusal::OldPrograms("default/sleep".into()))
         );
     }
 

@@ -334,14 +334,20 @@ impl Task {
     /// now, with what is known. The kernel's counts are set to its records
     /// on the way, and those of pods no longer served dropped.
     async fn reconcile_open(&mut self) {
-        let flows = {
+        let recount = {
             let registry = lock(&self.shared.registry);
-            let mut kernel = lock(&self.shared.kernel);
-            if registry.settled {
-                kernel.uncount_all_but(|netns| registry.pods.contains_key(&netns));
-            }
-            kernel.flows_recounted()
+            lock(&self.shared.kernel)
+                .recount(|netns| registry.settled && !registry.pods.contains_key(&netns))
         };
+        for (netns, over) in recount.corrected {
+            info!(
+                counted = %netns.map_or_else(|| "node".to_owned(), |n| format!("pod of netns {n}")),
+                over,
+                "fast path: a count of open connections had drifted from the kernel's records; \
+                 set to them"
+            );
+        }
+        let flows = recount.flows;
         // Closes reported since the records were read are taken first, so
         // that a connection just closed is not taken for one whose close
         // was lost.

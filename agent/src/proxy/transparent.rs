@@ -171,10 +171,11 @@ const BIND_TRIES: u32 = 1_024;
 /// searches that find nothing; a client delivering to a pod more than the
 /// range holds (about 75 connections a second) meets it too.
 const FAILED_BINDS_PER_SECOND: u32 = 4 * BIND_TRIES;
-/// Failed binds into each destination pod (by netns cookie) this second:
-/// since when, and how many.
+/// Failed binds for each client address into each destination pod (by netns
+/// cookie) this second: since when, and how many.
+#[allow(clippy::type_complexity, reason = "one static, described above")]
 static FAILED: std::sync::LazyLock<
-    std::sync::Mutex<std::collections::HashMap<u64, (std::time::Instant, u32)>>,
+    std::sync::Mutex<std::collections::HashMap<(u64, Ipv4Addr), (std::time::Instant, u32)>>,
 > = std::sync::LazyLock::new(Default::default);
 /// Where the next search starts, in [`SOURCE_PORTS`] (see [`source_port`]).
 static NEXT: std::sync::LazyLock<std::sync::atomic::AtomicU32> = std::sync::LazyLock::new(|| {
@@ -205,9 +206,11 @@ static NEXT: std::sync::LazyLock<std::sync::atomic::AtomicU32> = std::sync::Lazy
 /// connections timed out). The range runs out only with thousands of this
 /// client's connections delivered in the last minute (TIME_WAIT holds a
 /// port that long): then `connect()` chooses, and that is logged. The
-/// searches into one destination pod (`netns`) cost at most
-/// [`FAILED_BINDS_PER_SECOND`]: the ports are taken in its namespace, so a
-/// pod that holds them itself makes only its own deliveries fall back.
+/// searches for one client address into one destination pod (`netns`) cost
+/// at most [`FAILED_BINDS_PER_SECOND`]: the ports are taken in that pod's
+/// namespace, and per client, so that neither a pod that holds them itself
+/// nor one client that runs them out sends another's deliveries into the
+/// kernel's choice.
 fn bind_source(socket: &socket2::Socket, netns: u64, src: Ipv4Addr) -> io::Result<()> {
     use std::{
         sync::{LazyLock, atomic::Ordering::Relaxed},
@@ -217,15 +220,19 @@ fn bind_source(socket: &socket2::Socket, netns: u64, src: Ipv4Addr) -> io::Resul
     let failed = || FAILED.lock().unwrap_or_else(|p| p.into_inner());
     let now = Instant::now();
     let second = Duration::from_secs(1);
+    // Taken from the budget before the search (searches run on several
+    // threads), what it did not fail given back after.
     let budget = {
         let mut failed = failed();
         if !failed.is_empty() {
             failed.retain(|_, (since, _)| now.duration_since(*since) < second);
         }
-        let spent = failed.get(&netns).map_or(0, |(_, count)| *count);
-        FAILED_BINDS_PER_SECOND
-            .saturating_sub(spent)
-            .min(BIND_TRIES)
+        let (_, spent) = failed.entry((netns, src)).or_insert((now, 0));
+        let budget = FAILED_BINDS_PER_SECOND
+            .saturating_sub(*spent)
+            .min(BIND_TRIES);
+        *spent += budget;
+        budget
     };
     let mut tries = 0;
     let found = (|| {
@@ -244,8 +251,10 @@ fn bind_source(socket: &socket2::Socket, netns: u64, src: Ipv4Addr) -> io::Resul
         }
         Ok(false)
     })();
-    if tries > 0 {
-        failed().entry(netns).or_insert((now, 0)).1 += tries;
+    if tries < budget
+        && let Some((_, spent)) = failed().get_mut(&(netns, src))
+    {
+        *spent -= budget - tries;
     }
     if found? {
         return Ok(());
@@ -273,11 +282,11 @@ fn bind_source(socket: &socket2::Socket, netns: u64, src: Ipv4Addr) -> io::Resul
     socket.bind(&SocketAddrV4::new(src, 0).into())
 }
 
-/// Failed binds into the pod of `netns` this second.
+/// Failed binds for `src` into the pod of `netns` this second.
 #[cfg(test)]
-fn failed_binds(netns: u64) -> u32 {
+fn failed_binds(netns: u64, src: Ipv4Addr) -> u32 {
     let failed = FAILED.lock().unwrap_or_else(|p| p.into_inner());
-    failed.get(&netns).map_or(0, |(_, count)| *count)
+    failed.get(&(netns, src)).map_or(0, |(_, count)| *count)
 }
 
 /// The port `n` places into [`SOURCE_PORTS`], round and round.
@@ -326,18 +335,23 @@ mod tests {
     fn searches_into_a_pod_whose_ports_are_taken_stop_at_their_budget() {
         // Every port of the range taken (what a pod squatting them, bar a
         // few far apart, costs each search): four searches walk their
-        // tries, the fifth tries none, and another pod is searched as ever.
+        // tries, the fifth tries none; another pod is searched as ever, and
+        // so is the same pod for another client address.
+        let take_all = |addr| -> Vec<socket2::Socket> {
+            let taken: Vec<socket2::Socket> = SOURCE_PORTS
+                .filter_map(|port| {
+                    let taker = socket();
+                    taker.bind(&SocketAddrV4::new(addr, port).into()).ok()?;
+                    Some(taker)
+                })
+                .collect();
+            assert!(taken.len() > 4_000, "{} ports taken", taken.len());
+            taken
+        };
         let src = Ipv4Addr::new(127, 0, 0, 2);
-        let taken: Vec<socket2::Socket> = SOURCE_PORTS
-            .filter_map(|port| {
-                let taker = socket();
-                taker.bind(&SocketAddrV4::new(src, port).into()).ok()?;
-                Some(taker)
-            })
-            .collect();
-        assert!(taken.len() > 4_000, "{} ports taken", taken.len());
+        let taken = take_all(src);
         let (squatted, other) = (7, 8);
-        let deliver = |netns| {
+        let deliver = |netns, src| {
             let delivery = socket();
             bind_source(&delivery, netns, src).unwrap();
             // Port 0: left to connect() (IP_BIND_ADDRESS_NO_PORT).
@@ -345,10 +359,16 @@ mod tests {
             assert_eq!(port, 0, "a port of the range was free");
         };
         for searches in 1..=5 {
-            deliver(squatted);
-            assert_eq!(failed_binds(squatted), BIND_TRIES * searches.min(4));
+            deliver(squatted, src);
+            assert_eq!(failed_binds(squatted, src), BIND_TRIES * searches.min(4));
         }
-        deliver(other);
-        assert_eq!(failed_binds(other), BIND_TRIES);
+        deliver(other, src);
+        assert_eq!(failed_binds(other, src), BIND_TRIES);
+        // Another client address, its ports taken too: searched all the same.
+        let client = Ipv4Addr::new(127, 0, 0, 3);
+        let also_taken = take_all(client);
+        deliver(squatted, client);
+        assert_eq!(failed_binds(squatted, client), BIND_TRIES);
+        drop((taken, also_taken));
     }
 }

@@ -96,6 +96,17 @@ enum Cli {
         #[arg(long)]
         count: Option<usize>,
     },
+    /// Connect COUNT sockets with TCP_FASTOPEN_CONNECT (connect() returns before any SYN,
+    /// which leaves with the first write), all of them, and only then write a byte on each:
+    /// as an attacker would to pass connect()-time checks with every one at once. Says
+    /// `written`, then keeps them open until stdin gives a line or closes.
+    Deferred {
+        /// Server address, ADDR:PORT.
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        count: usize,
+    },
     /// Open COUNT connections to `keep` and confirm each end to end (one byte sent, the same
     /// byte read back), say so once all are up, then keep them all open until stdin gives a
     /// line or closes; with ECHO_EVERY_MS, each sends a byte and reads it back that often
@@ -202,6 +213,7 @@ fn main() -> ExitCode {
         } => connection_rate(addr, Duration::from_secs_f64(seconds), max, parallel.into())
             .map(|()| true),
         Cli::Keep { port, count } => keep(port, count).map(|()| true),
+        Cli::Deferred { addr, count } => deferred(addr, count).map(|()| true),
         Cli::Hold {
             addr,
             count,
@@ -547,6 +559,63 @@ async fn echo_until_closed(mut stream: tokio::net::TcpStream) -> io::Result<()> 
         }
         stream.write_all(&buf[..n]).await?;
     }
+}
+
+fn deferred(addr: SocketAddr, count: usize) -> Result<()> {
+    // linux/tcp.h (4.17 on).
+    const TCP_FASTOPEN_NO_COOKIE: libc::c_int = 34;
+    let sockets = (0..count)
+        .map(|_| {
+            let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            nix::sys::socket::setsockopt(
+                &socket,
+                nix::sys::socket::sockopt::TcpFastOpenConnect,
+                &true,
+            )
+            .map_err(io::Error::from)?;
+            // Without a cookie from the server, connect() would send its SYN at once; this
+            // option (any user may set it) defers it all the same.
+            let on: libc::c_int = 1;
+            // SAFETY: a valid socket descriptor, and a pointer to an int that outlives the
+            // call, with its size.
+            let set = unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&socket),
+                    libc::IPPROTO_TCP,
+                    TCP_FASTOPEN_NO_COOKIE,
+                    (&raw const on).cast(),
+                    std::mem::size_of_val(&on) as libc::socklen_t,
+                )
+            };
+            if set != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            socket.set_nonblocking(true)?;
+            // With TCP_FASTOPEN_CONNECT, connect() returns at once, its SYN deferred.
+            socket.connect(&addr.into())?;
+            Ok(socket)
+        })
+        .collect::<io::Result<Vec<Socket>>>()
+        .with_context(|| format!("connecting {count} deferred sockets to {addr}"))?;
+    let mut written = 0;
+    for socket in &sockets {
+        // The first write sends the SYN; on a non-blocking socket it may report that the
+        // connection is in progress rather than the byte sent.
+        match (&*socket).write(b"x") {
+            Ok(_) => written += 1,
+            Err(e)
+                if e.raw_os_error() == Some(nix::errno::Errno::EINPROGRESS as i32)
+                    || e.kind() == io::ErrorKind::WouldBlock =>
+            {
+                written += 1
+            }
+            Err(_) => {}
+        }
+    }
+    emit(json!({ "event": "written", "connections": written }));
+    let _ = io::stdin().lock().read_line(&mut String::new());
+    drop(sockets);
+    Ok(())
 }
 
 fn hold(
