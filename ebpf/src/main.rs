@@ -272,7 +272,7 @@ fn capture(ctx: &SockAddrContext, ip: u32, port: u16, direct: Direct) -> Verdict
     // not record the socket's next connection).
     if direct == Direct::Allowed
         && granted(netns, ip, port)
-        && fast_share_left(netns)
+        && fast_share_left(netns, 0)
         && FAST_PENDING
             .insert(cookie, original_dst(ip, port), 0)
             .is_ok()
@@ -392,12 +392,13 @@ static FAST_FORGOTTEN: HashMap<u64, i64> = HashMap::with_max_entries(POD_MAP_ENT
 #[map(name = "FAST_TOTALS")]
 static FAST_TOTALS: Array<i64> = Array::with_max_entries(2, 0);
 
-/// Whether the pod of `netns` may open one more fast-path connection: the
-/// agent counts it (it has an entry), and neither it nor the node has as
-/// many open as it may. Read without a lock, as the capture quota: connects
-/// racing on other CPUs may pass a few over.
+/// Whether the pod of `netns` may open one more fast-path connection with
+/// `slack` past its limit and the node's: the agent counts it (it has an
+/// entry), and neither it nor the node has that many open. Read without a
+/// lock, as the capture quota: connects racing on other CPUs may pass a few
+/// over.
 #[inline(always)]
-fn fast_share_left(netns: u64) -> bool {
+fn fast_share_left(netns: u64, slack: i64) -> bool {
     // SAFETY: the values are copied out at once; plain integers.
     let Some(open) = (unsafe { FAST_OPEN.get(netns) }).copied() else {
         return false;
@@ -405,23 +406,7 @@ fn fast_share_left(netns: u64) -> bool {
     // SAFETY: as above.
     let forgotten = (unsafe { FAST_FORGOTTEN.get(netns) }).copied().unwrap_or(0);
     let node = FAST_TOTALS.get(0).copied().unwrap_or(0) - FAST_TOTALS.get(1).copied().unwrap_or(0);
-    open - forgotten < FAST_OPEN_PER_POD && node < FAST_OPEN_PER_NODE
-}
-
-/// Whether the pod of `netns`, which the agent counts, and the node are
-/// under their limits plus [`FAST_OPEN_SLACK`]: the last check before a
-/// record, against connects that passed connect4 long before their SYN.
-#[inline(always)]
-fn under_hard_limit(netns: u64) -> bool {
-    // SAFETY: the values are copied out at once; plain integers.
-    let Some(open) = (unsafe { FAST_OPEN.get(netns) }).copied() else {
-        return false;
-    };
-    // SAFETY: as above.
-    let forgotten = (unsafe { FAST_FORGOTTEN.get(netns) }).copied().unwrap_or(0);
-    let node = FAST_TOTALS.get(0).copied().unwrap_or(0) - FAST_TOTALS.get(1).copied().unwrap_or(0);
-    open - forgotten < FAST_OPEN_PER_POD + FAST_OPEN_SLACK
-        && node < FAST_OPEN_PER_NODE + FAST_OPEN_SLACK
+    open - forgotten < FAST_OPEN_PER_POD + slack && node < FAST_OPEN_PER_NODE + slack
 }
 
 /// Adds `delta` to the fast-path connections open of the pod of `netns`
@@ -521,7 +506,7 @@ fn record_fast_flow(ctx: &SockOpsContext, netns: u64, marked: Ipv4Dst) {
     // returns before its SYN, which comes with the first write: a pod could
     // pass connect4 with thousands before any is recorded. Past its limit
     // and some slack (and the node's), not recorded: its SYN is refused.
-    if !under_hard_limit(netns) || !insert_flow(tuple, info) {
+    if !fast_share_left(netns, FAST_OPEN_SLACK) || !insert_flow(tuple, info) {
         count(DropReason::FastPathFull);
         return;
     }

@@ -549,32 +549,44 @@ fn a_restarted_agent_keeps_what_policy_allows_and_cuts_what_it_refuses() {
     mesh.assert_counted_as_recorded();
 }
 
+/// `labpod <command>` from `pod` with `count` connections to `server`,
+/// and the first line it says (once they are made).
+fn labpod_connections(
+    command: &str,
+    pod: &Pod,
+    server: std::net::SocketAddrV4,
+    count: usize,
+) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = pod
+        .command(binary("labpod").unwrap())
+        .args([
+            command,
+            "--addr",
+            &server.to_string(),
+            "--count",
+            &count.to_string(),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let line = std::io::BufReader::new(stdout)
+        .lines()
+        .next()
+        .unwrap_or_else(|| panic!("labpod {command} says when its connections are made"))
+        .unwrap();
+    (child, line)
+}
+
 /// `labpod hold`: `count` connections from `pod` to `server`, open until
 /// dropped.
 struct Held(std::process::Child);
 
 impl Held {
     fn start(pod: &Pod, server: std::net::SocketAddrV4, count: usize) -> Self {
-        use std::io::BufRead;
-        let mut child = pod
-            .command(binary("labpod").unwrap())
-            .args([
-                "hold",
-                "--addr",
-                &server.to_string(),
-                "--count",
-                &count.to_string(),
-            ])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let mut lines = std::io::BufReader::new(stdout).lines();
-        let held = lines
-            .next()
-            .expect("labpod hold says when it holds them")
-            .unwrap();
+        let (child, held) = labpod_connections("hold", pod, server, count);
         assert!(held.contains("\"held\""), "{held}");
         Self(child)
     }
@@ -587,14 +599,26 @@ impl Drop for Held {
     }
 }
 
+/// The mesh, with web serving on [`PORT`] and keeping connections (`labpod
+/// keep`) on another port, whose address comes last.
+fn with_a_keeper() -> (Mesh, Server, KeepServer, std::net::SocketAddrV4) {
+    const KEEP_PORT: u16 = 7100;
+    let mesh = Mesh::new();
+    let web = mesh.web.pod.clone();
+    let server = Server::start(&web, PORT).unwrap();
+    let keeper = KeepServer::start(&web, KEEP_PORT);
+    (
+        mesh,
+        server,
+        keeper,
+        std::net::SocketAddrV4::new(web.ip, KEEP_PORT),
+    )
+}
+
 #[test]
 fn a_pod_with_too_many_fast_path_connections_open_loses_the_fast_path_alone() {
-    const KEEP_PORT: u16 = 7100;
-    let mut mesh = Mesh::new();
-    let (sleep, web, admin) = (mesh.sleep.clone(), mesh.web.clone(), mesh.admin.clone());
-    let mut server = Server::start(&web.pod, PORT).unwrap();
-    let _keeper = KeepServer::start(&web.pod, KEEP_PORT);
-    let keep = std::net::SocketAddrV4::new(web.pod.ip, KEEP_PORT);
+    let (mut mesh, mut server, _keeper, keep) = with_a_keeper();
+    let (sleep, admin) = (mesh.sleep.clone(), mesh.admin.clone());
     mesh.call_until_direct(&sleep.pod, &mut server, &Call::default());
     mesh.call_until_direct(&admin.pod, &mut server, &Call::default());
     // The pair (sleep, keep's port) granted first, then more connections
@@ -649,12 +673,8 @@ fn a_pod_with_too_many_fast_path_connections_open_loses_the_fast_path_alone() {
 #[test]
 fn connects_whose_syn_waits_for_the_first_write_still_meet_the_pods_share() {
     use warren_agent::redirect::{DropReason, FAST_OPEN_PER_POD, FAST_OPEN_SLACK, read_drops};
-    const KEEP_PORT: u16 = 7100;
-    let mut mesh = Mesh::new();
-    let (sleep, web, admin) = (mesh.sleep.clone(), mesh.web.clone(), mesh.admin.clone());
-    let mut server = Server::start(&web.pod, PORT).unwrap();
-    let _keeper = KeepServer::start(&web.pod, KEEP_PORT);
-    let keep = std::net::SocketAddrV4::new(web.pod.ip, KEEP_PORT);
+    let (mut mesh, mut server, _keeper, keep) = with_a_keeper();
+    let (sleep, admin) = (mesh.sleep.clone(), mesh.admin.clone());
     mesh.call_until_direct(&admin.pod, &mut server, &Call::default());
     mesh.grant(&sleep.pod, keep);
     let full = || {
@@ -683,34 +703,15 @@ fn connects_whose_syn_waits_for_the_first_write_still_meet_the_pods_share() {
 /// all connected before any is written to; open until dropped.
 struct Deferred {
     child: std::process::Child,
-    written: i64,
+    written: usize,
 }
 
 impl Deferred {
-    fn start(pod: &Pod, server: std::net::SocketAddrV4, count: i64) -> Self {
-        use std::io::BufRead;
-        let mut child = pod
-            .command(binary("labpod").unwrap())
-            .args([
-                "deferred",
-                "--addr",
-                &server.to_string(),
-                "--count",
-                &count.to_string(),
-            ])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let line = std::io::BufReader::new(stdout)
-            .lines()
-            .next()
-            .expect("labpod deferred says when it has written")
-            .unwrap();
+    fn start(pod: &Pod, server: std::net::SocketAddrV4, count: usize) -> Self {
+        let (child, line) = labpod_connections("deferred", pod, server, count);
         let said: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(said["event"], "written", "{line}");
-        let written = said["connections"].as_i64().unwrap();
+        let written = said["connections"].as_u64().unwrap() as usize;
         Self { child, written }
     }
 }
