@@ -1222,8 +1222,11 @@ impl FastPathMaps {
     /// The kernel's records of open fast-path connections, each once, with
     /// the counts set to them where they had drifted: a pod's where its
     /// count did not move while they were read, the node's where it moved
-    /// by at most [`NODE_RECOUNT_SLACK`] (it moves with every pod's; the
-    /// error is at most that). Drift comes from records made without a
+    /// by at most [`NODE_RECOUNT_SLACK`] (it moves with every pod's). Not a
+    /// snapshot: records made and removed during the read (a close and an
+    /// open leave a count where it was) leave an error of about their
+    /// number, undone at the next recount, and far below the table's room
+    /// past the limits. Drift comes from records made without a
     /// count (by an agent from before the counts), an add landing on a
     /// reused entry, an agent stopped between a removal and its count. The
     /// entries of pods `departed` names go once they have no records.
@@ -1253,8 +1256,9 @@ impl FastPathMaps {
                 continue;
             }
             let forgotten = self.forgotten.get(&netns, 0).unwrap_or(0);
-            if open - forgotten != held {
-                let _ = self.forgotten.insert(netns, open - held, BPF_EXIST);
+            if open - forgotten != held
+                && self.forgotten.insert(netns, open - held, BPF_EXIST).is_ok()
+            {
                 corrected.push((Some(netns), open - forgotten - held));
             }
         }

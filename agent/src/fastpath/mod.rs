@@ -112,9 +112,15 @@ pub enum Refusal {
     #[error("{0} is no longer a pod served here")]
     DestinationGone(Ipv4Addr),
     #[error(
-        "{0} runs programs an earlier agent attached, without the fast path's admission or counts"
+        "{0} runs an ingress program an earlier agent attached, without the fast path's admission"
     )]
     OldPrograms(String),
+    /// Not a reason to cut what is open (its records are counted by the
+    /// recount, and removed at close as ever): only no new grant.
+    #[error(
+        "{0} runs connect programs an earlier agent attached, which do not count its connections"
+    )]
+    OldSourcePrograms(String),
     #[error("{0} has no valid certificate")]
     NoCertificate(String),
     #[error("{0} takes plaintext only on this port (mTLS DISABLE)")]
@@ -129,7 +135,7 @@ impl Refusal {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::SourceGone | Self::DestinationGone(_) => "pod_left",
-            Self::OldPrograms(_) => "old_programs",
+            Self::OldPrograms(_) | Self::OldSourcePrograms(_) => "old_programs",
             Self::NoCertificate(_) => "certificate",
             Self::Disabled(_) => "mode",
             Self::Denied(_) => "policy",
@@ -170,10 +176,11 @@ pub fn decide(
     // A destination's old ingress program would refuse the connection; a
     // source's old connect4 and sock_ops would not count it (nothing would
     // hold the pod to its share of the kernel's table).
-    for end in [&src, &dst] {
-        if !end.current_programs {
-            return Err(Refusal::OldPrograms(end.workload.qualified_name()));
-        }
+    if !dst.current_programs {
+        return Err(Refusal::OldPrograms(dst.workload.qualified_name()));
+    }
+    if !src.current_programs {
+        return Err(Refusal::OldSourcePrograms(src.workload.qualified_name()));
     }
     if policies.mtls_mode(dst.workload, port) == MtlsMode::Disable {
         return Err(Refusal::Disabled(dst.workload.qualified_name()));
@@ -567,7 +574,7 @@ mod tests {
         );
         assert_eq!(
             decide(&none, old(&sleep), end(&web), 8080),
-            Err(Refusal::OldPrograms("default/sleep".into()))
+            Err(Refusal::OldSourcePrograms("default/sleep".into()))
         );
     }
 

@@ -291,7 +291,7 @@ impl Task {
                                     registry.grants.insert(key, grant);
                                 }
                             }
-                            Ok(_) => {}
+                            Ok(_) | Err(Refusal::OldSourcePrograms(_)) => {}
                             Err(refusal) => doomed.push((tuple, info, refusal)),
                         }
                     }

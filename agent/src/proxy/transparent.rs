@@ -163,16 +163,26 @@ const SPAN: u32 = (*SOURCE_PORTS.end() - *SOURCE_PORTS.start()) as u32 + 1;
 /// earlier, those past the fast path's per-pod limit). A failed bind costs
 /// a microsecond or so.
 const BIND_TRIES: u32 = 1_024;
-/// Failed binds the searches into one pod may cost in a second; past them,
-/// the kernel chooses until the second is over. Bounds the agent's CPU
-/// (a microsecond a failed bind) for a pod that holds nearly every port of
-/// the range itself, leaving a few far apart: every delivery into it would
-/// otherwise walk hundreds of taken ports without ever running out. Four
-/// searches that find nothing; a client delivering to a pod more than the
-/// range holds (about 75 connections a second) meets it too.
+/// Ports tried for a delivery socket before the search is charged to the
+/// budgets below: most find one at once.
+const FREE_TRIES: u32 = 16;
+/// Failed binds the searches for one client address into one pod may cost
+/// in a second (past the free tries); past them, the kernel chooses until
+/// the second is over. Bounds the agent's CPU (a microsecond a failed
+/// bind) for a pod that holds nearly every port of the range itself,
+/// leaving a few far apart: every delivery into it would otherwise walk
+/// hundreds of taken ports without ever running out. About four searches
+/// that find nothing; a client delivering to a pod more than the range
+/// holds (about 75 connections a second) meets it too. Per client, so that
+/// one client does not send another's deliveries into the kernel's choice.
 const FAILED_BINDS_PER_SECOND: u32 = 4 * BIND_TRIES;
+/// The same for all clients together into one pod (its address
+/// [`Ipv4Addr::UNSPECIFIED`] in [`FAILED`]): a squatting pod costs the agent
+/// at most about 16 ms of CPU a second, however many clients call it.
+const POD_FAILED_BINDS_PER_SECOND: u32 = 4 * FAILED_BINDS_PER_SECOND;
 /// Failed binds for each client address into each destination pod (by netns
-/// cookie) this second: since when, and how many.
+/// cookie), and for all clients (the unspecified address), this second:
+/// since when, and how many.
 #[allow(clippy::type_complexity, reason = "one static, described above")]
 static FAILED: std::sync::LazyLock<
     std::sync::Mutex<std::collections::HashMap<(u64, Ipv4Addr), (std::time::Instant, u32)>>,
@@ -217,46 +227,62 @@ fn bind_source(socket: &socket2::Socket, netns: u64, src: Ipv4Addr) -> io::Resul
         time::{Duration, Instant},
     };
     static LOGGED: LazyLock<crate::limits::Throttle> = LazyLock::new(Default::default);
-    let failed = || FAILED.lock().unwrap_or_else(|p| p.into_inner());
-    let now = Instant::now();
-    let second = Duration::from_secs(1);
-    // Taken from the budget before the search (searches run on several
-    // threads), what it did not fail given back after.
-    let budget = {
-        let mut failed = failed();
-        if !failed.is_empty() {
-            failed.retain(|_, (since, _)| now.duration_since(*since) < second);
-        }
-        let (_, spent) = failed.entry((netns, src)).or_insert((now, 0));
-        let budget = FAILED_BINDS_PER_SECOND
-            .saturating_sub(*spent)
-            .min(BIND_TRIES);
-        *spent += budget;
-        budget
-    };
-    let mut tries = 0;
-    let found = (|| {
-        let start = NEXT.load(Relaxed);
-        while tries < budget {
-            let n = start.wrapping_add(tries);
-            let port = source_port(n);
-            match socket.bind(&SocketAddrV4::new(src, port).into()) {
+    // Searches `tries` ports from the `from`th: whether one was bound, and
+    // how many were taken.
+    let search = |from: u32, tries: u32| -> io::Result<(bool, u32)> {
+        for tried in 0..tries {
+            let n = from.wrapping_add(tried);
+            match socket.bind(&SocketAddrV4::new(src, source_port(n)).into()) {
                 Ok(()) => {
                     NEXT.store(n % SPAN + 1, Relaxed);
-                    return Ok(true);
+                    return Ok((true, tried));
                 }
-                Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => tries += 1,
+                Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => {}
                 Err(e) => return Err(e),
             }
         }
-        Ok(false)
-    })();
-    if tries < budget
-        && let Some((_, spent)) = failed().get_mut(&(netns, src))
-    {
-        *spent -= budget - tries;
+        Ok((false, tries))
+    };
+    let start = NEXT.load(Relaxed);
+    // Most deliveries find a port within a few tries: those are free.
+    if search(start, FREE_TRIES)?.0 {
+        return Ok(());
     }
-    if found? {
+    // A longer search is charged to the client address's budget into the
+    // pod and to the pod's: taken before the search (searches run on
+    // several threads), what it did not fail given back after, to the same
+    // second's count.
+    let keys = [(netns, src), (netns, Ipv4Addr::UNSPECIFIED)];
+    let caps = [FAILED_BINDS_PER_SECOND, POD_FAILED_BINDS_PER_SECOND];
+    let now = Instant::now();
+    let (budget, seconds) = {
+        let mut failed = failed_binds_lock();
+        failed.retain(|_, (since, _)| now.duration_since(*since) < Duration::from_secs(1));
+        let counts = keys.map(|key| *failed.entry(key).or_insert((now, 0)));
+        let budget = (0..2)
+            .map(|i| caps[i].saturating_sub(counts[i].1))
+            .fold(BIND_TRIES - FREE_TRIES, u32::min);
+        for key in keys {
+            failed.entry(key).or_insert((now, 0)).1 += budget;
+        }
+        (budget, counts.map(|(since, _)| since))
+    };
+    let searched = search(start.wrapping_add(FREE_TRIES), budget);
+    let unspent = match searched {
+        Ok((_, tried)) => budget - tried,
+        Err(_) => budget,
+    };
+    if unspent > 0 {
+        let mut failed = failed_binds_lock();
+        for (key, second) in keys.into_iter().zip(seconds) {
+            if let Some((since, spent)) = failed.get_mut(&key)
+                && *since == second
+            {
+                *spent = spent.saturating_sub(unspent);
+            }
+        }
+    }
+    if searched?.0 {
         return Ok(());
     }
     // Every delivery that falls back is counted (the line says how many
@@ -282,11 +308,19 @@ fn bind_source(socket: &socket2::Socket, netns: u64, src: Ipv4Addr) -> io::Resul
     socket.bind(&SocketAddrV4::new(src, 0).into())
 }
 
+fn failed_binds_lock() -> std::sync::MutexGuard<
+    'static,
+    std::collections::HashMap<(u64, Ipv4Addr), (std::time::Instant, u32)>,
+> {
+    FAILED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Failed binds for `src` into the pod of `netns` this second.
 #[cfg(test)]
 fn failed_binds(netns: u64, src: Ipv4Addr) -> u32 {
-    let failed = FAILED.lock().unwrap_or_else(|p| p.into_inner());
-    failed.get(&(netns, src)).map_or(0, |(_, count)| *count)
+    failed_binds_lock()
+        .get(&(netns, src))
+        .map_or(0, |(_, count)| *count)
 }
 
 /// The port `n` places into [`SOURCE_PORTS`], round and round.
@@ -334,9 +368,10 @@ mod tests {
     #[test]
     fn searches_into_a_pod_whose_ports_are_taken_stop_at_their_budget() {
         // Every port of the range taken (what a pod squatting them, bar a
-        // few far apart, costs each search): four searches walk their
-        // tries, the fifth tries none; another pod is searched as ever, and
-        // so is the same pod for another client address.
+        // few far apart, costs each search): the searches are charged until
+        // the client's budget is spent, then try only the free ports;
+        // another pod is searched as ever, and so is the same pod for
+        // another client address.
         let take_all = |addr| -> Vec<socket2::Socket> {
             let taken: Vec<socket2::Socket> = SOURCE_PORTS
                 .filter_map(|port| {
@@ -358,17 +393,27 @@ mod tests {
             let port = delivery.local_addr().unwrap().as_socket().unwrap().port();
             assert_eq!(port, 0, "a port of the range was free");
         };
-        for searches in 1..=5 {
+        // What a search past the free tries costs when it finds nothing.
+        let charged = BIND_TRIES - FREE_TRIES;
+        for searches in 1..=6 {
             deliver(squatted, src);
-            assert_eq!(failed_binds(squatted, src), BIND_TRIES * searches.min(4));
+            assert_eq!(
+                failed_binds(squatted, src),
+                (charged * searches).min(FAILED_BINDS_PER_SECOND)
+            );
         }
         deliver(other, src);
-        assert_eq!(failed_binds(other, src), BIND_TRIES);
+        assert_eq!(failed_binds(other, src), charged);
         // Another client address, its ports taken too: searched all the same.
         let client = Ipv4Addr::new(127, 0, 0, 3);
         let also_taken = take_all(client);
         deliver(squatted, client);
-        assert_eq!(failed_binds(squatted, client), BIND_TRIES);
+        assert_eq!(failed_binds(squatted, client), charged);
+        // Both charged to the pod's budget too.
+        assert_eq!(
+            failed_binds(squatted, Ipv4Addr::UNSPECIFIED),
+            FAILED_BINDS_PER_SECOND + charged
+        );
         drop((taken, also_taken));
     }
 }
