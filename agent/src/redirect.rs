@@ -1155,9 +1155,13 @@ impl FastPathMaps {
             .map_err(Self::error(names::FAST_LEASE))
     }
 
-    /// The kernel's records of open fast-path connections.
+    /// The kernel's records of open fast-path connections, each once (the
+    /// kernel's next-key walk starts again from the first bucket when the
+    /// key it is given went meanwhile: a record can be read twice).
     pub fn flows(&self) -> Vec<(Tuple, FlowInfo)> {
-        self.flows.iter().flatten().collect()
+        let once: std::collections::HashMap<Tuple, FlowInfo> =
+            self.flows.iter().flatten().collect();
+        once.into_iter().collect()
     }
 
     /// Removes the record of `tuple`: its SYN is refused from now on. Counted
@@ -1236,13 +1240,10 @@ impl FastPathMaps {
             (node, maps.open.iter().flatten().collect())
         };
         let before = counted(self);
-        // The kernel's next-key walk starts again from the first bucket when
-        // the key it is given went meanwhile: a record can be read twice.
-        let flows: std::collections::HashMap<Tuple, FlowInfo> =
-            self.flows.iter().flatten().collect();
+        let flows = self.flows();
         let after = counted(self);
         let mut records = std::collections::HashMap::<u64, i64>::new();
-        for info in flows.values() {
+        for (_, info) in &flows {
             *records.entry(info.netns_cookie).or_default() += 1;
         }
         let mut corrected = Vec::new();
@@ -1266,17 +1267,14 @@ impl FastPathMaps {
         if (node - before.0).abs() <= NODE_RECOUNT_SLACK {
             let forgotten = self.totals.get(&1, 0).unwrap_or(0);
             let drift = node - forgotten - held;
-            if drift != 0 {
-                let _ = self.totals.set(1, node - held, 0);
-            }
-            if drift.abs() > NODE_RECOUNT_SLACK {
+            if drift != 0
+                && self.totals.set(1, node - held, 0).is_ok()
+                && drift.abs() > NODE_RECOUNT_SLACK
+            {
                 corrected.push((None, drift));
             }
         }
-        Recount {
-            flows: flows.into_iter().collect(),
-            corrected,
-        }
+        Recount { flows, corrected }
     }
 
     /// The events queued since the last call, oldest first.

@@ -28,10 +28,10 @@
 //! CNI DEL), five minutes unused. A pod holds at most [`GRANTS_PER_POD`];
 //! and with [`FAST_OPEN_PER_POD`](warren_common::FAST_OPEN_PER_POD)
 //! fast-path connections open (or the node with
-//! [`FAST_OPEN_PER_NODE`](warren_common::FAST_OPEN_PER_NODE)), connect4 sends its next ones to the agent
-//! whatever its grants: the kernel counts them, so a burst faster than the
-//! agent reads its events meets the limit all the same. Each grant is decided again;
-//! those no longer allowed are revoked, and the open connections they
+//! [`FAST_OPEN_PER_NODE`](warren_common::FAST_OPEN_PER_NODE)), connect4
+//! sends its next ones to the agent whatever its grants: the kernel counts
+//! them, so a burst faster than the agent reads its events meets the limit
+//! all the same. Each grant is decided again; those no longer allowed are revoked, and the open connections they
 //! allowed are cut (their sockets destroyed in both pods, so that both
 //! applications see it), with a log line naming why.
 
@@ -173,14 +173,9 @@ pub fn decide(
             return Err(Refusal::NoCertificate(end.workload.qualified_name()));
         }
     }
-    // A destination's old ingress program would refuse the connection; a
-    // source's old connect4 and sock_ops would not count it (nothing would
-    // hold the pod to its share of the kernel's table).
     if !dst.current_programs {
+        // Its old ingress program would refuse the connection.
         return Err(Refusal::OldPrograms(dst.workload.qualified_name()));
-    }
-    if !src.current_programs {
-        return Err(Refusal::OldSourcePrograms(src.workload.qualified_name()));
     }
     if policies.mtls_mode(dst.workload, port) == MtlsMode::Disable {
         return Err(Refusal::Disabled(dst.workload.qualified_name()));
@@ -194,11 +189,17 @@ pub fn decide(
             destination_port: port,
         },
     );
-    if decision.allowed {
-        Ok(decision.reason)
-    } else {
-        Err(Refusal::Denied(decision.reason))
+    if !decision.allowed {
+        return Err(Refusal::Denied(decision.reason));
     }
+    // Last, so that a denial is not hidden behind it (what is open is cut
+    // for a denial, not for this): a source's old connect4 and sock_ops
+    // would not count the grant's connections, and nothing would hold the
+    // pod to its share of the kernel's table.
+    if !src.current_programs {
+        return Err(Refusal::OldSourcePrograms(src.workload.qualified_name()));
+    }
+    Ok(decision.reason)
 }
 
 /// A pod this agent serves, as the fast path knows it.
@@ -575,6 +576,16 @@ mod tests {
         assert_eq!(
             decide(&none, old(&sleep), end(&web), 8080),
             Err(Refusal::OldSourcePrograms("default/sleep".into()))
+        );
+        // An old source's denial is a denial (its open connections are
+        // cut), not hidden behind its programs.
+        assert_eq!(
+            decide(&deny, old(&sleep), end(&web), 8080),
+            Err(Refusal::Denied("DENY shop/no-sleep".into()))
+        );
+        assert_eq!(
+            decide(&modes, old(&sleep), end(&web), 9090),
+            Err(Refusal::Disabled("shop/web".into()))
         );
     }
 

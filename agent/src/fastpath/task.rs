@@ -126,6 +126,10 @@ pub struct Task {
     rescan_at: Option<Instant>,
     ticks: u32,
     metrics: Arc<Metrics>,
+    /// The last search of the records left some without a grant though
+    /// allowed (an old source's, a pod at its grants' limit, the fast path
+    /// off): no revocation would find them, so a mesh change searches again.
+    ungranted: bool,
 }
 
 impl Task {
@@ -144,6 +148,7 @@ impl Task {
             rescan_at: None,
             ticks: 0,
             metrics,
+            ungranted: false,
         }
     }
 
@@ -159,7 +164,7 @@ impl Task {
                 Some(shortcut) = self.shortcuts.recv() => self.offer(shortcut),
                 Ok(()) = self.state.changed() => {
                     lock(&shared.registry).refused.clear();
-                    self.revalidate(false).await;
+                    self.revalidate(self.ungranted).await;
                 }
                 // Pods came or went, or all were tried: records without a
                 // grant may now be decidable, and a record made as a pod
@@ -195,6 +200,7 @@ impl Task {
             self.reconcile_open().await;
         }
         self.revalidate(false).await;
+        self.report_limits();
         let grants = lock(&self.shared.registry).grants.len();
         self.metrics.fast_path_grants.set(gauge(grants));
         self.metrics
@@ -273,6 +279,7 @@ impl Task {
             let mut kernel = lock(&self.shared.kernel);
             registry.revoke(&mut kernel, |key| revoked.contains_key(key));
             if !revoked.is_empty() || search {
+                let mut ungranted = false;
                 for (tuple, info) in kernel.flows() {
                     let key = GrantKey::new(info.netns_cookie, tuple.daddr, tuple.dport);
                     if let Some(why) = revoked.get(&key) {
@@ -291,11 +298,15 @@ impl Task {
                                     registry.grants.insert(key, grant);
                                 }
                             }
-                            Ok(_) | Err(Refusal::OldSourcePrograms(_)) => {}
+                            // Allowed: left open, without a grant (an old
+                            // source's connect programs would not count
+                            // the grant's connections).
+                            Ok(_) | Err(Refusal::OldSourcePrograms(_)) => ungranted = true,
                             Err(refusal) => doomed.push((tuple, info, refusal)),
                         }
                     }
                 }
+                self.ungranted = ungranted;
             }
             (revoked, registry.settled)
         };
@@ -550,7 +561,6 @@ impl Task {
                 _ => {}
             }
         }
-        self.report_limits();
         self.metrics
             .fast_path_connections
             .set(gauge(self.open.by_tuple.len()));
@@ -561,7 +571,8 @@ impl Task {
     /// as it may ([`FAST_OPEN_PER_POD`], [`FAST_OPEN_PER_NODE`]), as the
     /// kernel counts them (connect4 sends the next ones to the agent
     /// meanwhile), and when it is well under again (three quarters): a line
-    /// each way, not one per connection.
+    /// each way, not one per connection. Once a second: the kernel enforces
+    /// the limits; this only reads its counts.
     fn report_limits(&mut self) {
         let open = lock(&self.shared.kernel).open();
         let mut registry = lock(&self.shared.registry);

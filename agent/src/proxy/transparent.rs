@@ -259,11 +259,16 @@ fn bind_source(socket: &socket2::Socket, netns: u64, src: Ipv4Addr) -> io::Resul
         let mut failed = failed_binds_lock();
         failed.retain(|_, (since, _)| now.duration_since(*since) < Duration::from_secs(1));
         let counts = keys.map(|key| *failed.entry(key).or_insert((now, 0)));
-        let budget = (0..2)
-            .map(|i| caps[i].saturating_sub(counts[i].1))
+        let budget = counts
+            .iter()
+            .zip(caps)
+            .map(|((_, spent), cap)| cap.saturating_sub(*spent))
             .fold(BIND_TRIES - FREE_TRIES, u32::min);
         for key in keys {
-            failed.entry(key).or_insert((now, 0)).1 += budget;
+            // Made just above.
+            if let Some((_, spent)) = failed.get_mut(&key) {
+                *spent += budget;
+            }
         }
         (budget, counts.map(|(since, _)| since))
     };
