@@ -503,20 +503,10 @@ impl Agents<'_> {
         match config {
             Config::Baseline => {}
             Config::Warren => {
-                // One pair of pods holds HELD_CONNECTIONS between them: more
-                // than a pod's default share of an agent allowed 20 000 open
-                // files (a quarter of the node's, and one peer at most half
-                // of that), so the limits are raised as a node running such
-                // a pair would raise them (README, Limits). The agent of
-                // --against may predate them, and then has none.
-                let per_pod = 2 * (HELD_CONNECTIONS + HELD_CONNECTIONS / 50);
                 for node in self.lab.nodes() {
                     let agent_config = agent_config(node, &self.mesh)
                         + &format!("metricsListen: {}:{METRICS_PORT}\n", node.ip)
-                        + &format!(
-                            "limits:\n  connectionsPerPod: {per_pod}\n  \
-                             streamsPerPeerNamespace: {per_pod}\n"
-                        );
+                        + &raised_limits();
                     self.running
                         .push(Agent::start(node, &agent_config, &self.dir.join("warren"))?);
                 }
@@ -524,8 +514,19 @@ impl Agents<'_> {
             }
             Config::Against => {
                 let binary = self.against.clone().context("no --against build")?;
+                // The same limits, if that agent has them: one that
+                // predates them refuses the key, and runs with none.
+                let probe = self.dir.join("against-limits.yaml");
+                let takes_limits = takes_limits(
+                    &binary,
+                    &probe,
+                    &agent_config(&self.lab.nodes()[0], &self.mesh),
+                )?;
                 for node in self.lab.nodes() {
-                    let agent_config = agent_config(node, &self.mesh);
+                    let mut agent_config = agent_config(node, &self.mesh);
+                    if takes_limits {
+                        agent_config += &raised_limits();
+                    }
                     self.running.push(Agent::start_binary(
                         binary.clone(),
                         node,
@@ -587,6 +588,33 @@ impl Agents<'_> {
         }
         Ok(())
     }
+}
+
+/// The `limits:` block of the agents' configs. One pair of pods holds
+/// HELD_CONNECTIONS between them: more than a pod's default share of an agent
+/// allowed 20 000 open files (a quarter of the node's, and one peer at most
+/// half of that), so the limits are raised as a node running such a pair
+/// would raise them (README, Limits).
+fn raised_limits() -> String {
+    let per_pod = 2 * (HELD_CONNECTIONS + HELD_CONNECTIONS / 50);
+    format!("limits:\n  connectionsPerPod: {per_pod}\n  streamsPerPeerNamespace: {per_pod}\n")
+}
+
+/// Whether the agent `binary` (of `--against`) takes a `limits:` block:
+/// `check-config` of `config` with one, written to `probe`, refuses only an
+/// agent that predates them ("unknown field `limits`"). Without the block,
+/// an agent that has limits holds only its default share and refuses the
+/// rest of the hold (a 503, "over the limit").
+fn takes_limits(binary: &std::path::Path, probe: &std::path::Path, config: &str) -> Result<bool> {
+    fs::write(probe, config.to_owned() + &raised_limits())
+        .with_context(|| format!("writing {}", probe.display()))?;
+    let output = Command::new(binary)
+        .arg("check-config")
+        .arg(probe)
+        .output()
+        .with_context(|| format!("running {} check-config", binary.display()))?;
+    let said = String::from_utf8_lossy(&output.stdout) + String::from_utf8_lossy(&output.stderr);
+    Ok(output.status.success() || !said.contains("unknown field `limits`"))
 }
 
 /// Scrapes every node's agent once per [`SCRAPE_EVERY`], as Prometheus would (more often),

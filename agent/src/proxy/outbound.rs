@@ -299,9 +299,13 @@ impl PodProxy {
             return;
         };
         let _ = client.set_nodelay(true);
+        // Routing runs boxed: its state (the pool's checkout, a tunnel's
+        // opening, the CONNECT's answer) is freed once it is done, and a
+        // connection held open keeps only the relay's in its task (memory
+        // per open connection: the task had been as large as both).
         let routed = tokio::select! {
             biased;
-            routed = self.route(src, dst, trace, &mut permit) => routed,
+            routed = Box::pin(self.route(src, dst, trace, &mut permit)) => routed,
             () = client_gone(&client) => {
                 debug!(%workload, %src, %dst, connection = id, "outbound connection given up: the client went away before it was routed");
                 return;
