@@ -216,48 +216,29 @@ impl Redirector {
         let mut ebpf = loader.load(PROGRAMS)?;
         forward_logs(&mut ebpf)?;
 
+        let program_error = |name| move |source| RedirectError::Program { name, source };
         for name in SOCK_ADDR_PROGRAMS {
             let connect: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-            connect
-                .load()
-                .map_err(|source| RedirectError::Program { name, source })?;
+            connect.load().map_err(program_error(name))?;
         }
         let connect4_tag = program::<CgroupSockAddr>(&mut ebpf, names::CONNECT4)?
             .info()
-            .map_err(|source| RedirectError::Program {
-                name: names::CONNECT4,
-                source,
-            })?
+            .map_err(program_error(names::CONNECT4))?
             .tag();
         let sock_ops: &mut SockOps = program(&mut ebpf, names::SOCK_OPS)?;
-        sock_ops.load().map_err(|source| RedirectError::Program {
-            name: names::SOCK_OPS,
-            source,
-        })?;
+        sock_ops.load().map_err(program_error(names::SOCK_OPS))?;
         let sock_ops_tag = sock_ops
             .info()
-            .map_err(|source| RedirectError::Program {
-                name: names::SOCK_OPS,
-                source,
-            })?
+            .map_err(program_error(names::SOCK_OPS))?
             .tag();
         let egress_program = egress_program();
         let egress: &mut CgroupSkb = program(&mut ebpf, egress_program)?;
-        egress.load().map_err(|source| RedirectError::Program {
-            name: egress_program,
-            source,
-        })?;
+        egress.load().map_err(program_error(egress_program))?;
         let ingress: &mut SchedClassifier = program(&mut ebpf, names::POD_INGRESS)?;
-        ingress.load().map_err(|source| RedirectError::Program {
-            name: names::POD_INGRESS,
-            source,
-        })?;
+        ingress.load().map_err(program_error(names::POD_INGRESS))?;
         let ingress_tag = ingress
             .info()
-            .map_err(|source| RedirectError::Program {
-                name: names::POD_INGRESS,
-                source,
-            })?
+            .map_err(program_error(names::POD_INGRESS))?
             .tag();
         let map_error = |name| move |source| RedirectError::Map { name, source };
         let modes = HashMap::try_from(take_map(&mut ebpf, names::INBOUND_MODES)?)

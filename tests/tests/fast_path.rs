@@ -120,16 +120,11 @@ impl Mesh {
     /// grants the pair the fast path.
     fn grant(&mut self, client: &Pod, server: std::net::SocketAddrV4) {
         drop(Held::start(client, server, 8));
-        let deadline = Instant::now() + PATIENCE;
-        while !self
-            .agent()
-            .lines()
-            .iter()
-            .any(|l| l.message() == "fast path granted" && l.field("dst") == server.to_string())
-        {
-            assert!(Instant::now() < deadline, "no grant for {server}");
-            thread::sleep(Duration::from_millis(50));
-        }
+        self.agent()
+            .wait_for(PATIENCE, |l| {
+                l.message() == "fast path granted" && l.field("dst") == server.to_string()
+            })
+            .unwrap_or_else(|e| panic!("no grant for {server}: {e:#}"));
     }
 
     /// Node 1's agent's metrics.

@@ -31,9 +31,10 @@
 //! [`FAST_OPEN_PER_NODE`](warren_common::FAST_OPEN_PER_NODE)), connect4
 //! sends its next ones to the agent whatever its grants: the kernel counts
 //! them, so a burst faster than the agent reads its events meets the limit
-//! all the same. Each grant is decided again; those no longer allowed are revoked, and the open connections they
-//! allowed are cut (their sockets destroyed in both pods, so that both
-//! applications see it), with a log line naming why.
+//! all the same. Each grant is decided again; those no longer allowed are
+//! revoked, and the open connections they allowed are cut (their sockets
+//! destroyed in both pods, so that both applications see it), with a log
+//! line naming why.
 
 pub mod destroy;
 mod task;

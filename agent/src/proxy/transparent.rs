@@ -183,10 +183,9 @@ const POD_FAILED_BINDS_PER_SECOND: u32 = 4 * FAILED_BINDS_PER_SECOND;
 /// Failed binds for each client address into each destination pod (by netns
 /// cookie), and for all clients (the unspecified address), this second:
 /// since when, and how many.
-#[allow(clippy::type_complexity, reason = "one static, described above")]
-static FAILED: std::sync::LazyLock<
-    std::sync::Mutex<std::collections::HashMap<(u64, Ipv4Addr), (std::time::Instant, u32)>>,
-> = std::sync::LazyLock::new(Default::default);
+static FAILED: std::sync::LazyLock<std::sync::Mutex<FailedBinds>> =
+    std::sync::LazyLock::new(Default::default);
+type FailedBinds = std::collections::HashMap<(u64, Ipv4Addr), (std::time::Instant, u32)>;
 /// Where the next search starts, in [`SOURCE_PORTS`] (see [`source_port`]).
 static NEXT: std::sync::LazyLock<std::sync::atomic::AtomicU32> = std::sync::LazyLock::new(|| {
     use std::hash::{BuildHasher, Hasher};
@@ -313,10 +312,7 @@ fn bind_source(socket: &socket2::Socket, netns: u64, src: Ipv4Addr) -> io::Resul
     socket.bind(&SocketAddrV4::new(src, 0).into())
 }
 
-fn failed_binds_lock() -> std::sync::MutexGuard<
-    'static,
-    std::collections::HashMap<(u64, Ipv4Addr), (std::time::Instant, u32)>,
-> {
+fn failed_binds_lock() -> std::sync::MutexGuard<'static, FailedBinds> {
     FAILED.lock().unwrap_or_else(|p| p.into_inner())
 }
 

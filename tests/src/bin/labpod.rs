@@ -562,8 +562,6 @@ async fn echo_until_closed(mut stream: tokio::net::TcpStream) -> io::Result<()> 
 }
 
 fn deferred(addr: SocketAddr, count: usize) -> Result<()> {
-    // linux/tcp.h (4.17 on).
-    const TCP_FASTOPEN_NO_COOKIE: libc::c_int = 34;
     let sockets = (0..count)
         .map(|_| {
             let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
@@ -582,7 +580,7 @@ fn deferred(addr: SocketAddr, count: usize) -> Result<()> {
                 libc::setsockopt(
                     std::os::fd::AsRawFd::as_raw_fd(&socket),
                     libc::IPPROTO_TCP,
-                    TCP_FASTOPEN_NO_COOKIE,
+                    libc::TCP_FASTOPEN_NO_COOKIE,
                     (&raw const on).cast(),
                     std::mem::size_of_val(&on) as libc::socklen_t,
                 )
